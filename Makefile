@@ -1,0 +1,34 @@
+# Two commands: `make demo` and `make test`. Both set up .venv on a bare machine by themselves.
+VENV  := .venv
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+# One thread per process: two busy-waiting OpenMP pools on 2 cores slow training ~13x (shared/notes/cpu-training.md).
+export OMP_NUM_THREADS ?= 1
+export OMP_WAIT_POLICY ?= PASSIVE
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# With no torch importable, pin the local CPU build first; a looser spec pulls a multi-GB CUDA build.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup
+	bash scripts/demo.sh
+
+test: setup
+	$(PY) -m pytest -q tests
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+bench: setup
+	$(PY) scripts/bench_model.py
+
+clean:
+	rm -rf runs/demo

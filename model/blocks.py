@@ -1,0 +1,66 @@
+"""The bidirectional pre-norm transformer block shared by the vision and audio encoders.
+
+LayerNorm with bias and a GELU MLP (ViT/Whisper style, not the decoder's RMSNorm/SwiGLU): encoders see a
+whole item at once, so attention has no mask; positions are rotary and supplied by the caller (3D for
+vision, 1D for audio), which is what lets resolution, aspect ratio and duration vary.
+Shapes: N items, S tokens per item, D width, H heads, Dh head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .text import apply_rope
+
+
+class EncoderAttention(nn.Module):
+    def __init__(self, dim: int, n_heads: int):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, dim // n_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, cos, sin):
+        N, S, D = x.shape
+        qkv = self.qkv(x).view(N, S, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, N, H, S, Dh)
+        q, k, v = qkv.unbind(0)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v)  # (N, H, S, Dh)
+        return self.proj(y.transpose(1, 2).reshape(N, S, D))
+
+
+class GeluMLP(nn.Module):
+    """Two linear layers with a tanh-approximated GELU between them (encoder MLPs and projectors)."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, out_dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, dim: int, n_heads: int, ffn_dim: int, eps: float):
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(dim, eps=eps)
+        self.attn = EncoderAttention(dim, n_heads)
+        self.mlp_norm = nn.LayerNorm(dim, eps=eps)
+        self.mlp = GeluMLP(dim, ffn_dim, dim)
+
+    def forward(self, x, cos, sin):
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, cos, sin, checkpoint: bool) -> torch.Tensor:
+    for block in blocks:
+        if checkpoint:
+            x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
+        else:
+            x = block(x, cos, sin)
+    return x

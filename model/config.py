@@ -1,0 +1,202 @@
+"""Typed model configuration, nested per modality, loaded from YAML with strict validation.
+
+Every config object is a frozen dataclass. `load_model_config(path)` reads a YAML file from
+`configs/model/` and fails with a `ValueError` naming the file and the key on an unknown key,
+a missing key or a wrong type. `from_dict` is generic so that `train/` reuses it for run configs.
+
+The special-token table lives here (not in `tokenizer/`) because the model must know the ids
+of its media placeholders; the tokenizer trainer builds its vocabulary from the same table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Special tokens in id order: the tokenizer reserves exactly these ids, first in its vocabulary.
+SPECIAL_TOKENS = (
+    "<|pad|>", "<|bos|>", "<|eos|>",
+    "<|image|>", "<|video|>", "<|audio|>",  # placeholders: one per media token the encoder produces
+    "<|image_start|>", "<|image_end|>",
+    "<|video_start|>", "<|video_end|>",
+    "<|audio_start|>", "<|audio_end|>",
+)
+PAD_ID, BOS_ID, EOS_ID, IMAGE_ID, VIDEO_ID, AUDIO_ID = range(6)
+IGNORE_INDEX = -100  # label value for positions that carry no text loss (padding, media, markers)
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int = 4096
+    dim: int = 192
+    n_layers: int = 4
+    n_heads: int = 6
+    n_kv_heads: int = 2  # grouped-query attention: n_heads / n_kv_heads queries share one K/V head
+    ffn_dim: int = 512  # SwiGLU hidden width; ~8/3 * dim keeps params equal to a 4*dim GELU MLP
+    max_seq_len: int = 512
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True  # at tiny sizes the embedding is a large share; tying halves it
+
+    def validate(self, where: str) -> None:
+        _positive(self, where, "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len")
+        if self.dim % self.n_heads:
+            raise ValueError(f"{where}: text.dim={self.dim} must be divisible by text.n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"{where}: text.n_heads={self.n_heads} must be a multiple of text.n_kv_heads={self.n_kv_heads}")
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError(f"{where}: text head dim {self.dim // self.n_heads} must be even for rotary positions")
+        if self.vocab_size <= len(SPECIAL_TOKENS):
+            raise ValueError(f"{where}: text.vocab_size={self.vocab_size} leaves no room beyond the special tokens")
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    patch_size: int = 4  # spatial patch side in pixels; small patches give a from-scratch ViT locality
+    temporal_patch: int = 2  # frames per patch; an image is a clip of 2 identical frames
+    merge: int = 2  # the projector merges merge x merge neighbouring patches into one decoder token
+    dim: int = 128
+    n_layers: int = 3
+    n_heads: int = 4
+    ffn_dim: int = 384
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+
+    def validate(self, where: str) -> None:
+        _positive(self, where, "patch_size", "temporal_patch", "merge", "dim", "n_layers", "n_heads", "ffn_dim")
+        if self.dim % self.n_heads:
+            raise ValueError(f"{where}: vision.dim={self.dim} must be divisible by vision.n_heads={self.n_heads}")
+        if (self.dim // self.n_heads) % 2 or self.dim // self.n_heads < 6:
+            # rotary 3D: the head dim's rotation pairs are split in three groups (time, height, width)
+            raise ValueError(f"{where}: vision head dim {self.dim // self.n_heads} must be even and at least 6 for 3D rotary positions")
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    sample_rate: int = 16000
+    n_fft: int = 400  # 25 ms window at 16 kHz, as in speech front-ends
+    hop_length: int = 160  # 10 ms hop: 100 mel frames per second
+    n_mels: int = 64
+    dim: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    ffn_dim: int = 384
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+
+    def validate(self, where: str) -> None:
+        _positive(self, where, "sample_rate", "n_fft", "hop_length", "n_mels", "dim", "n_layers", "n_heads", "ffn_dim")
+        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
+            raise ValueError(f"{where}: audio.dim={self.dim} / audio.n_heads={self.n_heads} must give an even head dim")
+        if self.n_fft // 2 + 1 < self.n_mels:
+            raise ValueError(f"{where}: audio.n_mels={self.n_mels} exceeds the {self.n_fft // 2 + 1} frequency bins of n_fft={self.n_fft}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "tiny"
+    text: TextConfig = field(default_factory=TextConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
+
+    def validate(self, where: str = "<config>") -> "ModelConfig":
+        self.text.validate(where)
+        self.vision.validate(where)
+        self.audio.validate(where)
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _positive(cfg, where: str, *names: str) -> None:
+    for n in names:
+        if getattr(cfg, n) <= 0:
+            raise ValueError(f"{where}: {n}={getattr(cfg, n)} must be positive")
+
+
+def from_dict(cls, data, where: str, prefix: str = ""):
+    """Build dataclass `cls` from a mapping, recursing into nested dataclasses.
+
+    Unknown keys, missing required keys and wrong types raise ValueError naming `where` (the file)
+    and the dotted key, so a user can fix the YAML without reading this code.
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: {prefix.rstrip('.') or 'top level'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{where}: unknown key '{prefix}{unknown[0]}' (known keys: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, f in fields.items():
+        key = prefix + name
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ValueError(f"{where}: missing required key '{key}'")
+            continue
+        kwargs[name] = _coerce(hints[name], data[name], where, key)
+    return cls(**kwargs)
+
+
+def _coerce(tp, value, where: str, key: str):
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where, key + ".")
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, where, key)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0] if errors else f"{where}: key '{key}' has the wrong type")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: key '{key}' must be a list, got {type(value).__name__} {value!r}")
+        (arg, *_) = typing.get_args(tp) or (typing.Any,)
+        items = [_coerce(arg, v, where, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: key '{key}' must be a mapping, got {type(value).__name__}")
+        return dict(value)
+    if tp is typing.Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML reads 1e-5 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ValueError(f"{where}: key '{key}' must be {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def load_yaml(path: str | Path) -> dict:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {e}") from None
+    return data if data is not None else {}
+
+
+def load_model_config(path: str | Path) -> ModelConfig:
+    """Load and validate `configs/model/NAME.yaml`; errors name the file and the key."""
+    cfg = from_dict(ModelConfig, load_yaml(path), str(path))
+    return cfg.validate(str(path))

@@ -1,0 +1,169 @@
+"""Text decoder: a Llama-style pre-norm transformer.
+
+Notable choices:
+- RMSNorm (eps inside the sqrt, weight applied after normalising in fp32: Llama's placement, so an export
+  to `LlamaForCausalLM` gives the same logits).
+- Rotary positions (rotate-half convention, as Hugging Face Llama), positions given per token so packed
+  documents restart at 0.
+- Grouped-query attention through `F.scaled_dot_product_attention`; a packed row with several documents
+  gets a block-diagonal causal mask, a row with one document takes the `is_causal` fast path.
+- SwiGLU MLP with the gate and up projections fused in one matmul (`w13`).
+- A preallocated KV cache for generation; decoding with it equals full recomputation (tested).
+Shapes: B batch, T time, D model width, H query heads, K kv heads, Dh head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import TextConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_frequencies(head_dim: int, theta: float) -> torch.Tensor:
+    """Inverse frequencies of the rotation pairs: (head_dim // 2,)."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor):
+    """cos/sin for integer positions (..., T) -> (..., T, 2 * len(inv_freq)), rotate-half layout."""
+    angles = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device)  # (..., T, Dh/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (..., T, Dh)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, T, Dh); cos/sin: (B, T, Dh) broadcast over heads."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
+
+
+def doc_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) document ids -> (B, 1, T, T) bool mask: causal and within one document."""
+    T = doc_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
+    return (causal & same_doc)[:, None]
+
+
+class KVCache:
+    """Preallocated keys/values for every layer; `pos` is the number of tokens already cached."""
+
+    def __init__(self, cfg: TextConfig, batch: int, max_len: int, device=None, dtype=torch.float32):
+        hd = cfg.dim // cfg.n_heads
+        shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, hd)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, K, T, Dh) at the current position; return all cached keys/values so far."""
+        T = k.shape[2]
+        if self.pos + T > self.max_len:
+            raise ValueError(f"KV cache full: {self.pos} + {T} tokens exceed its {self.max_len} positions")
+        self.k[layer, :, :, self.pos : self.pos + T] = k
+        self.v[layer, :, :, self.pos : self.pos + T] = v
+        return self.k[layer, :, :, : self.pos + T], self.v[layer, :, :, : self.pos + T]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
+        self.head_dim = cfg.dim // cfg.n_heads
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, Dh)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, Dh)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        is_causal = mask is None
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, K, S, Dh) with S = cached + T
+            if cache.pos > 0:  # new queries see every cached key, and each other causally
+                S = k.shape[2]
+                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+                is_causal = False
+        if self.n_kv_heads != self.n_heads:
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, S, Dh)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)  # (B, H, T, Dh)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w13 = nn.Linear(dim, 2 * hidden, bias=False)  # gate and up projections in one matmul
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        gate, up = self.w13(x).chunk(2, dim=-1)  # (B, T, F) each
+        return self.w2(F.silu(gate) * up)  # (B, T, D)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.dim, cfg.ffn_dim)
+
+    def forward(self, x, cos, sin, mask, cache, layer):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class TextDecoder(nn.Module):
+    """The decoder stack between the token embeddings and the LM head (both owned by the composition root)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.register_buffer("inv_freq", rope_frequencies(cfg.dim // cfg.n_heads, cfg.rope_theta), persistent=False)
+        self.checkpoint_activations = False  # set by the trainer; recompute each block in backward
+
+    def forward(self, h, position_ids=None, doc_ids=None, cache: KVCache | None = None):
+        """h: (B, T, D) input embeddings -> (B, T, D) final hidden states."""
+        B, T, _ = h.shape
+        if position_ids is None:
+            start = cache.pos if cache is not None else 0
+            position_ids = torch.arange(start, start + T, device=h.device).expand(B, T)
+        if position_ids.max() >= self.cfg.max_seq_len:
+            raise ValueError(f"position {int(position_ids.max())} is beyond the context of {self.cfg.max_seq_len} tokens")
+        cos, sin = rope_cos_sin(position_ids, self.inv_freq)  # (B, T, Dh)
+        mask = None
+        if doc_ids is not None and cache is None and bool((doc_ids != doc_ids[:, :1]).any()):
+            mask = doc_causal_mask(doc_ids)  # (B, 1, T, T); only rows with several documents pay for it
+        for i, layer in enumerate(self.layers):
+            if self.checkpoint_activations and self.training:
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, mask, None, i, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.pos += T
+        return self.norm(h)

@@ -1,0 +1,89 @@
+"""In-house vision encoder: one ViT for images and videos, written here, trained from random weights.
+
+Notable choices:
+- 3D patch embedding: a clip of F frames is cut into (temporal_patch x patch x patch) tubes, embedded by one
+  linear map (the same as a Conv3d with stride = kernel, but one matmul). An image is a clip of
+  `temporal_patch` identical frames, so images and videos share every weight.
+- Rotary 3D positions: the rotation pairs of each head are split in three groups for (time, row, column).
+  No learned position table, so resolution, aspect ratio and clip length can vary per item.
+- Pre-norm LayerNorm blocks (model/blocks.py), a final LayerNorm.
+- The projector (`VisionProjector`, its own component) merges each merge x merge patch neighbourhood and
+  maps it through an MLP into the decoder width: 4x fewer tokens in the decoder.
+- Items of one shape are batched together; items of different shapes run as separate batches.
+Shapes: N items, F frames, C=3 channels, t/h/w patch-grid sizes, S = t*h*w tokens, D encoder width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .blocks import EncoderBlock, GeluMLP, run_blocks
+from .config import VisionConfig
+from .media import vision_grid
+
+
+def rope_3d_frequencies(head_dim: int, theta: float) -> tuple[torch.Tensor, ...]:
+    """Inverse frequencies per axis; time gets the remainder pairs after rows and columns."""
+    pairs = head_dim // 2
+    hw = pairs // 3
+    sizes = (pairs - 2 * hw, hw, hw)
+    return tuple(1.0 / theta ** (torch.arange(n, dtype=torch.float32) / n) for n in sizes)
+
+
+def rope_3d_cos_sin(t: int, h: int, w: int, freqs, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of every patch of a (t, h, w) grid, row-major: (1, S, head_dim)."""
+    grid = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"), dim=-1)
+    grid = grid.reshape(-1, 3).to(device=device, dtype=torch.float32)  # (S, 3)
+    angles = torch.cat([grid[:, i : i + 1] * f.to(device) for i, f in enumerate(freqs)], dim=-1)  # (S, Dh/2)
+    angles = torch.cat([angles, angles], dim=-1)[None]  # (1, S, Dh)
+    return angles.cos(), angles.sin()
+
+
+class VisionEncoder(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        patch_dim = cfg.temporal_patch * 3 * cfg.patch_size**2
+        self.patch_embed = nn.Linear(patch_dim, cfg.dim)
+        self.blocks = nn.ModuleList(EncoderBlock(cfg.dim, cfg.n_heads, cfg.ffn_dim, cfg.norm_eps) for _ in range(cfg.n_layers))
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.rope_freqs = rope_3d_frequencies(cfg.dim // cfg.n_heads, cfg.rope_theta)
+        self.checkpoint_activations = False
+
+    def patchify(self, clips: torch.Tensor) -> torch.Tensor:
+        """(N, F, C, H, W) in [0, 1] -> (N, S, tp*C*p*p) patch vectors in row-major (t, h, w) order."""
+        N, F_, C, H, W = clips.shape
+        p, tp = self.cfg.patch_size, self.cfg.temporal_patch
+        x = (clips - 0.5) / 0.5
+        x = x.view(N, F_ // tp, tp, C, H // p, p, W // p, p)
+        x = x.permute(0, 1, 4, 6, 2, 3, 5, 7)  # (N, t, h, w, tp, C, p, p)
+        return x.reshape(N, (F_ // tp) * (H // p) * (W // p), tp * C * p * p)
+
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        """A batch of same-shape clips (N, F, 3, H, W) -> patch features on the grid (N, t, h, w, D)."""
+        N, F_, C, H, W = clips.shape
+        if C != 3:
+            raise ValueError(f"vision input must have 3 colour channels, got {C} (shape {tuple(clips.shape)})")
+        t, h, w = vision_grid(F_, H, W, self.cfg)
+        x = self.patch_embed(self.patchify(clips.to(self.patch_embed.weight.dtype)))  # (N, S, D)
+        cos, sin = rope_3d_cos_sin(t, h, w, self.rope_freqs, x.device)  # (1, S, Dh)
+        x = run_blocks(self.blocks, x, cos, sin, self.checkpoint_activations and self.training)
+        return self.norm(x).view(N, t, h, w, -1)
+
+
+class VisionProjector(nn.Module):
+    """Patch merger: merge x merge neighbouring patches -> one decoder token through a 2-layer MLP."""
+
+    def __init__(self, cfg: VisionConfig, out_dim: int):
+        super().__init__()
+        self.merge = cfg.merge
+        self.mlp = GeluMLP(cfg.merge**2 * cfg.dim, out_dim, out_dim)
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        """(N, t, h, w, D) -> (N, t * h/m * w/m, out_dim), tokens in row-major (t, h/m, w/m) order."""
+        N, t, h, w, D = grid.shape
+        m = self.merge
+        x = grid.view(N, t, h // m, m, w // m, m, D).permute(0, 1, 2, 4, 3, 5, 6)  # (N, t, h/m, w/m, m, m, D)
+        x = x.reshape(N, t * (h // m) * (w // m), m * m * D)
+        return self.mlp(x)

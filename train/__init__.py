@@ -1,0 +1,1 @@
+"""Training side of omniscratch: data, DeepSpeed engine, checkpoints, provenance, audit, evaluation."""

@@ -1,0 +1,52 @@
+"""The `omniscratch` command: one entry point, one subcommand per module.
+
+Each subcommand's module defines `add_arguments(parser)` and `main(args) -> int`. Modules are
+imported only when their subcommand runs, so `omniscratch audit` never pays for importing DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, one-line help)
+SUBCOMMANDS = {
+    "model": ("model.info", "describe a model config: components, parameter counts, FLOPs"),
+    "data": ("train.corpus", "generate the built-in omnimodal corpus"),
+    "tokenizer": ("tokenizer.cli", "train the byte-level BPE tokenizer"),
+    "train": ("train.pretrain", "pretrain with DeepSpeed"),
+    "keys": ("train.signing", "create a signing key pair"),
+    "verify": ("train.verify", "verify a checkpoint's provenance certificate"),
+    "audit": ("train.audit", "weight-similarity audit against reference models"),
+    "eval": ("train.evaluate", "held-out loss and probe accuracy of a checkpoint"),
+    "generate": ("train.generate", "generate text from a checkpoint"),
+    "export": ("train.export", "export a checkpoint (Hugging Face format)"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    top = argparse.ArgumentParser(prog="omniscratch", description="Pretrain an omnimodal model from scratch, with provenance.")
+    sub = top.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_, add_help=False)
+    if not argv or argv[0] not in SUBCOMMANDS:
+        top.parse_args(argv or ["--help"])  # prints usage / the unknown-command error and exits
+        return 2
+    module_name, help_ = SUBCOMMANDS[argv[0]]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name != module_name:
+            raise
+        print(f"omniscratch {argv[0]}: not available in this version", file=sys.stderr)
+        return 2
+    parser = argparse.ArgumentParser(prog=f"omniscratch {argv[0]}", description=help_)
+    module.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    return int(module.main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
