@@ -71,7 +71,8 @@ class VisionConfig:
             raise ValueError(f"{where}: vision.dim={self.dim} must be divisible by vision.n_heads={self.n_heads}")
         if (self.dim // self.n_heads) % 2 or self.dim // self.n_heads < 6:
             # rotary 3D: the head dim's rotation pairs are split in three groups (time, height, width)
-            raise ValueError(f"{where}: vision head dim {self.dim // self.n_heads} must be even and at least 6 for 3D rotary positions")
+            hd = self.dim // self.n_heads
+            raise ValueError(f"{where}: vision head dim {hd} must be even and at least 6 for 3D rotary positions")
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,8 @@ class AudioConfig:
         if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
             raise ValueError(f"{where}: audio.dim={self.dim} / audio.n_heads={self.n_heads} must give an even head dim")
         if self.n_fft // 2 + 1 < self.n_mels:
-            raise ValueError(f"{where}: audio.n_mels={self.n_mels} exceeds the {self.n_fft // 2 + 1} frequency bins of n_fft={self.n_fft}")
+            bins = self.n_fft // 2 + 1
+            raise ValueError(f"{where}: audio.n_mels={self.n_mels} exceeds the {bins} frequency bins of n_fft={self.n_fft}")
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,7 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
 
-    def validate(self, where: str = "<config>") -> "ModelConfig":
+    def validate(self, where: str = "<config>") -> ModelConfig:
         self.text.validate(where)
         self.vision.validate(where)
         self.audio.validate(where)

@@ -33,6 +33,19 @@ def _group_by_shape(items: list[torch.Tensor]) -> dict[tuple, list[int]]:
     return groups
 
 
+def _counts(items, ndim: int, count, kind: str) -> list[int]:
+    """Tokens per media item, with an error that names the item when its shape is unusable."""
+    out = []
+    for i, x in enumerate(items):
+        if x.dim() != ndim:
+            raise ValueError(f"{kind} item {i}: expected a {ndim}-D tensor, got shape {tuple(x.shape)}")
+        try:
+            out.append(count(x))
+        except ValueError as e:
+            raise ValueError(f"{kind} item {i} (shape {tuple(x.shape)}): {e}") from None
+    return out
+
+
 class OmniModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -50,7 +63,7 @@ class OmniModel(nn.Module):
     def encode_vision(self, clips: list[torch.Tensor]) -> list[torch.Tensor]:
         """Each clip (F, 3, H, W) -> (n_tokens, D) decoder-width tokens, same-shape clips batched."""
         out: list[torch.Tensor | None] = [None] * len(clips)
-        for shape, idx in _group_by_shape(clips).items():
+        for idx in _group_by_shape(clips).values():
             batch = torch.stack([clips[i] for i in idx])  # (N, F, 3, H, W)
             feats = self.vision_proj(self.vision(batch))  # (N, S, D)
             for j, i in enumerate(idx):
@@ -60,7 +73,7 @@ class OmniModel(nn.Module):
     def encode_audio(self, waves: list[torch.Tensor]) -> list[torch.Tensor]:
         """Each waveform (L,) -> (n_tokens, D), same-length waveforms batched."""
         out: list[torch.Tensor | None] = [None] * len(waves)
-        for shape, idx in _group_by_shape(waves).items():
+        for idx in _group_by_shape(waves).values():
             feats = self.audio_proj(self.audio(torch.stack([waves[i] for i in idx])))  # (N, S, D)
             for j, i in enumerate(idx):
                 out[i] = feats[j]
@@ -110,8 +123,8 @@ class OmniModel(nn.Module):
     def embed_inputs(self, input_ids, pixel_values=(), audio_values=()):
         """(B, T) ids + media -> (B, T, D) input embeddings with media tokens in place."""
         h = self.embed(input_ids)  # (B, T, D)
-        vcounts = [vision_tokens(*x.shape[:1], *x.shape[2:], self.cfg.vision) for x in pixel_values]
-        acounts = [audio_tokens(x.shape[-1], self.cfg.audio) for x in audio_values]
+        vcounts = _counts(pixel_values, 4, lambda x: vision_tokens(x.shape[0], x.shape[2], x.shape[3], self.cfg.vision), "vision")
+        acounts = _counts(audio_values, 1, lambda x: audio_tokens(x.shape[0], self.cfg.audio), "audio")
         vfeats = self.encode_vision(list(pixel_values)) if pixel_values else []
         afeats = self.encode_audio(list(audio_values)) if audio_values else []
         h = self._scatter(h, input_ids, vfeats, vcounts, (IMAGE_ID, VIDEO_ID), "vision")

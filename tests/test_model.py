@@ -1,0 +1,223 @@
+"""Model equivalence and invariants on CPU: `.venv/bin/python -m pytest -q tests/test_model.py` (~20 s).
+
+Causality, media placement, document isolation, KV cache == recomputation, seeded init, gradients everywhere,
+and clear config errors. A micro config keeps each test well under a second.
+"""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from model import OmniModel, component_of, component_summary, init_tensor, init_weights, load_model_config
+from model.config import (
+    AUDIO_ID,
+    BOS_ID,
+    IGNORE_INDEX,
+    IMAGE_ID,
+    PAD_ID,
+    SPECIAL_TOKENS,
+    VIDEO_ID,
+    AudioConfig,
+    ModelConfig,
+    TextConfig,
+    VisionConfig,
+)
+from model.flops import text_flops_per_token
+from model.media import audio_tokens, vision_tokens
+
+MICRO = ModelConfig(
+    name="micro",
+    text=TextConfig(vocab_size=128, dim=48, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=256),
+    vision=VisionConfig(patch_size=4, dim=36, n_layers=2, n_heads=3, ffn_dim=72),
+    audio=AudioConfig(n_mels=16, n_fft=128, hop_length=64, dim=32, n_layers=1, n_heads=2, ffn_dim=64),
+)
+IMG_START, IMG_END, VID_START, VID_END, AUD_START, AUD_END = range(6, 12)
+
+
+def build(cfg=MICRO, seed=0):
+    torch.manual_seed(1234)  # the global RNG must not matter: init_weights overwrites every parameter
+    model = OmniModel(cfg)
+    init_weights(model, seed)
+    return model.eval()
+
+
+def media_span(start, slot, end, n):
+    return [start] + [slot] * n + [end]
+
+
+def mixed_batch(cfg=MICRO, g=None):
+    """4 rows: text only, an image, a 4-frame video of another size, an audio clip. Right-padded."""
+    g = g or torch.Generator().manual_seed(0)
+    text = lambda n: torch.randint(len(SPECIAL_TOKENS), cfg.text.vocab_size, (n,), generator=g).tolist()
+    img = torch.rand(1, 3, 16, 24, generator=g).expand(2, 3, 16, 24)  # an image is 2 identical frames
+    vid = torch.rand(4, 3, 16, 16, generator=g)
+    aud = torch.randn(2000, generator=g) * 0.1
+    rows = [
+        [BOS_ID] + text(20),
+        [BOS_ID] + text(3) + media_span(IMG_START, IMAGE_ID, IMG_END, vision_tokens(2, 16, 24, cfg.vision)) + text(5),
+        [BOS_ID] + media_span(VID_START, VIDEO_ID, VID_END, vision_tokens(4, 16, 16, cfg.vision)) + text(4),
+        [BOS_ID] + text(2) + media_span(AUD_START, AUDIO_ID, AUD_END, audio_tokens(2000, cfg.audio)) + text(6),
+    ]
+    T = max(map(len, rows))
+    ids = torch.full((len(rows), T), PAD_ID)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+    labels = ids.clone()
+    labels[ids < len(SPECIAL_TOKENS)] = IGNORE_INDEX
+    return ids, labels, [img, vid], [aud]
+
+
+def test_mixed_batch_shapes():
+    model = build()
+    ids, _, pixels, audio = mixed_batch()
+    logits = model(ids, pixel_values=pixels, audio_values=audio)
+    assert logits.shape == (*ids.shape, MICRO.text.vocab_size)
+    assert torch.isfinite(logits).all()
+
+
+def test_causality_future_tokens_never_change_past_logits():
+    model = build()
+    ids, _, pixels, audio = mixed_batch()
+    base = model(ids, pixel_values=pixels, audio_values=audio)
+    changed = ids.clone()
+    t = ids.shape[1] - 3
+    changed[:, t] = (changed[:, t] % 50) + 20  # an ordinary text token, different from before
+    out = model(changed, pixel_values=pixels, audio_values=audio)
+    torch.testing.assert_close(out[:, :t], base[:, :t], rtol=0, atol=0)
+    assert not torch.equal(out[:, t:], base[:, t:])
+
+
+def test_media_changes_nothing_before_its_placeholder():
+    model = build()
+    ids, _, pixels, audio = mixed_batch()
+    base = model(ids, pixel_values=pixels, audio_values=audio)
+    first_slot = int((ids[1] == IMAGE_ID).nonzero()[0])
+    other_image = torch.rand(1, 3, 16, 24).expand(2, 3, 16, 24)
+    out = model(ids, pixel_values=[other_image, pixels[1]], audio_values=audio)
+    torch.testing.assert_close(out[1, :first_slot], base[1, :first_slot], rtol=0, atol=0)
+    assert not torch.allclose(out[1, first_slot:], base[1, first_slot:])
+    torch.testing.assert_close(out[[0, 2, 3]], base[[0, 2, 3]], rtol=0, atol=0)  # other rows untouched
+
+
+def test_packed_documents_do_not_attend_to_each_other():
+    model = build()
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randint(12, 128, (10,), generator=g), torch.randint(12, 128, (14,), generator=g)
+    ids = torch.cat([a, b])[None]
+    doc_ids = torch.tensor([0] * 10 + [1] * 14)[None]
+    pos = torch.cat([torch.arange(10), torch.arange(14)])[None]
+    packed = model(ids, position_ids=pos, doc_ids=doc_ids)
+    alone = model(b[None])
+    torch.testing.assert_close(packed[:, 10:], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_placeholder_count_mismatch_names_the_item():
+    model = build()
+    ids, _, pixels, audio = mixed_batch()
+    wrong = torch.rand(2, 3, 16, 16)  # 4 tokens instead of the 6 its placeholders expect
+    with pytest.raises(ValueError, match=r"vision"):
+        model(ids, pixel_values=[wrong, pixels[1]], audio_values=audio)
+    with pytest.raises(ValueError, match=r"vision item 0 \(shape \(2, 3, 15, 24\)\).*multiple of 8 px"):
+        model(ids, pixel_values=[torch.rand(2, 3, 15, 24), pixels[1]], audio_values=audio)
+
+
+def test_kv_cache_decoding_equals_full_recomputation():
+    model = build()
+    ids, _, pixels, audio = mixed_batch()
+    row = ids[1:2, : int((ids[1] != PAD_ID).sum())]  # the image row, unpadded
+    full = model(row, pixel_values=pixels[:1])
+    prefix = row.shape[1] - 4
+    cache = model.new_cache(1, 64)
+    steps = [model(row[:, :prefix], pixel_values=pixels[:1], cache=cache)]
+    for t in range(prefix, row.shape[1]):
+        steps.append(model(row[:, t : t + 1], cache=cache))
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_every_parameter_gets_a_gradient_from_a_mixed_batch():
+    model = build().train()
+    ids, labels, pixels, audio = mixed_batch()
+    OmniModel.lm_loss(model(ids, pixel_values=pixels, audio_values=audio), labels).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+
+
+def test_text_only_batch_still_touches_every_parameter_in_training():
+    # Ranks whose batch has no media must run the same backward graph (DeepSpeed hooks), with zero gradient.
+    model = build().train()
+    ids, labels, _, _ = mixed_batch()
+    OmniModel.lm_loss(model(ids[:1], pixel_values=[], audio_values=[]), labels[:1]).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert all(p.grad.abs().sum() == 0 for n, p in model.named_parameters() if n.startswith(("vision", "audio")))
+
+
+def test_init_is_order_independent_and_seeded():
+    a = build(seed=7)
+    b = OmniModel(MICRO)
+    with torch.no_grad():  # fill in reverse order: the bytes must not depend on it
+        for name, p in reversed(list(b.named_parameters())):
+            p.copy_(init_tensor(name, p.shape, 7, MICRO))
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p, q), n
+    c = build(seed=8)
+    for (n, p), (_, q) in zip(a.named_parameters(), c.named_parameters()):
+        if p.dim() > 1:
+            assert not torch.equal(p, q), n
+
+
+def test_init_follows_the_documented_scheme():
+    model = build(cfg=load_model_config("configs/model/tiny.yaml"))
+    params = dict(model.named_parameters())
+    assert torch.equal(params["text.layers.0.attn_norm.weight"], torch.ones(256))
+    assert torch.equal(params["vision.blocks.0.attn.qkv.bias"], torch.zeros(3 * 192))
+    assert abs(params["embed.weight"].std().item() - 0.02) < 1e-3
+    assert abs(params["text.layers.0.attn.wq.weight"].std().item() - 256**-0.5) < 2e-3
+    wo_std = params["text.layers.0.attn.wo.weight"].std().item()
+    assert abs(wo_std - 256**-0.5 / math.sqrt(2 * 4)) < 1e-3
+
+
+def test_component_map_covers_every_parameter_once():
+    model = build()
+    rows = component_summary(model)
+    assert sum(r["params"] for r in rows) == sum(p.numel() for p in model.parameters())
+    assert {r["component"] for r in rows} == {"embeddings", "text_decoder", "vision_encoder", "vision_projector",
+                                              "audio_encoder", "audio_projector"}  # tied: no lm_head
+    untied = OmniModel(dataclasses.replace(MICRO, text=dataclasses.replace(MICRO.text, tie_embeddings=False)))
+    assert "lm_head" in {r["component"] for r in component_summary(untied)}
+    with pytest.raises(KeyError, match="no component"):
+        component_of("stray.weight")
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "1b", "7b"])
+def test_every_shipped_model_config_builds(name):
+    cfg = load_model_config(f"configs/model/{name}.yaml")
+    with torch.device("meta"):
+        model = OmniModel(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    lo, hi = {"tiny": (5e6, 10e6), "small": (80e6, 130e6), "1b": (0.9e9, 1.6e9), "7b": (6e9, 8e9)}[name]
+    assert lo <= total <= hi, total
+
+
+def test_text_flops_count_the_real_matmul_parameters():
+    cfg = MICRO
+    model = OmniModel(cfg)
+    matmul = sum(p.numel() for n, p in model.text.named_parameters() if p.dim() == 2) + model.embed.weight.numel()
+    attention = 12 * cfg.text.n_layers * cfg.text.dim * 100
+    assert text_flops_per_token(cfg, 100) == 6 * matmul + attention
+
+
+def test_config_errors_name_the_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ntext:\n  dimm: 64\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: unknown key 'text.dimm'"):
+        load_model_config(bad)
+    bad.write_text("text:\n  dim: sixty-four\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: key 'text.dim' must be int, got str"):
+        load_model_config(bad)
+    bad.write_text("vision:\n  dim: 100\n  n_heads: 3\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: vision.dim=100 must be divisible"):
+        load_model_config(bad)
+    with pytest.raises(ValueError, match=r"missing.yaml: config file not found"):
+        load_model_config(tmp_path / "missing.yaml")
