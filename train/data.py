@@ -1,0 +1,319 @@
+"""The data pipeline: tokenise, expand media placeholders, pack, shard per rank, resume exactly.
+
+Notable choices:
+- Tokenisation runs once per (source bytes, tokenizer, media config) with multi-process `datasets.map`
+  and is cached as arrow files; a bad row becomes a reject (logged, counted) instead of a crash later.
+- Packing is one deterministic GLOBAL sequence of rows, a pure function of (data, seq_len, seed, epoch):
+  epoch e shuffles the accepted documents with a seed derived from (seed, e) and packs them greedily,
+  in that order, into rows of seq_len; a document never straddles two rows (a text document longer than
+  seq_len is cut into seq_len pieces, a media document that long is rejected). Step s with a global batch
+  of G rows takes rows [s*G, (s+1)*G) and rank r its contiguous share, so the cursor is one global row
+  index, independent of world size and workers.
+- Sample index i = epoch * N + k names the k-th document of epoch `epoch`'s shuffled order; a step consumes
+  a contiguous range of them (`last_step_ranges`, half-open), and `sample_source(i)` names its source row.
+- doc_ids and position_ids restart per document; labels are IGNORE_INDEX on padding, media markers and
+  placeholders, and on each document's first token, so no loss term predicts across a document boundary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.config import BOS_ID, EOS_ID, IGNORE_INDEX, PAD_ID, SPECIAL_TOKENS, ModelConfig
+from model.media import audio_tokens, vision_tokens
+from train.sources import (Source, check_rejects, decode_audio, decode_frames, load_source, manifest_entry,
+                           write_rejects)
+
+PIPELINE_VERSION = "1"  # part of the tokenisation cache key: bump when the tokenised form changes
+IMAGE, VIDEO, AUDIO = (SPECIAL_TOKENS.index(t) for t in ("<|image|>", "<|video|>", "<|audio|>"))
+START = {IMAGE: SPECIAL_TOKENS.index("<|image_start|>"), VIDEO: SPECIAL_TOKENS.index("<|video_start|>"),
+         AUDIO: SPECIAL_TOKENS.index("<|audio_start|>")}
+MEDIA_IDS = np.arange(IMAGE, len(SPECIAL_TOKENS))  # placeholders and markers: no text loss
+MODALITY = {START[IMAGE]: 1, START[VIDEO]: 2, START[AUDIO]: 3}  # 0 = text
+PLACEHOLDER = {v: k for k, v in START.items()}  # start marker -> its placeholder
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, T) long
+    labels: torch.Tensor  # (B, T) long, aligned with input_ids; IGNORE_INDEX where no text loss
+    position_ids: torch.Tensor  # (B, T) long, restart per document
+    doc_ids: torch.Tensor  # (B, T) long, document index within the row (padding = its own doc)
+    modality: torch.Tensor  # (B, T) long: 0 text, 1 image, 2 video, 3 audio (of the token's document)
+    pixel_values: list[torch.Tensor]  # (F, 3, H, W) vision items in placeholder order
+    audio_values: list[torch.Tensor]  # (N,) audio items in placeholder order
+    sample_ids: list[int]  # global sample indices in this micro-batch
+
+
+def expand_media(ids: list[int], vision_shapes: list[tuple[int, int, int]], audio_lengths: list[int], cfg: ModelConfig) -> list[int]:
+    """Replace each single placeholder with start + n placeholders + end, n from model.media (the ONE count).
+
+    `vision_shapes` are (F, H, W) of the vision items in order of their <|image|>/<|video|> placeholders.
+    """
+    n_vis, n_aud = sum(t in (IMAGE, VIDEO) for t in ids), ids.count(AUDIO)
+    if (n_vis, n_aud) != (len(vision_shapes), len(audio_lengths)):
+        raise ValueError(f"text has {n_vis} image/video and {n_aud} audio placeholders but the row has "
+                         f"{len(vision_shapes)} vision and {len(audio_lengths)} audio items")
+    out, vis, aud = [], iter(vision_shapes), iter(audio_lengths)
+    for t in ids:
+        if t in (IMAGE, VIDEO):
+            n = vision_tokens(*next(vis), cfg.vision)
+        elif t == AUDIO:
+            n = audio_tokens(next(aud), cfg.audio)
+        else:
+            out.append(t)
+            continue
+        out += [START[t]] + [t] * n + [START[t] + 1]
+    return out
+
+
+def row_media(row: dict, ids: list[int], base: Path | None, cfg: ModelConfig) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Decode a row's media in placeholder order: the k-th <|image|> is images[k], <|video|> the video."""
+    images, video, audio = row.get("images") or [], row.get("video") or [], row.get("audio")
+    if isinstance(images, (bytes, str)):
+        images = [images]
+    if not isinstance(images, list) or not isinstance(video, list):
+        raise ValueError("wrong type: 'images' and 'video' must be lists")
+    mult, tp = cfg.vision.patch_size * cfg.vision.merge, cfg.vision.temporal_patch
+    vision, k = [], 0
+    for t in ids:
+        if t == IMAGE and k < len(images):
+            vision.append(decode_frames([images[k]], base, tp, mult))
+            k += 1
+        elif t == VIDEO and video:
+            vision.append(decode_frames(video, base, tp, mult))
+    if k != len(images) or sum(t == VIDEO for t in ids) != (1 if video else 0):
+        raise ValueError(f"text has {ids.count(IMAGE)} <|image|> and {ids.count(VIDEO)} <|video|> placeholders but the "
+                         f"row has {len(images)} images and {1 if video else 0} video")
+    sounds = [decode_audio(audio, base, cfg.audio.sample_rate, cfg.audio.n_fft // 2 + 1)] if audio is not None else []
+    return vision, sounds
+
+
+_TOKENIZERS: dict = {}
+
+
+def _tokenize(batch: dict, *, tokenizer_path: str, cfg: dict, base: str | None) -> dict:
+    """datasets.map function: rows -> input_ids (BOS .. EOS, media expanded), modality, reject reason."""
+    from model.config import from_dict
+    from tokenizer.bpe import load_tokenizer
+
+    if tokenizer_path not in _TOKENIZERS:
+        _TOKENIZERS[tokenizer_path] = load_tokenizer(tokenizer_path)
+    tok, mcfg, base = _TOKENIZERS[tokenizer_path], from_dict(ModelConfig, cfg, "<model config>"), Path(base) if base else None
+    out = {"input_ids": [], "modality": [], "reject": []}
+    for i in range(len(batch["text"])):
+        row = {k: v[i] for k, v in batch.items()}
+        ids, reason = [], row.get("_reject") or ""
+        try:
+            if not reason:
+                ids = _encode_row(row, tok, base, mcfg)
+        except ValueError as e:
+            reason = str(e)
+        out["input_ids"].append(ids)
+        out["modality"].append(next((MODALITY[t] for t in ids if t in MODALITY), 0))
+        out["reject"].append(reason)
+    return out
+
+
+def _encode_row(row: dict, tok, base: Path | None, cfg: ModelConfig) -> list[int]:
+    text = row["text"]
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"non-UTF-8 text ({e.reason} at byte {e.start})") from None
+    if text is not None and not isinstance(text, str):
+        raise ValueError(f"wrong type: column 'text' must be a string, got {type(text).__name__}")
+    has_media = bool(row.get("images")) or bool(row.get("video")) or row.get("audio") is not None
+    if not (text or "").strip() and not has_media:
+        raise ValueError("empty row")
+    ids = tok.encode(text or "").ids
+    if has_media and not any(t in (IMAGE, VIDEO, AUDIO) for t in ids):  # media with no placeholder: media first
+        images = row.get("images") or []
+        ids = [IMAGE] * (1 if isinstance(images, (bytes, str)) else len(images)) + [VIDEO] * bool(row.get("video")) + \
+              [AUDIO] * (row.get("audio") is not None) + ids
+    vision, sounds = row_media(row, ids, base, cfg)
+    return [BOS_ID] + expand_media(ids, [tuple(v.shape[:1]) + tuple(v.shape[2:]) for v in vision], [len(a) for a in sounds], cfg) + [EOS_ID]
+
+
+def tokenize_source(src: Source, tokenizer_path: str | Path, cfg: ModelConfig, cache_dir: str | Path, num_proc: int = 1):
+    """(raw dataset, tokenised dataset, manifest entry) of one source; cached by content, tokenizer and media config."""
+    from tokenizer.bpe import tokenizer_digest
+
+    entry = manifest_entry(src)  # refuses a source with no declared licence, before any work
+    raw = load_source(src, cache_dir)
+    media_cfg = {"vision": cfg.to_dict()["vision"], "audio": cfg.to_dict()["audio"]}
+    key = hashlib.sha256(json.dumps([PIPELINE_VERSION, entry["sha256"], tokenizer_digest(tokenizer_path), media_cfg],
+                                    sort_keys=True).encode()).hexdigest()[:20]
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    base = str(Path(src.path) if Path(src.path).is_dir() else Path(src.path).parent)
+    tokenized = raw.map(_tokenize, batched=True, batch_size=256, num_proc=num_proc if num_proc > 1 else None,
+                        remove_columns=raw.column_names, new_fingerprint=key, desc=f"tokenize {entry['name']}",
+                        cache_file_name=str(Path(cache_dir) / f"tokenized-{key}.arrow"),
+                        fn_kwargs={"tokenizer_path": str(tokenizer_path), "cfg": cfg.to_dict(), "base": base})
+    return raw, tokenized, entry
+
+
+class TrainLoader:
+    """Packed, rank-sharded, exactly resumable batches over one or more sources (see the module docstring)."""
+
+    def __init__(self, data_dir, tokenizer_path, model_cfg: ModelConfig, seq_len: int, micro_batch: int, grad_accum: int,
+                 rank: int = 0, world_size: int = 1, seed: int = 0, *, cache_dir: str | Path | None = None,
+                 num_proc: int = 1, max_reject_fraction: float = 0.01, rejects_path: str | Path | None = None):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        specs = data_dir if isinstance(data_dir, (list, tuple)) else [data_dir]
+        self.sources = [s if isinstance(s, Source) else Source(str(s)) for s in specs]
+        self.cfg, self.seq_len, self.seed = model_cfg, seq_len, seed
+        self.micro_batch, self.grad_accum, self.rank, self.world_size = micro_batch, grad_accum, rank, world_size
+        cache_dir = Path(cache_dir or os.environ.get("OMNISCRATCH_CACHE", Path.home() / ".cache" / "omniscratch" / "data"))
+        self.raw, self.entries, self.bases, rejects, total = [], [], [], [], 0
+        doc_src, doc_row, lens, tokens = [], [], [], []
+        for si, src in enumerate(self.sources):
+            raw, tok, entry = tokenize_source(src, tokenizer_path, model_cfg, cache_dir, num_proc)
+            col = tok.data.column("input_ids").combine_chunks()
+            offsets, values = col.offsets.to_numpy(), col.values.to_numpy()
+            length, modality = np.diff(offsets), tok.data.column("modality").to_numpy()
+            reasons = tok.data.column("reject").to_pylist()
+            too_long = (modality > 0) & (length > seq_len)
+            for row in np.flatnonzero(np.array([bool(r) for r in reasons], bool) | too_long):
+                reason = reasons[row] or f"document of {length[row]} tokens with media does not fit seq_len={seq_len}"
+                rejects.append({"source": entry["path"], "row": int(row), "reason": reason})
+            ok = np.flatnonzero(np.array([not r for r in reasons], bool) & ~too_long)
+            entry["rows"], entry["rejected"] = len(reasons), len(reasons) - len(ok)
+            total += len(reasons)
+            self.raw.append(raw), self.entries.append(entry), tokens.append((offsets, values, modality))
+            self.bases.append(Path(src.path) if Path(src.path).is_dir() else Path(src.path).parent)
+            doc_src.append(np.full(len(ok), si)), doc_row.append(ok), lens.append(length[ok])
+        self.rejects_path = Path(rejects_path) if rejects_path else cache_dir / "rejects.jsonl"
+        if rank == 0:
+            self.rejects_path.unlink(missing_ok=True)
+            write_rejects(self.rejects_path, rejects)
+        self.rejects = rejects
+        check_rejects(rejects, total, max_reject_fraction, self.rejects_path)
+        self._tokens, self._src, self._row, self._len = tokens, np.concatenate(doc_src), np.concatenate(doc_row), np.concatenate(lens)
+        if len(self._len) == 0:
+            raise ValueError(f"no usable samples in {', '.join(s.path for s in self.sources)}")
+        self.cursor, self.last_step_ranges, self._epochs, self._epoch_rows = 0, [], {}, []
+
+    # ---- the global row sequence ----
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        h = hashlib.sha256(f"omniscratch-pack/{self.seed}/{epoch}".encode()).digest()
+        return np.random.default_rng(int.from_bytes(h[:8], "little")).permutation(len(self._len))
+
+    def _pack(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Pieces (sample k, doc, offset, length) of epoch `epoch` in order, and each row's first piece."""
+        if epoch not in self._epochs:
+            pieces, row_start, used = [], [0], 0
+            for k, d in enumerate(self._perm(epoch)):
+                n = int(self._len[d])
+                for off in range(0, n, self.seq_len):
+                    m = min(self.seq_len, n - off)
+                    if used + m > self.seq_len:
+                        row_start.append(len(pieces))
+                        used = 0
+                    pieces.append((k, d, off, m))
+                    used += m
+            self._epochs = {e: v for e, v in self._epochs.items() if e >= epoch - 1}  # keep the working set small
+            self._epochs[epoch] = (np.array(pieces, dtype=np.int64), np.array(row_start + [len(pieces)], dtype=np.int64))
+        return self._epochs[epoch]
+
+    def _locate(self, g: int) -> tuple[int, int]:
+        """Global row g -> (epoch, row within the epoch)."""
+        e = 0
+        while True:
+            if e == len(self._epoch_rows):
+                self._epoch_rows.append(len(self._pack(e)[1]) - 1)
+            if g < self._epoch_rows[e]:
+                return e, g
+            g, e = g - self._epoch_rows[e], e + 1
+
+    def _row_pieces(self, g: int) -> tuple[int, np.ndarray]:
+        e, r = self._locate(g)
+        pieces, starts = self._pack(e)
+        return e, pieces[starts[r]:starts[r + 1]]
+
+    def sample_source(self, sample: int) -> dict:
+        """Where global sample index `sample` comes from: source name, path, row, epoch."""
+        n = len(self._len)
+        d = self._perm(sample // n)[sample % n]
+        entry = self.entries[self._src[d]]
+        return {"source": entry["name"], "path": entry["path"], "row": int(self._row[d]), "epoch": sample // n}
+
+    # ---- batches ----
+
+    def _batch(self, rows: range) -> Batch:
+        T, n = self.seq_len, len(self._len)
+        B = len(rows)
+        ids = torch.full((B, T), PAD_ID, dtype=torch.long)
+        labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+        pos, doc, mod = (torch.zeros((B, T), dtype=torch.long) for _ in range(3))
+        pixels, sounds, samples = [], [], []
+        for b, g in enumerate(rows):
+            epoch, pieces = self._row_pieces(g)
+            t = 0
+            for j, (k, d, off, m) in enumerate(pieces.tolist()):
+                offsets, values, modality = self._tokens[self._src[d]]
+                seg = torch.from_numpy(values[offsets[self._row[d]] + off:][:m].astype(np.int64))
+                ids[b, t:t + m], pos[b, t:t + m], doc[b, t:t + m], mod[b, t:t + m] = seg, torch.arange(m), j, int(modality[self._row[d]])
+                lab = seg.clone()
+                lab[0] = IGNORE_INDEX  # the first token is never a target: it would be predicted from the previous doc
+                lab[torch.from_numpy(np.isin(seg.numpy(), MEDIA_IDS))] = IGNORE_INDEX
+                labels[b, t:t + m] = lab
+                if modality[self._row[d]]:
+                    v, a = self._media(d, seg.tolist())
+                    pixels += v
+                    sounds += a
+                samples.append(epoch * n + k)
+                t += m
+            doc[b, t:], pos[b, t:] = len(pieces), torch.arange(T - t)
+        return Batch(ids, labels, pos, doc, mod, pixels, sounds, sorted(set(samples)))
+
+    def _media(self, d: int, seq: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Decode document d's media and check each item fills exactly its placeholder run."""
+        si, row = int(self._src[d]), int(self._row[d])
+        runs = []  # [placeholder, count] per item, in order of appearance
+        for t in seq:
+            if t in PLACEHOLDER:
+                runs.append([PLACEHOLDER[t], 0])
+            elif t in (IMAGE, VIDEO, AUDIO):
+                runs[-1][1] += 1
+        vision, sounds = row_media(self.raw[si][row], [p for p, _ in runs], self.bases[si], self.cfg)
+        want = [vision_tokens(v.shape[0], v.shape[2], v.shape[3], self.cfg.vision) for v in vision]
+        want += [audio_tokens(len(a), self.cfg.audio) for a in sounds]
+        got = [n for p, n in runs if p != AUDIO] + [n for p, n in runs if p == AUDIO]
+        if got != want:
+            raise ValueError(f"{self.entries[si]['path']} row {row}: placeholder runs {got} do not match media tokens {want}; "
+                             f"the tokenisation cache is stale: delete it")
+        return vision, sounds
+
+    def next_step(self) -> list[Batch]:
+        """The grad_accum micro-batches of this rank for the next optimizer step; advances the global cursor."""
+        per_rank = self.micro_batch * self.grad_accum
+        G = per_rank * self.world_size
+        first = self.cursor + self.rank * per_rank
+        out = [self._batch(range(first + j * self.micro_batch, first + (j + 1) * self.micro_batch)) for j in range(self.grad_accum)]
+        (e0, first_row), (e1, last_row) = self._row_pieces(self.cursor), self._row_pieces(self.cursor + G - 1)
+        n = len(self._len)
+        self.last_step_ranges = [[e0 * n + int(first_row[0, 0]), e1 * n + int(last_row[-1, 0]) + 1]]
+        self.cursor += G
+        return out
+
+    def state_dict(self) -> dict:
+        return {"version": 1, "row": self.cursor, "seed": self.seed, "seq_len": self.seq_len,
+                "sources": [e["sha256"] for e in self.entries]}
+
+    def load_state_dict(self, sd: dict) -> None:
+        for key, mine in (("seed", self.seed), ("seq_len", self.seq_len), ("sources", [e["sha256"] for e in self.entries])):
+            if sd.get(key) != mine:
+                raise ValueError(f"data loader state has {key}={sd.get(key)!r} but this run has {mine!r}: "
+                                 f"resume with the same data, seq_len and seed")
+        self.cursor = int(sd["row"])
