@@ -1,0 +1,156 @@
+"""Typed run configuration: `configs/run/NAME.yaml` plus `key=value` overrides from the command line.
+
+Notable choices:
+- One frozen dataclass per concern (data, optimizer, checkpoints, faults), nested as in the YAML; validation
+  reuses `model.config.from_dict`, so an unknown key, a missing key or a wrong type is a ValueError naming the
+  file and the dotted key.
+- Overrides are parsed as YAML scalars (`optim.lr=3e-4`, `wandb=false`) and applied to the raw mapping before
+  validation, so an override is checked exactly like the file; a bad override names itself.
+- Paths in the file (model config, DeepSpeed JSON, data) are relative to the working directory, as a user types
+  them; the resolved config is written into every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from model.config import from_dict, load_yaml
+
+PRECISIONS = ("auto", "bf16", "fp32")  # auto: bf16 where the device computes it natively, else fp32
+NONFINITE = ("skip", "stop")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dir: str = "data/builtin"  # corpus written by `omniscratch data`
+    tokenizer: str = "data/tokenizer.json"  # written by `omniscratch tokenizer`
+    seq_len: int = 256
+    heldout_every: int = 20  # held-out loss every N steps on a fixed set of held-out rows (0: never)
+    heldout_batches: int = 2
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 5e-4  # 2e-3 left the from-scratch vision path untrained (shared/notes/cpu-training.md)
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 100  # steps between checkpoints; one is also written at the end and on SIGTERM
+    keep_last: int = 2  # retention: the last K ...
+    keep_every: int = 0  # ... and every M-th step (0: none), e.g. 1000 keeps step 1000, 2000, ...
+    export: bool = True  # consolidated model.safetensors beside the DeepSpeed state (for evaluation)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str
+    model: str  # path of a configs/model/*.yaml
+    deepspeed: str  # path of a configs/deepspeed/*.json (ZeRO stage, offload, buckets)
+    steps: int
+    micro_batch: int  # rows per rank per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seed: int = 1234  # init seed (per tensor name) and data order seed
+    run_dir: str = ""  # where the run lives; empty: runs/<name>
+    max_steps: int = 0  # stop after this step without changing the schedule (replay of a segment); 0: steps
+    precision: str = "auto"
+    activation_checkpointing: bool = False
+    on_nonfinite: str = "skip"  # a non-finite loss: skip the step and count it, or stop
+    max_nonfinite: int = 20  # with "skip": stop after this many skipped steps in a row
+    dist_timeout_s: int = 300  # every collective, ZeRO's own groups included, fails after this (a stuck peer)
+    log_every: int = 1
+    wandb: bool = True  # offline unless the user set WANDB_MODE
+    wandb_project: str = "omniscratch"
+    allow_derived: bool = False  # start from foreign weights only if declared (then certified "derived")
+    sign_key: str = ""  # private key to sign each committed checkpoint with (OpenSSF model-signing); empty: unsigned
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def path(self) -> Path:
+        return Path(self.run_dir or Path("runs") / self.name)
+
+    @property
+    def last_step(self) -> int:
+        return self.max_steps or self.steps
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """['optim.lr=3e-4', 'steps=10'] -> nested mapping; values parsed as YAML scalars."""
+    out: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override '{item}': expected key=value, e.g. optim.lr=3e-4")
+        value = yaml.safe_load(raw) if raw else ""
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def _merge(base: dict, over: dict, prefix: str = "") -> dict:
+    merged = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(merged.get(k), dict):
+            merged[k] = _merge(merged[k], v, f"{prefix}{k}.")
+        else:
+            merged[k] = v
+    return merged
+
+
+def _positive(cfg, where: str, names: list[str], zero_ok: bool = False) -> None:
+    for dotted in names:
+        obj = cfg
+        for part in dotted.split("."):
+            obj = getattr(obj, part)
+        if obj < 0 or (obj == 0 and not zero_ok):
+            raise ValueError(f"{where}: key '{dotted}'={obj} must be {'non-negative' if zero_ok else 'positive'}")
+
+
+def validate(cfg: RunConfig, where: str) -> RunConfig:
+    _positive(cfg, where, ["steps", "micro_batch", "grad_accum", "dist_timeout_s", "log_every", "data.seq_len",
+                           "optim.lr", "checkpoint.every", "checkpoint.keep_last"])
+    _positive(cfg, where, ["optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "checkpoint.keep_every", "max_steps",
+                           "data.heldout_every", "data.heldout_batches", "optim.min_lr_ratio"], zero_ok=True)
+    if cfg.max_steps > cfg.steps:
+        raise ValueError(f"{where}: key 'max_steps'={cfg.max_steps} exceeds 'steps'={cfg.steps} (the schedule length)")
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"{where}: key 'precision'={cfg.precision!r} must be one of {', '.join(PRECISIONS)}")
+    if cfg.on_nonfinite not in NONFINITE:
+        raise ValueError(f"{where}: key 'on_nonfinite'={cfg.on_nonfinite!r} must be one of {', '.join(NONFINITE)}")
+    if not cfg.name or "/" in cfg.name:
+        raise ValueError(f"{where}: key 'name'={cfg.name!r} must be a non-empty folder name")
+    for key in ("model", "deepspeed"):
+        if not Path(getattr(cfg, key)).is_file():
+            raise ValueError(f"{where}: key '{key}': file {getattr(cfg, key)} not found (paths are relative to the working directory)")
+    return cfg
+
+
+def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read a run YAML, apply `key=value` overrides, validate. Errors name the file (or override) and the key."""
+    where = str(path)
+    data = load_yaml(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: top level must be a mapping")
+    if overrides:
+        data = _merge(data, parse_overrides(list(overrides)))
+        where = f"{path} (with overrides {' '.join(overrides)})"
+    return validate(from_dict(RunConfig, data, where), where)

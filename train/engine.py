@@ -1,0 +1,237 @@
+"""Process group, device and DeepSpeed engine set-up: the only module of omniscratch that imports `deepspeed`.
+
+Notable choices (measured facts in shared/notes/deepspeed-on-cpu.md):
+- `compute_init()` / `compute_cleanup()` hold all process-group and device set-up: NCCL on GPUs, gloo on CPU.
+  torchrun, the deepspeed launcher and `accelerate launch` all export RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; with
+  none of them a single process runs as rank 0 of 1.
+- `default_pg_timeout` is set before init: the timeout given to `init_distributed` reaches only the world group,
+  and ZeRO's own groups would otherwise wait 30 minutes on a stuck peer.
+- DeepSpeed JIT-builds its shared-memory all-reduce op (~55 s) on every init; training never uses it (it serves
+  inference), so the builder is replaced by a no-op before init.
+- The optimizer is torch's AdamW (no C++ build) except with optimizer CPU offload, which needs DeepSpeed's
+  CPUAdam. bf16 keeps fp32 master weights and accumulates gradients in fp32 (`data_types.grad_accum_dtype`):
+  bf16 gradient accumulation diverged for others (DeepSpeed #2768). ZeRO-0 has no fp32 master in DeepSpeed's
+  bf16 path, so bf16 needs ZeRO >= 1.
+- ZeRO-3 builds the model under `deepspeed.zero.Init` (parameters born partitioned) and fills each parameter from
+  `model.init.init_tensor` inside `GatheredParameters`: a custom init applied after partitioning would silently
+  do nothing (DeepSpeed #2650), and this way the step-0 bytes equal a plain construction.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import deepspeed
+from deepspeed.utils import safe_get_full_fp32_param
+from model import OmniModel, init_tensor, init_weights
+from model.config import ModelConfig
+
+# keys of the DeepSpeed JSON that the run config owns: the JSON says how to shard, the run config what to train
+RUN_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                  "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler")
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def compute_init(timeout_s: int = 300) -> Dist:
+    """Join (or create) the process group and pick the device. Call once, before building the model."""
+    if "RANK" not in os.environ:  # no launcher: one process, rank 0 of 1
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device, backend = torch.device("cuda", local), "nccl"
+        torch.cuda.set_device(device)
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    dist.distributed_c10d.default_pg_timeout = timeout  # reaches the groups ZeRO creates without a timeout
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # module, not the re-exported `torch` name
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout, verbose=False)
+    return Dist(rank, world, local, device)
+
+
+def compute_cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def pick_precision(requested: str, device: torch.device) -> tuple[str, str]:
+    """-> (precision, reason). "auto" takes bf16 where the hardware computes it natively: on CPUs without AMX
+    bf16 ran 1.5-3.5x slower than fp32 (shared/notes/cpu-training.md)."""
+    if requested != "auto":
+        return requested, "requested in the run config"
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+        return ("bf16", "GPU supports bf16") if ok else ("fp32", "GPU lacks bf16")
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if "amx_bf16" in flags:
+        return "bf16", "CPU has AMX (native bf16 matmuls)"
+    return "fp32", f"CPU lacks AMX ({torch.backends.cpu.get_cpu_capability()}): bf16 would be emulated and slower"
+
+
+def deepspeed_config(path: str, *, micro_batch: int, grad_accum: int, world_size: int, grad_clip: float,
+                     precision: str, load_universal: bool = False) -> dict:
+    """The DeepSpeed JSON (ZeRO stage, offload, buckets) completed with what the run config decides."""
+    try:
+        ds = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON: {e}") from None
+    for key in RUN_OWNED_KEYS:
+        if key in ds:
+            raise ValueError(f"{path}: key '{key}' is set by the run config (micro_batch, grad_accum, precision, "
+                             f"optim.*); remove it from the DeepSpeed JSON")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if precision == "bf16" and stage == 0:
+        raise ValueError(f"{path}: bf16 with ZeRO stage 0 would update bf16 weights without fp32 masters in DeepSpeed; "
+                         f"use a ZeRO >= 1 config (configs/deepspeed/zero1.json) or precision=fp32")
+    ds.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=grad_accum,
+              train_batch_size=micro_batch * grad_accum * world_size, gradient_clipping=grad_clip,
+              bf16={"enabled": precision == "bf16"}, steps_per_print=10**9)
+    if precision == "bf16":
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}  # fp32 master weights + fp32 gradient accumulation
+    ds.setdefault("checkpoint", {})["load_universal"] = load_universal
+    return ds
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def optimizer_offloaded(ds: dict) -> bool:
+    return ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+
+
+def build_model(cfg: ModelConfig, seed: int, ds: dict, activation_checkpointing: bool = False) -> OmniModel:
+    """Seeded model; under ZeRO-3 born partitioned and filled per tensor, bytes equal to a plain construction."""
+    if zero_stage(ds) < 3:
+        model = OmniModel(cfg)
+        init_weights(model, seed)
+    else:
+        with deepspeed.zero.Init(config_dict_or_path=ds):
+            model = OmniModel(cfg)
+        params = list(model.named_parameters())
+        # one gather per chunk of ~16M elements instead of one collective per parameter
+        chunk, size = [], 0
+        for i, (name, p) in enumerate(params):
+            chunk.append((name, p))
+            size += p.ds_numel
+            if size >= 16_000_000 or i == len(params) - 1:
+                with deepspeed.zero.GatheredParameters([q for _, q in chunk], modifier_rank=0), torch.no_grad():
+                    if dist.get_rank() == 0:
+                        for n, q in chunk:
+                            q.data.copy_(init_tensor(n, q.ds_shape, seed, cfg))  # generated in fp32, cast on copy
+                chunk, size = [], 0
+    model.set_activation_checkpointing(activation_checkpointing)
+    return model
+
+
+def lr_lambda(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine to min_ratio at `total` (multiplies the peak lr)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def initialize(model: OmniModel, ds: dict, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
+               warmup: int, total_steps: int, min_lr_ratio: float):
+    """deepspeed.initialize with AdamW (no decay on norms and biases) and warmup + cosine. -> engine."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        ndim = len(getattr(p, "ds_shape", p.shape))  # partitioned ZeRO-3 params are flat: use the full shape
+        (decay if ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_lambda(s, warmup=warmup, total=total_steps, min_ratio=min_lr_ratio))
+    if optimizer_offloaded(ds):
+        # offload insists on DeepSpeed's CPUAdam (JIT-built on first use, ~2 min on a fresh machine)
+        ds = dict(ds, optimizer={"type": "AdamW", "params": {"lr": lr, "betas": list(betas), "eps": eps}})
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds, lr_scheduler=sched,
+                                          dist_init_required=False)
+    else:
+        opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds, lr_scheduler=sched, dist_init_required=False)
+    return engine
+
+
+def master_dtypes(engine) -> dict[str, torch.dtype]:
+    """Dtypes that training numerics depend on: module weights, master weights, gradient accumulation."""
+    opt = engine.optimizer
+    master = opt.param_groups[0]["params"][0].dtype
+    if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3
+        master = opt.fp32_partitioned_groups_flat[0].dtype
+    elif hasattr(opt, "single_partition_of_fp32_groups"):  # ZeRO-1/2
+        master = opt.single_partition_of_fp32_groups[0].dtype
+    elif hasattr(opt, "fp32_groups_flat_partition"):  # BF16_Optimizer
+        master = opt.fp32_groups_flat_partition[0].dtype
+    accum = getattr(opt, "gradient_accumulation_dtype", None) or engine.get_data_types()[1]
+    return {"module": next(engine.module.parameters()).dtype, "master": master, "grad_accum": accum}
+
+
+def named_fp32_tensors(engine):
+    """Yield (name, full fp32 master weight) on every rank, one parameter at a time. Collective: every rank must
+    iterate to the end. ZeRO-1/2/3 and the bf16 optimizer keep fp32 masters apart from the module weights."""
+    for name, p in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(p)
+        if full is None:  # no ZeRO, fp32: the module weight is the master
+            full = p.detach()
+        yield name, full.detach().float().cpu()
+
+
+def gather_fp32_state_dict(engine) -> dict[str, torch.Tensor]:
+    """Full fp32 master weights under the module's names (collective); rank 0 gets the dict, others {}."""
+    out = {n: t.clone() for n, t in named_fp32_tensors(engine)}
+    return out if dist.get_rank() == 0 else {}
+
+
+def save(engine, ds_dir: Path, client_state: dict) -> None:
+    """DeepSpeed state into `ds_dir` (every rank; ends in a barrier). DeepSpeed's own `latest` is not written: it
+    is not atomic (rank 0 writes it before the others finish); checkpoint.py keeps its own pointer."""
+    engine.save_checkpoint(str(ds_dir.parent), tag=ds_dir.name, client_state=client_state, save_latest=False)
+
+
+def load(engine, ds_dir: Path) -> dict:
+    """Restore weights, optimizer, LR schedule and step counter from `ds_dir`. -> client_state (rank 0's, under
+    ZeRO 0-2: per-rank state lives in our own files)."""
+    path, client_state = engine.load_checkpoint(str(ds_dir.parent), tag=ds_dir.name)
+    if path is None:
+        raise RuntimeError(f"{ds_dir}: DeepSpeed could not load this checkpoint (see the log above)")
+    return client_state or {}
+
+
+def to_universal(ds_dir: Path, out_dir: Path) -> None:
+    """DeepSpeed's universal checkpoint conversion (run on one rank): makes a checkpoint loadable at another
+    world size with `checkpoint.load_universal`. ZeRO-1/2 checkpoints lack some state the tool wants: injected."""
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ds_dir),
+           "--output_folder", str(out_dir), "--inject_missing_state", "--num_extract_workers", "1",
+           "--num_merge_workers", "1"]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode:
+        raise RuntimeError(f"universal checkpoint conversion of {ds_dir} failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
