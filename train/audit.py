@@ -1,0 +1,347 @@
+"""`omniscratch audit CKPT --reference PATH [PATH ...]`: which components of a checkpoint derive from other models.
+
+Every tensor of the checkpoint is compared, name-agnostically, with every reference tensor of a compatible
+shape: the same shape, the transposed shape, or a slice (one axis equal, the other a multiple of it or within
+2x: fused q/k/v or gate/up projections, tensor-parallel shards, resized vocabularies). Statistics and their
+calibration are in `train/audit_stats.py`. A component is *derived* when at least one of its matrices (2-D or
+more) matches a reference tensor beyond every null (random inits, a permutation of the reference, and the
+independently trained models given with `--null`) after Bonferroni correction over all tests, or is
+byte-identical to one. 1-D tensors are reported as supporting evidence only.
+
+Outputs: a terminal table; `--json` prints one object with `components` (each with `verdict` and `evidence`);
+`--out DIR` writes `audit.json` and `similarity.png` (layer-by-layer heatmap of the best z-score).
+Exit status: 0 all independent, 1 some component derived, 2 unusable input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from model.components import COMPONENTS, component_of
+from train import audit_stats as S
+
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+_COARSE = {torch.bfloat16, torch.float16}
+_ST_COARSE = {"BF16", "F16"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ckpt", help="checkpoint folder (with model.safetensors) or a .safetensors file")
+    p.add_argument("--reference", nargs="+", required=True, metavar="PATH",
+                   help="reference models: safetensors or torch files, or folders of them (searched recursively)")
+    p.add_argument("--null", nargs="*", default=[], metavar="PATH",
+                   help="models known to be independent of the checkpoint: they widen the null distribution")
+    p.add_argument("--alpha", type=float, default=0.01, help="family-wise error rate after Bonferroni (default 0.01)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object instead of a table")
+    p.add_argument("--out", type=Path, help="folder for audit.json and similarity.png")
+
+
+# ---- loading ------------------------------------------------------------------------------------------
+@dataclass
+class Entry:
+    file: str
+    name: str
+    shape: tuple[int, ...]  # as stored
+    sketch: S.Sketch  # of the 2-D view (out, fan_in) or the 1-D vector
+    layer: str  # e.g. "3" for "...blocks.3.attn...", "" when the name has no layer index
+
+    @property
+    def label(self) -> str:
+        return f"{self.file}:{self.name}"
+
+
+def _layer(name: str) -> str:
+    m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", name)
+    return m.group(1) if m else ""
+
+
+def _flatten(obj, prefix: str = ""):
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _flatten(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _flatten(v, f"{prefix}.{i}" if prefix else str(i))
+
+
+def _sketch_entry(file: Path, name: str, shape, coarse: bool, lazy, full) -> Entry | None:
+    """`lazy` slices the stored tensor without reading it whole; `full()` reads it (for conv kernels)."""
+    shape = tuple(int(d) for d in shape)
+    if len(shape) == 0 or 0 in shape:
+        return None
+    if len(shape) > 2:
+        t = full()
+        sk = S.make_sketch(t.reshape(shape[0], -1), (shape[0], t[0].numel()), coarse)
+    else:
+        sk = S.make_sketch(lazy, shape, coarse)
+    return Entry(str(file), name, shape, sk, _layer(name))
+
+
+def read_file(file: Path) -> list[Entry]:
+    """Sketch every floating-point tensor of one safetensors or torch file."""
+    out = []
+    try:
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    sl = f.get_slice(name)
+                    if sl.get_dtype() not in ("F64", "F32", "BF16", "F16"):
+                        continue
+                    e = _sketch_entry(file, name, sl.get_shape(), sl.get_dtype() in _ST_COARSE, sl,
+                                      lambda n=name: f.get_tensor(n))
+                    out.append(e)
+        else:
+            try:
+                obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
+                obj = torch.load(file, map_location="cpu", weights_only=True)
+            for name, t in _flatten(obj):
+                if t.is_floating_point():
+                    out.append(_sketch_entry(file, name, t.shape, t.dtype in _COARSE, t, lambda t=t: t))
+    except Exception as e:  # noqa: BLE001 - any reader error becomes one message naming the file
+        raise ValueError(f"{file}: cannot read weights ({type(e).__name__}: {e}); pass safetensors or torch "
+                         f"state-dict files (torch files must load with weights_only=True)") from None
+    return [e for e in out if e is not None]
+
+
+def reference_files(paths: list[str]) -> list[Path]:
+    files = []
+    for p in map(Path, paths):
+        if p.is_file():
+            files.append(p)
+        elif p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
+            if not found:
+                raise ValueError(f"{p}: no weight files ({', '.join(WEIGHT_SUFFIXES)}) in this folder or below")
+            files += found
+        else:
+            raise ValueError(f"{p}: no such file or folder")
+    return files
+
+
+def checkpoint_file(ckpt: str) -> Path:
+    p = Path(ckpt)
+    if p.is_dir():
+        p = p / "model.safetensors"
+    if not p.is_file() or p.suffix != ".safetensors":
+        raise ValueError(f"{ckpt}: expected a checkpoint folder holding model.safetensors, or a .safetensors file")
+    return p
+
+
+def checkpoint_entries(ckpt: str) -> dict[str, list[Entry]]:
+    """The checkpoint's tensors grouped by component (names are OmniModel.state_dict() names)."""
+    file = checkpoint_file(ckpt)
+    groups: dict[str, list[Entry]] = {c: [] for c in COMPONENTS}
+    for e in read_file(file):
+        try:
+            groups[component_of(e.name)].append(e)
+        except KeyError:
+            raise ValueError(f"{file}: tensor '{e.name}' belongs to no component of OmniModel; "
+                             f"audit an omniscratch checkpoint (pass other models with --reference)") from None
+    return {c: es for c, es in groups.items() if es}
+
+
+# ---- candidate pairs ----------------------------------------------------------------------------------
+def _sliceable(a: int, b: int) -> bool:
+    lo, hi = min(a, b), max(a, b)
+    return hi % lo == 0 or 2 * lo >= hi
+
+
+def orientations(a: tuple[int, ...], b: tuple[int, ...]) -> list[str]:
+    """How reference shape `b` can line up with checkpoint shape `a`: same, transposed, and/or slice."""
+    if len(a) == 1 or len(b) == 1:
+        return ["same"] if a == b else []
+    out = []
+    for t, (m, n) in (("", b), ("transposed", b[::-1])):
+        if (m, n) == a:
+            out.append(t or "same")
+        elif (m == a[0] and _sliceable(n, a[1])) or (n == a[1] and _sliceable(m, a[0])):
+            out.append(f"slice{', ' + t if t else ''}")
+    return out
+
+
+def candidate_pairs(a: Entry, refs: list[Entry]):
+    if a.sketch.why_not:
+        return
+    for b in refs:
+        if b.sketch.why_not or len(b.sketch.shape) != len(a.sketch.shape):
+            continue
+        for o in orientations(a.sketch.shape, b.sketch.shape):
+            yield b, o, (b.sketch.t() if "transposed" in o else b.sketch)
+
+
+def _full(e: Entry) -> torch.Tensor:
+    if e.file.endswith(".safetensors"):
+        with safe_open(e.file, framework="pt") as f:
+            return f.get_tensor(e.name)
+    return dict(_flatten(torch.load(e.file, map_location="cpu", weights_only=True)))[e.name]
+
+
+def _identical(a: Entry, b: Entry, orientation: str) -> bool:
+    """Byte identity of the whole tensors (after rounding to the coarser storage), once the blocks agree."""
+    if "slice" in orientation:
+        return False
+    x, y = _full(a).reshape(a.sketch.shape), _full(b).reshape(b.sketch.shape)
+    y = y.T if orientation == "transposed" else y
+    if a.sketch.coarse != b.sketch.coarse:
+        x, y = x.to(torch.bfloat16), y.to(torch.bfloat16)
+    return torch.equal(x, y.to(x.dtype))
+
+
+# ---- the audit ----------------------------------------------------------------------------------------
+def _confirm(p: dict, key: str, trained: dict, n_tests: int, alpha: float) -> bool:
+    """A significant test must also beat the permutation null and the independently trained models."""
+    v = p["stats"][key]
+    if S.corrected(S.p_value(key, S.permutation_null(p["a"].sketch, p["sb"]).z(key, v)), n_tests) >= alpha:
+        return False
+    samples = trained.get(key, [])
+    if len(samples) < 2:
+        return True
+    mean, std = S.summarise(samples)
+    std = max(std, p["null"].stats[key][1])
+    return S.corrected(S.p_value(key, S.NullModel({key: (mean, std)}).z(key, v)), n_tests) < alpha
+
+
+def _pair_json(p: dict) -> dict:
+    a, b = p["a"], p["b"]
+    return {"tensor": a.name, "layer": a.layer, "reference": b.label, "reference_layer": b.layer,
+            "orientation": p["orientation"], **{k: round(v, 5) for k, v in p["stats"].items()},
+            "cosine_informative": len(a.sketch.shape) == 2, "z": {k: round(v, 2) for k, v in p["z"].items()},
+            "p_corrected": {k: float(f"{v:.3g}") for k, v in p["p"].items()}, "significant": p["significant"],
+            "identical": p["identical"]}
+
+
+def _ref_group(b: Entry) -> str:
+    m = re.match(r"(.*?(?:^|\.)\d+)(?:\.|$)", b.name)
+    return f"{Path(b.file).name}:{m.group(1) if m else '(unlayered)'}"
+
+
+def run_audit(ckpt: str, references: list[str], nulls: list[str] = (), alpha: float = 0.01) -> dict:
+    t0 = time.perf_counter()
+    comps = checkpoint_entries(ckpt)
+    refs = [e for f in reference_files(references) for e in read_file(f)]
+    null_refs = [e for f in reference_files(list(nulls)) for e in read_file(f)] if nulls else []
+    rnull = S.RandomInitNull()
+    pairs = []
+    for comp, entries in comps.items():
+        for a in entries:
+            for b, o, sb in candidate_pairs(a, refs):
+                st, nm = S.pair_stats(a.sketch, sb), rnull.model(a.sketch.shape, sb.shape)
+                pairs.append({"component": comp, "a": a, "b": b, "orientation": o, "sb": sb, "stats": st,
+                              "null": nm, "z": {k: nm.z(k, v) for k, v in st.items() if k != "cosine"}})
+    n_tests = sum(len(p["z"]) for p in pairs)
+    trained: dict[str, dict[str, list[float]]] = {}
+    for p in pairs:
+        p["p"] = {k: S.corrected(S.p_value(k, z), n_tests) for k, z in p["z"].items()}
+        p["identical"] = S.identical_block(p["a"].sketch, p["sb"]) and _identical(p["a"], p["b"], p["orientation"])
+        candidates = [k for k, v in p["p"].items() if v < alpha]
+        if candidates and null_refs and p["a"].name not in trained:
+            trained[p["a"].name] = {}
+            for _, _, sb in candidate_pairs(p["a"], null_refs):
+                for k, v in S.pair_stats(p["a"].sketch, sb).items():
+                    trained[p["a"].name].setdefault(k, []).append(v)
+        p["significant"] = [k for k in candidates if _confirm(p, k, trained.get(p["a"].name, {}), n_tests, alpha)]
+    result = {"checkpoint": str(checkpoint_file(ckpt)), "references": sorted({e.file for e in refs}),
+              "null_models": sorted({e.file for e in null_refs}), "alpha": alpha, "pairs": len(pairs),
+              "tests": n_tests, "components": {}}
+    for comp, entries in comps.items():
+        mine = sorted((p for p in pairs if p["component"] == comp), key=lambda p: -max(p["z"].values()))
+        matrices = [p for p in mine if len(p["a"].sketch.shape) == 2]
+        evidence = [p for p in matrices if p["significant"] or p["identical"]]
+        result["components"][comp] = {
+            "verdict": "derived" if evidence else "independent",
+            "params": sum(math.prod(e.shape) for e in entries),
+            "evidence": [_pair_json(p) for p in evidence[:20]], "evidence_count": len(evidence),
+            "layers": sorted({p["a"].layer for p in evidence if p["a"].layer}, key=int),
+            "reference_tensors": sorted({p["b"].label for p in evidence})[:50],
+            "supporting_1d": [_pair_json(p) for p in mine if len(p["a"].sketch.shape) == 1 and p["significant"]][:10],
+            "strongest": _pair_json(matrices[0]) if matrices else None,
+            "not_evidence": [{"tensor": e.name, "why": e.sketch.why_not or "1-D: judged on centred Pearson only, "
+                              "never decisive; cosine uninformative"} for e in entries
+                             if e.sketch.why_not or len(e.sketch.shape) == 1],
+        }
+    result["heatmap"] = _heatmap(pairs)
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    return result
+
+
+def _heatmap(pairs: list[dict], max_cols: int = 60) -> dict:
+    """Best z of matrix pairs, checkpoint (component, layer) x reference (file, layer prefix)."""
+    cells: dict[tuple[str, str], float] = {}
+    for p in pairs:
+        if len(p["a"].sketch.shape) == 2:
+            key = (f"{p['component']}.{p['a'].layer}".rstrip("."), _ref_group(p["b"]))
+            cells[key] = max(cells.get(key, 0.0), *p["z"].values())
+    rows = sorted(dict.fromkeys(r for r, _ in cells), key=_natural)
+    best = {}
+    for (_, c), z in cells.items():
+        best[c] = max(best.get(c, 0.0), z)
+    cols = sorted(sorted(best, key=lambda c: -best[c])[:max_cols], key=_natural)
+    return {"rows": rows, "cols": cols, "z": [[round(cells.get((r, c), 0.0), 2) for c in cols] for r in rows]}
+
+
+def _natural(s: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+# ---- outputs ------------------------------------------------------------------------------------------
+def format_table(r: dict) -> str:
+    lines = [f"audit of {r['checkpoint']}: {r['pairs']} candidate pairs, {r['tests']} tests, family-wise "
+             f"alpha {r['alpha']} (Bonferroni), {r['seconds']} s",
+             f"{'component':<18}{'params':>12}  {'verdict':<12}{'best match (z vs random-init null)':<64}layers"]
+    for comp, c in r["components"].items():
+        best = c["evidence"][0] if c["evidence"] else c["strongest"]
+        what = "-" if best is None else (f"{best['reference'][-40:]} {max(best['z'], key=best['z'].get)} "
+                                         f"z={max(best['z'].values()):.1f}{' IDENTICAL' if best['identical'] else ''}")
+        lines.append(f"{comp:<18}{c['params']:>12,}  {c['verdict'].upper():<12}{what:<64}{','.join(c['layers']) or '-'}")
+    lines.append("1-D tensors (norm gains, biases) are judged on centred Pearson only and never decide a verdict.")
+    return "\n".join(lines)
+
+
+def write_heatmap(r: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    h = r["heatmap"]
+    z = torch.tensor(h["z"] or [[0.0]])
+    fig, ax = plt.subplots(figsize=(3 + 0.25 * z.shape[1], 2 + 0.22 * z.shape[0]))
+    im = ax.imshow(z.clamp(0, 50).numpy(), cmap="magma", aspect="auto", vmin=0)
+    ax.set_xticks(range(len(h["cols"])), h["cols"], rotation=90, fontsize=6)
+    ax.set_yticks(range(len(h["rows"])), h["rows"], fontsize=6)
+    ax.set_xlabel("reference (file: layer)")
+    ax.set_ylabel("checkpoint (component.layer)")
+    fig.colorbar(im, label="best z-score (clipped at 50)")
+    ax.set_title("weight similarity, layer by layer", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        result = run_audit(args.ckpt, args.reference, args.null, args.alpha)
+    except ValueError as e:
+        print(f"omniscratch audit: {e}", file=sys.stderr)
+        return 2
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        tmp = args.out / "audit.json.tmp"
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.replace(args.out / "audit.json")
+        write_heatmap(result, args.out / "similarity.png")
+    print(json.dumps(result, indent=1) if args.json else format_table(result))
+    return 1 if any(c["verdict"] == "derived" for c in result["components"].values()) else 0
