@@ -28,7 +28,8 @@ def _files(d):
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     d = tmp_path_factory.mktemp("corpus") / "a"
-    assert cli(["data", "generate", "--out", str(d), "--seed", "7", "--samples", "150", "--heldout", "40", "--shard-rows", "60"]) == 0
+    args = ["--seed", "7", "--samples", "150", "--heldout", "40", "--shard-rows", "60"]
+    assert cli(["data", "generate", "--out", str(d), *args]) == 0
     return d
 
 

@@ -35,7 +35,8 @@ def corpus(tmp_path_factory):
     generate(d / "corpus", seed=3, sizes={"train": 400}, shard_rows=200)
     import pyarrow.parquet as pq
 
-    texts = [t for f in sorted((d / "corpus/train").glob("*.parquet")) for t in pq.read_table(f, columns=["text"])["text"].to_pylist()]
+    shards = sorted((d / "corpus/train").glob("*.parquet"))
+    texts = [t for f in shards for t in pq.read_table(f, columns=["text"])["text"].to_pylist()]
     tok = save_tokenizer(train_bpe(texts + ["hello world, plain text"], 600), d / "tok")
     return {"dir": d / "corpus", "tok": tok, "cache": d / "cache", "root": d}
 
@@ -119,13 +120,14 @@ def test_resume_in_a_new_process_gives_the_next_batch(corpus, tmp_path):
         L.next_step()
     state = json.dumps(L.state_dict())
     expected = _dump(L.next_step())
+    paths = {k: str(v) for k, v in corpus.items()}
     script = (
-        "import json, sys, torch; sys.path.insert(0, %r)\n"
+        f"import json, sys, torch; sys.path.insert(0, {str(ROOT)!r})\n"
         "from tests.test_data import loader, _dump\n"
-        "L = loader(%r, rank=1, world_size=2)\n"
-        "L.load_state_dict(json.loads(%r))\n"
-        "torch.save(_dump(L.next_step()), %r)\n"
-    ) % (str(ROOT), {k: str(v) for k, v in corpus.items()}, state, str(tmp_path / "next.pt"))
+        f"L = loader({paths!r}, rank=1, world_size=2)\n"
+        f"L.load_state_dict(json.loads({state!r}))\n"
+        f"torch.save(_dump(L.next_step()), {str(tmp_path / 'next.pt')!r})\n"
+    )
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=ROOT)
     got = torch.load(tmp_path / "next.pt")

@@ -57,6 +57,7 @@ def test_cli_trains_on_a_generated_corpus(tmp_path):
     from train.corpus import generate
 
     generate(tmp_path / "corpus", seed=0, sizes={"train": 60, "heldout": 10}, shard_rows=60)
-    assert cli(["tokenizer", "train", "--corpus", str(tmp_path / "corpus"), "--vocab-size", "500", "--out", str(tmp_path / "tok")]) == 0
+    args = ["--corpus", str(tmp_path / "corpus"), "--vocab-size", "500", "--out", str(tmp_path / "tok")]
+    assert cli(["tokenizer", "train", *args]) == 0
     tok = load_tokenizer(tmp_path / "tok")
     assert tok.token_to_id("<|audio_end|>") == len(SPECIAL_TOKENS) - 1 and "Question" in tok.decode(tok.encode("Question").ids)

@@ -27,7 +27,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """Train a byte-level BPE of `vocab_size` tokens (special tokens and bytes included) on `texts`."""
     minimum = len(SPECIAL_TOKENS) + 256
     if vocab_size < minimum:
-        raise ValueError(f"vocab_size={vocab_size} is too small: the {len(SPECIAL_TOKENS)} special tokens and 256 bytes need {minimum}")
+        raise ValueError(f"vocab_size={vocab_size} is too small: {len(SPECIAL_TOKENS)} special tokens + 256 bytes need {minimum}")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
@@ -47,7 +47,8 @@ def check_special_tokens(tok: Tokenizer, where: str) -> None:
     for i, t in enumerate(SPECIAL_TOKENS):
         got = tok.token_to_id(t)
         if got != i:
-            raise ValueError(f"{where}: special token {t} has id {got}, the model expects {i}; retrain it with `omniscratch tokenizer train`")
+            raise ValueError(f"{where}: special token {t} has id {got}, the model expects {i}; "
+                             "retrain it with `omniscratch tokenizer train`")
 
 
 def save_tokenizer(tok: Tokenizer, out_dir: str | Path) -> Path:

@@ -165,7 +165,8 @@ def make_sample(task: str, rng: np.random.Generator) -> dict:
     if task.startswith("image"):
         img, info = _image(rng, task)
         row["images"], marker = [_png(img)], "<|image|>"
-        caption = f"A {info['color']} {info.get('shape', 'square')}" + (f" in the {info['position']}." if "position" in info else ".")
+        where = f" in the {info['position']}" if "position" in info else ""
+        caption = f"A {info['color']} {info.get('shape', 'square')}{where}."
     elif task.startswith("video"):
         frames, info = _video(rng)
         row["video"], marker = [_png(f) for f in frames], "<|video|>"
@@ -248,7 +249,7 @@ def probe_items(task: str, n: int, seed: int = 0, image_size: int = IMAGE_SIZE) 
         row = make_sample(task, rng)
         items.append({"task": task, "prompt": row["text"][: -len(row["answer"]) - 1], "choices": row["choices"],
                       "answer": row["answer"],
-                      "pixel_values": [decode_frames([b]) for b in row["images"]] + ([decode_frames(row["video"])] if row["video"] else []),
+                      "pixel_values": [decode_frames(f) for f in [[b] for b in row["images"]] + [row["video"]] if f],
                       "audio_values": [decode_audio(row["audio"])] if row["audio"] is not None else []})
     return items
 

@@ -17,6 +17,7 @@ Notable choices:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -26,15 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.config import BOS_ID, EOS_ID, IGNORE_INDEX, PAD_ID, SPECIAL_TOKENS, ModelConfig
+from model.config import BOS_ID, EOS_ID, IGNORE_INDEX, PAD_ID, SPECIAL_TOKENS, ModelConfig, from_dict
 from model.media import audio_tokens, vision_tokens
-from train.sources import (Source, check_rejects, decode_audio, decode_frames, load_source, manifest_entry,
-                           write_rejects)
+from train.sources import Source, check_rejects, load_source, manifest_entry, row_media, write_rejects
 
 PIPELINE_VERSION = "1"  # part of the tokenisation cache key: bump when the tokenised form changes
-IMAGE, VIDEO, AUDIO = (SPECIAL_TOKENS.index(t) for t in ("<|image|>", "<|video|>", "<|audio|>"))
-START = {IMAGE: SPECIAL_TOKENS.index("<|image_start|>"), VIDEO: SPECIAL_TOKENS.index("<|video_start|>"),
-         AUDIO: SPECIAL_TOKENS.index("<|audio_start|>")}
+IMAGE, VIDEO, AUDIO = (SPECIAL_TOKENS.index(f"<|{k}|>") for k in ("image", "video", "audio"))
+START = {t: SPECIAL_TOKENS.index(f"<|{k}_start|>") for t, k in ((IMAGE, "image"), (VIDEO, "video"), (AUDIO, "audio"))}
 MEDIA_IDS = np.arange(IMAGE, len(SPECIAL_TOKENS))  # placeholders and markers: no text loss
 MODALITY = {START[IMAGE]: 1, START[VIDEO]: 2, START[AUDIO]: 3}  # 0 = text
 PLACEHOLDER = {v: k for k, v in START.items()}  # start marker -> its placeholder
@@ -52,7 +51,7 @@ class Batch:
     sample_ids: list[int]  # global sample indices in this micro-batch
 
 
-def expand_media(ids: list[int], vision_shapes: list[tuple[int, int, int]], audio_lengths: list[int], cfg: ModelConfig) -> list[int]:
+def expand_media(ids: list[int], vision_shapes: list[tuple[int, int, int]], audio_lengths: list[int], cfg: ModelConfig):
     """Replace each single placeholder with start + n placeholders + end, n from model.media (the ONE count).
 
     `vision_shapes` are (F, H, W) of the vision items in order of their <|image|>/<|video|> placeholders.
@@ -74,39 +73,16 @@ def expand_media(ids: list[int], vision_shapes: list[tuple[int, int, int]], audi
     return out
 
 
-def row_media(row: dict, ids: list[int], base: Path | None, cfg: ModelConfig) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Decode a row's media in placeholder order: the k-th <|image|> is images[k], <|video|> the video."""
-    images, video, audio = row.get("images") or [], row.get("video") or [], row.get("audio")
-    if isinstance(images, (bytes, str)):
-        images = [images]
-    if not isinstance(images, list) or not isinstance(video, list):
-        raise ValueError("wrong type: 'images' and 'video' must be lists")
-    mult, tp = cfg.vision.patch_size * cfg.vision.merge, cfg.vision.temporal_patch
-    vision, k = [], 0
-    for t in ids:
-        if t == IMAGE and k < len(images):
-            vision.append(decode_frames([images[k]], base, tp, mult))
-            k += 1
-        elif t == VIDEO and video:
-            vision.append(decode_frames(video, base, tp, mult))
-    if k != len(images) or sum(t == VIDEO for t in ids) != (1 if video else 0):
-        raise ValueError(f"text has {ids.count(IMAGE)} <|image|> and {ids.count(VIDEO)} <|video|> placeholders but the "
-                         f"row has {len(images)} images and {1 if video else 0} video")
-    sounds = [decode_audio(audio, base, cfg.audio.sample_rate, cfg.audio.n_fft // 2 + 1)] if audio is not None else []
-    return vision, sounds
+@functools.cache
+def _tokenizer(path: str):
+    from tokenizer.bpe import load_tokenizer
 
-
-_TOKENIZERS: dict = {}
+    return load_tokenizer(path)
 
 
 def _tokenize(batch: dict, *, tokenizer_path: str, cfg: dict, base: str | None) -> dict:
     """datasets.map function: rows -> input_ids (BOS .. EOS, media expanded), modality, reject reason."""
-    from model.config import from_dict
-    from tokenizer.bpe import load_tokenizer
-
-    if tokenizer_path not in _TOKENIZERS:
-        _TOKENIZERS[tokenizer_path] = load_tokenizer(tokenizer_path)
-    tok, mcfg, base = _TOKENIZERS[tokenizer_path], from_dict(ModelConfig, cfg, "<model config>"), Path(base) if base else None
+    tok, mcfg, base = _tokenizer(tokenizer_path), from_dict(ModelConfig, cfg, "<model config>"), Path(base) if base else None
     out = {"input_ids": [], "modality": [], "reject": []}
     for i in range(len(batch["text"])):
         row = {k: v[i] for k, v in batch.items()}
@@ -140,7 +116,8 @@ def _encode_row(row: dict, tok, base: Path | None, cfg: ModelConfig) -> list[int
         ids = [IMAGE] * (1 if isinstance(images, (bytes, str)) else len(images)) + [VIDEO] * bool(row.get("video")) + \
               [AUDIO] * (row.get("audio") is not None) + ids
     vision, sounds = row_media(row, ids, base, cfg)
-    return [BOS_ID] + expand_media(ids, [tuple(v.shape[:1]) + tuple(v.shape[2:]) for v in vision], [len(a) for a in sounds], cfg) + [EOS_ID]
+    shapes = [(v.shape[0], v.shape[2], v.shape[3]) for v in vision]
+    return [BOS_ID] + expand_media(ids, shapes, [len(a) for a in sounds], cfg) + [EOS_ID]
 
 
 def tokenize_source(src: Source, tokenizer_path: str | Path, cfg: ModelConfig, cache_dir: str | Path, num_proc: int = 1):
@@ -198,7 +175,8 @@ class TrainLoader:
             write_rejects(self.rejects_path, rejects)
         self.rejects = rejects
         check_rejects(rejects, total, max_reject_fraction, self.rejects_path)
-        self._tokens, self._src, self._row, self._len = tokens, np.concatenate(doc_src), np.concatenate(doc_row), np.concatenate(lens)
+        self._tokens, self._src, self._row = tokens, np.concatenate(doc_src), np.concatenate(doc_row)
+        self._len = np.concatenate(lens)
         if len(self._len) == 0:
             raise ValueError(f"no usable samples in {', '.join(s.path for s in self.sources)}")
         self.cursor, self.last_step_ranges, self._epochs, self._epoch_rows = 0, [], {}, []
@@ -263,7 +241,8 @@ class TrainLoader:
             for j, (k, d, off, m) in enumerate(pieces.tolist()):
                 offsets, values, modality = self._tokens[self._src[d]]
                 seg = torch.from_numpy(values[offsets[self._row[d]] + off:][:m].astype(np.int64))
-                ids[b, t:t + m], pos[b, t:t + m], doc[b, t:t + m], mod[b, t:t + m] = seg, torch.arange(m), j, int(modality[self._row[d]])
+                ids[b, t:t + m], pos[b, t:t + m], doc[b, t:t + m] = seg, torch.arange(m), j
+                mod[b, t:t + m] = int(modality[self._row[d]])
                 lab = seg.clone()
                 lab[0] = IGNORE_INDEX  # the first token is never a target: it would be predicted from the previous doc
                 lab[torch.from_numpy(np.isin(seg.numpy(), MEDIA_IDS))] = IGNORE_INDEX
@@ -300,7 +279,8 @@ class TrainLoader:
         per_rank = self.micro_batch * self.grad_accum
         G = per_rank * self.world_size
         first = self.cursor + self.rank * per_rank
-        out = [self._batch(range(first + j * self.micro_batch, first + (j + 1) * self.micro_batch)) for j in range(self.grad_accum)]
+        mb = self.micro_batch
+        out = [self._batch(range(first + j * mb, first + (j + 1) * mb)) for j in range(self.grad_accum)]
         (e0, first_row), (e1, last_row) = self._row_pieces(self.cursor), self._row_pieces(self.cursor + G - 1)
         n = len(self._len)
         self.last_step_ranges = [[e0 * n + int(first_row[0, 0]), e1 * n + int(last_row[-1, 0]) + 1]]

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from model.config import AUDIO_ID, IMAGE_ID, VIDEO_ID
+
 MEDIA_COLUMNS = ("images", "video", "audio")
 
 
@@ -112,7 +114,8 @@ def _normalise(obj, row: dict) -> str:
         v = obj.get(col)
         ok = v is None or isinstance(v, str) or (col != "audio" and isinstance(v, list) and all(isinstance(x, str) for x in v))
         if not ok:
-            return f"wrong type: column '{col}' must be {'a path' if col == 'audio' else 'a list of paths'}, got {type(v).__name__}"
+            want = "a path" if col == "audio" else "a list of paths"
+            return f"wrong type: column '{col}' must be {want}, got {type(v).__name__}"
         row[col] = v if col == "audio" else ([v] if isinstance(v, str) else (v or []))
     return ""
 
@@ -139,7 +142,7 @@ def load_source(src: Source, cache_dir: str | Path):
     if isinstance(ds, datasets.DatasetDict):
         raise ValueError(f"data source {src.path}: a DatasetDict; name one split's folder instead")
     if "text" not in ds.column_names:
-        raise ValueError(f"data source {src.path}: no 'text' column (columns: {', '.join(ds.column_names)}); see train/sources.py")
+        raise ValueError(f"data source {src.path}: no 'text' column (it has {', '.join(ds.column_names)}); see train/sources.py")
     return ds
 
 
@@ -204,6 +207,23 @@ def decode_audio(item, base: Path | None = None, sample_rate: int = 16000, min_s
     if len(x) < min_samples:
         raise ValueError(f"audio too short: {len(x)} samples, at least {min_samples} needed")
     return torch.from_numpy(x.astype(np.float32))
+
+
+def row_media(row: dict, ids: list[int], base: Path | None, cfg) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Decode a row's media in placeholder order: the k-th <|image|> is images[k], <|video|> the video."""
+    images, video, audio = row.get("images") or [], row.get("video") or [], row.get("audio")
+    if isinstance(images, (bytes, str)):
+        images = [images]
+    if not isinstance(images, list) or not isinstance(video, list):
+        raise ValueError("wrong type: 'images' and 'video' must be lists")
+    counts = [sum(t == x for t in ids) for x in (IMAGE_ID, VIDEO_ID, AUDIO_ID)]
+    if counts != [len(images), int(bool(video)), int(audio is not None)]:
+        raise ValueError(f"text has {counts[0]} <|image|>, {counts[1]} <|video|> and {counts[2]} <|audio|> placeholders but the "
+                         f"row has {len(images)} images, {int(bool(video))} video and {int(audio is not None)} audio")
+    mult, tp, frames = cfg.vision.patch_size * cfg.vision.merge, cfg.vision.temporal_patch, iter(images)
+    vision = [decode_frames([next(frames)] if t == IMAGE_ID else video, base, tp, mult) for t in ids if t in (IMAGE_ID, VIDEO_ID)]
+    sounds = [decode_audio(audio, base, cfg.audio.sample_rate, cfg.audio.n_fft // 2 + 1)] if audio is not None else []
+    return vision, sounds
 
 
 # ---- rejects -----------------------------------------------------------------------------------
