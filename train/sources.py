@@ -217,9 +217,9 @@ def row_media(row: dict, ids: list[int], base: Path | None, cfg) -> tuple[list[t
     if not isinstance(images, list) or not isinstance(video, list):
         raise ValueError("wrong type: 'images' and 'video' must be lists")
     counts = [sum(t == x for t in ids) for x in (IMAGE_ID, VIDEO_ID, AUDIO_ID)]
-    if counts != [len(images), int(bool(video)), int(audio is not None)]:
-        raise ValueError(f"text has {counts[0]} <|image|>, {counts[1]} <|video|> and {counts[2]} <|audio|> placeholders but the "
-                         f"row has {len(images)} images, {int(bool(video))} video and {int(audio is not None)} audio")
+    if counts != [len(images), int(bool(video)), int(audio is not None)]:  # same wording as data.expand_media
+        raise ValueError(f"text has {counts[0] + counts[1]} image/video and {counts[2]} audio placeholders but the row has "
+                         f"{len(images) + bool(video)} vision and {int(audio is not None)} audio items")
     mult, tp, frames = cfg.vision.patch_size * cfg.vision.merge, cfg.vision.temporal_patch, iter(images)
     vision = [decode_frames([next(frames)] if t == IMAGE_ID else video, base, tp, mult) for t in ids if t in (IMAGE_ID, VIDEO_ID)]
     sounds = [decode_audio(audio, base, cfg.audio.sample_rate, cfg.audio.n_fft // 2 + 1)] if audio is not None else []
