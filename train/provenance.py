@@ -1,0 +1,322 @@
+"""The provenance recorder: what a run writes into every checkpoint so that a third party can check its origin.
+
+A checkpoint's `provenance.json` holds: run identity; resolved run and model configs with their digests; code
+version (git commit + digest of any uncommitted diff); environment (python, the dependency closure's packages with
+versions and licences, hardware, world size, nodes); the init record; the lineage chain from init to this step;
+current weight digests; tokenizer and data-manifest digests; the tripwire log; and the digest of every other file.
+Beside it, `slsa_provenance.json` says the same in the ecosystem's shape (in-toto Statement, SLSA Provenance v1).
+
+Notable choices:
+- The init record is computed from the REAL step-0 tensors handed over after `deepspeed.initialize` (gathered under
+  ZeRO-3), and compared at once with a rebuild from (config, seed): a custom init that silently did not run
+  (DeepSpeed #2650) fails the run here instead of being certified. A difference is allowed only for components
+  the tripwire saw loaded from declared foreign weights, and those are certified "derived".
+- The lineage is a hash chain of links, one per checkpoint: steps, per-step data index ranges and learning rates,
+  optimizer settings, per-component update sizes, weight digests every K steps, the component roots at the end and
+  the digest of the checkpoint's file list. Each link names its parent's digest (link 0 names the init record), and
+  every checkpoint carries the whole chain, so pruning old checkpoints never breaks verification.
+- Update sizes are measured against the previous checkpoint's weights kept on the CPU of rank 0 (one fp32 copy):
+  a borrowed component that stayed frozen shows an update of exactly zero.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import time
+import uuid
+from importlib import metadata
+from pathlib import Path
+
+import blake3
+import torch
+from safetensors import safe_open
+
+from model import INIT_SCHEME, OmniModel, init_tensor
+from model.components import COMPONENTS, component_of
+from train.digest import DTYPES, component_roots, digest_bytes, folder_files, hash_files, safetensors_digests, tensor_digests
+
+SCHEMA = "omniscratch.provenance/v1"
+RECORD, SLSA, SIGNATURE, DATA_MANIFEST = "provenance.json", "slsa_provenance.json", "model.sig", "data_manifest.json"
+UNHASHED = {RECORD, SIGNATURE}  # the record cannot hash itself; the signature is made after it
+ROOTS = ("torch", "deepspeed", "tokenizers", "datasets", "safetensors", "wandb", "model-signing", "numpy", "pillow",
+         "pyyaml", "matplotlib", "tqdm", "scipy")  # pyproject's runtime dependencies, when omniscratch is not installed
+
+
+def canonical(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def digest_of(obj) -> str:
+    return blake3.blake3(canonical(obj)).hexdigest()
+
+
+def init_digest(init: dict) -> str:
+    return "init:" + digest_of({k: init[k] for k in ("seed", "scheme", "tensors")})
+
+
+# ---- environment ----------------------------------------------------------------------------------------------------
+
+def code_version(root: Path) -> dict:
+    """Git commit of the code and a digest of the uncommitted diff (tracked files), or None outside a repository."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, check=True).stdout
+    try:
+        commit = git("rev-parse", "HEAD").decode().strip()
+        diff = git("diff", "HEAD", "--binary")
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return {"commit": None, "dirty": None, "diff_digest": None}
+    return {"commit": commit, "dirty": bool(diff), "diff_digest": hashlib.sha256(diff).hexdigest() if diff else None}
+
+
+def _licence(dist: metadata.Distribution) -> str:
+    md = dist.metadata
+    expr = md.get("License-Expression")
+    if expr:
+        return expr.strip()
+    classifiers = [c.split("::")[-1].strip() for c in md.get_all("Classifier") or [] if c.startswith("License ::")]
+    if classifiers:
+        return " OR ".join(classifiers)
+    text = (md.get("License") or "").strip()
+    return text.splitlines()[0][:80] if text and text.upper() != "UNKNOWN" else "UNKNOWN"
+
+
+def packages() -> list[dict]:
+    """Name, version and licence of every package in the runtime dependency closure, sorted by name."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    try:
+        roots = [Requirement(r).name for r in metadata.requires("omniscratch") or [] if "extra ==" not in r]
+    except metadata.PackageNotFoundError:
+        roots = list(ROOTS)
+    seen: dict[str, dict] = {}
+    todo = list(roots)
+    while todo:
+        name = canonicalize_name(todo.pop())
+        if name in seen:
+            continue
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        seen[name] = {"name": name, "version": dist.version, "licence": _licence(dist)}
+        for r in dist.requires or []:
+            req = Requirement(r)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    return [seen[k] for k in sorted(seen)]
+
+
+def environment(world_size: int, nodes: int) -> dict:
+    hw = {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+          "cpu_count": os.cpu_count(), "accelerators": []}
+    if torch.cuda.is_available():
+        hw["accelerators"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
+            "packages": packages(), "hardware": hw, "world_size": world_size, "nodes": nodes}
+
+
+# ---- step 0 ---------------------------------------------------------------------------------------------------------
+
+def rebuild_init(model_cfg, seed: int, dtypes: dict[str, str] | None = None) -> dict[str, dict]:
+    """Digests of the step-0 parameters rebuilt from (config, seed), each cast to `dtypes[name]` (default fp32)."""
+    by_code = {v: k for k, v in DTYPES.items()}
+    # Names and shapes come from the model code itself, not from the record being checked. (A meta-device skeleton
+    # would allocate nothing but imports torch._dynamo, ~7 s; a CPU skeleton costs one model's memory.)
+    shapes = [(n, p.shape) for n, p in OmniModel(model_cfg).named_parameters()]
+    def tensors():
+        for name, shape in shapes:
+            t = init_tensor(name, shape, seed, model_cfg)
+            yield name, t.to(by_code[dtypes[name]]) if dtypes and name in dtypes else t
+    return tensor_digests(tensors())
+
+
+def _differing_components(a: dict[str, dict], b: dict[str, dict]) -> dict[str, list[str]]:
+    """component -> names of tensors that differ (or exist on one side only)."""
+    out: dict[str, list[str]] = {}
+    for name in sorted(set(a) | set(b)):
+        if a.get(name) != b.get(name):
+            out.setdefault(component_of(name), []).append(name)
+    return {c: out[c] for c in COMPONENTS if c in out}
+
+
+# ---- the recorder ---------------------------------------------------------------------------------------------------
+
+class Recorder:
+    """Collects the run's provenance; see docs/CONTRACTS.md for when the trainer calls each method."""
+
+    def __init__(self, run_dir, *, run_config: dict, model_cfg, seed: int, rank: int = 0, world_size: int = 1,
+                 nodes: int = 1, tokenizer_path, data_manifest_path=None, tripwire=None, weights_every: int = 100,
+                 resume_from=None, code_root: Path | None = None):
+        self.rank, self.seed, self.model_cfg, self.tripwire = rank, seed, model_cfg, tripwire
+        self.weights_every = weights_every
+        self.run_config = run_config
+        self.tokenizer_path = Path(tokenizer_path)
+        self.data_manifest_path = Path(data_manifest_path) if data_manifest_path else None
+        self._steps: list = []
+        self._weights_log: list[dict] = []
+        self._prev: dict[str, torch.Tensor] | None = None
+        if rank != 0:
+            return
+        self.started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.code = code_version(code_root or Path(__file__).resolve().parents[1])
+        self.env = environment(world_size, nodes)
+        self.tokenizer_digest = digest_bytes(self.tokenizer_path.read_bytes())
+        self.data_digest = digest_bytes(self.data_manifest_path.read_bytes()) if self.data_manifest_path else None
+        self.chain: list[dict] = []
+        self.init: dict | None = None
+        self.run = {"id": uuid.uuid4().hex, "name": Path(run_dir).name, "started": self.started}
+        if resume_from is not None:
+            self._resume(Path(resume_from))
+
+    def _resume(self, folder: Path) -> None:
+        parent = json.loads((folder / RECORD).read_text())
+        if parent.get("schema") != SCHEMA:
+            raise ValueError(f"{folder / RECORD}: not an omniscratch provenance record (schema {parent.get('schema')!r})")
+        self.run, self.init, self.chain = parent["run"], parent["init"], parent["chain"]
+        if parent["tokenizer"]["digest"] != self.tokenizer_digest:
+            raise ValueError(f"{self.tokenizer_path}: differs from the tokenizer of the run being resumed ({folder})")
+        self._prev = self._read_weights(folder)
+
+    def _read_weights(self, folder: Path) -> dict[str, torch.Tensor]:
+        allow = self.tripwire.allowing(folder) if self.tripwire is not None else _nothing()
+        with allow, safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+            return {k: f.get_tensor(k).float() for k in f.keys()}
+
+    def record_init(self, named_tensors) -> None:
+        """The real step-0 tensors (after deepspeed.initialize; gathered); every rank iterates, rank 0 records."""
+        if self.rank != 0:
+            for _ in named_tensors:
+                pass
+            return
+        kept = {n: t.detach().to("cpu", copy=True) for n, t in named_tensors}
+        real = tensor_digests(kept.items())
+        rebuilt = rebuild_init(self.model_cfg, self.seed, {n: d["dtype"] for n, d in real.items()})
+        differ = _differing_components(real, rebuilt)
+        declared = self.tripwire.derived if self.tripwire is not None else {}
+        undeclared = [c for c in differ if c not in declared]
+        if undeclared:
+            c = undeclared[0]
+            raise RuntimeError(
+                f"init record: the step-0 tensors of component '{c}' (e.g. {differ[c][0]}) differ from a rebuild "
+                f"from config and seed {self.seed} ({INIT_SCHEME}); the init did not run as declared (under ZeRO-3 "
+                f"fill parameters inside GatheredParameters), or foreign weights got in without the tripwire")
+        self.init = {"seed": self.seed, "scheme": INIT_SCHEME, "tensors": real, "components": component_roots(real),
+                     "derived": {c: declared[c] for c in differ}}
+        self._prev = {n: t.float() for n, t in kept.items()}
+
+    def record_step(self, step: int, sample_ranges, lr: float) -> None:
+        if self.rank == 0:
+            self._steps.append([int(step), [[int(a), int(b)] for a, b in sample_ranges], float(lr)])
+
+    def record_weights(self, step: int, named_tensors) -> None:
+        if self.rank != 0:
+            for _ in named_tensors:
+                pass
+            return
+        roots = component_roots(tensor_digests(named_tensors))
+        self._weights_log.append({"step": int(step), "components": {c: r["root"] for c, r in roots.items()}})
+
+    def checkpoint_record(self, folder, step: int, optimizer: dict) -> dict:
+        """Rank 0, after every other file of `folder` is written: the provenance.json content (see module doc)."""
+        assert self.rank == 0 and self.init is not None, "record_init (or resume_from) must come before a checkpoint"
+        folder = Path(folder)
+        tok = digest_bytes((folder / "tokenizer.json").read_bytes())
+        if tok != self.tokenizer_digest:
+            raise ValueError(f"{folder / 'tokenizer.json'}: differs from the run's tokenizer {self.tokenizer_path}")
+        if self.data_manifest_path is not None:
+            shutil.copyfile(self.data_manifest_path, folder / DATA_MANIFEST)
+            if digest_bytes((folder / DATA_MANIFEST).read_bytes()) != self.data_digest:
+                raise ValueError(f"{self.data_manifest_path}: changed while the run was alive")
+        tensors = safetensors_digests(folder / "model.safetensors")
+        roots = component_roots(tensors)
+        current = self._read_weights(folder)
+        update = update_sizes(self._prev, current)
+        self._prev = current
+        start = self.chain[-1]["end_step"] if self.chain else 0
+        link = {"parent": digest_of(self.chain[-1]) if self.chain else init_digest(self.init),
+                "start_step": start, "end_step": int(step), "steps": self._steps, "optimizer": optimizer,
+                "world_size": self.env["world_size"], "update": update, "weights_log": self._weights_log,
+                "weights": {c: r["root"] for c, r in roots.items()}}
+        derived = dict(self.init["derived"])
+        if self.tripwire is not None:
+            for c, paths in self.tripwire.derived.items():
+                derived.setdefault(c, paths)
+        names = folder_files(folder, exclude=UNHASHED | {SLSA})
+        files = hash_files(folder, names)
+        write_slsa(folder / SLSA, self, files, derived)
+        files[SLSA] = hash_files(folder, [SLSA])[SLSA]
+        link["files"] = digest_of(files)
+        chain = self.chain + [link]
+        record = {
+            "schema": SCHEMA, "run": self.run, "step": int(step),
+            "config": {"run": self.run_config, "run_digest": digest_of(self.run_config),
+                       "model": self.model_cfg.to_dict(), "model_digest": digest_of(self.model_cfg.to_dict())},
+            "code": self.code, "environment": self.env, "init": self.init, "chain": chain,
+            "tensors": tensors, "weights": roots,
+            "tokenizer": {"file": "tokenizer.json", "digest": self.tokenizer_digest},
+            "data": {"manifest": DATA_MANIFEST if self.data_digest else None, "digest": self.data_digest},
+            "tripwire": self.tripwire.to_dict() if self.tripwire is not None else {"events": [], "derived": {}},
+            "claim": "derived" if derived else "from_scratch", "derived": derived,
+            "files": {"algorithm": "blake3", "digests": files},
+        }
+        self.chain, self._steps, self._weights_log = chain, [], []
+        return record
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+def update_sizes(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """Per component: L2 norm of (after - before) and that norm relative to the norm of `before`."""
+    sq = {c: [0.0, 0.0] for c in COMPONENTS}
+    for name, a in after.items():
+        b = before.get(name)
+        if b is None or b.shape != a.shape:
+            raise ValueError(f"tensor '{name}' has no counterpart of the same shape in the previous weights")
+        sq[component_of(name)][0] += float((a.float() - b.float()).pow(2).sum())
+        sq[component_of(name)][1] += float(b.float().pow(2).sum())
+    return {c: {"norm": d ** 0.5, "relative": (d / w) ** 0.5 if w else 0.0} for c, (d, w) in sq.items() if w or d}
+
+
+def write_slsa(path: Path, rec: Recorder, files: dict[str, str], derived: dict) -> None:
+    """An in-toto Statement with a SLSA Provenance v1 predicate (https://slsa.dev/spec/v1.0/provenance)."""
+    deps = [{"uri": f"git+omniscratch@{rec.code['commit']}", "digest": {"gitCommit": rec.code["commit"]},
+             "annotations": {"uncommittedDiffSha256": rec.code["diff_digest"]}}] if rec.code["commit"] else []
+    deps.append({"name": "tokenizer.json", "digest": {"blake3": rec.tokenizer_digest}})
+    if rec.data_digest:
+        deps.append({"name": DATA_MANIFEST, "digest": {"blake3": rec.data_digest}})
+        manifest = json.loads(rec.data_manifest_path.read_text())
+        for shards in (manifest.get("splits") or {}).values():
+            deps += [{"name": s["file"], "digest": {"sha256": s["sha256"]}} for s in shards if "sha256" in s]
+    deps += [{"name": "pretrained-weights:" + p, "annotations": {"component": c}} for c, ps in derived.items() for p in ps]
+    statement = {
+        "_type": "https://in-toto.io/Statement/v1",
+        "subject": [{"name": "model.safetensors", "digest": {"blake3": files["model.safetensors"]}}],
+        "predicateType": "https://slsa.dev/provenance/v1",
+        "predicate": {
+            "buildDefinition": {
+                "buildType": "https://github.com/omniscratch/omniscratch/pretrain@v1",
+                "externalParameters": {"config": rec.run_config, "seed": rec.seed,
+                                       "dataManifestDigest": {"blake3": rec.data_digest},
+                                       "pretrainedWeights": sorted({p for ps in derived.values() for p in ps})},
+                "internalParameters": {"initScheme": INIT_SCHEME, "worldSize": rec.env["world_size"],
+                                       "nodes": rec.env["nodes"]},
+                "resolvedDependencies": deps,
+            },
+            "runDetails": {"builder": {"id": "https://github.com/omniscratch/omniscratch/train"},
+                           "metadata": {"invocationId": rec.run["id"], "startedOn": rec.started,
+                                        "finishedOn": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}},
+        },
+    }
+    path.write_text(json.dumps(statement, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,138 @@
+"""Signing checkpoint folders with OpenSSF model-signing (key-based, offline): `omniscratch keys`.
+
+    omniscratch keys init --out keys/            # keys/signing.key (private, 0600) + keys/signing.pub
+    omniscratch keys sign CKPT --key keys/signing.key
+
+The signature `CKPT/model.sig` is model-signing's standard bundle: a DSSE envelope over an in-toto statement whose
+resources are (relative path, digest) for every file of the folder, so `model_signing verify key` accepts it too.
+
+Notable choices:
+- BLAKE3 file digests (model-signing's `hash_type: blake3`): the same digests our certificate records, so the
+  verifier hashes each file once for both checks.
+- The signature file is the one path left out of the signed manifest (it cannot sign itself); it is written next to
+  the folder first and moved in with `os.replace`, so a crash never leaves a half-written signature.
+- Verification uses model-signing's verifier for the cryptography and the manifest's own consistency (root digest
+  over the resources), then compares files itself so that every difference names the file and the reason, and a
+  resource path that is absolute or leaves the folder is rejected before anything is opened.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+import types
+from pathlib import Path
+
+
+def _placeholder_openssl() -> None:
+    """model-signing 1.1.1 imports pyOpenSSL when the package is imported, for certificate-chain signing only (which
+    we do not use), without declaring the dependency; where it is absent, the key-based API we use would not import.
+    Register a module that fails loudly if certificate signing is ever reached. Remove once pyOpenSSL is installed."""
+    try:
+        import OpenSSL  # noqa: F401
+    except ModuleNotFoundError:
+        def missing(name):
+            raise AttributeError(f"OpenSSL.crypto.{name}: certificate signing needs pyOpenSSL (pip install pyOpenSSL)")
+        crypto = types.ModuleType("OpenSSL.crypto")
+        crypto.__getattr__ = missing
+        pkg = types.ModuleType("OpenSSL")
+        pkg.crypto = crypto
+        sys.modules.update({"OpenSSL": pkg, "OpenSSL.crypto": crypto})
+
+
+_placeholder_openssl()
+from model_signing import hashing, signing  # noqa: E402
+from model_signing._signing import sign_ec_key, sign_sigstore_pb  # noqa: E402
+
+from train.digest import ALGORITHM, safe_path  # noqa: E402
+
+SIGNATURE = "model.sig"
+PRIVATE, PUBLIC = "signing.key", "signing.pub"
+
+
+def hashing_config() -> hashing.Config:
+    return (hashing.Config().use_file_serialization(hashing_algorithm=ALGORITHM)
+            .set_ignored_paths(paths=[SIGNATURE], ignore_git_paths=False))
+
+
+def init_keys(out: Path, force: bool = False) -> tuple[Path, Path]:
+    """A new ECDSA P-256 key pair (model-signing's supported curves) as PEM files; refuses to overwrite."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    out = Path(out)
+    priv, pub = out / PRIVATE, out / PUBLIC
+    if not force and (priv.exists() or pub.exists()):
+        raise FileExistsError(f"{priv if priv.exists() else pub} exists; pass --force to replace the key pair")
+    out.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    fd = os.open(priv, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+    return priv, pub
+
+
+def sign_checkpoint(folder, private_key, password: str | None = None) -> Path:
+    """Sign every file of `folder` (except the signature) into `folder/model.sig`; returns its path."""
+    folder = Path(folder)
+    tmp = folder.parent / f".{folder.name}.sig.tmp"
+    (signing.Config().use_elliptic_key_signer(private_key=Path(private_key), password=password)
+     .set_hashing_config(hashing_config()).sign(folder, tmp))
+    os.replace(tmp, folder / SIGNATURE)
+    return folder / SIGNATURE
+
+
+def signed_manifest(folder, public_key) -> dict[str, str]:
+    """Check `folder/model.sig` with the public key; return the signed {relative path: digest}, in signed order.
+
+    Raises ValueError naming the reason: no signature, another key, a forged or corrupt bundle, an inconsistent
+    manifest, an unexpected hash algorithm, or a path outside the folder.
+    """
+    folder = Path(folder)
+    sig_path = folder / SIGNATURE
+    if not sig_path.is_file():
+        raise ValueError(f"{sig_path}: no signature (sign with `omniscratch keys sign {folder} --key KEY`)")
+    try:
+        bundle = sign_sigstore_pb.Signature.read(pathlib.Path(sig_path))
+        manifest = sign_ec_key.Verifier(pathlib.Path(public_key)).verify(bundle)
+    except Exception as e:  # cryptography raises InvalidSignature (no message); protobuf and json their own types
+        reason = str(e) or type(e).__name__
+        raise ValueError(f"{sig_path}: signature does not verify with {public_key}: {reason}") from None
+    hash_type = manifest.serialization_type.get("hash_type")
+    if manifest.serialization_type.get("method") != "files" or hash_type != ALGORITHM:
+        raise ValueError(f"{sig_path}: signed as {manifest.serialization_type}; expected per-file {ALGORITHM} digests")
+    out: dict[str, str] = {}
+    for rd in manifest.resource_descriptors():
+        safe_path(folder, rd.identifier)  # raises on '..', absolute paths, escapes through links
+        out[rd.identifier] = rd.digest.digest_hex
+    return out
+
+
+# ---- CLI ------------------------------------------------------------------------------------------------------------
+
+def add_arguments(parser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True)
+    init = sub.add_parser("init", help="create a signing key pair (ECDSA P-256, PEM)")
+    init.add_argument("--out", default="keys", help="folder for signing.key and signing.pub (default: keys/)")
+    init.add_argument("--force", action="store_true", help="replace an existing key pair")
+    sign = sub.add_parser("sign", help="sign a checkpoint folder (writes CKPT/model.sig)")
+    sign.add_argument("checkpoint")
+    sign.add_argument("--key", required=True, help="private key (PEM)")
+
+
+def main(args) -> int:
+    if args.action == "init":
+        try:
+            priv, pub = init_keys(Path(args.out), args.force)
+        except FileExistsError as e:
+            print(f"omniscratch keys: {e}")
+            return 1
+        print(f"private key: {priv} (keep it secret)\npublic key:  {pub} (give it to verifiers)")
+        return 0
+    path = sign_checkpoint(Path(args.checkpoint), Path(args.key))
+    print(f"signed: {path}")
+    return 0
