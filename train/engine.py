@@ -184,25 +184,27 @@ def initialize(model: OmniModel, ds: dict, *, lr: float, betas: tuple[float, flo
 def master_dtypes(engine) -> dict[str, torch.dtype]:
     """Dtypes that training numerics depend on: module weights, master weights, gradient accumulation."""
     opt = engine.optimizer
-    master = opt.param_groups[0]["params"][0].dtype
-    if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3
-        master = opt.fp32_partitioned_groups_flat[0].dtype
-    elif hasattr(opt, "single_partition_of_fp32_groups"):  # ZeRO-1/2
-        master = opt.single_partition_of_fp32_groups[0].dtype
-    elif hasattr(opt, "fp32_groups_flat_partition"):  # BF16_Optimizer
-        master = opt.fp32_groups_flat_partition[0].dtype
+    for attr in ("fp32_partitioned_groups_flat",  # ZeRO-3
+                 "single_partition_of_fp32_groups",  # ZeRO-1/2
+                 "fp32_groups_flat_partition"):  # BF16_Optimizer (bf16 + ZeRO-1)
+        if getattr(opt, attr, None):
+            master = getattr(opt, attr)[0].dtype
+            break
+    else:  # no ZeRO wrapper: the optimizer updates the module's own weights
+        master = next(engine.module.parameters()).dtype
     accum = getattr(opt, "gradient_accumulation_dtype", None) or engine.get_data_types()[1]
     return {"module": next(engine.module.parameters()).dtype, "master": master, "grad_accum": accum}
 
 
-def named_fp32_tensors(engine):
-    """Yield (name, full fp32 master weight) on every rank, one parameter at a time. Collective: every rank must
-    iterate to the end. ZeRO-1/2/3 and the bf16 optimizer keep fp32 masters apart from the module weights."""
+def named_fp32_tensors(engine, dtype: torch.dtype = torch.float32):
+    """Yield (name, full fp32 master weight, cast to `dtype`) on every rank, one parameter at a time. Collective:
+    every rank must iterate to the end. ZeRO-1/2/3 and the bf16 optimizer keep fp32 masters apart from the module
+    weights; with bf16 the masters are made from the bf16 module weights, so casting them back gives those."""
     for name, p in engine.module.named_parameters():
         full = safe_get_full_fp32_param(p)
         if full is None:  # no ZeRO, fp32: the module weight is the master
             full = p.detach()
-        yield name, full.detach().float().cpu()
+        yield name, full.detach().float().cpu().to(dtype)
 
 
 def gather_fp32_state_dict(engine) -> dict[str, torch.Tensor]:

@@ -173,7 +173,8 @@ def _train(cfg, d, log, stop, resume, resume_from) -> str:
                        data_manifest_path=data_dir / "manifest.json" if (data_dir / "manifest.json").is_file() else None,
                        tripwire=tripwire, weights_every=cfg.checkpoint.every, resume_from=start)
         if start is None:
-            rec.record_init(eng.named_fp32_tensors(engine))  # the REAL step-0 tensors, compared with a rebuild
+            # the REAL step-0 tensors in the dtype the model trains in, compared with a rebuild from (config, seed)
+            rec.record_init(eng.named_fp32_tensors(engine, eng.master_dtypes(engine)["module"]))
 
         # ---- RNG: every rank its own stream, restored exactly on resume --------------------------------------------
         if start is None:

@@ -1,0 +1,1 @@
+"""Helpers for multi-process training tests (real processes, gloo, the real DeepSpeed engine)."""
