@@ -29,12 +29,11 @@ import torch
 
 from model.config import BOS_ID, EOS_ID, IGNORE_INDEX, PAD_ID, SPECIAL_TOKENS, ModelConfig, from_dict
 from model.media import audio_tokens, vision_tokens
-from train.sources import Source, check_rejects, load_source, manifest_entry, row_media, write_rejects
+from train.sources import MEDIA_COLUMNS, Source, check_rejects, load_source, manifest_entry, row_media, write_rejects
 
 PIPELINE_VERSION = "1"  # part of the tokenisation cache key: bump when the tokenised form changes
 IMAGE, VIDEO, AUDIO = (SPECIAL_TOKENS.index(f"<|{k}|>") for k in ("image", "video", "audio"))
 START = {t: SPECIAL_TOKENS.index(f"<|{k}_start|>") for t, k in ((IMAGE, "image"), (VIDEO, "video"), (AUDIO, "audio"))}
-MEDIA_IDS = np.arange(IMAGE, len(SPECIAL_TOKENS))  # placeholders and markers: no text loss
 MODALITY = {START[IMAGE]: 1, START[VIDEO]: 2, START[AUDIO]: 3}  # 0 = text
 PLACEHOLDER = {v: k for k, v in START.items()}  # start marker -> its placeholder
 
@@ -159,24 +158,23 @@ class TrainLoader:
             offsets, values = col.offsets.to_numpy(), col.values.to_numpy()
             length, modality = np.diff(offsets), tok.data.column("modality").to_numpy()
             reasons = tok.data.column("reject").to_pylist()
-            too_long = (modality > 0) & (length > seq_len)
-            for row in np.flatnonzero(np.array([bool(r) for r in reasons], bool) | too_long):
-                reason = reasons[row] or f"document of {length[row]} tokens with media does not fit seq_len={seq_len}"
-                rejects.append({"source": entry["path"], "row": int(row), "reason": reason})
-            ok = np.flatnonzero(np.array([not r for r in reasons], bool) & ~too_long)
+            bad = np.array([bool(r) for r in reasons], bool) | ((modality > 0) & (length > seq_len))
+            too_long = f"tokens with media do not fit seq_len={seq_len}"
+            rejects += [{"source": entry["path"], "row": int(r), "reason": reasons[r] or f"{length[r]} {too_long}"}
+                        for r in np.flatnonzero(bad)]
+            ok = np.flatnonzero(~bad)
             entry["rows"], entry["rejected"] = len(reasons), len(reasons) - len(ok)
             total += len(reasons)
-            self.raw.append(raw), self.entries.append(entry), tokens.append((offsets, values, modality))
+            self.raw.append(raw.select_columns([c for c in raw.column_names if c in MEDIA_COLUMNS]))
+            self.entries.append(entry), tokens.append((offsets, values, modality))
             self.bases.append(Path(src.path) if Path(src.path).is_dir() else Path(src.path).parent)
             doc_src.append(np.full(len(ok), si)), doc_row.append(ok), lens.append(length[ok])
-        self.rejects_path = Path(rejects_path) if rejects_path else cache_dir / "rejects.jsonl"
-        if rank == 0:
+        self.rejects, self.rejects_path = rejects, Path(rejects_path) if rejects_path else cache_dir / "rejects.jsonl"
+        if rank == 0:  # one writer; every rank checks the limit below
             self.rejects_path.unlink(missing_ok=True)
             write_rejects(self.rejects_path, rejects)
-        self.rejects = rejects
         check_rejects(rejects, total, max_reject_fraction, self.rejects_path)
-        self._tokens, self._src, self._row = tokens, np.concatenate(doc_src), np.concatenate(doc_row)
-        self._len = np.concatenate(lens)
+        self._tokens, (self._src, self._row, self._len) = tokens, (np.concatenate(x) for x in (doc_src, doc_row, lens))
         if len(self._len) == 0:
             raise ValueError(f"no usable samples in {', '.join(s.path for s in self.sources)}")
         self.cursor, self.last_step_ranges, self._epochs, self._epoch_rows = 0, [], {}, []
@@ -230,11 +228,9 @@ class TrainLoader:
 
     def _batch(self, rows: range) -> Batch:
         T, n = self.seq_len, len(self._len)
-        B = len(rows)
-        ids = torch.full((B, T), PAD_ID, dtype=torch.long)
-        labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
-        pos, doc, mod = (torch.zeros((B, T), dtype=torch.long) for _ in range(3))
-        pixels, sounds, samples = [], [], []
+        ids = torch.full((len(rows), T), PAD_ID, dtype=torch.long)
+        pos, doc, mod = (torch.zeros((len(rows), T), dtype=torch.long) for _ in range(3))
+        media, samples = [], []  # (doc, its tokens) of documents with media, in row-major order
         for b, g in enumerate(rows):
             epoch, pieces = self._row_pieces(g)
             t = 0
@@ -243,46 +239,50 @@ class TrainLoader:
                 seg = torch.from_numpy(values[offsets[self._row[d]] + off:][:m].astype(np.int64))
                 ids[b, t:t + m], pos[b, t:t + m], doc[b, t:t + m] = seg, torch.arange(m), j
                 mod[b, t:t + m] = int(modality[self._row[d]])
-                lab = seg.clone()
-                lab[0] = IGNORE_INDEX  # the first token is never a target: it would be predicted from the previous doc
-                lab[torch.from_numpy(np.isin(seg.numpy(), MEDIA_IDS))] = IGNORE_INDEX
-                labels[b, t:t + m] = lab
                 if modality[self._row[d]]:
-                    v, a = self._media(d, seg.tolist())
-                    pixels += v
-                    sounds += a
+                    media.append((d, seg.tolist()))
                 samples.append(epoch * n + k)
                 t += m
             doc[b, t:], pos[b, t:] = len(pieces), torch.arange(T - t)
+        labels = ids.clone()
+        # no loss on padding and media, nor on a document's first token (it would be predicted from the previous doc)
+        labels[(ids == PAD_ID) | ((ids >= IMAGE) & (ids < len(SPECIAL_TOKENS))) | (pos == 0)] = IGNORE_INDEX
+        pixels, sounds = self._media(media)
         return Batch(ids, labels, pos, doc, mod, pixels, sounds, sorted(set(samples)))
 
-    def _media(self, d: int, seq: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Decode document d's media and check each item fills exactly its placeholder run."""
-        si, row = int(self._src[d]), int(self._row[d])
-        runs = []  # [placeholder, count] per item, in order of appearance
-        for t in seq:
-            if t in PLACEHOLDER:
-                runs.append([PLACEHOLDER[t], 0])
-            elif t in (IMAGE, VIDEO, AUDIO):
-                runs[-1][1] += 1
-        vision, sounds = row_media(self.raw[si][row], [p for p, _ in runs], self.bases[si], self.cfg)
-        want = [vision_tokens(v.shape[0], v.shape[2], v.shape[3], self.cfg.vision) for v in vision]
-        want += [audio_tokens(len(a), self.cfg.audio) for a in sounds]
-        got = [n for p, n in runs if p != AUDIO] + [n for p, n in runs if p == AUDIO]
-        if got != want:
-            raise ValueError(f"{self.entries[si]['path']} row {row}: placeholder runs {got} do not match media tokens {want}; "
-                             f"the tokenisation cache is stale: delete it")
-        return vision, sounds
+    def _media(self, docs: list[tuple[int, list[int]]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Decode the documents' media in order, checking that each item fills exactly its placeholder run."""
+        raw = {}  # one columnar read per source: row-by-row reads cost more than decoding
+        for si in {int(self._src[d]) for d, _ in docs}:
+            want = sorted({int(self._row[d]) for d, _ in docs if self._src[d] == si})
+            cols = self.raw[si][want]
+            raw.update({(si, r): {c: v[i] for c, v in cols.items()} for i, r in enumerate(want)})
+        pixels, sounds = [], []
+        for d, seq in docs:
+            si, row = int(self._src[d]), int(self._row[d])
+            runs = []  # [placeholder, count] per item, in order of appearance
+            for t in seq:
+                if t in PLACEHOLDER:
+                    runs.append([PLACEHOLDER[t], 0])
+                elif t in (IMAGE, VIDEO, AUDIO):
+                    runs[-1][1] += 1
+            vision, audio = row_media(raw[si, row], [p for p, _ in runs], self.bases[si], self.cfg)
+            want = [vision_tokens(v.shape[0], v.shape[2], v.shape[3], self.cfg.vision) for v in vision]
+            want += [audio_tokens(len(a), self.cfg.audio) for a in audio]
+            got = [n for p, n in runs if p != AUDIO] + [n for p, n in runs if p == AUDIO]
+            if got != want:
+                raise ValueError(f"{self.entries[si]['path']} row {row}: placeholder runs {got} do not match media tokens "
+                                 f"{want}; the tokenisation cache is stale: delete it")
+            pixels += vision
+            sounds += audio
+        return pixels, sounds
 
     def next_step(self) -> list[Batch]:
         """The grad_accum micro-batches of this rank for the next optimizer step; advances the global cursor."""
-        per_rank = self.micro_batch * self.grad_accum
-        G = per_rank * self.world_size
-        first = self.cursor + self.rank * per_rank
-        mb = self.micro_batch
+        mb, G = self.micro_batch, self.micro_batch * self.grad_accum * self.world_size
+        first = self.cursor + self.rank * mb * self.grad_accum  # this rank's contiguous share of the step's G rows
         out = [self._batch(range(first + j * mb, first + (j + 1) * mb)) for j in range(self.grad_accum)]
-        (e0, first_row), (e1, last_row) = self._row_pieces(self.cursor), self._row_pieces(self.cursor + G - 1)
-        n = len(self._len)
+        (e0, first_row), (e1, last_row), n = self._row_pieces(self.cursor), self._row_pieces(self.cursor + G - 1), len(self._len)
         self.last_step_ranges = [[e0 * n + int(first_row[0, 0]), e1 * n + int(last_row[-1, 0]) + 1]]
         self.cursor += G
         return out
