@@ -140,12 +140,31 @@ def test_multiprocess_tokenisation_equals_single_process(corpus, tmp_path):
     b = TrainLoader(corpus["dir"], corpus["tok"], CFG, SEQ, 2, 2, cache_dir=tmp_path / "c2", num_proc=2).next_step()
     da, db = _dump(a), _dump(b)
     assert da.keys() == db.keys() and all(torch.equal(da[k], db[k]) for k in da)
+    assert len(list((tmp_path / "c2").glob("tokenized-*_of_00002.arrow"))) == 2  # the cached tokenisation, 2 workers
 
 
-def test_resume_refuses_other_seq_len(corpus):
+def test_resume_refuses_another_seq_len_or_tokenizer(corpus):
     sd = loader(corpus).state_dict()
     with pytest.raises(ValueError, match="seq_len"):
         loader(corpus, seq_len=SEQ * 2).load_state_dict(sd)
+    with pytest.raises(ValueError, match="tokenizer"):
+        loader(corpus).load_state_dict({**sd, "tokenizer": "0" * 64})
+
+
+def test_sample_ids_name_the_source_rows_that_trained(corpus):
+    import pyarrow.parquet as pq
+
+    from tokenizer.bpe import load_tokenizer
+
+    L, tok = loader(corpus, micro_batch=1, grad_accum=1), load_tokenizer(corpus["tok"])
+    rows = pq.ParquetDataset(sorted((corpus["dir"] / "train").glob("*.parquet"))).read(columns=["text"])["text"].to_pylist()
+    b = L.next_step()[0]
+    assert b.sample_ids == list(range(*L.last_step_ranges[0]))
+    for j, sample in enumerate(b.sample_ids):  # documents of a row are consecutive samples
+        src = L.sample_source(sample)
+        assert src["source"] == "corpus" and src["epoch"] == 0
+        in_batch = [t for t in b.input_ids[0, b.doc_ids[0] == j].tolist() if t >= len(SPECIAL_TOKENS)]
+        assert in_batch == [t for t in tok.encode(rows[src["row"]]).ids if t >= len(SPECIAL_TOKENS)]
 
 
 # ---- user data: bad input and licences ----------------------------------------------------------------

@@ -270,6 +270,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.samples <= 0 or args.heldout < 0 or args.shard_rows <= 0:
         raise SystemExit("omniscratch data generate: --samples and --shard-rows must be positive, --heldout >= 0")
+    import datasets
+
+    datasets.disable_progress_bars()  # one line per shard of "Creating parquet" says nothing here
     sizes = {"train": args.samples, **({"heldout": args.heldout} if args.heldout else {})}
     m = generate(args.out, args.seed, sizes, args.shard_rows, args.workers)
     rows = {s: sum(sh["rows"] for sh in v) for s, v in m["splits"].items()}

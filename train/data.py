@@ -29,6 +29,7 @@ import torch
 
 from model.config import BOS_ID, EOS_ID, IGNORE_INDEX, PAD_ID, SPECIAL_TOKENS, ModelConfig, from_dict
 from model.media import audio_tokens, vision_tokens
+from tokenizer.bpe import load_tokenizer, tokenizer_digest
 from train.sources import MEDIA_COLUMNS, Source, check_rejects, load_source, manifest_entry, row_media, write_rejects
 
 PIPELINE_VERSION = "1"  # part of the tokenisation cache key: bump when the tokenised form changes
@@ -72,11 +73,7 @@ def expand_media(ids: list[int], vision_shapes: list[tuple[int, int, int]], audi
     return out
 
 
-@functools.cache
-def _tokenizer(path: str):
-    from tokenizer.bpe import load_tokenizer
-
-    return load_tokenizer(path)
+_tokenizer = functools.cache(load_tokenizer)  # once per datasets.map worker process
 
 
 def _tokenize(batch: dict, *, tokenizer_path: str, cfg: dict, base: str | None) -> dict:
@@ -121,8 +118,6 @@ def _encode_row(row: dict, tok, base: Path | None, cfg: ModelConfig) -> list[int
 
 def tokenize_source(src: Source, tokenizer_path: str | Path, cfg: ModelConfig, cache_dir: str | Path, num_proc: int = 1):
     """(raw dataset, tokenised dataset, manifest entry) of one source; cached by content, tokenizer and media config."""
-    from tokenizer.bpe import tokenizer_digest
-
     entry = manifest_entry(src)  # refuses a source with no declared licence, before any work
     raw = load_source(src, cache_dir)
     media_cfg = {"vision": cfg.to_dict()["vision"], "audio": cfg.to_dict()["audio"]}
@@ -147,7 +142,7 @@ class TrainLoader:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         specs = data_dir if isinstance(data_dir, (list, tuple)) else [data_dir]
         self.sources = [s if isinstance(s, Source) else Source(str(s)) for s in specs]
-        self.cfg, self.seq_len, self.seed = model_cfg, seq_len, seed
+        self.cfg, self.seq_len, self.seed, self.tokenizer_digest = model_cfg, seq_len, seed, tokenizer_digest(tokenizer_path)
         self.micro_batch, self.grad_accum, self.rank, self.world_size = micro_batch, grad_accum, rank, world_size
         cache_dir = Path(cache_dir or os.environ.get("OMNISCRATCH_CACHE", Path.home() / ".cache" / "omniscratch" / "data"))
         self.raw, self.entries, self.bases, rejects, total = [], [], [], [], 0
@@ -287,13 +282,17 @@ class TrainLoader:
         self.cursor += G
         return out
 
-    def state_dict(self) -> dict:
-        return {"version": 1, "row": self.cursor, "seed": self.seed, "seq_len": self.seq_len,
+    def _identity(self) -> dict:
+        """What the global row sequence is a function of: a resume must match all of it."""
+        return {"seed": self.seed, "seq_len": self.seq_len, "tokenizer": self.tokenizer_digest,
                 "sources": [e["sha256"] for e in self.entries]}
 
+    def state_dict(self) -> dict:
+        return {"version": 1, "row": self.cursor, **self._identity()}
+
     def load_state_dict(self, sd: dict) -> None:
-        for key, mine in (("seed", self.seed), ("seq_len", self.seq_len), ("sources", [e["sha256"] for e in self.entries])):
+        for key, mine in self._identity().items():
             if sd.get(key) != mine:
                 raise ValueError(f"data loader state has {key}={sd.get(key)!r} but this run has {mine!r}: "
-                                 f"resume with the same data, seq_len and seed")
+                                 f"resume with the same data, tokenizer, seq_len and seed")
         self.cursor = int(sd["row"])
