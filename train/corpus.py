@@ -25,6 +25,7 @@ import argparse
 import hashlib
 import io
 import json
+import os
 import wave
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -264,7 +265,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--samples", type=int, default=SPLIT_DEFAULTS["train"], help="training rows")
     g.add_argument("--heldout", type=int, default=SPLIT_DEFAULTS["heldout"], help="held-out rows")
     g.add_argument("--shard-rows", type=int, default=5000)
-    g.add_argument("--workers", type=int, default=1, help="processes (the output does not depend on it)")
+    g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="processes (output does not depend on it)")
 
 
 def main(args: argparse.Namespace) -> int:
