@@ -1,0 +1,235 @@
+"""Provenance building blocks without the trainer: canonical digests, Merkle roots, the init record, the tripwire,
+signing, and "derived" certificates. Synthetic checkpoints are written with the trainer's own checkpoint functions.
+
+    OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q tests/test_provenance.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from safetensors.torch import save_file
+
+from model import OmniModel, init_weights
+from model.config import AudioConfig, ModelConfig, TextConfig, VisionConfig
+from train import checkpoint as ckpt
+from train.digest import (
+    component_roots,
+    folder_files,
+    hash_files,
+    merkle_root,
+    safe_path,
+    safetensors_digests,
+    tensor_digest,
+    tensor_digests,
+)
+from train.provenance import RECORD, Recorder
+from train.signing import SIGNATURE, init_keys, sign_checkpoint, signed_manifest
+from train.tripwire import ForeignWeightsError, Tripwire
+from train.verify import verify
+
+CFG = ModelConfig(name="t", text=TextConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64),
+                  vision=VisionConfig(dim=24, n_layers=1, n_heads=2, ffn_dim=48),
+                  audio=AudioConfig(dim=16, n_layers=1, n_heads=2, ffn_dim=32, n_mels=16))
+
+
+def seeded_model(seed: int) -> OmniModel:
+    m = OmniModel(CFG)
+    init_weights(m, seed)
+    return m
+
+
+def synthetic_run(root: Path, seed: int = 7, steps=(2, 4), model: OmniModel | None = None, tripwire=None) -> list[Path]:
+    """Init record, a few noise 'steps', checkpoints written by train/checkpoint.py with our record as the marker."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "tokenizer.json").write_text('{"model": "bpe"}')
+    (root / "manifest.json").write_text('{"licence": "CC0-1.0", "splits": {}}')
+    model = model or seeded_model(seed)
+    run_cfg = {"name": root.name, "seed": seed}
+    rec = Recorder(root, run_config=run_cfg, model_cfg=CFG, seed=seed, tokenizer_path=root / "tokenizer.json",
+                   data_manifest_path=root / "manifest.json", tripwire=tripwire, weights_every=2)
+    rec.record_init(model.named_parameters())
+    g, step, out = torch.Generator().manual_seed(seed), 0, []
+    for end in steps:
+        while step < end:
+            step += 1
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn(p.shape, generator=g) * 1e-3)
+            rec.record_step(step, [[8 * (step - 1), 8 * step]], 1e-3)
+        tmp = ckpt.begin(root / "checkpoints", step)
+        torch.save({"step": step}, tmp / "ds" / "state.pt")
+        ckpt.write_files(tmp, weights={k: v.detach() for k, v in model.state_dict().items()}, model_config=CFG.to_dict(),
+                         run_config=run_cfg, tokenizer=root / "tokenizer.json", data_state={"step": step})
+        out.append(ckpt.commit(tmp, rec.checkpoint_record(tmp, step, optimizer={"name": "noise", "lr": 1e-3})))
+    return out
+
+
+def failures(rep) -> list[tuple[str, str, str]]:
+    return [(f["check"], f["subject"], f["reason"]) for f in rep.failures]
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    return init_keys(tmp_path_factory.mktemp("keys"))
+
+
+# ---- digests ------------------------------------------------------------------------------------------------------
+
+def test_tensor_digest_is_canonical_across_file_layouts(tmp_path):
+    sd = {k: v.detach() for k, v in seeded_model(1).state_dict().items()}
+    sd["vision.extra_bf16"] = torch.randn(3, 5).bfloat16()  # digests cover every dtype, not only fp32
+    live = tensor_digests(sd.items())
+    names = sorted(sd)
+    save_file(sd, tmp_path / "one.safetensors")
+    save_file({k: sd[k] for k in reversed(names)}, tmp_path / "rev.safetensors", metadata={"x": "y"})
+    save_file({k: sd[k] for k in names[::2]}, tmp_path / "a.safetensors")
+    save_file({k: sd[k] for k in names[1::2]}, tmp_path / "b.safetensors")
+    split = safetensors_digests(tmp_path / "a.safetensors") | safetensors_digests(tmp_path / "b.safetensors")
+    assert safetensors_digests(tmp_path / "one.safetensors") == live
+    assert safetensors_digests(tmp_path / "rev.safetensors") == live
+    assert split == live
+    assert hash_files(tmp_path, ["one.safetensors"]) != hash_files(tmp_path, ["rev.safetensors"])  # files differ
+
+
+def test_tensor_digest_binds_name_dtype_shape_and_bytes():
+    t = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    base = tensor_digest("text.w", t)
+    assert tensor_digest("text.w", t.t().contiguous().t()) == base  # memory layout does not matter
+    assert len({base, tensor_digest("text.v", t), tensor_digest("text.w", t.reshape(4, 3)),
+                tensor_digest("text.w", t.view(torch.int32)), tensor_digest("text.w", t + 1)}) == 5
+
+
+def test_component_roots_change_only_where_a_tensor_changed():
+    sd = dict(seeded_model(1).named_parameters())
+    before = component_roots(tensor_digests(sd.items()))
+    name = next(n for n in sd if n.startswith("vision."))
+    sd[name] = sd[name].detach() + 1
+    after = component_roots(tensor_digests(reversed(list(sd.items()))))  # insertion order does not matter
+    assert [c for c in before if before[c] != after[c]] == ["vision_encoder"]
+    assert merkle_root(["00" * 32, "11" * 32]) != merkle_root(["11" * 32, "00" * 32])
+
+
+def test_paths_outside_the_folder_and_symlinks_are_refused(tmp_path):
+    (tmp_path / "f").write_text("x")
+    for bad in ("../f", "/etc/passwd", "a/../../f", ""):
+        with pytest.raises(ValueError):
+            safe_path(tmp_path / "sub", bad)
+    (tmp_path / "link").symlink_to(tmp_path / "f")
+    with pytest.raises(ValueError, match="symlink"):
+        folder_files(tmp_path)
+
+
+# ---- the init record ----------------------------------------------------------------------------------------------
+
+def test_record_init_refuses_an_init_that_did_not_run(tmp_path):
+    (tmp_path / "tok.json").write_text("{}")
+    rec = Recorder(tmp_path, run_config={}, model_cfg=CFG, seed=3, tokenizer_path=tmp_path / "tok.json")
+    with pytest.raises(RuntimeError, match="'embeddings'"):
+        rec.record_init(OmniModel(CFG).named_parameters())  # PyTorch's default init, never seeded by ours
+    model = seeded_model(3)
+    foreign = seeded_model(4)
+    model.vision.load_state_dict(foreign.vision.state_dict())  # a borrowed vision encoder, no declaration
+    with pytest.raises(RuntimeError, match="'vision_encoder'"):
+        rec.record_init(model.named_parameters())
+    rec.record_init(seeded_model(3).named_parameters())
+    assert rec.init["derived"] == {}
+
+
+def test_record_init_of_bf16_tensors_matches_a_fp32_rebuild_cast(tmp_path):
+    (tmp_path / "tok.json").write_text("{}")
+    rec = Recorder(tmp_path, run_config={}, model_cfg=CFG, seed=3, tokenizer_path=tmp_path / "tok.json")
+    rec.record_init((n, p.detach().bfloat16()) for n, p in seeded_model(3).named_parameters())
+    assert {d["dtype"] for d in rec.init["tensors"].values()} == {"BF16"}
+
+
+# ---- the tripwire -------------------------------------------------------------------------------------------------
+
+def test_tripwire_refuses_foreign_loads_and_allows_the_runs_own(tmp_path):
+    foreign = tmp_path / "foreign"
+    own = tmp_path / "own"
+    foreign.mkdir(), own.mkdir()
+    save_file({"vision.patch.weight": torch.ones(2)}, foreign / "w.safetensors")
+    torch.save({"x": torch.ones(1)}, foreign / "w.pt")
+    torch.save({"x": torch.ones(1)}, own / "w.pt")
+    alias = types.ModuleType("someone_elses_loader")  # `from safetensors.torch import load_file` done before the run
+    alias.load_file = safetensors.torch.load_file
+    sys.modules[alias.__name__] = alias
+    original = torch.load
+    try:
+        with Tripwire(allow=[own]) as tw:
+            assert torch.load(own / "w.pt")["x"].item() == 1.0
+            with pytest.raises(ForeignWeightsError, match="allow_derived"):
+                torch.load(foreign / "w.pt")
+            with pytest.raises(ForeignWeightsError, match="w.safetensors"):
+                alias.load_file(str(foreign / "w.safetensors"))
+            with pytest.raises(ForeignWeightsError):
+                safetensors.torch.load((foreign / "w.safetensors").read_bytes())
+            with tw.allowing(foreign):
+                alias.load_file(str(foreign / "w.safetensors"))
+        assert torch.load is original and alias.load_file is safetensors.torch.load_file  # restored on exit
+        with Tripwire(allow_derived=True) as tw:
+            safetensors.torch.load_file(foreign / "w.safetensors")
+        assert tw.derived == {"vision_encoder": [str((foreign / "w.safetensors").resolve())]}
+    finally:
+        del sys.modules[alias.__name__]
+
+
+def test_tripwire_watches_from_pretrained(tmp_path, monkeypatch):
+    mu = sys.modules.get("transformers.modeling_utils")
+    if mu is None:  # importing transformers takes ~20 s here; its class is all the tripwire touches
+        mu = types.ModuleType("transformers.modeling_utils")
+
+        class PreTrainedModel:
+            @classmethod
+            def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+                return cls()
+        mu.PreTrainedModel = PreTrainedModel
+        monkeypatch.setitem(sys.modules, "transformers.modeling_utils", mu)
+    with Tripwire(), pytest.raises(ForeignWeightsError, match="from_pretrained"):
+        mu.PreTrainedModel.from_pretrained(str(tmp_path / "some-model"))
+
+
+# ---- signing and derived certificates -----------------------------------------------------------------------------
+
+def test_signature_is_standard_model_signing_and_rejects_paths_outside(tmp_path, keys):
+    import model_signing
+    from model_signing import manifest as msm
+    from model_signing._hashing.hashing import Digest
+    from model_signing._signing import sign_ec_key, signing
+
+    folder = synthetic_run(tmp_path / "run", steps=(2,))[-1]
+    sign_checkpoint(folder, keys[0])
+    model_signing.verifying.Config().use_elliptic_key_verifier(public_key=keys[1]).verify(folder, folder / SIGNATURE)
+    assert list(signed_manifest(folder, keys[1])) == sorted(folder_files(folder, exclude={SIGNATURE}))
+    # a signature whose manifest names '../x' (model-signing PR #647) is refused before any file is opened
+    items = [msm.FileManifestItem(path=Path("../outside"), digest=Digest("blake3", b"\0" * 32))]
+    ser = msm._FileSerialization("blake3", False, frozenset({Path(SIGNATURE)}))
+    sign_ec_key.Signer(Path(keys[0])).sign(signing.Payload(msm.Manifest("m", items, ser))).write(folder / SIGNATURE)
+    with pytest.raises(ValueError, match="not a plain relative path"):
+        signed_manifest(folder, keys[1])
+
+
+def test_a_derived_run_is_certified_derived(tmp_path, keys):
+    donor = tmp_path / "donor.safetensors"
+    save_file({k: v.detach().contiguous() for k, v in seeded_model(99).state_dict().items() if k.startswith("vision.")},
+              donor)
+    model = seeded_model(7)
+    with Tripwire(allow_derived=True) as tw:  # a run that declared it starts its vision encoder from foreign weights
+        model.vision.load_state_dict({k[7:]: v for k, v in safetensors.torch.load_file(donor).items()})
+        folder = synthetic_run(tmp_path / "run", model=model, tripwire=tw)[-1]
+    record = json.loads((folder / RECORD).read_text())
+    assert record["claim"] == "derived" and list(record["derived"]) == ["vision_encoder"]
+    sign_checkpoint(folder, keys[0])
+    rep = verify(folder, keys[1])
+    assert [f[:2] for f in failures(rep)] == [("init", "vision_encoder")]
+    assert "derived from" in failures(rep)[0][2]
+    rep = verify(folder, keys[1], allow_derived=True)
+    assert not rep.failures
+    assert {r["component"]: r["verdict"] for r in rep.components}["vision_encoder"] == "derived"
