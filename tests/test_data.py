@@ -261,3 +261,24 @@ def test_parquet_source_rejects_bad_bytes(corpus, tmp_path):
                     cache_dir=tmp_path / "cache", max_reject_fraction=1.0)
     assert {r["row"]: r["reason"].split(" (")[0] for r in L.rejects} == {1: "corrupt image bytes", 2: "non-UTF-8 text"}
     assert sorted(L._row.tolist()) == [0, 3]
+
+
+def test_long_text_is_cut_into_rows_and_long_media_documents_are_rejected(corpus, tmp_path):
+    (tmp_path / "red.png").write_bytes(_png())
+    long_text = " ".join(f"word{i}" for i in range(20))  # ~80 tokens: 5 pieces
+    lines = [{"text": long_text}, {"text": "<|image|> red", "images": ["red.png"]}] + [{"text": f"short {i}"} for i in range(3)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    L = TrainLoader([Source(str(tmp_path / "d.jsonl"), licence="CC0-1.0")], corpus["tok"], CFG, 16, 1, 1,
+                    cache_dir=tmp_path / "cache", max_reject_fraction=1.0)
+    assert [(r["row"], r["reason"]) for r in L.rejects] == [(1, "21 tokens with media do not fit seq_len=16")]
+    from tokenizer.bpe import load_tokenizer
+
+    want = [1] + load_tokenizer(corpus["tok"]).encode(long_text).ids + [2]  # BOS .. EOS
+    pieces = []
+    for _ in range(10):  # 4 documents in 16-token rows: epoch 0 fits in 10 rows
+        b = L.next_step()[0]
+        for j, sample in enumerate(b.sample_ids):  # one piece per sample and row: segment j is sample j
+            if sample < 4 and L.sample_source(sample)["row"] == 0:
+                pieces.append(b.input_ids[0, b.doc_ids[0] == j].tolist())
+                assert b.position_ids[0, b.doc_ids[0] == j][0] == 0 and b.labels[0, b.doc_ids[0] == j][0] == IGNORE_INDEX
+    assert len(pieces) == -(-len(want) // 16) and all(len(p) <= 16 for p in pieces) and sum(pieces, []) == want
