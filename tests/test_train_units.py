@@ -1,0 +1,168 @@
+"""Training pieces that need no process group: configs, LR schedule, checkpoint protocol, launcher post-mortem.
+
+Run: .venv/bin/python -m pytest -q tests/test_train_units.py   (a few seconds)
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model import load_model_config
+from train import checkpoint as ckpt
+from train.config import load_run_config, parse_overrides
+from train.launch import explain_failure, write_status
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_CONFIGS = sorted((ROOT / "configs/run").glob("*.yaml"))
+DS_CONFIGS = sorted((ROOT / "configs/deepspeed").glob("*.json"))
+
+
+# ---- configs ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_run_config_loads(path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cfg = load_run_config(path)
+    load_model_config(cfg.model)
+    assert cfg.path == Path("runs") / cfg.name
+
+
+@pytest.mark.parametrize("path", DS_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_deepspeed_config_builds(path):
+    from train.engine import deepspeed_config, zero_stage
+
+    ds = deepspeed_config(str(path), micro_batch=2, grad_accum=3, world_size=4, grad_clip=1.0, precision="fp32")
+    assert ds["train_batch_size"] == 24 and ds["bf16"] == {"enabled": False}
+    if zero_stage(ds) == 0:
+        with pytest.raises(ValueError, match="ZeRO stage 0"):
+            deepspeed_config(str(path), micro_batch=2, grad_accum=3, world_size=4, grad_clip=1.0, precision="bf16")
+    else:
+        ds = deepspeed_config(str(path), micro_batch=2, grad_accum=3, world_size=4, grad_clip=1.0, precision="bf16")
+        assert ds["data_types"] == {"grad_accum_dtype": "fp32"}  # fp32 gradient accumulation under bf16
+
+
+def test_deepspeed_json_may_not_set_what_the_run_config_owns(tmp_path):
+    from train.engine import deepspeed_config
+
+    bad = tmp_path / "ds.json"
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_batch_size": 8}))
+    with pytest.raises(ValueError, match=r"ds.json: key 'train_batch_size' is set by the run config"):
+        deepspeed_config(str(bad), micro_batch=1, grad_accum=1, world_size=1, grad_clip=1.0, precision="fp32")
+
+
+def test_overrides_apply_and_are_validated(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cfg = load_run_config(ROOT / "configs/run/tiny.yaml", ["optim.lr=3e-4", "steps=7", "wandb=false", "run_dir=/tmp/x"])
+    assert (cfg.optim.lr, cfg.steps, cfg.wandb, cfg.path) == (3e-4, 7, False, Path("/tmp/x"))
+    assert parse_overrides(["a.b.c=1", "d=x"]) == {"a": {"b": {"c": 1}}, "d": "x"}
+    with pytest.raises(ValueError, match=r"tiny.yaml \(with overrides optim.lrr=1\): unknown key 'optim.lrr'"):
+        load_run_config(ROOT / "configs/run/tiny.yaml", ["optim.lrr=1"])
+    with pytest.raises(ValueError, match=r"key 'steps' must be int"):
+        load_run_config(ROOT / "configs/run/tiny.yaml", ["steps=many"])
+    with pytest.raises(ValueError, match="expected key=value"):
+        load_run_config(ROOT / "configs/run/tiny.yaml", ["steps"])
+
+
+def test_config_errors_name_the_file_and_key(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmodel: configs/model/tiny.yaml\ndeepspeed: configs/deepspeed/zero2.json\nsteps: 5\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: missing required key 'micro_batch'"):
+        load_run_config(bad)
+    bad.write_text(bad.read_text() + "micro_batch: 2\nprecision: fp16\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: key 'precision'='fp16' must be one of auto, bf16, fp32"):
+        load_run_config(bad)
+    bad.write_text(bad.read_text().replace("precision: fp16", "checkpoint: {every: 0}"))
+    with pytest.raises(ValueError, match=r"bad.yaml: key 'checkpoint.every'=0 must be positive"):
+        load_run_config(bad)
+    bad.write_text(bad.read_text().replace("checkpoint: {every: 0}", "deepspeed: nowhere.json").replace(
+        "deepspeed: configs/deepspeed/zero2.json\n", ""))
+    with pytest.raises(ValueError, match=r"key 'deepspeed': file nowhere.json not found"):
+        load_run_config(bad)
+
+
+def test_lr_schedule_warmup_then_cosine_to_floor():
+    from train.engine import lr_lambda
+
+    f = lambda s: lr_lambda(s, warmup=10, total=110, min_ratio=0.1)
+    assert [f(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert f(60) == pytest.approx(0.55)  # half-way through the cosine
+    assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+    assert all(f(s) >= f(s + 1) for s in range(10, 120))
+
+
+# ---- checkpoint protocol ---------------------------------------------------------------------------------------
+
+def _save(root: Path, step: int, commit: bool = True) -> Path:
+    tmp = ckpt.begin(root, step)
+    (tmp / "ds" / "state.bin").write_bytes(b"x" * 10)
+    if not commit:
+        return tmp
+    final = ckpt.commit(tmp, {"step": step})
+    ckpt.write_latest(root, final)
+    return final
+
+
+def test_commit_marker_rename_and_latest(tmp_path):
+    root = tmp_path / "checkpoints"
+    _save(root, 2)
+    partial = _save(root, 4, commit=False)  # a crash before the commit
+    assert (root / "latest").read_text().strip() == "step_000002"
+    assert ckpt.read_latest(root) == root / "step_000002"
+    assert not ckpt.is_complete(partial) and [p.name for p in ckpt.complete_checkpoints(root)] == ["step_000002"]
+    assert json.loads((root / "step_000002" / ckpt.MARKER).read_text()) == {"step": 2}
+    again = ckpt.begin(root, 4)  # the next save of the same step starts clean
+    assert list(again.iterdir()) == [again / "ds"] and not any((again / "ds").iterdir())
+
+
+def test_read_latest_falls_back_to_newest_committed(tmp_path):
+    root = tmp_path / "checkpoints"
+    _save(root, 2)
+    _save(root, 4)
+    (root / "latest").write_text("step_000009\n")  # names a folder that never committed
+    assert ckpt.read_latest(root) == root / "step_000004"
+    (root / "latest").unlink()
+    assert ckpt.read_latest(root) == root / "step_000004"
+    assert ckpt.read_latest(tmp_path / "nothing") is None
+
+
+def test_retention_keeps_last_k_every_mth_and_latest(tmp_path):
+    root = tmp_path / "checkpoints"
+    for s in range(1, 11):
+        _save(root, s)
+    _save(root, 11, commit=False)
+    removed = ckpt.retain(root, keep_last=2, keep_every=4)
+    assert [p.name for p in ckpt.complete_checkpoints(root)] == ["step_000004", "step_000008", "step_000009", "step_000010"]
+    assert root / "step_000011.tmp" in removed and not (root / "step_000011.tmp").exists()
+    (root / "latest").write_text("step_000004\n")  # what `latest` names is never deleted
+    ckpt.retain(root, keep_last=1, keep_every=0)
+    assert [p.name for p in ckpt.complete_checkpoints(root)] == ["step_000004", "step_000010"]
+
+
+def test_rng_files_restore_every_generator(tmp_path):
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    ckpt.save_rng(tmp_path, rank=3)
+    want = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    random.seed(2), np.random.seed(2), torch.manual_seed(2)
+    assert ckpt.load_rng(tmp_path, rank=3)
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == want
+    assert not ckpt.load_rng(tmp_path, rank=0)  # another rank's file is never used
+
+
+# ---- launcher post-mortem --------------------------------------------------------------------------------------
+
+def test_explain_failure_names_the_dead_rank_first(tmp_path):
+    write_status(tmp_path, 0, "failed", error="RuntimeError: Connection reset by peer")
+    write_status(tmp_path, 1, "running")
+    write_status(tmp_path, 2, "done")
+    lines = explain_failure(tmp_path, 4)
+    assert lines[0].startswith("rank 1 (pid ") and "died without reporting an error" in lines[0]
+    assert "rank3.log" in lines[1] and "never started" in lines[1]
+    assert lines[2].startswith("rank 0 failed: RuntimeError: Connection reset by peer")
+    assert len(lines) == 3
