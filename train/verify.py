@@ -103,10 +103,17 @@ def verify(folder, public_key, *, replay: int = 0, allowed=ALLOWED_LICENCES, rev
             rep.add("files", name, False, "digest differs from the certificate")
     if not any(c["check"] == "files" for c in rep.checks):
         rep.add("files", f"{len(actual)} files", True, "digests match the signature and the certificate")
-    _check_contents(rep, folder, rec, certified, data_dir)
-    _check_lineage(rep, folder, rec, certified)
-    _check_init(rep, rec, allow_derived)
-    _check_licences(rep, rec, allowed, reviewed)
+    # Each check is guarded: on tampered files a parser may raise; a check that cannot run has failed.
+    for check, run in (("tensors", lambda: _check_tensors(rep, folder, rec)),
+                       ("config", lambda: _check_configs(rep, folder, rec)),
+                       ("digests", lambda: _check_inputs(rep, folder, rec, certified, data_dir)),
+                       ("lineage", lambda: _check_lineage(rep, folder, rec, certified)),
+                       ("init", lambda: _check_init(rep, rec, allow_derived)),
+                       ("licences", lambda: _check_licences(rep, rec, allowed, reviewed))):
+        try:
+            run()
+        except Exception as e:  # noqa: BLE001 - any crash on the inputs is a verification failure, named
+            rep.add(check, "-", False, f"could not be checked: {type(e).__name__}: {e}")
     if replay:
         from train.replay import replay as replay_segments  # runs the trainer: imported only when asked for
 
@@ -114,7 +121,7 @@ def verify(folder, public_key, *, replay: int = 0, allowed=ALLOWED_LICENCES, rev
     return rep
 
 
-def _check_contents(rep: Report, folder: Path, rec: dict, certified: dict, data_dir) -> None:
+def _check_tensors(rep: Report, folder: Path, rec: dict) -> None:
     tensors = safetensors_digests(folder / "model.safetensors")
     bad = [n for n in sorted(set(tensors) | set(rec["tensors"])) if tensors.get(n) != rec["tensors"].get(n)]
     rep.add("tensors", bad[0] if bad else "model.safetensors", not bad,
@@ -123,12 +130,18 @@ def _check_contents(rep: Report, folder: Path, rec: dict, certified: dict, data_
     for c in rec["weights"]:
         if roots.get(c, {}).get("root") != rec["weights"][c]["root"]:
             rep.add("tensors", c, False, "component Merkle root differs from the certificate")
+
+
+def _check_configs(rep: Report, folder: Path, rec: dict) -> None:
     model = json.loads((folder / "model_config.json").read_text())
     rep.add("config", "model_config.json", model == rec["config"]["model"], "" if model == rec["config"]["model"]
             else "differs from the certified model config")
     run = json.loads((folder / "run_config.json").read_text())
     rep.add("config", "run_config.json", run == rec["config"]["run"], "" if run == rec["config"]["run"]
             else "differs from the certified run config")
+
+
+def _check_inputs(rep: Report, folder: Path, rec: dict, certified: dict, data_dir) -> None:
     ok = certified.get("tokenizer.json") is not None and rec["tokenizer"]["digest"] == _blake3_file(folder / "tokenizer.json")
     rep.add("tokenizer", "tokenizer.json", ok, "digest matches the run's tokenizer" if ok
             else "digest differs from the tokenizer the run started with")
