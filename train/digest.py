@@ -41,6 +41,15 @@ def _hasher() -> blake3.blake3:
     return blake3.blake3(max_threads=blake3.blake3.AUTO)
 
 
+def canonical(obj) -> bytes:
+    """Canonical JSON bytes (sorted keys, no spaces): the digest of a record does not depend on how it was written."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def digest_of(obj) -> str:
+    return blake3.blake3(canonical(obj)).hexdigest()
+
+
 def digest_bytes(data: bytes) -> str:
     return blake3.blake3(data).hexdigest()
 

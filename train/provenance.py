@@ -15,12 +15,13 @@ Notable choices:
   optimizer settings, per-component update sizes, weight digests every K steps, the component roots at the end and
   the digest of the checkpoint's file list. Each link names its parent's digest (link 0 names the init record), and
   every checkpoint carries the whole chain, so pruning old checkpoints never breaks verification.
-- Update sizes are measured against the previous checkpoint's weights kept on the CPU of rank 0 (one fp32 copy):
-  a borrowed component that stayed frozen shows an update of exactly zero.
+- Update sizes are measured against the previous checkpoint's weights kept on rank 0's CPU (one fp32 copy): a
+  borrowed component that stayed frozen shows an update of exactly zero.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -32,27 +33,19 @@ import uuid
 from importlib import metadata
 from pathlib import Path
 
-import blake3
 import torch
 from safetensors import safe_open
 
 from model import INIT_SCHEME, OmniModel, init_tensor
 from model.components import COMPONENTS, component_of
-from train.digest import DTYPES, component_roots, digest_bytes, folder_files, hash_files, safetensors_digests, tensor_digests
+from train import digest
+from train.digest import component_roots, digest_bytes, digest_of, folder_files, hash_files, safetensors_digests, tensor_digests
 
 SCHEMA = "omniscratch.provenance/v1"
 RECORD, SLSA, SIGNATURE, DATA_MANIFEST = "provenance.json", "slsa_provenance.json", "model.sig", "data_manifest.json"
 UNHASHED = {RECORD, SIGNATURE}  # the record cannot hash itself; the signature is made after it
 ROOTS = ("torch", "deepspeed", "tokenizers", "datasets", "safetensors", "wandb", "model-signing", "numpy", "pillow",
          "pyyaml", "matplotlib", "tqdm", "scipy")  # pyproject's runtime dependencies, when omniscratch is not installed
-
-
-def canonical(obj) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
-
-
-def digest_of(obj) -> str:
-    return blake3.blake3(canonical(obj)).hexdigest()
 
 
 def init_digest(init: dict) -> str:
@@ -74,13 +67,11 @@ def code_version(root: Path) -> dict:
 
 
 def _licence(dist: metadata.Distribution) -> str:
+    """SPDX expression (PEP 639), else the licence classifiers, else the first line of the free-text field."""
     md = dist.metadata
-    expr = md.get("License-Expression")
-    if expr:
-        return expr.strip()
     classifiers = [c.split("::")[-1].strip() for c in md.get_all("Classifier") or [] if c.startswith("License ::")]
-    if classifiers:
-        return " OR ".join(classifiers)
+    if md.get("License-Expression") or classifiers:
+        return (md.get("License-Expression") or " OR ".join(classifiers)).strip()
     text = (md.get("License") or "").strip()
     return text.splitlines()[0][:80] if text and text.upper() != "UNKNOWN" else "UNKNOWN"
 
@@ -95,7 +86,7 @@ def packages() -> list[dict]:
     except metadata.PackageNotFoundError:
         roots = list(ROOTS)
     seen: dict[str, dict] = {}
-    todo = list(roots)
+    todo = roots
     while todo:
         name = canonicalize_name(todo.pop())
         if name in seen:
@@ -112,22 +103,23 @@ def packages() -> list[dict]:
     return [seen[k] for k in sorted(seen)]
 
 
+def hardware() -> dict:
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "accelerators": gpus}
+
+
 def environment(world_size: int, nodes: int) -> dict:
-    hw = {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
-          "cpu_count": os.cpu_count(), "accelerators": []}
-    if torch.cuda.is_available():
-        hw["accelerators"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
-            "packages": packages(), "hardware": hw, "world_size": world_size, "nodes": nodes}
+            "packages": packages(), "hardware": hardware(), "world_size": world_size, "nodes": nodes}
 
 
 # ---- step 0 ---------------------------------------------------------------------------------------------------------
 
 def rebuild_init(model_cfg, seed: int, dtypes: dict[str, str] | None = None) -> dict[str, dict]:
     """Digests of the step-0 parameters rebuilt from (config, seed), each cast to `dtypes[name]` (default fp32)."""
-    by_code = {v: k for k, v in DTYPES.items()}
-    # Names and shapes come from the model code itself, not from the record being checked. (A meta-device skeleton
-    # would allocate nothing but imports torch._dynamo, ~7 s; a CPU skeleton costs one model's memory.)
+    by_code = {v: k for k, v in digest.DTYPES.items()}
+    # names and shapes from the model code, not the record checked (meta device: +7 s importing torch._dynamo)
     shapes = [(n, p.shape) for n, p in OmniModel(model_cfg).named_parameters()]
     def tensors():
         for name, shape in shapes:
@@ -154,13 +146,9 @@ class Recorder:
                  nodes: int = 1, tokenizer_path, data_manifest_path=None, tripwire=None, weights_every: int = 100,
                  resume_from=None, code_root: Path | None = None):
         self.rank, self.seed, self.model_cfg, self.tripwire = rank, seed, model_cfg, tripwire
-        self.weights_every = weights_every
-        self.run_config = run_config
-        self.tokenizer_path = Path(tokenizer_path)
+        self.weights_every, self.run_config, self.tokenizer_path = weights_every, run_config, Path(tokenizer_path)
         self.data_manifest_path = Path(data_manifest_path) if data_manifest_path else None
-        self._steps: list = []
-        self._weights_log: list[dict] = []
-        self._prev: dict[str, torch.Tensor] | None = None
+        self._steps, self._weights_log, self._prev = [], [], None  # the open segment; weights at its start
         if rank != 0:
             return
         self.started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -168,8 +156,7 @@ class Recorder:
         self.env = environment(world_size, nodes)
         self.tokenizer_digest = digest_bytes(self.tokenizer_path.read_bytes())
         self.data_digest = digest_bytes(self.data_manifest_path.read_bytes()) if self.data_manifest_path else None
-        self.chain: list[dict] = []
-        self.init: dict | None = None
+        self.chain, self.init, self.earlier = [], None, {"events": [], "derived": {}}  # earlier: before a resume
         self.run = {"id": uuid.uuid4().hex, "name": Path(run_dir).name, "started": self.started}
         if resume_from is not None:
             self._resume(Path(resume_from))
@@ -179,12 +166,13 @@ class Recorder:
         if parent.get("schema") != SCHEMA:
             raise ValueError(f"{folder / RECORD}: not an omniscratch provenance record (schema {parent.get('schema')!r})")
         self.run, self.init, self.chain = parent["run"], parent["init"], parent["chain"]
+        self.earlier = {"events": parent["tripwire"]["events"], "derived": parent["derived"]}
         if parent["tokenizer"]["digest"] != self.tokenizer_digest:
             raise ValueError(f"{self.tokenizer_path}: differs from the tokenizer of the run being resumed ({folder})")
         self._prev = self._read_weights(folder)
 
     def _read_weights(self, folder: Path) -> dict[str, torch.Tensor]:
-        allow = self.tripwire.allowing(folder) if self.tripwire is not None else _nothing()
+        allow = self.tripwire.allowing(folder) if self.tripwire is not None else contextlib.nullcontext()
         with allow, safe_open(str(folder / "model.safetensors"), framework="pt") as f:
             return {k: f.get_tensor(k).float() for k in f.keys()}
 
@@ -236,19 +224,16 @@ class Recorder:
         tensors = safetensors_digests(folder / "model.safetensors")
         roots = component_roots(tensors)
         current = self._read_weights(folder)
-        update = update_sizes(self._prev, current)
-        self._prev = current
+        update, self._prev = update_sizes(self._prev, current), current
         start = self.chain[-1]["end_step"] if self.chain else 0
         link = {"parent": digest_of(self.chain[-1]) if self.chain else init_digest(self.init),
                 "start_step": start, "end_step": int(step), "steps": self._steps, "optimizer": optimizer,
                 "world_size": self.env["world_size"], "update": update, "weights_log": self._weights_log,
                 "weights": {c: r["root"] for c, r in roots.items()}}
-        derived = dict(self.init["derived"])
-        if self.tripwire is not None:
-            for c, paths in self.tripwire.derived.items():
-                derived.setdefault(c, paths)
-        names = folder_files(folder, exclude=UNHASHED | {SLSA})
-        files = hash_files(folder, names)
+        events = self.earlier["events"] + (self.tripwire.events if self.tripwire is not None else [])
+        derived = {**self.earlier["derived"], **(self.tripwire.derived if self.tripwire is not None else {})}
+        derived = {**derived, **self.init["derived"]}
+        files = hash_files(folder, folder_files(folder, exclude=UNHASHED | {SLSA}))
         write_slsa(folder / SLSA, self, files, derived)
         files[SLSA] = hash_files(folder, [SLSA])[SLSA]
         link["files"] = digest_of(files)
@@ -261,20 +246,12 @@ class Recorder:
             "tensors": tensors, "weights": roots,
             "tokenizer": {"file": "tokenizer.json", "digest": self.tokenizer_digest},
             "data": {"manifest": DATA_MANIFEST if self.data_digest else None, "digest": self.data_digest},
-            "tripwire": self.tripwire.to_dict() if self.tripwire is not None else {"events": [], "derived": {}},
+            "tripwire": {"events": events, "allow_derived": bool(self.tripwire and self.tripwire.allow_derived)},
             "claim": "derived" if derived else "from_scratch", "derived": derived,
             "files": {"algorithm": "blake3", "digests": files},
         }
         self.chain, self._steps, self._weights_log = chain, [], []
         return record
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
 
 
 def update_sizes(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> dict[str, dict]:

@@ -28,7 +28,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from train.digest import digest_bytes, safetensors_digests
-from train.provenance import RECORD, digest_of, environment, init_digest, update_sizes
+from train.provenance import RECORD, digest_of, hardware, init_digest, update_sizes
 
 
 def _kept(ckroot: Path, step: int) -> Path | None:
@@ -91,7 +91,7 @@ def replay_segment(rec: dict, index: int, start: Path | None, end: Path, toleran
         claimed, replayed = safetensors_digests(end / "model.safetensors"), safetensors_digests(out)
         if claimed == replayed:
             return True, "bit-identical"
-        same_setup = rec["environment"]["hardware"] == environment(world, 1)["hardware"]
+        same_setup = rec["environment"]["hardware"] == hardware()
         dist = update_sizes(_weights(end / "model.safetensors"), _weights(out))
     worst = max(dist, key=lambda c: dist[c]["norm"] / max(link["update"].get(c, {}).get("norm", 0.0), 1e-30))
     ratio = dist[worst]["norm"] / max(link["update"].get(worst, {}).get("norm", 0.0), 1e-30)
