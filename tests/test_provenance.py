@@ -45,7 +45,8 @@ def seeded_model(seed: int) -> OmniModel:
     return m
 
 
-def synthetic_run(root: Path, seed: int = 7, steps=(2, 4), model: OmniModel | None = None, tripwire=None) -> list[Path]:
+def synthetic_run(root: Path, seed: int = 7, steps=(2, 4), model: OmniModel | None = None, tripwire=None,
+                  resume_from: Path | None = None) -> list[Path]:
     """Init record, a few noise 'steps', checkpoints written by train/checkpoint.py with our record as the marker."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "tokenizer.json").write_text('{"model": "bpe"}')
@@ -53,9 +54,14 @@ def synthetic_run(root: Path, seed: int = 7, steps=(2, 4), model: OmniModel | No
     model = model or seeded_model(seed)
     run_cfg = {"name": root.name, "seed": seed}
     rec = Recorder(root, run_config=run_cfg, model_cfg=CFG, seed=seed, tokenizer_path=root / "tokenizer.json",
-                   data_manifest_path=root / "manifest.json", tripwire=tripwire, weights_every=2)
-    rec.record_init(model.named_parameters())
-    g, step, out = torch.Generator().manual_seed(seed), 0, []
+                   data_manifest_path=root / "manifest.json", tripwire=tripwire, weights_every=2, resume_from=resume_from)
+    step = 0
+    if resume_from is None:
+        rec.record_init(model.named_parameters())
+    else:
+        model.load_state_dict(safetensors.torch.load_file(resume_from / "model.safetensors"))
+        step = ckpt.step_of(resume_from)
+    g, out = torch.Generator().manual_seed(seed + step), []
     for end in steps:
         while step < end:
             step += 1
@@ -63,6 +69,8 @@ def synthetic_run(root: Path, seed: int = 7, steps=(2, 4), model: OmniModel | No
                 for p in model.parameters():
                     p.add_(torch.randn(p.shape, generator=g) * 1e-3)
             rec.record_step(step, [[8 * (step - 1), 8 * step]], 1e-3)
+            if step % rec.weights_every == 0:
+                rec.record_weights(step, model.named_parameters())
         tmp = ckpt.begin(root / "checkpoints", step)
         torch.save({"step": step}, tmp / "ds" / "state.pt")
         ckpt.write_files(tmp, weights={k: v.detach() for k, v in model.state_dict().items()}, model_config=CFG.to_dict(),
@@ -233,3 +241,23 @@ def test_a_derived_run_is_certified_derived(tmp_path, keys):
     rep = verify(folder, keys[1], allow_derived=True)
     assert not rep.failures
     assert {r["component"]: r["verdict"] for r in rep.components}["vision_encoder"] == "derived"
+
+
+def test_a_resumed_run_continues_the_chain_and_keeps_earlier_loads(tmp_path, keys):
+    donor = tmp_path / "donor.safetensors"
+    save_file({"audio.proj.weight": torch.zeros(2)}, donor)
+    with Tripwire(allow_derived=True) as tw:
+        safetensors.torch.load_file(donor)  # declared; a load after step 0 would leave the init root intact too
+        first = synthetic_run(tmp_path / "run", steps=(2,), tripwire=tw)[-1]
+    with Tripwire(allow=[first]) as tw:  # the resume itself is the run's own: allowed, not an event
+        last = synthetic_run(tmp_path / "run", steps=(4, 6), tripwire=tw, resume_from=first)[-1]
+    record = json.loads((last / RECORD).read_text())
+    assert [(link["start_step"], link["end_step"]) for link in record["chain"]] == [(0, 2), (2, 4), (4, 6)]
+    assert [w["step"] for w in record["chain"][1]["weights_log"]] == [4]
+    assert [e["path"] for e in record["tripwire"]["events"]] == [str(donor.resolve())]
+    assert record["claim"] == "derived" and list(record["derived"]) == ["audio_encoder"]
+    sign_checkpoint(last, keys[0])
+    rep = verify(last, keys[1], allow_derived=True)
+    assert not rep.failures, rep.failures
+    verdicts = {r["component"]: r["verdict"] for r in rep.components}
+    assert verdicts["audio_encoder"] == "derived" and verdicts["vision_encoder"] == "from scratch"

@@ -223,11 +223,11 @@ def _check_init(rep: Report, rec: dict, allow_derived: bool) -> None:
                "init_root": init["components"].get(c, {}).get("root"), "steps_trained": steps}
         if claimed.get(c) != init["components"].get(c):
             row["verdict"], ok, why = "FAIL", False, "init root does not match the init tensor list"
-        elif rebuilt.get(c, {}).get("root") == row["init_root"]:
-            row["verdict"], ok, why = "from scratch", True, "init root matches a rebuild from config and seed"
-        elif c in rec["derived"]:
+        elif c in rec["derived"]:  # declared wins: a load after step 0 leaves the init root intact
             row["verdict"], ok = "derived", allow_derived
             why = f"derived from {', '.join(rec['derived'][c])}" + ("" if allow_derived else " (pass --allow-derived)")
+        elif rebuilt.get(c, {}).get("root") == row["init_root"]:
+            row["verdict"], ok, why = "from scratch", True, "init root matches a rebuild from config and seed"
         else:
             row["verdict"], ok = "FAIL", False
             why = "init root does not match a rebuild from config and seed: not trained from scratch"
