@@ -1,16 +1,15 @@
 """`omniscratch verify CKPT --public-key KEY [--replay K] [--json]`: check a checkpoint's provenance certificate.
 
-Checks, each naming the file or component and the reason when it fails: the signature (model-signing) and every
-file's digest against both the signature and the certificate; the tensors of model.safetensors against the
-certificate; the lineage chain back to init (and against any older checkpoint kept beside this one); init
-reproducibility (step 0 rebuilt from config and seed, per-component Merkle roots); tokenizer and data-manifest
-digests; dependency licences against an allow-list; an empty tripwire log; with --replay K, K recorded segments
-re-executed with the trainer's resume path (see `replay_segments`). Output: a terminal table, CERTIFICATE.md (per
-component: parameters, share, init root, steps trained, verdict) and, with --json, the same as one JSON object.
+Checks (a failure names the file or component and the reason): the signature (model-signing); every file's digest
+against the signature and the certificate; model.safetensors' tensors; the lineage chain back to init (and any kept
+older checkpoint); init reproducibility (step 0 rebuilt from config and seed, per-component Merkle roots); tokenizer
+and data-manifest digests; dependency licences against an allow-list; an empty tripwire log; with --replay K, K
+segments re-executed by the trainer (train/replay.py). Output: a table, CERTIFICATE.md (per component: parameters,
+share, init root, steps trained, verdict) and, with --json, the same as one JSON object.
 
 Notable choices:
-- Every file is hashed once (BLAKE3, parallel, through mmap) and that digest serves both the signature and the
-  certificate; model.safetensors is read a second time for its tensor digests (cheap: the pages are cached).
+- Every file is hashed once (BLAKE3, parallel, mmap) for both signature and certificate; step 0 is rebuilt in a
+  second thread meanwhile. A check that crashes on tampered input is reported as failed, never raised.
 - A "derived" certificate is honest but is not "from scratch": it fails unless --allow-derived is given.
 """
 
@@ -18,6 +17,7 @@ from __future__ import annotations
 
 import json
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -39,10 +39,9 @@ class Report:
     def __init__(self, folder: Path):
         self.folder, self.checks, self.components = folder, [], []
 
-    def add(self, check: str, subject: str, ok: bool | None, reason: str = "") -> bool:
-        self.checks.append({"check": check, "subject": subject, "status": {True: "PASS", False: "FAIL", None: "SKIP"}[ok],
-                            "reason": reason})
-        return bool(ok)
+    def add(self, check: str, subject: str, ok: bool | None, reason: str = "") -> None:
+        status = {True: "PASS", False: "FAIL", None: "SKIP"}[ok]
+        self.checks.append({"check": check, "subject": subject, "status": status, "reason": reason})
 
     @property
     def failures(self) -> list[dict]:
@@ -63,6 +62,13 @@ def verify(folder, public_key, *, replay: int = 0, allowed=ALLOWED_LICENCES, rev
            allow_derived: bool = False, data_dir=None) -> Report:
     folder = Path(folder)
     rep = Report(folder)
+    with ThreadPoolExecutor(1) as pool:  # step 0 is rebuilt while the files hash: it needs only config and seed
+        early = pool.submit(lambda: _rebuild(json.loads((folder / RECORD).read_text())))
+        _verify(rep, folder, public_key, early, replay, allowed, reviewed, allow_derived, data_dir)
+    return rep
+
+
+def _verify(rep, folder, public_key, early, replay, allowed, reviewed, allow_derived, data_dir) -> None:
     # ---- files: signature, then the certificate's digests --------------------------------------------------------
     try:
         signed = signed_manifest(folder, public_key)
@@ -74,7 +80,7 @@ def verify(folder, public_key, *, replay: int = 0, allowed=ALLOWED_LICENCES, rev
         present = folder_files(folder, exclude={SIGNATURE})
     except ValueError as e:
         rep.add("files", str(folder), False, str(e))
-        return rep
+        return
     actual = hash_files(folder, present)
     if signed is not None:
         for name in sorted(set(signed) | set(actual)):
@@ -86,14 +92,14 @@ def verify(folder, public_key, *, replay: int = 0, allowed=ALLOWED_LICENCES, rev
                 rep.add("files", name, False, "digest differs from the signed digest (file changed after signing)")
     if RECORD not in actual:
         rep.add("certificate", RECORD, False, "missing: not a committed checkpoint")
-        return rep
+        return
     try:
         rec = json.loads((folder / RECORD).read_text())
         assert rec.get("schema") == SCHEMA, f"schema {rec.get('schema')!r} is not {SCHEMA}"
         certified = rec["files"]["digests"]
     except (ValueError, AssertionError, KeyError, TypeError) as e:
         rep.add("certificate", RECORD, False, f"unreadable: {e}")
-        return rep
+        return
     for name in sorted(set(certified) | (set(actual) - {RECORD})):
         if name not in actual:
             rep.add("files", name, False, "listed in the certificate but missing")
@@ -106,9 +112,9 @@ def verify(folder, public_key, *, replay: int = 0, allowed=ALLOWED_LICENCES, rev
     # Each check is guarded: on tampered files a parser may raise; a check that cannot run has failed.
     for check, run in (("tensors", lambda: _check_tensors(rep, folder, rec)),
                        ("config", lambda: _check_configs(rep, folder, rec)),
-                       ("digests", lambda: _check_inputs(rep, folder, rec, certified, data_dir)),
+                       ("digests", lambda: _check_inputs(rep, folder, rec, actual, data_dir)),
                        ("lineage", lambda: _check_lineage(rep, folder, rec, certified)),
-                       ("init", lambda: _check_init(rep, rec, allow_derived)),
+                       ("init", lambda: _check_init(rep, rec, allow_derived, early)),
                        ("licences", lambda: _check_licences(rep, rec, allowed, reviewed))):
         try:
             run()
@@ -118,7 +124,6 @@ def verify(folder, public_key, *, replay: int = 0, allowed=ALLOWED_LICENCES, rev
         from train.replay import replay as replay_segments  # runs the trainer: imported only when asked for
 
         replay_segments(rep, folder, rec, replay)
-    return rep
 
 
 def _check_tensors(rep: Report, folder: Path, rec: dict) -> None:
@@ -133,41 +138,33 @@ def _check_tensors(rep: Report, folder: Path, rec: dict) -> None:
 
 
 def _check_configs(rep: Report, folder: Path, rec: dict) -> None:
-    model = json.loads((folder / "model_config.json").read_text())
-    rep.add("config", "model_config.json", model == rec["config"]["model"], "" if model == rec["config"]["model"]
-            else "differs from the certified model config")
-    run = json.loads((folder / "run_config.json").read_text())
-    rep.add("config", "run_config.json", run == rec["config"]["run"], "" if run == rec["config"]["run"]
-            else "differs from the certified run config")
+    for name, key in (("model_config.json", "model"), ("run_config.json", "run")):
+        ok = json.loads((folder / name).read_text()) == rec["config"][key]
+        rep.add("config", name, ok, "matches the certificate" if ok else f"differs from the certified {key} config")
 
 
-def _check_inputs(rep: Report, folder: Path, rec: dict, certified: dict, data_dir) -> None:
-    ok = certified.get("tokenizer.json") is not None and rec["tokenizer"]["digest"] == _blake3_file(folder / "tokenizer.json")
+def _check_inputs(rep: Report, folder: Path, rec: dict, actual: dict, data_dir) -> None:
+    ok = rec["tokenizer"]["digest"] == actual.get("tokenizer.json")
     rep.add("tokenizer", "tokenizer.json", ok, "digest matches the run's tokenizer" if ok
             else "digest differs from the tokenizer the run started with")
     if rec["data"]["digest"] is None:
         rep.add("data", DATA_MANIFEST, None, "the run recorded no data manifest")
     else:
-        ok = (folder / DATA_MANIFEST).is_file() and _blake3_file(folder / DATA_MANIFEST) == rec["data"]["digest"]
+        ok = actual.get(DATA_MANIFEST) == rec["data"]["digest"]
         rep.add("data", DATA_MANIFEST, ok, "digest matches the run's data manifest" if ok
                 else "digest differs from the data manifest the run started with")
         if data_dir is not None:
-            ok = _blake3_file(Path(data_dir) / "manifest.json") == rec["data"]["digest"]
+            ok = hash_files(Path(data_dir), ["manifest.json"])["manifest.json"] == rec["data"]["digest"]
             rep.add("data", str(Path(data_dir) / "manifest.json"), ok, "" if ok else "is not the manifest the run used")
     slsa = json.loads((folder / SLSA).read_text())
-    subj = slsa["subject"][0]["digest"]["blake3"]
-    ok = subj == certified.get("model.safetensors") and slsa["predicate"]["buildDefinition"]["externalParameters"][
-        "dataManifestDigest"]["blake3"] == rec["data"]["digest"]
+    data = slsa["predicate"]["buildDefinition"]["externalParameters"]["dataManifestDigest"]["blake3"]
+    ok = slsa["subject"][0]["digest"]["blake3"] == actual.get("model.safetensors") and data == rec["data"]["digest"]
     rep.add("slsa", SLSA, ok, "subject and data manifest agree with the certificate" if ok
             else "subject or data manifest digest disagrees with the certificate")
     events = rec["tripwire"]["events"]
     rep.add("tripwire", "weight loads", None if events and rec["claim"] == "derived" else not events,
             "no foreign weight file was loaded" if not events else
             f"{len(events)} foreign load(s), e.g. {events[0]['api']}({events[0]['path']})")
-
-
-def _blake3_file(path: Path) -> str:
-    return hash_files(path.parent, [path.name])[path.name]
 
 
 def _check_lineage(rep: Report, folder: Path, rec: dict, certified: dict) -> None:
@@ -194,10 +191,8 @@ def _check_lineage(rep: Report, folder: Path, rec: dict, certified: dict) -> Non
         return
     kept = 0
     for other in sorted(folder.parent.glob("step_*")):
-        if other == folder or not (other / RECORD).is_file():
-            continue
-        theirs = json.loads((other / RECORD).read_text())
-        mine = [i for i, link in enumerate(chain) if link["end_step"] == theirs["step"]]
+        theirs = json.loads((other / RECORD).read_text()) if other != folder and (other / RECORD).is_file() else None
+        mine = [i for i, link in enumerate(chain) if theirs and link["end_step"] == theirs["step"]]
         if not mine:
             continue
         kept += 1
@@ -207,10 +202,18 @@ def _check_lineage(rep: Report, folder: Path, rec: dict, certified: dict) -> Non
     rep.add("lineage", f"{len(chain)} links", True, f"init -> step {rec['step']} unbroken; {kept} kept checkpoint(s) agree")
 
 
-def _check_init(rep: Report, rec: dict, allow_derived: bool) -> None:
+def _rebuild(rec: dict) -> tuple[str, dict]:
+    """(digest of the inputs, per-component roots of step 0 rebuilt from the record's model config and seed)."""
+    inputs = [rec["config"]["model"], rec["init"]["seed"], {n: d["dtype"] for n, d in rec["init"]["tensors"].items()}]
+    cfg = from_dict(ModelConfig, inputs[0], RECORD, "config.model.").validate(RECORD)
+    return digest_of(inputs), component_roots(rebuild_init(cfg, inputs[1], inputs[2]))
+
+
+def _check_init(rep: Report, rec: dict, allow_derived: bool, early=None) -> None:
     init = rec["init"]
-    cfg = from_dict(ModelConfig, rec["config"]["model"], RECORD, "config.model.").validate(RECORD)
-    rebuilt = component_roots(rebuild_init(cfg, init["seed"], {n: d["dtype"] for n, d in init["tensors"].items()}))
+    key, rebuilt = early.result() if early is not None and early.exception() is None else ("", {})
+    if key != digest_of([rec["config"]["model"], init["seed"], {n: d["dtype"] for n, d in init["tensors"].items()}]):
+        key, rebuilt = _rebuild(rec)  # the record changed under us, or the early start failed
     claimed = component_roots(init["tensors"])
     total = sum(r["params"] for r in rec["weights"].values())
     for c in COMPONENTS:
@@ -288,8 +291,8 @@ def main(args) -> int:
         return 2
     rep = verify(folder, args.public_key, replay=args.replay, allowed=allowed, reviewed=reviewed,
                  allow_derived=args.allow_derived, data_dir=args.data_dir)
-    out = Path(args.out) if args.out else (folder.parent.parent if folder.parent.name == "checkpoints"
-                                           else folder.parent) / "CERTIFICATE.md"
+    run_dir = folder.parent.parent if folder.parent.name == "checkpoints" else folder.parent
+    out = Path(args.out) if args.out else run_dir / "CERTIFICATE.md"
     out.write_text(certificate_md(rep))
     print(json.dumps(rep.to_dict()) if args.json else table(rep) + f"\n\ncertificate: {out}")
     for f in rep.failures:
