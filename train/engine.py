@@ -20,6 +20,7 @@ Notable choices (measured facts in shared/notes/deepspeed-on-cpu.md):
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -97,7 +98,7 @@ def pick_precision(requested: str, device: torch.device) -> tuple[str, str]:
 
 
 def deepspeed_config(path: str, *, micro_batch: int, grad_accum: int, world_size: int, grad_clip: float,
-                     precision: str, load_universal: bool = False) -> dict:
+                     precision: str, load_universal: bool = False, model_cfg: ModelConfig | None = None) -> dict:
     """The DeepSpeed JSON (ZeRO stage, offload, buckets) completed with what the run config decides."""
     try:
         ds = json.loads(Path(path).read_text())
@@ -117,7 +118,24 @@ def deepspeed_config(path: str, *, micro_batch: int, grad_accum: int, world_size
     if precision == "bf16":
         ds["data_types"] = {"grad_accum_dtype": "fp32"}  # fp32 master weights + fp32 gradient accumulation
     ds.setdefault("checkpoint", {})["load_universal"] = load_universal
+    if stage == 3 and model_cfg is not None:
+        ds["zero_optimization"].update(zero3_encoder_settings(model_cfg))
     return ds
+
+
+def zero3_encoder_settings(cfg: ModelConfig) -> dict:
+    """ZeRO-3 settings that keep every rank's collectives in step with a data-dependent number of encoder calls.
+
+    The model runs each encoder once per distinct media shape in the micro-batch (images and videos differ), so
+    ranks call it 1 or 2 times. ZeRO-3 gathers a module's parameters on every call, and unequal gathers deadlock
+    the ranks. Parameters at most `stage3_param_persistence_threshold` elements stay gathered after their first
+    (common) use, so the threshold is set to the largest encoder/projector tensor; the decoder's larger tensors
+    and the embedding stay partitioned. Prefetching follows each rank's own module trace, so it is off.
+    """
+    with torch.device("meta"):
+        model = OmniModel(cfg)
+    enc = max(p.numel() for n, p in model.named_parameters() if n.split(".", 1)[0] in ("vision", "vision_proj", "audio", "audio_proj"))
+    return {"stage3_param_persistence_threshold": enc, "stage3_prefetch_bucket_size": 0}
 
 
 def zero_stage(ds: dict) -> int:
@@ -179,6 +197,32 @@ def initialize(model: OmniModel, ds: dict, *, lr: float, betas: tuple[float, flo
         opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds, lr_scheduler=sched, dist_init_required=False)
     return engine
+
+
+def watch_grad_order(model: torch.nn.Module) -> list[int]:
+    """Record the order in which parameters' gradients become ready (index into named_parameters) in a list
+    that the caller reads and clears each step; see `check_grad_order`."""
+    order: list[int] = []
+    for i, (_, p) in enumerate(model.named_parameters()):
+        p.register_post_accumulate_grad_hook(lambda _p, i=i: order.append(i))
+    return order
+
+
+def check_grad_order(order: list[int], step: int) -> None:
+    """ZeRO-2/3 reduce gradients in buckets filled in the order gradients become ready. If that order differs
+    between ranks (the backward graph depends on the data, e.g. an encoder that runs only for some batches),
+    buckets no longer line up: ZeRO-3 deadlocks, ZeRO-2 can sum mismatched gradients silently. One all-gather of
+    a digest per step turns that into an error. Collective: every rank calls it."""
+    digest = int.from_bytes(hashlib.sha256(repr(order).encode()).digest()[:7], "little")
+    mine = torch.tensor([digest], dtype=torch.int64)
+    everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, mine)
+    order.clear()
+    if len({int(t) for t in everyone}) > 1:
+        raise RuntimeError(
+            f"step {step}: ranks produced their gradients in different orders (data-dependent backward graph), so "
+            f"ZeRO-2/3 gradient buckets would not line up across ranks; use a ZeRO-1 config (configs/deepspeed/zero1.json), "
+            f"which reduces in parameter order, or make every rank run the same modules in the same order")
 
 
 def master_dtypes(engine) -> dict[str, torch.dtype]:

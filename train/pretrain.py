@@ -125,7 +125,7 @@ def _train(cfg, d, log, stop, resume, resume_from) -> str:
     precision, why = eng.pick_precision(cfg.precision, d.device)
     ds = eng.deepspeed_config(cfg.deepspeed, micro_batch=cfg.micro_batch, grad_accum=cfg.grad_accum,
                               world_size=d.world_size, grad_clip=cfg.optim.grad_clip, precision=precision,
-                              load_universal=not same_world)
+                              load_universal=not same_world, model_cfg=model_cfg)
     log.info("world size %d on %s (%s); precision %s: %s; ZeRO stage %d", d.world_size, d.device,
              dist.get_backend(), precision, why, eng.zero_stage(ds))
 
@@ -155,6 +155,8 @@ def _train(cfg, d, log, stop, resume, resume_from) -> str:
         engine = eng.initialize(model, ds, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
                                 warmup=o.warmup_steps, total_steps=cfg.steps, min_lr_ratio=o.min_lr_ratio)
         log.info("dtypes: %s", {k: str(v) for k, v in eng.master_dtypes(engine).items()})
+        # ZeRO >= 2 reduces gradients in the order they become ready: check that it matches across ranks
+        grad_order = eng.watch_grad_order(engine.module) if eng.zero_stage(ds) >= 2 and d.world_size > 1 else None
 
         # ---- resume ----------------------------------------------------------------------------------------------
         step, segment = 0, []
@@ -273,6 +275,8 @@ def _train(cfg, d, log, stop, resume, resume_from) -> str:
                 flops += train_flops(model_cfg, b.input_ids.numel(), cfg.data.seq_len,
                                      [(x.shape[0], x.shape[2], x.shape[3]) for x in b.pixel_values],
                                      [x.shape[-1] for x in b.audio_values])
+            if grad_order is not None:
+                eng.check_grad_order(grad_order, step + 1)
             step += 1
             lr = engine.get_lr()[0]
             rec.record_step(step, loader.last_step_ranges, lr)

@@ -26,7 +26,7 @@ def main() -> None:
     reference = dict(plain.named_parameters())
     report = {}
     for stage, precision in ((3, "fp32"), (3, "bf16"), (2, "bf16"), (1, "bf16")):
-        ds = eng.deepspeed_config(str(ROOT / f"configs/deepspeed/zero{stage}.json"), micro_batch=1, grad_accum=2,
+        ds = eng.deepspeed_config(str(ROOT / f"configs/deepspeed/zero{stage}.json"), micro_batch=1, grad_accum=2, model_cfg=cfg,
                                   world_size=d.world_size, grad_clip=1.0, precision=precision)
         model = eng.build_model(cfg, 7, ds)
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -56,6 +56,18 @@ def main() -> None:
                 "changed": sum(not torch.equal(after[n], step0[n]) for n in step0) / len(step0),
             }
         del engine, model
+    # the gradient-order guard: equal orders pass, a data-dependent order (rank 1 runs b before a) is caught
+    a, b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    order = eng.watch_grad_order(torch.nn.ModuleList([a, b]))
+    x = torch.ones(1, 4)
+    b(a(x)).sum().backward()
+    eng.check_grad_order(order, 1)
+    (a(b(x)) if d.rank == 1 else b(a(x))).sum().backward()
+    try:
+        eng.check_grad_order(order, 2)
+        report["grad_order_mismatch_caught"] = False
+    except RuntimeError as e:
+        report["grad_order_mismatch_caught"] = "different orders" in str(e)
     if d.rank == 0:
         Path(sys.argv[2]).write_text(json.dumps(report, indent=2))
     eng.compute_cleanup()

@@ -1,0 +1,208 @@
+"""ZeRO memory scaling and DeepSpeed engine overhead, measured on this machine in one run.
+
+    .venv/bin/python scripts/bench_scaling.py [--model configs/model/tiny.yaml] [--steps 30]
+
+1. Per-rank memory of parameters, gradients and optimizer states at world size 1 and 2 for ZeRO stages 1, 2, 3
+   (real engines under torchrun, gloo), next to the formulas of the ZeRO paper that DeepSpeed documents
+   (Rajbhandari et al. 2020, section 5; Psi parameters, N ranks):
+       stage 1: P*Psi + G*Psi   + K*Psi/N      stage 2: P*Psi + (G+K)*Psi/N      stage 3: (P+G+K)*Psi/N
+   with bytes per parameter P (weights), G (gradients), K (fp32 master copy + Adam's two moments = 12).
+   Measured: parameters = the module's local weight storage; optimizer = the fp32 masters and Adam moments the
+   optimizer holds; gradients = what the first backward pass adds and keeps (gradient partitions, plus
+   DeepSpeed's reduction buffers, which the formulas leave out).
+2. Throughput of the DeepSpeed engine (ZeRO-2, as the demo) against a plain PyTorch loop (same model, torch
+   AdamW, clipping, LR schedule) on one rank: engine_overhead = engine step time / plain step time - 1.
+Batches are synthetic token ids (the encoders run on their zero-weight dummy inputs on every step in both loops).
+The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def live_bytes() -> int:
+    """Bytes of every distinct tensor storage reachable from Python objects."""
+    import torch
+
+    seen, total = set(), 0
+    for obj in gc.get_objects():
+        try:
+            if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+                st = obj.untyped_storage()
+                if st.data_ptr() not in seen and st.nbytes():
+                    seen.add(st.data_ptr())
+                    total += st.nbytes()
+        except Exception:  # noqa: BLE001 - meta tensors, dead weakrefs
+            continue
+    return total
+
+
+def worker(args) -> None:
+    import torch
+
+    from model import OmniModel, init_weights, load_model_config
+    from train import engine as eng
+
+    cfg = load_model_config(args.model)
+    d = eng.compute_init(600)
+    torch.manual_seed(d.rank)
+    ids = torch.randint(12, cfg.text.vocab_size, (args.batch, args.seq))
+    out = {"world_size": d.world_size, "memory": {}}
+    hp = dict(lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, warmup=1, total_steps=10**6, min_lr_ratio=0.1)
+    for stage in (1, 2, 3):
+        ds = eng.deepspeed_config(str(ROOT / f"configs/deepspeed/zero{stage}.json"), micro_batch=args.batch, grad_accum=1,
+                                  world_size=d.world_size, grad_clip=1.0, precision="fp32")
+        model = eng.build_model(cfg, 0, ds)
+        engine = eng.initialize(model, ds, **hp)
+        psi = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        for _ in range(2):  # the first step allocates Adam's moments and DeepSpeed's lazy buffers
+            loss = OmniModel.lm_loss(engine(ids), ids)
+            gc.collect()
+            before = live_bytes()
+            engine.backward(loss)
+            del loss
+            gc.collect()
+            after = live_bytes()
+            engine.step()
+            if _ == 0:
+                grads = after - before
+        params = sum((p.ds_tensor.numel() * p.ds_tensor.element_size() + (p.numel() * p.element_size() if p.ds_persist else 0))
+                     if hasattr(p, "ds_tensor") else p.numel() * p.element_size() for p in model.parameters())
+        base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        module_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters() if p.numel()}
+        opt, seen = 0, set()
+        tensors = [p for g in base.param_groups for p in g["params"]] + [t for s in base.state.values() for t in s.values()
+                                                                       if isinstance(t, torch.Tensor)]
+        for t in tensors:
+            ptr = t.untyped_storage().data_ptr()
+            if t.numel() > 1 and ptr not in seen and ptr not in module_ptrs:
+                seen.add(ptr)
+                opt += t.untyped_storage().nbytes()
+        out["memory"][stage] = {"psi": psi, "params": params, "grads": grads, "optimizer": opt}
+        del engine, model, base, tensors
+        gc.collect()
+    if d.world_size == 1:
+        out["speed"] = speed(cfg, d, ids, hp, args.steps)
+    if d.rank == 0:
+        Path(args.out).write_text(json.dumps(out))
+    eng.compute_cleanup()
+
+
+def speed(cfg, d, ids, hp, steps: int) -> dict:
+    """Seconds per optimizer step: DeepSpeed ZeRO-2 engine vs a plain PyTorch loop, same model and optimizer."""
+    import torch
+
+    from model import OmniModel, init_weights
+    from train import engine as eng
+
+    def timed(step_fn) -> float:
+        for _ in range(3):
+            step_fn()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step_fn()
+        return (time.perf_counter() - t0) / steps
+
+    plain = OmniModel(cfg)
+    init_weights(plain, 0)
+    groups = [{"params": [p for p in plain.parameters() if p.dim() >= 2], "weight_decay": hp["weight_decay"]},
+              {"params": [p for p in plain.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=hp["lr"], betas=hp["betas"], eps=hp["eps"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: eng.lr_lambda(s, warmup=1, total=10**6, min_ratio=0.1))
+
+    def plain_step():
+        loss = OmniModel.lm_loss(plain(ids), ids)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+
+    ds = eng.deepspeed_config(str(ROOT / "configs/deepspeed/zero2.json"), micro_batch=ids.shape[0], grad_accum=1,
+                              world_size=1, grad_clip=1.0, precision="fp32")
+    engine = eng.initialize(eng.build_model(cfg, 0, ds), ds, **hp)
+
+    def engine_step():
+        loss = OmniModel.lm_loss(engine(ids), ids)
+        engine.backward(loss)
+        engine.step()
+
+    # alternate to share the machine's noise (other processes) fairly between the two
+    t_plain, t_engine = [], []
+    for _ in range(2):
+        t_plain.append(timed(plain_step))
+        t_engine.append(timed(engine_step))
+    return {"plain_s_per_step": min(t_plain), "engine_s_per_step": min(t_engine)}
+
+
+def formula(stage: int, psi: int, n: int, P: int = 4, G: int = 4, K: int = 12) -> dict:
+    if stage == 1:
+        return {"params": P * psi, "grads": G * psi, "optimizer": K * psi / n}
+    if stage == 2:
+        return {"params": P * psi, "grads": G * psi / n, "optimizer": K * psi / n}
+    return {"params": P * psi / n, "grads": G * psi / n, "optimizer": K * psi / n}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=str(ROOT / "configs/model/tiny.yaml"))
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args)
+        return 0
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in (1, 2):
+            out = Path(tmp) / f"ws{n}.json"
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", __file__,
+                   "--worker", "--out", str(out), "--model", args.model, "--steps", str(args.steps),
+                   "--batch", str(args.batch), "--seq", str(args.seq)]
+            res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if res.returncode:
+                print(res.stdout[-2000:], res.stderr[-4000:], file=sys.stderr)
+                return 1
+            results[n] = json.loads(out.read_text())
+    print(f"per-rank model-state memory, fp32 on CPU (MiB; formula: P=G=4, K=12 bytes per parameter), {args.model}")
+    print(f"{'stage':>5} {'ws':>3} | {'params':>8} {'formula':>8} | {'grads':>8} {'formula':>8} | {'optim':>8} {'formula':>8}")
+    mib = 2**20
+    for stage in ("1", "2", "3"):
+        for n in (1, 2):
+            m = results[n]["memory"][stage]
+            f = formula(int(stage), m["psi"], n)
+            print(f"{stage:>5} {n:>3} | {m['params'] / mib:8.1f} {f['params'] / mib:8.1f} | {m['grads'] / mib:8.1f} "
+                  f"{f['grads'] / mib:8.1f} | {m['optimizer'] / mib:8.1f} {f['optimizer'] / mib:8.1f}")
+    total = lambda n, s: sum(results[n]["memory"][s][k] for k in ("params", "grads", "optimizer"))
+    sp = results[1]["speed"]
+    overhead = sp["engine_s_per_step"] / sp["plain_s_per_step"] - 1
+    print(f"one rank, {args.batch}x{args.seq} tokens/step: plain PyTorch {sp['plain_s_per_step'] * 1e3:.1f} ms/step, "
+          f"DeepSpeed ZeRO-2 engine {sp['engine_s_per_step'] * 1e3:.1f} ms/step -> overhead {overhead:+.1%} (goal <= 10%)")
+    summary = {"engine_overhead": round(overhead, 4),
+               "zero3_memory_ws2_vs_ws1": round(total(2, "3") / total(1, "3"), 4),
+               "zero2_memory_ws2_vs_ws1": round(total(2, "2") / total(1, "2"), 4),
+               "zero1_memory_ws2_vs_ws1": round(total(2, "1") / total(1, "1"), 4),
+               "plain_ms_per_step": round(sp["plain_s_per_step"] * 1e3, 2),
+               "engine_ms_per_step": round(sp["engine_s_per_step"] * 1e3, 2)}
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
