@@ -63,12 +63,12 @@ def choice_logprobs(model, tok, cfg, items: list[dict], batch_rows: int = 64) ->
     return scores
 
 
-def run_probes(model, tok, cfg, n_items: int, seed: int = 0) -> dict:
-    """{task: {accuracy, n, chance}} over the built-in held-out question sets."""
+def run_probes(model, tok, cfg, n_items: int, seed: int = 0, tasks: list[str] | None = None) -> dict:
+    """{task: {accuracy, n, chance}} over the built-in held-out question sets (all tasks unless `tasks`)."""
     from train.corpus import QUESTIONS, probe_items
 
     out = {}
-    for task in QUESTIONS:
+    for task in tasks or QUESTIONS:
         items = probe_items(task, n_items, seed=seed)
         scores = choice_logprobs(model, tok, cfg, items)
         correct = sum(it["choices"][max(range(len(s)), key=s.__getitem__)] == it["answer"] for it, s in zip(items, scores))
