@@ -138,9 +138,10 @@ def test_bad_input_names_the_file_or_the_length(ckpt, loaded, tmp_path, capsys):
         err = capsys.readouterr().err
         named = path / "001.png" if path.name == "clip" else path  # a bad frame of a folder is named itself
         assert f"{flag} {named}" in err and reason in err, err
-    assert generate.main(parser.parse_args([str(ckpt), "--prompt", "<|image|><|image|>", "--image", str(tmp_path / "x.png")])) == 2
+    two_images = [str(ckpt), "--prompt", "<|image|><|image|>", "--image", str(tmp_path / "x.png")]
+    assert generate.main(parser.parse_args(two_images)) == 2
     (tmp_path / "x.png").write_bytes(png("red"))
-    assert generate.main(parser.parse_args([str(ckpt), "--prompt", "<|image|><|image|>", "--image", str(tmp_path / "x.png")])) == 2
+    assert generate.main(parser.parse_args(two_images)) == 2
     assert "--prompt: text has 2 image/video" in capsys.readouterr().err
     long_prompt = " ".join(["red"] * 200)
     n = len(tok.encode(long_prompt).ids) + 1

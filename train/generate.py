@@ -82,24 +82,24 @@ def load_media(cfg, image: list[str], video: str | None, audio: str | None) -> d
     out = {"images": [], "video": None, "audio": None}
     for path in image:
         data = _read_bytes(path, "--image")
-        _check(lambda: decode_frames([data], None, tp, mult), "--image", path)
+        _check("--image", path, decode_frames, [data], None, tp, mult)
         out["images"].append(data)
     if video:
         frames = video_frames(video)
         for name, data in frames:  # one by one, so that a bad frame is named
-            _check(lambda: decode_frames([data], None, tp, mult), "--video", name)
-        _check(lambda: decode_frames([d for _, d in frames], None, tp, mult), "--video", video)
+            _check("--video", name, decode_frames, [data], None, tp, mult)
+        _check("--video", video, decode_frames, [d for _, d in frames], None, tp, mult)
         out["video"] = [d for _, d in frames]
     if audio:
         data = _read_bytes(audio, "--audio")
-        _check(lambda: decode_audio(data, None, cfg.audio.sample_rate, cfg.audio.n_fft // 2 + 1), "--audio", audio)
+        _check("--audio", audio, decode_audio, data, None, cfg.audio.sample_rate, cfg.audio.n_fft // 2 + 1)
         out["audio"] = data
     return out
 
 
-def _check(decode, flag: str, path) -> None:
+def _check(flag: str, path, decode, *args) -> None:
     try:
-        decode()
+        decode(*args)
     except ValueError as e:
         raise ValueError(f"{flag} {path}: {e}") from None
 

@@ -51,8 +51,9 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu",
     folder = resolve_checkpoint(folder)
     missing = [f for f in (WEIGHTS, CONFIG, TOKENIZER) if not (folder / f).is_file()]
     if missing:
-        raise ValueError(f"{folder}: not a checkpoint folder (missing {', '.join(missing)}); pass runs/NAME/checkpoints/step_NNNNNN, "
-                         f"a folder with a `latest` file, or an `omniscratch export --format omni` folder")
+        raise ValueError(f"{folder}: not a checkpoint folder (missing {', '.join(missing)}); pass "
+                         f"runs/NAME/checkpoints/step_NNNNNN, a folder with a `latest` file, or an `omniscratch export "
+                         f"--format omni` folder")
     cfg = load_model_config_json(folder / CONFIG)
     tok = load_tokenizer(folder / TOKENIZER)
     if tok.get_vocab_size() > cfg.text.vocab_size:
