@@ -282,3 +282,18 @@ def test_long_text_is_cut_into_rows_and_long_media_documents_are_rejected(corpus
                 pieces.append(b.input_ids[0, b.doc_ids[0] == j].tolist())
                 assert b.position_ids[0, b.doc_ids[0] == j][0] == 0 and b.labels[0, b.doc_ids[0] == j][0] == IGNORE_INDEX
     assert len(pieces) == -(-len(want) // 16) and all(len(p) <= 16 for p in pieces) and sum(pieces, []) == want
+
+
+def test_saved_dataset_folders_and_arrow_files_are_sources(corpus, tmp_path):
+    import datasets
+
+    rows = {"text": ["<|image|> a red square", "plain words"], "images": [[_png()], []]}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "saved"))
+    arrow = next((tmp_path / "saved").glob("*.arrow"))
+    for path in (tmp_path / "saved", arrow):
+        L = TrainLoader([Source(str(path), licence="CC0-1.0")], corpus["tok"], CFG, SEQ, 1, 1, cache_dir=tmp_path / "c")
+        b = L.next_step()[0]
+        assert not L.rejects and len(b.pixel_values) == 1 and b.sample_ids == [0, 1]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="neither; name a .jsonl or .arrow file"):
+        TrainLoader([Source(str(tmp_path / "empty"), licence="CC0-1.0")], corpus["tok"], CFG, SEQ, 1, 1, cache_dir=tmp_path / "c")

@@ -137,7 +137,8 @@ def load_source(src: Source, cache_dir: str | Path):
     else:
         files = [str(f) for f in source_files(path) if f.suffix == ".parquet"]
         if not files:
-            raise ValueError(f"data source {src.path}: no jsonl, parquet or arrow data (see the schema in train/sources.py)")
+            raise ValueError(f"data source {src.path}: a folder is read as parquet shards or a save_to_disk dataset, and "
+                             f"it holds neither; name a .jsonl or .arrow file directly (schema: train/sources.py)")
         ds = datasets.load_dataset("parquet", data_files=files, split="train", **kw)
     if isinstance(ds, datasets.DatasetDict):
         raise ValueError(f"data source {src.path}: a DatasetDict; name one split's folder instead")
