@@ -109,6 +109,29 @@ def _numel(shape) -> int:
     return n
 
 
+# ---- comparing per component ------------------------------------------------------------------------------------------
+
+def differing_components(a: dict[str, dict], b: dict[str, dict]) -> dict[str, list[str]]:
+    """component -> names of tensors that differ (or exist on one side only)."""
+    out: dict[str, list[str]] = {}
+    for name in sorted(set(a) | set(b)):
+        if a.get(name) != b.get(name):
+            out.setdefault(component_of(name), []).append(name)
+    return {c: out[c] for c in COMPONENTS if c in out}
+
+
+def update_sizes(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """Per component: L2 norm of (after - before) and that norm relative to the norm of `before`."""
+    sq = {c: [0.0, 0.0] for c in COMPONENTS}
+    for name, a in after.items():
+        b = before.get(name)
+        if b is None or b.shape != a.shape:
+            raise ValueError(f"tensor '{name}' has no counterpart of the same shape in the previous weights")
+        sq[component_of(name)][0] += float((a.float() - b.float()).pow(2).sum())
+        sq[component_of(name)][1] += float(b.float().pow(2).sum())
+    return {c: {"norm": d ** 0.5, "relative": (d / w) ** 0.5 if w else 0.0} for c, (d, w) in sq.items() if w or d}
+
+
 # ---- files -------------------------------------------------------------------------------------------------------
 
 def _hash_file(path: Path) -> str:

@@ -37,9 +37,18 @@ import torch
 from safetensors import safe_open
 
 from model import INIT_SCHEME, OmniModel, init_tensor
-from model.components import COMPONENTS, component_of
 from train import digest
-from train.digest import component_roots, digest_bytes, digest_of, folder_files, hash_files, safetensors_digests, tensor_digests
+from train.digest import (
+    component_roots,
+    differing_components,
+    digest_bytes,
+    digest_of,
+    folder_files,
+    hash_files,
+    safetensors_digests,
+    tensor_digests,
+    update_sizes,
+)
 
 SCHEMA = "omniscratch.provenance/v1"
 RECORD, SLSA, SIGNATURE, DATA_MANIFEST = "provenance.json", "slsa_provenance.json", "model.sig", "data_manifest.json"
@@ -116,25 +125,26 @@ def environment(world_size: int, nodes: int) -> dict:
 
 # ---- step 0 ---------------------------------------------------------------------------------------------------------
 
+class _SkipDefaultInit(torch.overrides.TorchFunctionMode):
+    """Build a skeleton without PyTorch's default init (3/4 of its cost), whose values are never used. The meta
+    device would allocate nothing but costs ~5 s: nn.Embedding's init imports torch._dynamo there."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("uniform_", "normal_", "kaiming_uniform_", "trunc_normal_"):
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
 def rebuild_init(model_cfg, seed: int, dtypes: dict[str, str] | None = None) -> dict[str, dict]:
     """Digests of the step-0 parameters rebuilt from (config, seed), each cast to `dtypes[name]` (default fp32)."""
     by_code = {v: k for k, v in digest.DTYPES.items()}
-    # names and shapes from the model code, not the record checked (meta device: +7 s importing torch._dynamo)
-    shapes = [(n, p.shape) for n, p in OmniModel(model_cfg).named_parameters()]
+    with _SkipDefaultInit():  # names and shapes come from the model code, never from the record being checked
+        shapes = [(n, p.shape) for n, p in OmniModel(model_cfg).named_parameters()]
     def tensors():
         for name, shape in shapes:
             t = init_tensor(name, shape, seed, model_cfg)
             yield name, t.to(by_code[dtypes[name]]) if dtypes and name in dtypes else t
     return tensor_digests(tensors())
-
-
-def _differing_components(a: dict[str, dict], b: dict[str, dict]) -> dict[str, list[str]]:
-    """component -> names of tensors that differ (or exist on one side only)."""
-    out: dict[str, list[str]] = {}
-    for name in sorted(set(a) | set(b)):
-        if a.get(name) != b.get(name):
-            out.setdefault(component_of(name), []).append(name)
-    return {c: out[c] for c in COMPONENTS if c in out}
 
 
 # ---- the recorder ---------------------------------------------------------------------------------------------------
@@ -185,7 +195,7 @@ class Recorder:
         kept = {n: t.detach().to("cpu", copy=True) for n, t in named_tensors}
         real = tensor_digests(kept.items())
         rebuilt = rebuild_init(self.model_cfg, self.seed, {n: d["dtype"] for n, d in real.items()})
-        differ = _differing_components(real, rebuilt)
+        differ = differing_components(real, rebuilt)
         declared = self.tripwire.derived if self.tripwire is not None else {}
         undeclared = [c for c in differ if c not in declared]
         if undeclared:
@@ -252,18 +262,6 @@ class Recorder:
         }
         self.chain, self._steps, self._weights_log = chain, [], []
         return record
-
-
-def update_sizes(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> dict[str, dict]:
-    """Per component: L2 norm of (after - before) and that norm relative to the norm of `before`."""
-    sq = {c: [0.0, 0.0] for c in COMPONENTS}
-    for name, a in after.items():
-        b = before.get(name)
-        if b is None or b.shape != a.shape:
-            raise ValueError(f"tensor '{name}' has no counterpart of the same shape in the previous weights")
-        sq[component_of(name)][0] += float((a.float() - b.float()).pow(2).sum())
-        sq[component_of(name)][1] += float(b.float().pow(2).sum())
-    return {c: {"norm": d ** 0.5, "relative": (d / w) ** 0.5 if w else 0.0} for c, (d, w) in sq.items() if w or d}
 
 
 def write_slsa(path: Path, rec: Recorder, files: dict[str, str], derived: dict) -> None:

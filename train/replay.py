@@ -27,8 +27,8 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from train.digest import digest_bytes, safetensors_digests
-from train.provenance import RECORD, digest_of, hardware, init_digest, update_sizes
+from train.digest import digest_bytes, safetensors_digests, update_sizes
+from train.provenance import RECORD, digest_of, hardware, init_digest
 
 
 def _kept(ckroot: Path, step: int) -> Path | None:
