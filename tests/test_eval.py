@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -116,6 +117,28 @@ def test_cli_writes_json_markdown_and_plot(trained, tmp_path):
     assert "| image_color |" in (tmp_path / "eval.md").read_text()
     assert (tmp_path / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temporary files
+
+
+def test_omni_export_of_a_signed_checkpoint_still_verifies(trained, tmp_path):
+    from train.export import export_omni
+    from train.signing import init_keys, sign_checkpoint
+    from train.verify import verify
+
+    ckpt = Path(shutil.copytree(trained["ckpt"], tmp_path / trained["ckpt"].name))  # sign a copy, not the fixture
+    private, public = init_keys(tmp_path / "keys")
+    sign_checkpoint(ckpt, private)
+    out = export_omni(ckpt, tmp_path / "export")
+    report = verify(out, public)
+    assert not report.failures, report.failures
+    assert {c["check"] for c in report.checks} >= {"signature", "files", "tensors", "lineage", "init"}
+    ids = torch.tensor([[1, 20, 30, 40]])
+    with torch.no_grad():
+        assert torch.equal(hub.load_checkpoint(out)[0](ids), hub.load_checkpoint(ckpt)[0](ids))
+    # the check has teeth: one changed byte in the export is named
+    data = bytearray((out / "model_config.json").read_bytes())
+    data[-2] = ord(" ")
+    (out / "model_config.json").write_bytes(bytes(data))
+    assert any(f["subject"] == "model_config.json" for f in verify(out, public).failures)
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):

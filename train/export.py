@@ -7,10 +7,12 @@ transformers at export time: the files are written from their documented formats
 transformers and compare logits. The encoders are not part of it (Llama has no place for them).
 
 `--format omni` writes the whole omnimodal model as a self-contained folder that `train.hub.load_checkpoint`
-loads. Its files are byte-identical copies of the checkpoint's top-level files (weights, configs, tokenizer,
-data state, provenance.json, slsa_provenance.json, model.sig, CERTIFICATE.md when present), so every digest
-the certificate and the signature hold still matches: `omniscratch verify` works on the export as on the
-checkpoint. Only the DeepSpeed resume state `ds/` is left out unless `--with-resume-state`.
+loads: a byte-identical copy of every file of the checkpoint folder (weights, configs, tokenizer, data state,
+provenance.json, slsa_provenance.json, data_manifest.json, model.sig when signed, the DeepSpeed state ds/),
+nothing added and nothing rewritten. The certificate and the signature cover every file of the folder, so
+`omniscratch verify EXPORT --public-key KEY` passes on the export exactly as on the checkpoint (tested).
+`--without-resume-state` leaves out ds/ (optimizer state, ~3x the weights) for a smaller folder that still
+loads; verify then reports each ds/ file as "listed in the certificate but missing": that is the truth.
 
 Mapping (ours -> HF Llama), the places where conversions usually go wrong:
 - Our rotary positions already use the rotate-half convention of HF Llama: q/k weights are copied unpermuted.
@@ -128,8 +130,8 @@ def export_hf(ckpt: str | Path, out: str | Path) -> Path:
     return _atomic_folder(out, write)
 
 
-def export_omni(ckpt: str | Path, out: str | Path, with_resume_state: bool = False) -> Path:
-    """Copy the checkpoint's top-level files byte for byte (and `ds/` when asked) to `out` (atomically)."""
+def export_omni(ckpt: str | Path, out: str | Path, with_resume_state: bool = True) -> Path:
+    """Copy the checkpoint folder byte for byte (`ds/` only if `with_resume_state`) to `out` (atomically)."""
     ckpt = resolve_checkpoint(ckpt)
     missing = [f for f in (WEIGHTS, CONFIG, TOKENIZER) if not (ckpt / f).is_file()]
     if missing:
@@ -139,8 +141,8 @@ def export_omni(ckpt: str | Path, out: str | Path, with_resume_state: bool = Fal
         for f in sorted(ckpt.iterdir()):
             if f.is_file() and not f.is_symlink():
                 shutil.copyfile(f, tmp / f.name)  # bytes only: digests in provenance.json and model.sig still match
-            elif f.is_dir() and f.name == "ds" and with_resume_state:
-                shutil.copytree(f, tmp / "ds")
+            elif f.is_dir() and not f.is_symlink() and (f.name != "ds" or with_resume_state):
+                shutil.copytree(f, tmp / f.name, symlinks=True)  # a symlink stays one: verify refuses it by name
 
     return _atomic_folder(out, write)
 
@@ -170,7 +172,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=("hf", "omni"), default="hf",
                         help="hf: text decoder as LlamaForCausalLM; omni: the whole model, certificate included")
     parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
-    parser.add_argument("--with-resume-state", action="store_true", help="omni: also copy the DeepSpeed state ds/")
+    parser.add_argument("--without-resume-state", action="store_true",
+                        help="omni: leave out the DeepSpeed state ds/ (smaller; verify then reports its files missing)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -180,9 +183,9 @@ def main(args: argparse.Namespace) -> int:
             print(f"exported the text decoder to {out} (LlamaForCausalLM; load with "
                   f"transformers.AutoModelForCausalLM.from_pretrained('{out}'))")
         else:
-            out = export_omni(args.checkpoint, args.out, args.with_resume_state)
-            print(f"exported the omnimodal model to {out} (load with train.hub.load_checkpoint('{out}'); "
-                  f"files are byte-identical to the checkpoint, so `omniscratch verify {out}` applies)")
+            out = export_omni(args.checkpoint, args.out, not args.without_resume_state)
+            print(f"exported the omnimodal model to {out} (load with train.hub.load_checkpoint('{out}'); its files "
+                  f"are byte-identical to the checkpoint's: `omniscratch verify {out} --public-key KEY` checks it)")
     except ValueError as e:
         print(f"omniscratch export: {e}", file=sys.stderr)
         return 2
