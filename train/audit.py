@@ -1,7 +1,7 @@
 """`omniscratch audit CKPT --reference PATH [PATH ...]`: which components of a checkpoint derive from other models.
 
 Every tensor of the checkpoint is compared, name-agnostically, with every reference tensor of a compatible
-shape: the same shape, the transposed shape, or a slice (one axis equal, the other a multiple of it or within
+shape: the same shape, the transposed shape, or a slice (one axis equal, the other up to 8 times it or within
 2x: fused q/k/v or gate/up projections, tensor-parallel shards, resized vocabularies). Statistics and their
 calibration are in `train/audit_stats.py`. A component is *derived* when at least one of its matrices (2-D or
 more) matches a reference tensor beyond every null (random inits, a permutation of the reference, and the
@@ -154,9 +154,12 @@ def checkpoint_entries(ckpt: str) -> dict[str, list[Entry]]:
 
 
 # ---- candidate pairs ----------------------------------------------------------------------------------
+MAX_SLICES = 8  # fused q/k/v (3), gate/up (2), tensor-parallel shards (<= 8); not "any multiple" (vocab / width)
+
+
 def _sliceable(a: int, b: int) -> bool:
     lo, hi = min(a, b), max(a, b)
-    return hi % lo == 0 or 2 * lo >= hi
+    return (hi % lo == 0 and hi // lo <= MAX_SLICES) or 2 * lo >= hi
 
 
 def orientations(a: tuple[int, ...], b: tuple[int, ...]) -> list[str]:
@@ -180,6 +183,22 @@ def candidate_pairs(a: Entry, refs: list[Entry]):
             continue
         for o in orientations(a.sketch.shape, b.sketch.shape):
             yield b, o, (b.sketch.t() if "transposed" in o else b.sketch)
+
+
+def compare(entries: list[Entry], refs: list[Entry], chunk: int = 16):
+    """(a, b, orientation, oriented b sketch, statistics) of every candidate pair, batched per checkpoint shape:
+    tensors of one shape share their candidates, whose profiles are then concatenated once."""
+    by_shape: dict[tuple, list[Entry]] = {}
+    for a in entries:
+        if not a.sketch.why_not:
+            by_shape.setdefault(a.sketch.shape, []).append(a)
+    for group in by_shape.values():
+        cands = list(candidate_pairs(group[0], refs))
+        for i in range(0, len(group) if cands else 0, chunk):
+            part = group[i : i + chunk]
+            for a, row in zip(part, S.batch_stats([a.sketch for a in part], [sb for *_, sb in cands])):
+                for (b, o, sb), st in zip(cands, row):
+                    yield a, b, o, sb, st
 
 
 def _full(e: Entry) -> torch.Tensor:
@@ -236,21 +255,21 @@ def run_audit(ckpt: str, references: list[str], nulls: list[str] = (), alpha: fl
     rnull = S.RandomInitNull()
     pairs = []
     for comp, entries in comps.items():
-        for a in entries:
-            for b, o, sb in candidate_pairs(a, refs):
-                st, nm = S.pair_stats(a.sketch, sb), rnull.model(a.sketch.shape, sb.shape)
-                pairs.append({"component": comp, "a": a, "b": b, "orientation": o, "sb": sb, "stats": st,
-                              "null": nm, "z": {k: nm.z(k, v) for k, v in st.items() if k != "cosine"}})
+        for a, b, o, sb, st in compare(entries, refs):
+            nm = rnull.model(a.sketch.shape, sb.shape)
+            pairs.append({"component": comp, "a": a, "b": b, "orientation": o, "sb": sb, "stats": st,
+                          "null": nm, "z": {k: nm.z(k, v) for k, v in st.items() if k != "cosine"}})
     n_tests = sum(len(p["z"]) for p in pairs)
     trained: dict[str, dict[str, list[float]]] = {}
     for p in pairs:
         p["p"] = {k: S.corrected(S.p_value(k, z), n_tests) for k, z in p["z"].items()}
-        p["identical"] = S.identical_block(p["a"].sketch, p["sb"]) and _identical(p["a"], p["b"], p["orientation"])
+        p["identical"] = (p["stats"]["pearson"] > 0.999 and S.identical_block(p["a"].sketch, p["sb"])  # cheap test first
+                          and _identical(p["a"], p["b"], p["orientation"]))
         candidates = [k for k, v in p["p"].items() if v < alpha]
         if candidates and null_refs and p["a"].name not in trained:
             trained[p["a"].name] = {}
-            for _, _, sb in candidate_pairs(p["a"], null_refs):
-                for k, v in S.pair_stats(p["a"].sketch, sb).items():
+            for *_, st in compare([p["a"]], null_refs):
+                for k, v in st.items():
                     trained[p["a"].name].setdefault(k, []).append(v)
         p["significant"] = [k for k in candidates if _confirm(p, k, trained.get(p["a"].name, {}), n_tests, alpha)]
     result = {"checkpoint": str(checkpoint_file(ckpt)), "references": sorted({e.file for e in refs}),

@@ -13,7 +13,7 @@ Notable choices:
   hidden units may sit on either axis, and the larger is kept.
 - Calibration: a statistic means nothing without its null. Each one becomes a z-score against independent random
   inits of the same shapes pushed through the same sketch and matching (matching alone lifts correlations well
-  above 0; only simulation says how far). The null std is taken at its upper 95% bound, so that NULL_PAIRS samples
+  above 0; only simulation says how far). The null std is taken at its upper 95% bound, so that ~60 samples
   do not overstate significance. Pairs that pass are confirmed against a permutation null of the actual reference
   sketch (same values, same structure, correspondence destroyed): heavy tails and low-rank structure of trained
   weights cannot pass for similarity. P-values are Bonferroni-corrected by the caller.
@@ -28,17 +28,18 @@ import hashlib
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
-from scipy.stats import norm
 
 K_BLOCK = 256  # leading block side for identity / Pearson / cosine: 65k entries, null std of r ~0.004
 N_PROFILE = 128  # inputs over which unit profiles are correlated
 K_QUERY = 64  # checkpoint units matched per axis
-HUNGARIAN_MAX = 1024  # reference units up to which matching is one-to-one (Hungarian)
+HUNGARIAN_MAX = 256  # reference units up to which matching is one-to-one (Hungarian): cost O(k^2 m)
 MIN_NUMEL = 64  # smaller tensors are never evidence
 CONST_REL_STD = 1e-3  # std / |mean| below this: still at an init constant (all-ones gain, zero bias)
-NULL_POOL, NULL_PAIRS = 9, 32  # random sketches per shape; null pairs drawn from them
+NULL_POOL = 8  # random sketches per shape; the null takes every pair of them (56 or 64 samples)
+CHUNK_FLOATS = 1 << 25  # correlation entries computed at once (128 MiB)
 SHUFFLES = 32  # permutation-null samples for confirming a significant pair
 
 
@@ -52,9 +53,16 @@ class Sketch:
     cols: torch.Tensor | None = None  # (n, min(m,N)) column units over the first N rows, centred and unit-norm
     coarse: bool = False  # stored in 16 bits (bf16/fp16): identity is judged after rounding the other side
     why_not: str = ""  # non-empty: never evidence (tiny, constant)
+    pc: torch.Tensor | None = None  # block centred and unit-norm: Pearson is one dot product
+    pn: torch.Tensor | None = None  # block unit-norm: cosine is one dot product
+
+    def __post_init__(self):
+        if self.pc is None:
+            c = self.block - self.block.mean()
+            self.pc, self.pn = c / c.norm().clamp_min(1e-30), self.block / self.block.norm().clamp_min(1e-30)
 
     def t(self) -> Sketch:
-        return Sketch(self.shape[::-1], self.block.T, self.cols, self.rows, self.coarse, self.why_not)
+        return Sketch(self.shape[::-1], self.block.T, self.cols, self.rows, self.coarse, self.why_not, self.pc.T, self.pn.T)
 
 
 def unit_profiles(x: torch.Tensor) -> torch.Tensor:
@@ -95,35 +103,80 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a @ b) / (a.norm() * b.norm()).clamp_min(1e-300))
 
 
-def match_units(q: torch.Tensor, r: torch.Tensor) -> float:
-    """Mean |corr| of each query unit with its matched reference unit. q (k, w), r (m, w): unit profiles."""
-    c = (q @ r.T).abs_()  # (k, m)
-    if c.shape[1] <= HUNGARIAN_MAX:
-        i, j = linear_sum_assignment(c.numpy(), maximize=True)
-        return float(c[i, j].mean())
-    return float(c.max(dim=1).values.mean())
+def _block_stats(As: list[Sketch], bs: list[Sketch]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(len(As), len(bs)) Pearson and cosine over the common leading block (As share one shape)."""
+    r, c = torch.zeros(len(As), len(bs)), torch.zeros(len(As), len(bs))
+    same = [j for j, b in enumerate(bs) if b.block.shape == As[0].block.shape]
+    if same:  # two matrix products instead of a loop over pairs
+        r[:, same] = torch.stack([a.pc.reshape(-1) for a in As]) @ torch.stack([bs[j].pc.reshape(-1) for j in same]).T
+        c[:, same] = torch.stack([a.pn.reshape(-1) for a in As]) @ torch.stack([bs[j].pn.reshape(-1) for j in same]).T
+    for j in sorted(set(range(len(bs))) - set(same)):  # a slice: crop both to the common block
+        for i, a in enumerate(As):
+            x, y = _common(a.block, bs[j].block)
+            r[i, j], c[i, j] = pearson(x, y), cosine(x, y)
+    return r, c
 
 
-def _axis(qa: torch.Tensor, rb: torch.Tensor) -> float:
-    w = min(qa.shape[1], rb.shape[1])
-    q = qa[:K_QUERY]
-    if w < qa.shape[1]:
-        q = unit_profiles(q[:, :w])
-    if w < rb.shape[1]:
-        rb = unit_profiles(rb[:, :w])
-    return match_units(q, rb)
+def _ref_chunks(js: list[int], refs: list[torch.Tensor], budget: int):
+    """Consecutive runs of references whose units add up to at most `budget` (at least one each)."""
+    run, size = [], 0
+    for j in js:
+        if run and size + refs[j].shape[0] > budget:
+            yield run
+            run, size = [], 0
+        run.append(j)
+        size += refs[j].shape[0]
+    if run:
+        yield run
 
 
-def aligned(a: Sketch, b: Sketch) -> float:
-    """Permutation-, sign- and scale-robust similarity: the better of matching rows and matching columns."""
-    return max(_axis(a.rows, b.rows), _axis(a.cols, b.cols))
+def _axis(queries: list[torch.Tensor], refs: list[torch.Tensor]) -> torch.Tensor:
+    """(len(queries), len(refs)) mean matched |corr| of each query's units with each reference's units.
+
+    All queries go through one matrix product per run of references (a proper GEMM, bounded memory)."""
+    out = torch.zeros(len(queries), len(refs))
+    by_width: dict[int, list[int]] = {}
+    for j, r in enumerate(refs):
+        by_width.setdefault(min(r.shape[1], queries[0].shape[1]), []).append(j)
+    for w, js in by_width.items():
+        qs = [q[:K_QUERY] if q.shape[1] == w else unit_profiles(q[:K_QUERY, :w]) for q in queries]
+        qn = np.array([len(q) for q in qs])
+        q0 = np.concatenate([[0], qn.cumsum()[:-1]])
+        qall = torch.cat(qs)  # (sum k, w)
+        for part in _ref_chunks(js, refs, max(1, CHUNK_FLOATS // len(qall))):
+            sizes = [refs[j].shape[0] for j in part]
+            r0 = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+            rs = torch.cat([refs[j] if refs[j].shape[1] == w else unit_profiles(refs[j][:, :w]) for j in part])
+            c = (qall @ rs.T).abs_().numpy()  # (sum k, sum m)
+            best = np.add.reduceat(np.maximum.reduceat(c, r0, axis=1), q0, axis=0) / qn[:, None]
+            for t, (s0, m) in enumerate(zip(r0, sizes)):
+                if m <= HUNGARIAN_MAX:  # one-to-one matching where it is cheap
+                    for i in range(len(qs)):
+                        seg = c[q0[i] : q0[i] + qn[i], s0 : s0 + m]
+                        best[i, t] = seg[linear_sum_assignment(seg, maximize=True)].mean()
+            out[:, part] = torch.from_numpy(best).float()
+    return out
+
+
+def batch_stats(As: list[Sketch], bs: list[Sketch]) -> list[list[dict[str, float]]]:
+    """Raw statistics of every (a, b) pair: a from `As` (one shape), b oriented already (transposed if the pair is).
+
+    Batched: checkpoint tensors of one shape share their candidates, so each statistic is a few matrix products."""
+    r, c = _block_stats(As, bs)
+    stats = {"pearson": r.tolist(), "cosine": c.tolist()}
+    if len(As[0].shape) == 2:
+        al = torch.maximum(_axis([a.rows for a in As], [b.rows for b in bs]), _axis([a.cols for a in As], [b.cols for b in bs]))
+        stats["aligned"] = al.tolist()
+    return [[{k: v[i][j] for k, v in stats.items()} for j in range(len(bs))] for i in range(len(As))]
+
+
+def pair_stats(a: Sketch, b: Sketch) -> dict[str, float]:
+    return batch_stats([a], [b])[0][0]
 
 
 def identical_block(a: Sketch, b: Sketch) -> bool:
     """Equal leading blocks, after rounding both to the coarser storage (a bf16 copy of fp32 weights is a copy)."""
     x, y = _common(a.block, b.block)
-    if x.shape != y.shape:
-        return False
     if a.coarse != b.coarse:
         x, y = x.to(torch.bfloat16), y.to(torch.bfloat16)
     return torch.equal(x, y)
@@ -135,15 +188,6 @@ def _common(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
         return x[:n], y[:n]
     m, n = min(x.shape[0], y.shape[0]), min(x.shape[1], y.shape[1])
     return x[:m, :n], y[:m, :n]
-
-
-def pair_stats(a: Sketch, b: Sketch) -> dict[str, float]:
-    """Raw statistics of one oriented pair (b already transposed when the pair is)."""
-    x, y = _common(a.block, b.block)
-    out = {"pearson": pearson(x, y), "cosine": cosine(x, y)}
-    if len(a.shape) == 2:
-        out["aligned"] = aligned(a, b)
-    return out
 
 
 # ---- calibration ---------------------------------------------------------------------------------------
@@ -181,9 +225,9 @@ def summarise(samples: list[float]) -> tuple[float, float]:
 
 
 def _chi2_lo(dof: int) -> float:
-    from scipy.stats import chi2
-
-    return float(chi2.ppf(0.05, dof))
+    """5% quantile of chi-square(dof), Wilson-Hilferty (within 1% for dof >= 10; spares importing scipy.stats)."""
+    h = 2.0 / (9.0 * dof)
+    return dof * (1.0 - h - 1.6449 * math.sqrt(h)) ** 3
 
 
 @dataclass
@@ -202,11 +246,12 @@ class RandomInitNull:
         key = (shape_a, shape_b)
         if key not in self.cache:
             pa, pb = self._pool(shape_a), self._pool(shape_b)
-            pairs = [(i, j) for i in range(NULL_POOL) for j in range(i + 1, NULL_POOL)][:NULL_PAIRS]
             samples: dict[str, list[float]] = {}
-            for i, j in pairs:
-                for k, v in pair_stats(pa[i], pb[j]).items():
-                    samples.setdefault(k, []).append(v)
+            for i, row in enumerate(batch_stats(pa, pb)):
+                for j, st in enumerate(row):
+                    if shape_a != shape_b or i != j:  # same shape: the pools are the same tensors
+                        for k, v in st.items():
+                            samples.setdefault(k, []).append(v)
             self.cache[key] = NullModel({k: summarise(v) for k, v in samples.items()})
         return self.cache[key]
 
@@ -225,15 +270,15 @@ def shuffled(s: Sketch, g: torch.Generator) -> Sketch:
 def permutation_null(a: Sketch, b: Sketch, seed: int = 0) -> NullModel:
     g = torch.Generator().manual_seed(seed)
     samples: dict[str, list[float]] = {}
-    for _ in range(SHUFFLES):
-        for k, v in pair_stats(a, shuffled(b, g)).items():
+    for st in batch_stats([a], [shuffled(b, g) for _ in range(SHUFFLES)])[0]:
+        for k, v in st.items():
             samples.setdefault(k, []).append(v)
     return NullModel({k: summarise(v) for k, v in samples.items()})
 
 
 def p_value(name: str, z: float) -> float:
     """Uncorrected p-value of a z from `NullModel.z` (two-sided for Pearson)."""
-    return float(norm.sf(z)) * (2.0 if name == "pearson" else 1.0)
+    return 0.5 * math.erfc(z / math.sqrt(2)) * (2.0 if name == "pearson" else 1.0)
 
 
 def corrected(p: float, n_tests: int) -> float:

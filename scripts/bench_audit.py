@@ -1,0 +1,135 @@
+"""Benchmark of `omniscratch audit`: audit time for a checkpoint and a reference of growing size.
+
+Run: `.venv/bin/python scripts/bench_audit.py [--sizes tiny small 1b] [--threads 2] [--workdir /tmp]`.
+
+Each point writes a synthetic checkpoint with the shapes and names of an OmniModel config (fp32, random
+weights, except that text layer 0's query projection is a row-permuted, noised copy of the reference's, so the
+derived path is exercised too) and a Llama-shaped reference of about the same size (bf16, Hugging Face names),
+then times `run_audit` on them. Files are written tensor by tensor (a streaming safetensors writer), so a
+1B-parameter pair needs ~7 GiB of disk and little memory. The goal: 1B vs 1B in <= 120 s on 2 cores, and
+time growing no worse than linearly in the number of candidate pairs (`us_per_pair` roughly flat). The last
+line is one JSON object with `seconds_1b_vs_1b`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import struct
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# busy-waiting OpenMP threads beside other load slow everything ~10x (docs: shared/notes/cpu-training.md)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from model import OmniModel, load_model_config  # noqa: E402
+from train.audit import run_audit  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+# reference (Llama-shaped) per checkpoint size: dim, layers, ffn, vocab, kv width; the 1b one is TinyLlama-1.1B's
+REFERENCES = {"tiny": (256, 4, 704, 4096, 64), "small": (640, 12, 1728, 32000, 320), "1b": (2048, 22, 5632, 32000, 256)}
+COPIED = ("text.layers.0.attn.wq.weight", "model.layers.0.self_attn.q_proj.weight")
+
+
+def llama_shapes(d: int, layers: int, ffn: int, vocab: int, kv: int) -> dict[str, tuple[int, ...]]:
+    shapes = {"model.embed_tokens.weight": (vocab, d)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes |= {p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
+                   p + "self_attn.q_proj.weight": (d, d), p + "self_attn.k_proj.weight": (kv, d),
+                   p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, d),
+                   p + "mlp.gate_proj.weight": (ffn, d), p + "mlp.up_proj.weight": (ffn, d),
+                   p + "mlp.down_proj.weight": (d, ffn)}
+    return shapes | {"model.norm.weight": (d,), "lm_head.weight": (vocab, d)}
+
+
+def omni_shapes(config: str) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        model = OmniModel(load_model_config(ROOT / "configs" / "model" / f"{config}.yaml"))
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + sum(map(ord, name)) * 7919 + len(name))
+    if len(shape) == 1:
+        return 1 + 0.05 * torch.randn(shape, generator=g)
+    return torch.randn(shape, generator=g) / math.sqrt(math.prod(shape[1:]))
+
+
+def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, make) -> int:
+    """Write a safetensors file tensor by tensor: header first (offsets known from shapes), then the data."""
+    code, size = {torch.float32: ("F32", 4), torch.bfloat16: ("BF16", 2)}[dtype]
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        n = math.prod(shape) * size
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for name, shape in shapes.items():
+            t = make(name, shape).to(dtype).contiguous()
+            f.write((t.view(torch.int16) if dtype == torch.bfloat16 else t).numpy().tobytes())
+    return sum(math.prod(s) for s in shapes.values())
+
+
+def point(size: str, work: Path) -> dict:
+    ref_shapes, ckpt_shapes = llama_shapes(*REFERENCES[size]), omni_shapes(size)
+
+    def ckpt_tensor(name, shape):
+        if name == COPIED[0] and ref_shapes.get(COPIED[1]) == shape:
+            t = tensor(COPIED[1], shape, seed=2)
+            return (t + 0.5 * t.std() * torch.randn(shape))[torch.randperm(shape[0])]
+        return tensor(name, shape, seed=1)
+
+    t0 = time.perf_counter()
+    n_ckpt = write_safetensors(work / "model.safetensors", ckpt_shapes, torch.float32, ckpt_tensor)
+    (work / "ref").mkdir(exist_ok=True)
+    n_ref = write_safetensors(work / "ref" / "model.safetensors", ref_shapes, torch.bfloat16, lambda n, s: tensor(n, s, 2))
+    written = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    result = run_audit(str(work), [str(work / "ref")])
+    seconds = time.perf_counter() - t0
+    derived = sorted(c for c, v in result["components"].items() if v["verdict"] == "derived")
+    row = {"size": size, "ckpt_params": n_ckpt, "ref_params": n_ref, "pairs": result["pairs"], "tests": result["tests"],
+           "seconds": round(seconds, 2), "us_per_pair": round(1e6 * seconds / max(result["pairs"], 1), 1),
+           "derived": derived, "write_seconds": round(written, 1)}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", nargs="+", default=["tiny", "small", "1b"], choices=list(REFERENCES))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workdir", default=tempfile.gettempdir())
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    for size in args.sizes:
+        work = Path(tempfile.mkdtemp(prefix=f"bench_audit_{size}_", dir=args.workdir))
+        try:
+            rows.append(point(size, work))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    by = {r["size"]: r for r in rows}
+    first, last = rows[0], rows[-1]
+    summary = {"threads": args.threads, "points": rows,
+               "seconds_1b_vs_1b": by["1b"]["seconds"] if "1b" in by else None,
+               "goal_seconds_1b_vs_1b": 120,
+               "pairs_ratio_last_vs_first": round(last["pairs"] / max(first["pairs"], 1), 2),
+               "time_ratio_last_vs_first": round(last["seconds"] / max(first["seconds"], 1e-9), 2),
+               "us_per_pair_ratio_last_vs_first": round(last["us_per_pair"] / max(first["us_per_pair"], 1e-9), 2)}
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
