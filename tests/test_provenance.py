@@ -261,3 +261,28 @@ def test_a_resumed_run_continues_the_chain_and_keeps_earlier_loads(tmp_path, key
     assert not rep.failures, rep.failures
     verdicts = {r["component"]: r["verdict"] for r in rep.components}
     assert verdicts["audio_encoder"] == "derived" and verdicts["vision_encoder"] == "from scratch"
+
+
+def test_licence_allow_list_is_configurable(tmp_path, keys):
+    from train.verify import ALLOWED_LICENCES, licence_ok
+
+    assert licence_ok("Apache-2.0 OR BSD-3-Clause") and licence_ok("MPL-2.0 AND MIT")
+    assert not licence_ok("GPL-3.0-only") and not licence_ok("MIT AND GPL-2.0") and not licence_ok("UNKNOWN")
+    folder = synthetic_run(tmp_path / "run", steps=(2,))[-1]
+    sign_checkpoint(folder, keys[0])
+    no_mpl = tuple(a for a in ALLOWED_LICENCES if a not in ("MPL", "Mozilla Public"))
+    found = failures(verify(folder, keys[1], allowed=no_mpl))
+    assert len(found) == 1 and found[0][0] == "licences" and "tqdm" in found[0][2] and "certifi" in found[0][2]
+
+
+def test_replay_picks_the_largest_updates_then_random_ones():
+    from train.replay import choose
+
+    sizes = [0.5, 3.0, 0.1, 2.0, 0.2, 0.3]
+    rec = {"chain": [{"update": {"text_decoder": {"relative": s}}} for s in sizes]}
+    cands = [(i, None, None) for i in range(len(sizes))]
+    assert 1 in [c[0] for c in choose(cands, rec, 2)] and len(choose(cands, rec, 2)) == 2  # 1 largest + 1 random
+    picked = [c[0] for c in choose(cands, rec, 4)]
+    assert {1, 3} <= set(picked) and len(picked) == 4  # the 2 largest + 2 random
+    assert picked == [c[0] for c in choose(cands, rec, 4)]  # repeatable for a given chain
+    assert len(choose(cands, rec, 10)) == 6

@@ -14,11 +14,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from distributed.train_env import ROOT, TEST_MODEL, cli, make_workspace
 from safetensors.torch import load_file, save_file
 
 from model import OmniModel, init_weights
 from model.config import ModelConfig, from_dict
-from tests.distributed.train_env import ROOT, TEST_MODEL, cli, make_workspace
 from train.digest import component_roots, folder_files, hash_files, safetensors_digests, tensor_digests
 from train.provenance import RECORD, SLSA, digest_of, init_digest
 from train.replay import replay_segment
@@ -184,3 +184,11 @@ def test_replay_is_bit_exact_and_catches_replaced_end_weights(run, copy):
     assert not verify(copy, run[2]).failures  # every static check passes: only replay can tell
     ok, why = replay_segment(json.loads((copy / RECORD).read_text()), 2, start, copy)
     assert not ok and "not bit-identical" in why, why
+
+
+def test_kept_checkpoint_that_disagrees_with_the_chain(run, copy):
+    older = copy.parent / "step_000004" / RECORD
+    rec = json.loads(older.read_text())
+    rec["chain"][-1]["steps"][0][1] = [[0, 1]]  # it claims other data for step 3 than the newer chain does
+    older.write_text(json.dumps(rec))
+    assert ("lineage", "step_000004", "kept checkpoint disagrees with link 1 of this chain") in failures(verify(copy, run[2]))
