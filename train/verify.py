@@ -69,7 +69,6 @@ def verify(folder, public_key, *, replay: int = 0, allowed=ALLOWED_LICENCES, rev
 
 
 def _verify(rep, folder, public_key, early, replay, allowed, reviewed, allow_derived, data_dir) -> None:
-    # ---- files: signature, then the certificate's digests --------------------------------------------------------
     try:
         signed = signed_manifest(folder, public_key)
         rep.add("signature", SIGNATURE, True, f"valid for {Path(public_key).name}")
