@@ -273,7 +273,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--public-key", required=True, help="the signer's public key (PEM)")
     parser.add_argument("--replay", type=int, default=0, metavar="K", help="re-execute K recorded segments")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
-    parser.add_argument("--out", help="where to write CERTIFICATE.md (default: the run folder)")
+    parser.add_argument("--out", help="CERTIFICATE.md path or folder (default: the run folder)")
     parser.add_argument("--licences", help="YAML with `allow: [..]` licence names and `reviewed: {package: licence}`")
     parser.add_argument("--allow-derived", action="store_true", help="accept components certified 'derived'")
     parser.add_argument("--data-dir", help="also check that this data folder's manifest is the one the run used")
@@ -290,8 +290,8 @@ def main(args) -> int:
         return 2
     rep = verify(folder, args.public_key, replay=args.replay, allowed=allowed, reviewed=reviewed,
                  allow_derived=args.allow_derived, data_dir=args.data_dir)
-    run_dir = folder.parent.parent if folder.parent.name == "checkpoints" else folder.parent
-    out = Path(args.out) if args.out else run_dir / "CERTIFICATE.md"
+    out = Path(args.out or (folder.parent.parent if folder.parent.name == "checkpoints" else folder.parent))
+    out = out / "CERTIFICATE.md" if out.is_dir() else out
     out.write_text(certificate_md(rep))
     print(json.dumps(rep.to_dict()) if args.json else table(rep) + f"\n\ncertificate: {out}")
     for f in rep.failures:
