@@ -19,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -141,6 +142,38 @@ def test_omni_export_of_a_signed_checkpoint_still_verifies(trained, tmp_path):
     assert any(f["subject"] == "model_config.json" for f in verify(out, public).failures)
 
 
+def test_generate_cli_answers_from_the_media(trained, tmp_path, capsys):
+    from train.generate import add_arguments, main
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    rng = np.random.default_rng(123)
+    for k in range(4):
+        row = corpus.make_sample("image_color" if k % 2 else "audio_pitch", rng)
+        media = tmp_path / (f"{k}.png" if row["images"] else f"{k}.wav")
+        media.write_bytes(row["images"][0] if row["images"] else row["audio"])
+        prompt = row["text"][: -len(row["answer"]) - 1]
+        flag = "--image" if row["images"] else "--audio"
+        assert main(parser.parse_args([str(trained["ckpt"]), "--prompt", prompt, flag, str(media), "--max-new-tokens", "4"])) == 0
+        assert capsys.readouterr().out.split()[0].strip(".") == row["answer"], (prompt, row["answer"])
+
+
+def test_hf_export_of_the_trained_checkpoint_generates_as_we_do(trained, tmp_path):
+    import transformers
+
+    from train.export import export_hf
+    from train.generate import generate_ids
+
+    out = export_hf(trained["ckpt"], tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = transformers.AutoTokenizer.from_pretrained(out)("Question: what colour is", return_tensors="pt").input_ids
+    model = hub.load_checkpoint(trained["ckpt"])[0]
+    with torch.no_grad():
+        assert (model(ids) - hf(input_ids=ids).logits).abs().max() <= 1e-4
+        theirs = hf.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None)[0, ids.shape[1]:].tolist()
+    assert [t for t, _ in generate_ids(model, ids[0].tolist(), max_new_tokens=8, stop_at_eos=False)] == theirs
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     evaluate.add_arguments(parser)
@@ -148,3 +181,15 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert "not a checkpoint folder" in capsys.readouterr().err
     save_file({}, str(tmp_path / "x.safetensors"))  # unrelated files do not make a checkpoint
     assert evaluate.main(parser.parse_args([str(tmp_path), "--out", str(tmp_path / "o")])) == 2
+    assert "not a checkpoint folder" in capsys.readouterr().err
+
+
+def test_eval_never_writes_into_the_checkpoint(trained, capsys):
+    ckpt = trained["ckpt"]
+    assert evaluate.default_out(ckpt) == trained["run"] / "eval" / ckpt.name
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    before = sorted(p.name for p in ckpt.iterdir())
+    assert evaluate.main(parser.parse_args([str(ckpt), "--out", str(ckpt)])) == 2
+    assert "break its certificate" in capsys.readouterr().err
+    assert sorted(p.name for p in ckpt.iterdir()) == before

@@ -89,6 +89,7 @@ def test_hf_export_matches_logits(tmp_path, case):
     ours_tok = load_tokenizer(ckpt / "tokenizer.json")
     text = "<|bos|>A red circle moves left.<|eos|>"
     assert tok(text, add_special_tokens=False)["input_ids"] == ours_tok.encode(text).ids
+    assert tok("A red circle")["input_ids"] == [1] + ours_tok.encode("A red circle").ids  # BOS first, as in training
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (1, 2, 0)
     assert transformers.GenerationConfig.from_pretrained(out).eos_token_id == 2
 

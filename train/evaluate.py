@@ -1,8 +1,9 @@
 """`omniscratch eval CKPT [--data DIR] [--out DIR]`: held-out loss per modality and probe accuracy.
 
-Writes `eval.json`, `eval.md` (a summary) and `eval.png` (a plot) to `--out` (default: the checkpoint folder's
-run, i.e. runs/NAME). eval.json holds at least `heldout_loss`, `image_accuracy`, `video_accuracy`,
-`audio_accuracy`, and per task / per modality detail.
+Writes `eval.json`, `eval.md` (a summary) and `eval.png` (a plot) to `--out` (default: runs/NAME/eval/step_N for
+runs/NAME/checkpoints/step_N; never the checkpoint folder itself, whose certificate lists every file).
+eval.json holds at least `heldout_loss`, `image_accuracy`, `video_accuracy`, `audio_accuracy`, and per task /
+per modality detail.
 
 Notable choices:
 - Held-out loss uses the training pipeline itself (`train.data.TrainLoader` over `DATA/heldout`, packed rows,
@@ -193,10 +194,17 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+def default_out(folder: Path) -> Path:
+    """runs/NAME/eval/step_N for runs/NAME/checkpoints/step_N, else a sibling FOLDER-eval."""
+    if folder.parent.name == "checkpoints":
+        return folder.parent.parent / "eval" / folder.name
+    return folder.parent / f"{folder.name}-eval"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="checkpoint folder (or a run/checkpoints folder with a `latest` file)")
     parser.add_argument("--data", help="corpus folder with a heldout/ split (default: the run config's data.dir)")
-    parser.add_argument("--out", help="folder for eval.json, eval.md, eval.png (default: the checkpoint folder)")
+    parser.add_argument("--out", help="folder for eval.json, eval.md, eval.png (default: runs/NAME/eval/step_N)")
     parser.add_argument("--probe-items", type=int, default=100, help="held-out probe items per task")
     parser.add_argument("--heldout-batches", type=int, default=8, help="packed micro-batches of held-out data")
     parser.add_argument("--micro-batch", type=int, default=8)
@@ -207,8 +215,11 @@ def main(args: argparse.Namespace) -> int:
     if args.probe_items <= 0 or args.heldout_batches <= 0 or args.micro_batch <= 0:
         print("omniscratch eval: --probe-items, --heldout-batches and --micro-batch must be positive", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else resolve_checkpoint(args.checkpoint)
+    folder = resolve_checkpoint(args.checkpoint)
+    out = Path(args.out) if args.out else default_out(folder)
     try:
+        if out.resolve() == folder.resolve():
+            raise ValueError(f"--out {out} is the checkpoint folder: files added there break its certificate; choose another")
         out.mkdir(parents=True, exist_ok=True)
         r = evaluate(args.checkpoint, args.data, args.probe_items, None, args.micro_batch, args.heldout_batches, args.seed,
                      rejects_path=out / "rejects_eval.jsonl")

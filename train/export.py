@@ -1,7 +1,8 @@
 """`omniscratch export CKPT --format hf|omni --out DIR`: checkpoints that other tools can load.
 
 `--format hf` writes the text decoder as a Hugging Face `LlamaForCausalLM` folder (config.json,
-model.safetensors, tokenizer.json + tokenizer_config.json + special_tokens_map.json, generation_config.json)
+model.safetensors, tokenizer.json + tokenizer_config.json + special_tokens_map.json, generation_config.json;
+the tokenizer is ours plus a post-processor that prepends BOS, as training does)
 that transformers loads with no custom code, e.g. for lm-evaluation-harness `--model hf`. It needs no
 transformers at export time: the files are written from their documented formats, and tests load them with
 transformers and compare logits. The encoders are not part of it (Llama has no place for them).
@@ -39,6 +40,7 @@ from safetensors.torch import load_file, save_file
 
 from model import ModelConfig
 from model.config import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS
+from tokenizer.bpe import load_tokenizer
 
 from .hub import CONFIG, TOKENIZER, WEIGHTS, load_model_config_json, resolve_checkpoint
 
@@ -99,10 +101,22 @@ def hf_config(cfg: ModelConfig) -> dict:
     }
 
 
+def hf_tokenizer(path: Path):
+    """Our tokenizer with a post-processor that prepends BOS, as every training document starts with it: tools
+    that call `tokenizer(text)` (lm-evaluation-harness among them) then feed the model what it was trained on.
+    `add_special_tokens=False` still gives the bare ids."""
+    from tokenizers import processors
+
+    tok = load_tokenizer(path)
+    bos = SPECIAL_TOKENS[BOS_ID]
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B:1", special_tokens=[(bos, BOS_ID)])
+    return tok
+
+
 def _tokenizer_files(cfg: ModelConfig) -> dict[str, dict]:
-    """The files PreTrainedTokenizerFast reads beside tokenizer.json (copied unchanged)."""
+    """The files PreTrainedTokenizerFast reads beside tokenizer.json."""
     special = {"bos_token": SPECIAL_TOKENS[BOS_ID], "eos_token": SPECIAL_TOKENS[EOS_ID], "pad_token": SPECIAL_TOKENS[PAD_ID]}
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.text.max_seq_len,
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.text.max_seq_len, "add_bos_token": True,
               "clean_up_tokenization_spaces": False, **special,
               "additional_special_tokens": [s for i, s in enumerate(SPECIAL_TOKENS) if i not in (BOS_ID, EOS_ID, PAD_ID)]}
     return {"tokenizer_config.json": config, "special_tokens_map.json": special}
@@ -123,7 +137,7 @@ def export_hf(ckpt: str | Path, out: str | Path) -> Path:
         _write_json(tmp / "config.json", hf_config(cfg))
         _write_json(tmp / "generation_config.json", {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID,
                                                      "pad_token_id": PAD_ID, "do_sample": False})
-        shutil.copyfile(ckpt / TOKENIZER, tmp / "tokenizer.json")
+        hf_tokenizer(ckpt / TOKENIZER).save(str(tmp / "tokenizer.json"))
         for name, obj in _tokenizer_files(cfg).items():
             _write_json(tmp / name, obj)
 
