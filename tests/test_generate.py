@@ -105,6 +105,8 @@ def test_top_p_keeps_only_the_nucleus():
     assert picks == {17, 18}  # 0.4 < 0.7 so the second token is needed; the third never is
     assert {generate.sample_next(logits, 1.0, 0.3, gen) for _ in range(50)} == {17}
     assert {generate.sample_next(logits, 1.0, 1.0, gen) for _ in range(300)} == {17, 18, 19}
+    assert {generate.sample_next(logits, 1.0, 1.0, gen, n_vocab=19) for _ in range(100)} == {17, 18}  # padded rows
+    assert generate.sample_next(logits, 0.0, 1.0, gen, n_vocab=17) < 17
 
 
 def test_cli_streams_the_greedy_continuation(ckpt, loaded, capsys):
@@ -114,7 +116,8 @@ def test_cli_streams_the_greedy_continuation(ckpt, loaded, capsys):
     assert generate.main(parser.parse_args([str(ckpt), "--prompt", "A green", "--max-new-tokens", "12"])) == 0
     printed = capsys.readouterr().out
     ids = [BOS_ID] + tok.encode("A green").ids
-    expected = [t for t, _ in generate.generate_ids(model, ids, max_new_tokens=12)]
+    expected = [t for t, _ in generate.generate_ids(model, ids, max_new_tokens=12, n_vocab=tok.get_vocab_size())]
+    assert max(expected) < tok.get_vocab_size() < cfg.text.vocab_size
     assert printed == tok.decode(expected, skip_special_tokens=True) + "\n"
 
 

@@ -109,10 +109,14 @@ def _check(flag: str, path, decode, *args) -> None:
 NEVER_GENERATED = [PAD_ID, BOS_ID, *range(IMAGE_ID, len(SPECIAL_TOKENS))]
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
-    """Greedy when temperature == 0, else a draw from the smallest set of tokens whose mass reaches top_p."""
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None,
+                n_vocab: int | None = None) -> int:
+    """Greedy when temperature == 0, else a draw from the smallest set of tokens whose mass reaches top_p.
+    Ids from `n_vocab` on (embedding rows the tokenizer never produces: the table is padded) are never drawn."""
     logits = logits.clone()
     logits[NEVER_GENERATED] = float("-inf")
+    if n_vocab is not None:
+        logits[n_vocab:] = float("-inf")
     if temperature <= 0:
         return int(logits.argmax())
     probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -125,7 +129,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: tor
 
 def generate_ids(model, ids: list[int], pixel_values=(), audio_values=(), max_new_tokens: int = 64,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, use_cache: bool = True,
-                 stop_at_eos: bool = True) -> Iterator[tuple[int, torch.Tensor]]:
+                 stop_at_eos: bool = True, n_vocab: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
     """An iterator of (token, logits it was chosen from) per new token; stops at EOS or the end of the context.
 
     The prompt length is checked here, before any work, not at the first `next()`."""
@@ -133,11 +137,12 @@ def generate_ids(model, ids: list[int], pixel_values=(), audio_values=(), max_ne
     if len(ids) >= context:
         raise ValueError(f"the prompt is {len(ids)} tokens (media included) but the model's context is {context}; shorten it")
     return _decode(model, ids, list(pixel_values), list(audio_values), max_new_tokens, temperature, top_p, seed,
-                   use_cache, stop_at_eos)
+                   use_cache, stop_at_eos, n_vocab)
 
 
 @torch.no_grad()
-def _decode(model, ids, pixel_values, audio_values, max_new_tokens, temperature, top_p, seed, use_cache, stop_at_eos):
+def _decode(model, ids, pixel_values, audio_values, max_new_tokens, temperature, top_p, seed, use_cache, stop_at_eos,
+            n_vocab):
     context = model.cfg.text.max_seq_len
     device = model.embed.weight.device
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -145,7 +150,7 @@ def _decode(model, ids, pixel_values, audio_values, max_new_tokens, temperature,
     cache = model.new_cache(1, min(context, len(ids) + max_new_tokens)) if use_cache else None
     logits = model(seq, pixel_values=pixel_values, audio_values=audio_values, cache=cache)[0, -1]  # (V,)
     for _ in range(min(max_new_tokens, context - len(ids))):
-        token = sample_next(logits.cpu(), temperature, top_p, gen)
+        token = sample_next(logits.cpu(), temperature, top_p, gen, n_vocab)
         yield token, logits
         if stop_at_eos and token == EOS_ID:
             return
@@ -204,7 +209,7 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"--prompt: {e}") from None
         vision, sounds = [v.to(args.device) for v in vision], [a.to(args.device) for a in sounds]
         tokens = (t for t, _ in generate_ids(model, ids, vision, sounds, args.max_new_tokens, args.temperature,
-                                             args.top_p, args.seed))
+                                             args.top_p, args.seed, n_vocab=tok.get_vocab_size()))
         stream_text(tok, tokens)
     except ValueError as e:
         print(f"omniscratch generate: {e}", file=sys.stderr)
