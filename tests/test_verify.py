@@ -192,3 +192,13 @@ def test_kept_checkpoint_that_disagrees_with_the_chain(run, copy):
     rec["chain"][-1]["steps"][0][1] = [[0, 1]]  # it claims other data for step 3 than the newer chain does
     older.write_text(json.dumps(rec))
     assert ("lineage", "step_000004", "kept checkpoint disagrees with link 1 of this chain") in failures(verify(copy, run[2]))
+
+
+def test_replay_candidates_need_both_ends_kept(copy):
+    from train.replay import candidates
+
+    rec = json.loads((copy / RECORD).read_text())
+    assert [(i, s.name if s else None, e.name) for i, s, e in candidates(copy, rec)] == [
+        (0, None, "step_000002"), (1, "step_000002", "step_000004"), (2, "step_000004", "step_000006")]
+    shutil.rmtree(copy.parent / "step_000002")  # pruned: the segments on either side can no longer be replayed
+    assert [i for i, _, _ in candidates(copy, rec)] == [2]
