@@ -11,7 +11,7 @@
    optimizer holds; gradients = what the first backward pass adds and keeps (gradient partitions, plus
    DeepSpeed's reduction buffers, which the formulas leave out).
 2. Throughput of the DeepSpeed engine (ZeRO-2, as the demo) against a plain PyTorch loop (same model, torch
-   AdamW, clipping, LR schedule) on one rank: engine_overhead = engine step time / plain step time - 1.
+   AdamW, clipping, LR schedule) on one rank: engine_overhead = median engine step time / median plain step time - 1, steps interleaved.
 Batches are synthetic token ids (the encoders run on their zero-weight dummy inputs on every step in both loops).
 The last line is one JSON object.
 """
@@ -67,17 +67,19 @@ def worker(args) -> None:
         model = eng.build_model(cfg, 0, ds)
         engine = eng.initialize(model, ds, **hp)
         psi = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-        for _ in range(2):  # the first step allocates Adam's moments and DeepSpeed's lazy buffers
-            loss = OmniModel.lm_loss(engine(ids), ids)
+        for i in range(2):  # the first step allocates Adam's moments and DeepSpeed's lazy buffers
             gc.collect()
             before = live_bytes()
-            engine.backward(loss)
+            loss = OmniModel.lm_loss(engine(ids), ids)
+            engine.backward(loss)  # frees the activations: what stays is gradients and reduction buffers
             del loss
             gc.collect()
-            after = live_bytes()
+            if i == 0:
+                grads = live_bytes() - before
+        flat = getattr(engine.optimizer, "grad_partitions_flat_buffer", None)  # ZeRO-3 allocates it at init
+        if flat is not None:
+            grads += flat.numel() * flat.element_size()
             engine.step()
-            if _ == 0:
-                grads = after - before
         params = sum((p.ds_tensor.numel() * p.ds_tensor.element_size() + (p.numel() * p.element_size() if p.ds_persist else 0))
                      if hasattr(p, "ds_tensor") else p.numel() * p.element_size() for p in model.parameters())
         base = getattr(engine.optimizer, "optimizer", engine.optimizer)
@@ -107,14 +109,6 @@ def speed(cfg, d, ids, hp, steps: int) -> dict:
     from model import OmniModel, init_weights
     from train import engine as eng
 
-    def timed(step_fn) -> float:
-        for _ in range(3):
-            step_fn()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step_fn()
-        return (time.perf_counter() - t0) / steps
-
     plain = OmniModel(cfg)
     init_weights(plain, 0)
     groups = [{"params": [p for p in plain.parameters() if p.dim() >= 2], "weight_decay": hp["weight_decay"]},
@@ -139,12 +133,17 @@ def speed(cfg, d, ids, hp, steps: int) -> dict:
         engine.backward(loss)
         engine.step()
 
-    # alternate to share the machine's noise (other processes) fairly between the two
+    # interleave single steps so that load from other processes falls on both loops alike; compare medians
+    for _ in range(3):
+        plain_step(), engine_step()
     t_plain, t_engine = [], []
-    for _ in range(2):
-        t_plain.append(timed(plain_step))
-        t_engine.append(timed(engine_step))
-    return {"plain_s_per_step": min(t_plain), "engine_s_per_step": min(t_engine)}
+    for _ in range(steps):
+        for fn, ts in ((plain_step, t_plain), (engine_step, t_engine)):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    median = lambda xs: sorted(xs)[len(xs) // 2]
+    return {"plain_s_per_step": median(t_plain), "engine_s_per_step": median(t_engine)}
 
 
 def formula(stage: int, psi: int, n: int, P: int = 4, G: int = 4, K: int = 12) -> dict:

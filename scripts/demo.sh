@@ -18,18 +18,18 @@ if [ ! -f data/tokenizer.json ]; then
   stamp "training the tokenizer (data/tokenizer.json)"
   $OMNI tokenizer train --corpus data/builtin --out data
 fi
-if [ ! -f keys/signing.key ]; then
-  stamp "creating a signing key pair (keys/)"
-  $OMNI keys init --out keys
+if [ ! -f runs/keys/signing.key ]; then
+  stamp "creating a signing key pair (runs/keys/)"
+  $OMNI keys init --out runs/keys
 fi
 
 rm -rf runs/demo
 stamp "pretraining: configs/run/demo.yaml, ZeRO-2, 2 processes"
-$OMNI train --config configs/run/demo.yaml sign_key=keys/signing.key --nproc-per-node 2
+$OMNI train --config configs/run/demo.yaml sign_key=runs/keys/signing.key --nproc-per-node 2
 CKPT=runs/demo/checkpoints/$(cat runs/demo/checkpoints/latest)
 
 stamp "verifying the certificate of $CKPT"
-$OMNI verify "$CKPT" --public-key keys/signing.pub --out runs/demo
+$OMNI verify "$CKPT" --public-key runs/keys/signing.pub --out runs/demo
 
 stamp "evaluating $CKPT"
 $OMNI eval "$CKPT" --out runs/demo
