@@ -8,10 +8,11 @@
        stage 1: P*Psi + G*Psi   + K*Psi/N      stage 2: P*Psi + (G+K)*Psi/N      stage 3: (P+G+K)*Psi/N
    with bytes per parameter P (weights), G (gradients), K (fp32 master copy + Adam's two moments = 12).
    Measured: parameters = the module's local weight storage; optimizer = the fp32 masters and Adam moments the
-   optimizer holds; gradients = what the first backward pass adds and keeps (gradient partitions, plus
-   DeepSpeed's reduction buffers, which the formulas leave out).
+   optimizer holds; gradients = what the first backward pass adds and keeps, plus ZeRO-3's gradient partitions
+   (allocated at start-up), DeepSpeed's reduction buffers included (the formulas leave those out).
 2. Throughput of the DeepSpeed engine (ZeRO-2, as the demo) against a plain PyTorch loop (same model, torch
-   AdamW, clipping, LR schedule) on one rank: engine_overhead = median engine step time / median plain step time - 1, steps interleaved.
+   AdamW, clipping, LR schedule) on one rank, single steps interleaved:
+   engine_overhead = median engine step time / median plain step time - 1.
 Batches are synthetic token ids (the encoders run on their zero-weight dummy inputs on every step in both loops).
 The last line is one JSON object.
 """
@@ -52,7 +53,7 @@ def live_bytes() -> int:
 def worker(args) -> None:
     import torch
 
-    from model import OmniModel, init_weights, load_model_config
+    from model import OmniModel, load_model_config
     from train import engine as eng
 
     cfg = load_model_config(args.model)

@@ -140,7 +140,8 @@ def validate(cfg: RunConfig, where: str) -> RunConfig:
         raise ValueError(f"{where}: key 'name'={cfg.name!r} must be a non-empty folder name")
     for key in ("model", "deepspeed"):
         if not Path(getattr(cfg, key)).is_file():
-            raise ValueError(f"{where}: key '{key}': file {getattr(cfg, key)} not found (paths are relative to the working directory)")
+            raise ValueError(f"{where}: key '{key}': file {getattr(cfg, key)} not found "
+                             f"(paths are relative to the working directory)")
     return cfg
 
 

@@ -30,11 +30,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import deepspeed
 import torch
 import torch.distributed as dist
-
-import deepspeed
 from deepspeed.utils import safe_get_full_fp32_param
+
 from model import OmniModel, init_tensor, init_weights
 from model.config import ModelConfig
 
@@ -134,7 +134,8 @@ def zero3_encoder_settings(cfg: ModelConfig) -> dict:
     """
     with torch.device("meta"):
         model = OmniModel(cfg)
-    enc = max(p.numel() for n, p in model.named_parameters() if n.split(".", 1)[0] in ("vision", "vision_proj", "audio", "audio_proj"))
+    encoders = ("vision", "vision_proj", "audio", "audio_proj")
+    enc = max(p.numel() for n, p in model.named_parameters() if n.split(".", 1)[0] in encoders)
     return {"stage3_param_persistence_threshold": enc, "stage3_prefetch_bucket_size": 0}
 
 
