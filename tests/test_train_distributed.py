@@ -19,8 +19,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed.train_env import ROOT, cli, env, free_port, kill_ranks, load_weights, make_workspace, metrics, rank_pids
-from distributed.train_env import start, torchrun, wait_for
+from distributed.train_env import (
+    ROOT,
+    cli,
+    env,
+    free_port,
+    kill_ranks,
+    load_weights,
+    make_workspace,
+    metrics,
+    rank_pids,
+    start,
+    torchrun,
+    wait_for,
+)
 
 
 @pytest.fixture(scope="module")
