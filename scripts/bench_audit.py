@@ -6,9 +6,11 @@ Each point writes a synthetic checkpoint with the shapes and names of an OmniMod
 weights, except that text layer 0's query projection is a row-permuted, noised copy of the reference's, so the
 derived path is exercised too) and a Llama-shaped reference of about the same size (bf16, Hugging Face names),
 then times `run_audit` on them. Files are written tensor by tensor (a streaming safetensors writer), so a
-1B-parameter pair needs ~7 GiB of disk and little memory. The goal: 1B vs 1B in <= 120 s on 2 cores, and
-time growing no worse than linearly in the number of candidate pairs (`us_per_pair` roughly flat). The last
-line is one JSON object with `seconds_1b_vs_1b`.
+1B-parameter pair needs ~7 GiB of disk and little memory. A second series keeps the shapes fixed (the small
+checkpoint) and grows the reference from 3 to 12 layers, so that time per candidate pair is read apart from
+tensor size (a pair's cost grows with its tensors' side length: unit matching is O(k * N * m)).
+Goals: 1B vs 1B in <= 120 s on 2 cores; time growing no worse than linearly in the number of candidate pairs
+(`series_time_ratio_over_pairs_ratio` <= 1). The last line is one JSON object with `seconds_1b_vs_1b`.
 """
 
 from __future__ import annotations
@@ -81,8 +83,9 @@ def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], dtype: tor
     return sum(math.prod(s) for s in shapes.values())
 
 
-def point(size: str, work: Path) -> dict:
-    ref_shapes, ckpt_shapes = llama_shapes(*REFERENCES[size]), omni_shapes(size)
+def point(size: str, work: Path, ref_layers: int | None = None) -> dict:
+    d, layers, ffn, vocab, kv = REFERENCES[size]
+    ref_shapes, ckpt_shapes = llama_shapes(d, ref_layers or layers, ffn, vocab, kv), omni_shapes(size)
 
     def ckpt_tensor(name, shape):
         if name == COPIED[0] and ref_shapes.get(COPIED[1]) == shape:
@@ -99,7 +102,8 @@ def point(size: str, work: Path) -> dict:
     result = run_audit(str(work), [str(work / "ref")])
     seconds = time.perf_counter() - t0
     derived = sorted(c for c, v in result["components"].items() if v["verdict"] == "derived")
-    row = {"size": size, "ckpt_params": n_ckpt, "ref_params": n_ref, "pairs": result["pairs"], "tests": result["tests"],
+    row = {"size": size, "ref_layers": ref_layers or layers, "ckpt_params": n_ckpt, "ref_params": n_ref,
+           "pairs": result["pairs"], "tests": result["tests"],
            "seconds": round(seconds, 2), "us_per_pair": round(1e6 * seconds / max(result["pairs"], 1), 1),
            "derived": derived, "write_seconds": round(written, 1)}
     print(json.dumps(row), flush=True)
@@ -111,18 +115,24 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", default=["tiny", "small", "1b"], choices=list(REFERENCES))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workdir", default=tempfile.gettempdir())
+    ap.add_argument("--no-series", dest="series", action="store_false", help="skip the fixed-shape pair-count series")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    rows = []
-    for size in args.sizes:
+    def run(size, ref_layers=None):
         work = Path(tempfile.mkdtemp(prefix=f"bench_audit_{size}_", dir=args.workdir))
         try:
-            rows.append(point(size, work))
+            return point(size, work, ref_layers)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+    # fixed shapes, growing pair count: the small checkpoint against 3, 6, 12 reference layers
+    series = [run("small", n) for n in (3, 6, 12)] if args.series else []
+    rows = [run(size) for size in args.sizes]
     by = {r["size"]: r for r in rows}
     first, last = rows[0], rows[-1]
-    summary = {"threads": args.threads, "points": rows,
+    summary = {"threads": args.threads, "points": rows, "fixed_shape_series": series,
+               "series_time_ratio_over_pairs_ratio": round((series[-1]["seconds"] / series[0]["seconds"])
+                                                           / (series[-1]["pairs"] / series[0]["pairs"]), 2) if series else None,
                "seconds_1b_vs_1b": by["1b"]["seconds"] if "1b" in by else None,
                "goal_seconds_1b_vs_1b": 120,
                "pairs_ratio_last_vs_first": round(last["pairs"] / max(first["pairs"], 1), 2),

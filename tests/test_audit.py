@@ -12,7 +12,6 @@ as an adversary would) before the 200 steps.
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -235,3 +234,20 @@ def test_slice_of_a_fused_projection_is_found():
     a, b = audit_stats.make_sketch(k, (64, 64)), audit_stats.make_sketch(fused, (192, 64))
     z = audit_stats.RandomInitNull().model((64, 64), (192, 64)).z("aligned", audit_stats.pair_stats(a, b)["aligned"])
     assert z > 20
+
+
+def test_independently_trained_null_models_absorb_shared_structure(tmp_path):
+    """Structure every model learns from the same data (here: a shared filter bank) is similarity, not copying:
+    with independently trained models given as `--null`, it no longer makes a component derived."""
+    g = torch.Generator().manual_seed(3)
+    shared = torch.randn(96, 192, generator=g)
+
+    def model(path, extra=None):
+        w = shared + 0.7 * torch.randn(96, 192, generator=g)
+        save_file({"vision.patch_embed.weight": w, **(extra or {})}, str(path))
+        return str(path)
+
+    ckpt, ref = model(tmp_path / "ckpt.safetensors"), model(tmp_path / "ref.safetensors")
+    nulls = [model(tmp_path / f"indep{i}.safetensors") for i in range(3)]
+    assert verdicts(audit.run_audit(ckpt, [ref]))["vision_encoder"] == "derived"
+    assert verdicts(audit.run_audit(ckpt, [ref], nulls=nulls))["vision_encoder"] == "independent"

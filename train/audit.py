@@ -2,11 +2,11 @@
 
 Every tensor of the checkpoint is compared, name-agnostically, with every reference tensor of a compatible
 shape: the same shape, the transposed shape, or a slice (one axis equal, the other up to 8 times it or within
-2x: fused q/k/v or gate/up projections, tensor-parallel shards, resized vocabularies). Statistics and their
-calibration are in `train/audit_stats.py`. A component is *derived* when at least one of its matrices (2-D or
-more) matches a reference tensor beyond every null (random inits, a permutation of the reference, and the
-independently trained models given with `--null`) after Bonferroni correction over all tests, or is
-byte-identical to one. 1-D tensors are reported as supporting evidence only.
+2x: fused q/k/v or gate/up projections, tensor-parallel shards, resized vocabularies). Reading is in
+`train/audit_io.py`, statistics and their calibration in `train/audit_stats.py`. A component is *derived* when
+at least one of its matrices (2-D or more) matches a reference tensor beyond every null (random inits, a
+permutation of the reference, and the independently trained models given with `--null`) after Bonferroni
+correction over all tests, or is byte-identical to one. 1-D tensors are reported as supporting evidence only.
 
 Outputs: a terminal table; `--json` prints one object with `components` (each with `verdict` and `evidence`);
 `--out DIR` writes `audit.json` and `similarity.png` (layer-by-layer heatmap of the best z-score).
@@ -21,18 +21,12 @@ import math
 import re
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from model.components import COMPONENTS, component_of
 from train import audit_stats as S
-
-WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
-_COARSE = {torch.bfloat16, torch.float16}
-_ST_COARSE = {"BF16", "F16"}
+from train.audit_io import Entry, checkpoint_entries, checkpoint_file, full_tensor, read_file, reference_files
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,113 +38,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=0.01, help="family-wise error rate after Bonferroni (default 0.01)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object instead of a table")
     p.add_argument("--out", type=Path, help="folder for audit.json and similarity.png")
-
-
-# ---- loading ------------------------------------------------------------------------------------------
-@dataclass
-class Entry:
-    file: str
-    name: str
-    shape: tuple[int, ...]  # as stored
-    sketch: S.Sketch  # of the 2-D view (out, fan_in) or the 1-D vector
-    layer: str  # e.g. "3" for "...blocks.3.attn...", "" when the name has no layer index
-
-    @property
-    def label(self) -> str:
-        return f"{self.file}:{self.name}"
-
-
-def _layer(name: str) -> str:
-    m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", name)
-    return m.group(1) if m else ""
-
-
-def _flatten(obj, prefix: str = ""):
-    if isinstance(obj, torch.Tensor):
-        yield prefix, obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _flatten(v, f"{prefix}.{k}" if prefix else str(k))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from _flatten(v, f"{prefix}.{i}" if prefix else str(i))
-
-
-def _sketch_entry(file: Path, name: str, shape, coarse: bool, lazy, full) -> Entry | None:
-    """`lazy` slices the stored tensor without reading it whole; `full()` reads it (for conv kernels)."""
-    shape = tuple(int(d) for d in shape)
-    if len(shape) == 0 or 0 in shape:
-        return None
-    if len(shape) > 2:
-        t = full()
-        sk = S.make_sketch(t.reshape(shape[0], -1), (shape[0], t[0].numel()), coarse)
-    else:
-        sk = S.make_sketch(lazy, shape, coarse)
-    return Entry(str(file), name, shape, sk, _layer(name))
-
-
-def read_file(file: Path) -> list[Entry]:
-    """Sketch every floating-point tensor of one safetensors or torch file."""
-    out = []
-    try:
-        if file.suffix == ".safetensors":
-            with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():
-                    sl = f.get_slice(name)
-                    if sl.get_dtype() not in ("F64", "F32", "BF16", "F16"):
-                        continue
-                    e = _sketch_entry(file, name, sl.get_shape(), sl.get_dtype() in _ST_COARSE, sl,
-                                      lambda n=name: f.get_tensor(n))
-                    out.append(e)
-        else:
-            try:
-                obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
-                obj = torch.load(file, map_location="cpu", weights_only=True)
-            for name, t in _flatten(obj):
-                if t.is_floating_point():
-                    out.append(_sketch_entry(file, name, t.shape, t.dtype in _COARSE, t, lambda t=t: t))
-    except Exception as e:  # noqa: BLE001 - any reader error becomes one message naming the file
-        raise ValueError(f"{file}: cannot read weights ({type(e).__name__}: {e}); pass safetensors or torch "
-                         f"state-dict files (torch files must load with weights_only=True)") from None
-    return [e for e in out if e is not None]
-
-
-def reference_files(paths: list[str]) -> list[Path]:
-    files = []
-    for p in map(Path, paths):
-        if p.is_file():
-            files.append(p)
-        elif p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
-            if not found:
-                raise ValueError(f"{p}: no weight files ({', '.join(WEIGHT_SUFFIXES)}) in this folder or below")
-            files += found
-        else:
-            raise ValueError(f"{p}: no such file or folder")
-    return files
-
-
-def checkpoint_file(ckpt: str) -> Path:
-    p = Path(ckpt)
-    if p.is_dir():
-        p = p / "model.safetensors"
-    if not p.is_file() or p.suffix != ".safetensors":
-        raise ValueError(f"{ckpt}: expected a checkpoint folder holding model.safetensors, or a .safetensors file")
-    return p
-
-
-def checkpoint_entries(ckpt: str) -> dict[str, list[Entry]]:
-    """The checkpoint's tensors grouped by component (names are OmniModel.state_dict() names)."""
-    file = checkpoint_file(ckpt)
-    groups: dict[str, list[Entry]] = {c: [] for c in COMPONENTS}
-    for e in read_file(file):
-        try:
-            groups[component_of(e.name)].append(e)
-        except KeyError:
-            raise ValueError(f"{file}: tensor '{e.name}' belongs to no component of OmniModel; "
-                             f"audit an omniscratch checkpoint (pass other models with --reference)") from None
-    return {c: es for c, es in groups.items() if es}
 
 
 # ---- candidate pairs ----------------------------------------------------------------------------------
@@ -201,18 +88,11 @@ def compare(entries: list[Entry], refs: list[Entry], chunk: int = 16):
                     yield a, b, o, sb, st
 
 
-def _full(e: Entry) -> torch.Tensor:
-    if e.file.endswith(".safetensors"):
-        with safe_open(e.file, framework="pt") as f:
-            return f.get_tensor(e.name)
-    return dict(_flatten(torch.load(e.file, map_location="cpu", weights_only=True)))[e.name]
-
-
 def _identical(a: Entry, b: Entry, orientation: str) -> bool:
     """Byte identity of the whole tensors (after rounding to the coarser storage), once the blocks agree."""
     if "slice" in orientation:
         return False
-    x, y = _full(a).reshape(a.sketch.shape), _full(b).reshape(b.sketch.shape)
+    x, y = full_tensor(a).reshape(a.sketch.shape), full_tensor(b).reshape(b.sketch.shape)
     y = y.T if orientation == "transposed" else y
     if a.sketch.coarse != b.sketch.coarse:
         x, y = x.to(torch.bfloat16), y.to(torch.bfloat16)
@@ -223,7 +103,9 @@ def _identical(a: Entry, b: Entry, orientation: str) -> bool:
 def _confirm(p: dict, key: str, trained: dict, n_tests: int, alpha: float) -> bool:
     """A significant test must also beat the permutation null and the independently trained models."""
     v = p["stats"][key]
-    if S.corrected(S.p_value(key, S.permutation_null(p["a"].sketch, p["sb"]).z(key, v)), n_tests) >= alpha:
+    if "perm" not in p:
+        p["perm"] = S.permutation_null(p["a"].sketch, p["sb"])
+    if S.corrected(S.p_value(key, p["perm"].z(key, v)), n_tests) >= alpha:
         return False
     samples = trained.get(key, [])
     if len(samples) < 2:

@@ -1,0 +1,142 @@
+"""Reading weights for the audit: checkpoint and reference files, sketched tensor by tensor.
+
+Notable choices:
+- Only a sketch of each tensor is read (`train/audit_stats.py`): safetensors slices are read lazily, so a
+  reference folder of several GB costs a fraction of its size in I/O and memory.
+- References may be any architecture: safetensors files, or torch files (`weights_only=True`, memory-mapped
+  when possible) holding nested dicts or lists of tensors; folders are searched recursively; names are kept
+  only to report evidence. Checkpoint tensors are grouped by `model.components.component_of`.
+- Conv kernels are viewed as (out, fan_in) matrices; integer tensors and scalars are skipped.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from model.components import COMPONENTS, component_of
+from train import audit_stats as S
+
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+_COARSE = {torch.bfloat16, torch.float16}
+_ST_COARSE = {"BF16", "F16"}
+
+
+
+@dataclass
+class Entry:
+    file: str
+    name: str
+    shape: tuple[int, ...]  # as stored
+    sketch: S.Sketch  # of the 2-D view (out, fan_in) or the 1-D vector
+    layer: str  # e.g. "3" for "...blocks.3.attn...", "" when the name has no layer index
+
+    @property
+    def label(self) -> str:
+        return f"{self.file}:{self.name}"
+
+
+def _layer(name: str) -> str:
+    m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", name)
+    return m.group(1) if m else ""
+
+
+def _flatten(obj, prefix: str = ""):
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _flatten(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _flatten(v, f"{prefix}.{i}" if prefix else str(i))
+
+
+def _sketch_entry(file: Path, name: str, shape, coarse: bool, lazy, full) -> Entry | None:
+    """`lazy` slices the stored tensor without reading it whole; `full()` reads it (for conv kernels)."""
+    shape = tuple(int(d) for d in shape)
+    if len(shape) == 0 or 0 in shape:
+        return None
+    if len(shape) > 2:
+        t = full()
+        sk = S.make_sketch(t.reshape(shape[0], -1), (shape[0], t[0].numel()), coarse)
+    else:
+        sk = S.make_sketch(lazy, shape, coarse)
+    return Entry(str(file), name, shape, sk, _layer(name))
+
+
+def read_file(file: Path) -> list[Entry]:
+    """Sketch every floating-point tensor of one safetensors or torch file."""
+    out = []
+    try:
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    sl = f.get_slice(name)
+                    if sl.get_dtype() not in ("F64", "F32", "BF16", "F16"):
+                        continue
+                    e = _sketch_entry(file, name, sl.get_shape(), sl.get_dtype() in _ST_COARSE, sl,
+                                      lambda n=name: f.get_tensor(n))
+                    out.append(e)
+        else:
+            try:
+                obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
+                obj = torch.load(file, map_location="cpu", weights_only=True)
+            for name, t in _flatten(obj):
+                if t.is_floating_point():
+                    out.append(_sketch_entry(file, name, t.shape, t.dtype in _COARSE, t, lambda t=t: t))
+    except Exception as e:  # noqa: BLE001 - any reader error becomes one message naming the file
+        raise ValueError(f"{file}: cannot read weights ({type(e).__name__}: {e}); pass safetensors or torch "
+                         f"state-dict files (torch files must load with weights_only=True)") from None
+    return [e for e in out if e is not None]
+
+
+def reference_files(paths: list[str]) -> list[Path]:
+    files = []
+    for p in map(Path, paths):
+        if p.is_file():
+            files.append(p)
+        elif p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
+            if not found:
+                raise ValueError(f"{p}: no weight files ({', '.join(WEIGHT_SUFFIXES)}) in this folder or below")
+            files += found
+        else:
+            raise ValueError(f"{p}: no such file or folder")
+    return files
+
+
+def checkpoint_file(ckpt: str) -> Path:
+    p = Path(ckpt)
+    if p.is_dir():
+        p = p / "model.safetensors"
+    if not p.is_file() or p.suffix != ".safetensors":
+        raise ValueError(f"{ckpt}: expected a checkpoint folder holding model.safetensors, or a .safetensors file")
+    return p
+
+
+def checkpoint_entries(ckpt: str) -> dict[str, list[Entry]]:
+    """The checkpoint's tensors grouped by component (names are OmniModel.state_dict() names)."""
+    file = checkpoint_file(ckpt)
+    groups: dict[str, list[Entry]] = {c: [] for c in COMPONENTS}
+    for e in read_file(file):
+        try:
+            groups[component_of(e.name)].append(e)
+        except KeyError:
+            raise ValueError(f"{file}: tensor '{e.name}' belongs to no component of OmniModel; "
+                             f"audit an omniscratch checkpoint (pass other models with --reference)") from None
+    return {c: es for c, es in groups.items() if es}
+
+
+def full_tensor(e: Entry) -> torch.Tensor:
+    if e.file.endswith(".safetensors"):
+        with safe_open(e.file, framework="pt") as f:
+            return f.get_tensor(e.name)
+    return dict(_flatten(torch.load(e.file, map_location="cpu", weights_only=True)))[e.name]
+
+
