@@ -85,7 +85,7 @@ def _tokenize(batch: dict, *, tokenizer_path: str, cfg: dict, base: str | None) 
         ids, reason = [], row.get("_reject") or ""
         try:
             if not reason:
-                ids = _encode_row(row, tok, base, mcfg)
+                ids = encode_row(row, tok, base, mcfg)
         except ValueError as e:
             reason = str(e)
         out["input_ids"].append(ids)
@@ -94,7 +94,7 @@ def _tokenize(batch: dict, *, tokenizer_path: str, cfg: dict, base: str | None) 
     return out
 
 
-def _encode_row(row: dict, tok, base: Path | None, cfg: ModelConfig) -> list[int]:
+def encode_row(row: dict, tok, base: Path | None, cfg: ModelConfig) -> list[int]:
     text = row["text"]
     if isinstance(text, bytes):
         try:

@@ -29,7 +29,7 @@ import torch
 from PIL import Image, ImageSequence
 
 from model.config import BOS_ID, EOS_ID, IMAGE_ID, PAD_ID, SPECIAL_TOKENS
-from train.data import PLACEHOLDER, _encode_row, row_media
+from train.data import PLACEHOLDER, encode_row, row_media
 from train.sources import decode_audio, decode_frames
 
 from .hub import load_checkpoint
@@ -70,7 +70,7 @@ def encode_prompt(prompt: str, tok, cfg, images: list[bytes] = (), video: list[b
                   audio: bytes | None = None) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor]]:
     """(token ids, vision items, audio items) of a prompt, encoded as the training pipeline encodes a document."""
     row = {"text": prompt, "images": list(images), "video": list(video or []), "audio": audio}
-    ids = _encode_row(row, tok, None, cfg)[:-1]  # [BOS] ... (no EOS: the document goes on)
+    ids = encode_row(row, tok, None, cfg)[:-1]  # [BOS] ... (no EOS: the document goes on)
     markers = [PLACEHOLDER[t] for t in ids if t in PLACEHOLDER]  # one placeholder per item, as the row had them
     vision, sounds = row_media(row, markers, None, cfg)
     return ids, vision, sounds

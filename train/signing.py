@@ -20,32 +20,12 @@ from __future__ import annotations
 
 import os
 import pathlib
-import sys
-import types
 from pathlib import Path
 
+from model_signing import hashing, signing
+from model_signing._signing import sign_ec_key, sign_sigstore_pb
 
-def _placeholder_openssl() -> None:
-    """model-signing 1.1.1 imports pyOpenSSL when the package is imported, for certificate-chain signing only (which
-    we do not use), without declaring the dependency; where it is absent, the key-based API we use would not import.
-    Register a module that fails loudly if certificate signing is ever reached. Remove once pyOpenSSL is installed."""
-    try:
-        import OpenSSL  # noqa: F401
-    except ModuleNotFoundError:
-        def missing(name):
-            raise AttributeError(f"OpenSSL.crypto.{name}: certificate signing needs pyOpenSSL (pip install pyOpenSSL)")
-        crypto = types.ModuleType("OpenSSL.crypto")
-        crypto.__getattr__ = missing
-        pkg = types.ModuleType("OpenSSL")
-        pkg.crypto = crypto
-        sys.modules.update({"OpenSSL": pkg, "OpenSSL.crypto": crypto})
-
-
-_placeholder_openssl()
-from model_signing import hashing, signing  # noqa: E402
-from model_signing._signing import sign_ec_key, sign_sigstore_pb  # noqa: E402
-
-from train.digest import ALGORITHM, safe_path  # noqa: E402
+from train.digest import ALGORITHM, safe_path
 
 SIGNATURE = "model.sig"
 PRIVATE, PUBLIC = "signing.key", "signing.pub"
