@@ -1,6 +1,6 @@
 """Acceptance tests of the weight-similarity audit on tiny models trained on the CPU (issue 6).
 
-Run: `OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q tests/test_audit.py` (about a minute).
+Run: `OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q tests/test_audit.py` (about two minutes on 2 cores).
 
 One session fixture trains the models every test shares, with the real OmniModel and a plain AdamW loop on
 synthetic mixed batches (the audit, not the trainer, is under test): two independently seeded runs A and B;

@@ -22,6 +22,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from statistics import NormalDist
 
 import torch
 
@@ -199,14 +200,20 @@ def _natural(s: str) -> list:
 
 # ---- outputs ------------------------------------------------------------------------------------------
 def format_table(r: dict) -> str:
-    lines = [f"audit of {r['checkpoint']}: {r['pairs']} candidate pairs, {r['tests']} tests, family-wise "
-             f"alpha {r['alpha']} (Bonferroni), {r['seconds']} s",
-             f"{'component':<18}{'params':>12}  {'verdict':<12}{'best match (z vs random-init null)':<64}layers"]
+    z_bar = NormalDist().inv_cdf(1 - r["alpha"] / max(r["tests"], 1))
+    lines = [f"audit of {r['checkpoint']}: {r['pairs']} candidate pairs, {r['tests']} tests; a test is significant "
+             f"at z > {z_bar:.1f} (alpha {r['alpha']}, Bonferroni) and beats a permutation null ({r['seconds']} s)",
+             f"{'component':<18}{'params':>12}  {'verdict':<12}{'evid.':>5}  {'layers':<10}"
+             "best match: reference tensor, statistic, z"]
     for comp, c in r["components"].items():
         best = c["evidence"][0] if c["evidence"] else c["strongest"]
-        what = "-" if best is None else (f"{best['reference'][-40:]} {max(best['z'], key=best['z'].get)} "
-                                         f"z={max(best['z'].values()):.1f}{' IDENTICAL' if best['identical'] else ''}")
-        lines.append(f"{comp:<18}{c['params']:>12,}  {c['verdict'].upper():<12}{what:<64}{','.join(c['layers']) or '-'}")
+        what = "-"
+        if best is not None:
+            file, name = best["reference"].rsplit(":", 1)
+            what = (f"{name} ({Path(file).name}) {max(best['z'], key=best['z'].get)} z={max(best['z'].values()):.1f}"
+                    f"{' IDENTICAL' if best['identical'] else ''}")
+        layers = ",".join(c["layers"]) or "-"
+        lines.append(f"{comp:<18}{c['params']:>12,}  {c['verdict'].upper():<12}{c['evidence_count']:>5}  {layers:<10}{what}")
     lines.append("1-D tensors (norm gains, biases) are judged on centred Pearson only and never decide a verdict.")
     return "\n".join(lines)
 

@@ -3,8 +3,9 @@
 Notable choices:
 - A tensor is compared through a *sketch*, never whole: its leading K x K block (identity, Pearson, cosine) and
   its first N columns and first N rows (the profiles of its row units and column units). Sketching is linear in
-  the tensor's size and a pair costs the same whatever the tensors' sizes, so an audit costs O(parameters +
-  candidate pairs). The leading block is what a slice of a larger tensor has in common with it.
+  the tensor's size; a pair costs O(K_QUERY * N * m) for m reference units (the tensor's side, not its size), and
+  pairs are computed in batches (one matrix product per checkpoint shape and run of references). The leading
+  block is what a slice of a larger tensor has in common with it.
 - The statistic that survives permuted hidden units, sign flips and rescaling ("aligned"): up to K_QUERY units
   of the checkpoint tensor are each matched to one unit of the reference tensor by |correlation| over their
   common inputs (Hungarian matching, scipy `linear_sum_assignment`, as in the published model-independence
