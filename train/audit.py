@@ -240,6 +240,9 @@ def write_heatmap(r: dict, path: Path) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if not 0 < args.alpha < 1:
+        print(f"omniscratch audit: --alpha {args.alpha} must be between 0 and 1 (e.g. 0.01)", file=sys.stderr)
+        return 2
     try:
         result = run_audit(args.ckpt, args.reference, args.null, args.alpha)
     except ValueError as e:
