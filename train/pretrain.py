@@ -130,14 +130,24 @@ def _train(cfg, d, log, stop, resume, resume_from) -> str:
 
     # ---- data ------------------------------------------------------------------------------------------------
     data_dir = Path(cfg.data.dir)
-    loader = TrainLoader(data_dir, cfg.data.tokenizer, model_cfg, cfg.data.seq_len, cfg.micro_batch, cfg.grad_accum,
-                         rank=d.rank, world_size=d.world_size, seed=cfg.seed, rejects_path=run_dir / "rejects.jsonl")
-    heldout = []
-    if cfg.data.heldout_every and (data_dir / "heldout").is_dir():
-        src = Source(str(data_dir / "heldout"), licence=declared_licence(Source(str(data_dir))), name="heldout")
-        heldout = TrainLoader([src], cfg.data.tokenizer, model_cfg, cfg.data.seq_len, cfg.micro_batch,
-                              cfg.data.heldout_batches, rank=d.rank, world_size=d.world_size, seed=cfg.seed,
-                              rejects_path=run_dir / "rejects_heldout.jsonl").next_step()
+
+    def data_loaders():
+        loader = TrainLoader(data_dir, cfg.data.tokenizer, model_cfg, cfg.data.seq_len, cfg.micro_batch, cfg.grad_accum,
+                             rank=d.rank, world_size=d.world_size, seed=cfg.seed, rejects_path=run_dir / "rejects.jsonl")
+        heldout = []
+        if cfg.data.heldout_every and (data_dir / "heldout").is_dir():
+            src = Source(str(data_dir / "heldout"), licence=declared_licence(Source(str(data_dir))), name="heldout")
+            heldout = TrainLoader([src], cfg.data.tokenizer, model_cfg, cfg.data.seq_len, cfg.micro_batch,
+                                  cfg.data.heldout_batches, rank=d.rank, world_size=d.world_size, seed=cfg.seed,
+                                  rejects_path=run_dir / "rejects_heldout.jsonl").next_step()
+        return loader, heldout
+
+    # the first rank of each node tokenises into the node's cache, then the others read it
+    if d.local_rank == 0:
+        loader, heldout = data_loaders()
+    dist.barrier()
+    if d.local_rank != 0:
+        loader, heldout = data_loaders()
 
     with Tripwire(allow=[start] if start else [], allow_derived=cfg.allow_derived) as tripwire:
         # ---- model and engine --------------------------------------------------------------------------------
