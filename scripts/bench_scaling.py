@@ -77,10 +77,10 @@ def worker(args) -> None:
             gc.collect()
             if i == 0:
                 grads = live_bytes() - before
+            engine.step()
         flat = getattr(engine.optimizer, "grad_partitions_flat_buffer", None)  # ZeRO-3 allocates it at init
         if flat is not None:
             grads += flat.numel() * flat.element_size()
-            engine.step()
         params = sum((p.ds_tensor.numel() * p.ds_tensor.element_size() + (p.numel() * p.element_size() if p.ds_persist else 0))
                      if hasattr(p, "ds_tensor") else p.numel() * p.element_size() for p in model.parameters())
         base = getattr(engine.optimizer, "optimizer", engine.optimizer)
