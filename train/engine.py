@@ -15,6 +15,10 @@ Notable choices (measured facts in shared/notes/deepspeed-on-cpu.md):
 - ZeRO-3 builds the model under `deepspeed.zero.Init` (parameters born partitioned) and fills each parameter from
   `model.init.init_tensor` inside `GatheredParameters`: a custom init applied after partitioning would silently
   do nothing (DeepSpeed #2650), and this way the step-0 bytes equal a plain construction.
+- Known limit: ZeRO-3 gathers a module's parameters on every call, and the model runs each encoder once per distinct
+  media shape in a micro-batch, a count that differs between ranks; on the built-in corpus ZeRO-3 runs then fail
+  with a collective mismatch (observed). ZeRO-3 needs a rank-independent encoder call structure in the model.
+  ZeRO-2 reduces gradients in the order they become ready: `check_grad_order` stops a run whose ranks differ.
 """
 
 from __future__ import annotations
@@ -98,7 +102,7 @@ def pick_precision(requested: str, device: torch.device) -> tuple[str, str]:
 
 
 def deepspeed_config(path: str, *, micro_batch: int, grad_accum: int, world_size: int, grad_clip: float,
-                     precision: str, load_universal: bool = False, model_cfg: ModelConfig | None = None) -> dict:
+                     precision: str, load_universal: bool = False) -> dict:
     """The DeepSpeed JSON (ZeRO stage, offload, buckets) completed with what the run config decides."""
     try:
         ds = json.loads(Path(path).read_text())
@@ -118,25 +122,7 @@ def deepspeed_config(path: str, *, micro_batch: int, grad_accum: int, world_size
     if precision == "bf16":
         ds["data_types"] = {"grad_accum_dtype": "fp32"}  # fp32 master weights + fp32 gradient accumulation
     ds.setdefault("checkpoint", {})["load_universal"] = load_universal
-    if stage == 3 and model_cfg is not None:
-        ds["zero_optimization"].update(zero3_encoder_settings(model_cfg))
     return ds
-
-
-def zero3_encoder_settings(cfg: ModelConfig) -> dict:
-    """ZeRO-3 settings that keep every rank's collectives in step with a data-dependent number of encoder calls.
-
-    The model runs each encoder once per distinct media shape in the micro-batch (images and videos differ), so
-    ranks call it 1 or 2 times. ZeRO-3 gathers a module's parameters on every call, and unequal gathers deadlock
-    the ranks. Parameters at most `stage3_param_persistence_threshold` elements stay gathered after their first
-    (common) use, so the threshold is set to the largest encoder/projector tensor; the decoder's larger tensors
-    and the embedding stay partitioned. Prefetching follows each rank's own module trace, so it is off.
-    """
-    with torch.device("meta"):
-        model = OmniModel(cfg)
-    encoders = ("vision", "vision_proj", "audio", "audio_proj")
-    enc = max(p.numel() for n, p in model.named_parameters() if n.split(".", 1)[0] in encoders)
-    return {"stage3_param_persistence_threshold": enc, "stage3_prefetch_bucket_size": 0}
 
 
 def zero_stage(ds: dict) -> int:

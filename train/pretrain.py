@@ -124,7 +124,7 @@ def _train(cfg, d, log, stop, resume, resume_from) -> str:
     precision, why = eng.pick_precision(cfg.precision, d.device)
     ds = eng.deepspeed_config(cfg.deepspeed, micro_batch=cfg.micro_batch, grad_accum=cfg.grad_accum,
                               world_size=d.world_size, grad_clip=cfg.optim.grad_clip, precision=precision,
-                              load_universal=not same_world, model_cfg=model_cfg)
+                              load_universal=not same_world)
     log.info("world size %d on %s (%s); precision %s: %s; ZeRO stage %d", d.world_size, d.device,
              dist.get_backend(), precision, why, eng.zero_stage(ds))
 

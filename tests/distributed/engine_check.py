@@ -26,7 +26,7 @@ def main() -> None:
     reference = dict(plain.named_parameters())
     report = {}
     for stage, precision in ((3, "fp32"), (3, "bf16"), (2, "bf16"), (1, "bf16")):
-        ds = eng.deepspeed_config(str(ROOT / f"configs/deepspeed/zero{stage}.json"), micro_batch=1, grad_accum=2, model_cfg=cfg,
+        ds = eng.deepspeed_config(str(ROOT / f"configs/deepspeed/zero{stage}.json"), micro_batch=1, grad_accum=2,
                                   world_size=d.world_size, grad_clip=1.0, precision=precision)
         model = eng.build_model(cfg, 7, ds)
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
