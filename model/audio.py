@@ -8,7 +8,8 @@ Notable choices:
 - Two stride-2 convolutions (k=3) take 100 frames/s to 25 tokens/s; `model.media.audio_tokens` is the one
   definition of that count.
 - Rotary 1D positions in pre-norm LayerNorm blocks (model/blocks.py), so clip duration can vary.
-- Items of one length are batched together; different lengths run as separate batches.
+- Items of one length run as a batch; different lengths are zero-padded and masked, so each weight is used
+  once per call (what ZeRO-3 needs).
 Shapes: N items, L samples, M mel bins, S tokens, D encoder width.
 """
 
@@ -67,14 +68,40 @@ class AudioEncoder(nn.Module):
         self.register_buffer("inv_freq", rope_frequencies(cfg.dim // cfg.n_heads, cfg.rope_theta), persistent=False)
         self.checkpoint_activations = False
 
-    def forward(self, wave: torch.Tensor) -> torch.Tensor:
-        """A batch of same-length waveforms (N, L) -> token features (N, S, D)."""
-        x = self.features(wave).to(self.conv1.weight.dtype)  # (N, M, frames)
-        x = F.gelu(self.conv1(x), approximate="tanh")  # (N, D, frames / 2)
+    def forward(self, waves):
+        """Same-length waveforms (N, L) -> token features (N, S, D); or a list of waveforms of any lengths -> a list
+        of (S_i, D). A mixed list is zero-padded to the longest and masked, so each weight is used once per call
+        (ZeRO-3 gathers parameters per call) and every item's output equals its output alone (tested)."""
+        if torch.is_tensor(waves):
+            return self._encode(self.features(waves), None)
+        if len({w.shape for w in waves}) == 1:
+            return list(self._encode(self.features(torch.stack(waves)), None).unbind(0))
+        mels = [self.features(w[None])[0] for w in waves]  # (M, frames_i) each
+        frames = [m.shape[1] for m in mels]
+        padded = torch.zeros(len(mels), mels[0].shape[0], max(frames), device=mels[0].device)
+        for i, m in enumerate(mels):
+            padded[i, :, : m.shape[1]] = m
+        x = self._encode(padded, frames)
+        return [x[i, :n] for i, n in enumerate(self._token_lengths(frames))]
+
+    @staticmethod
+    def _token_lengths(frames: list[int]) -> list[int]:
+        return [(((n - 1) // 2) // 2) + 1 for n in frames]  # two stride-2 convs, k=3, p=1 (model.media)
+
+    def _encode(self, mel: torch.Tensor, frames: list[int] | None) -> torch.Tensor:
+        """(N, M, frames) log-mel -> (N, S, D); `frames` gives each row's valid length when rows are padded."""
+        x = F.gelu(self.conv1(mel.to(self.conv1.weight.dtype)), approximate="tanh")  # (N, D, frames / 2)
+        if frames is not None:  # zero what lies beyond each item, as conv2's own zero padding would be
+            valid = [(n - 1) // 2 + 1 for n in frames]
+            x = x * (torch.arange(x.shape[2], device=x.device)[None] < torch.tensor(valid, device=x.device)[:, None])[:, None]
         x = F.gelu(self.conv2(x), approximate="tanh").transpose(1, 2)  # (N, S, D)
+        mask = None
+        if frames is not None:
+            lengths = torch.tensor(self._token_lengths(frames), device=x.device)
+            mask = (torch.arange(x.shape[1], device=x.device)[None] < lengths[:, None])[:, None, None]  # (N, 1, 1, S)
         positions = torch.arange(x.shape[1], device=x.device)[None]  # (1, S)
         cos, sin = rope_cos_sin(positions, self.inv_freq)  # (1, S, Dh)
-        x = run_blocks(self.blocks, x, cos, sin, self.checkpoint_activations and self.training)
+        x = run_blocks(self.blocks, x, cos, sin, mask, self.checkpoint_activations and self.training)
         return self.norm(x)
 
 
@@ -85,5 +112,8 @@ class AudioProjector(nn.Module):
         super().__init__()
         self.mlp = GeluMLP(cfg.dim, out_dim, out_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(x)  # (N, S, out_dim)
+    def forward(self, x):
+        """(N, S, D) -> (N, S, out_dim); or a list of (S_i, D) -> a list of (S_i, out_dim), one MLP call."""
+        if torch.is_tensor(x):
+            return self.mlp(x)
+        return list(self.mlp(torch.cat(x)).split([len(xi) for xi in x]))

@@ -22,12 +22,12 @@ class EncoderAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, mask=None):
         N, S, D = x.shape
         qkv = self.qkv(x).view(N, S, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, N, H, S, Dh)
         q, k, v = qkv.unbind(0)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v)  # (N, H, S, Dh)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (N, H, S, Dh)
         return self.proj(y.transpose(1, 2).reshape(N, S, D))
 
 
@@ -52,15 +52,21 @@ class EncoderBlock(nn.Module):
         self.mlp_norm = nn.LayerNorm(dim, eps=eps)
         self.mlp = GeluMLP(dim, ffn_dim, dim)
 
-    def forward(self, x, cos, sin):
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x, cos, sin, mask=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
-def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, cos, sin, checkpoint: bool) -> torch.Tensor:
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, cos, sin, mask, checkpoint: bool) -> torch.Tensor:
     for block in blocks:
         if checkpoint:
-            x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
+            x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, use_reentrant=False)
         else:
-            x = block(x, cos, sin)
+            x = block(x, cos, sin, mask)
     return x
+
+
+def block_diagonal_mask(sizes: list[int], device) -> torch.Tensor:
+    """(1, 1, S, S) bool mask letting each of several items concatenated in one sequence see only itself."""
+    item = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
+    return (item[:, None] == item[None, :])[None, None]

@@ -13,8 +13,6 @@ still has exactly one owner.
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -24,13 +22,6 @@ from .config import AUDIO_ID, IGNORE_INDEX, IMAGE_ID, VIDEO_ID, ModelConfig
 from .media import audio_tokens, vision_tokens
 from .text import KVCache, TextDecoder
 from .vision import VisionEncoder, VisionProjector
-
-
-def _group_by_shape(items: list[torch.Tensor]) -> dict[tuple, list[int]]:
-    groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, x in enumerate(items):
-        groups[tuple(x.shape)].append(i)
-    return groups
 
 
 def _counts(items, ndim: int, count, kind: str) -> list[int]:
@@ -60,37 +51,21 @@ class OmniModel(nn.Module):
         self.audio_proj = AudioProjector(cfg.audio, D)
 
     # ---- encoders -------------------------------------------------------------------------------------
+    # Each encoder and projector runs exactly once per forward, in the same order on every rank, whatever the
+    # media in the micro-batch (a rank with none runs a zero-weighted dummy item): DeepSpeed ZeRO-3 gathers
+    # parameters per module call and ZeRO-2 reduces gradients in the order they are ready, so ranks must agree.
     def encode_vision(self, clips: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Each clip (F, 3, H, W) -> (n_tokens, D) decoder-width tokens, same-shape clips batched."""
-        out: list[torch.Tensor | None] = [None] * len(clips)
-        for idx in _group_by_shape(clips).values():
-            batch = torch.stack([clips[i] for i in idx])  # (N, F, 3, H, W)
-            feats = self.vision_proj(self.vision(batch))  # (N, S, D)
-            for j, i in enumerate(idx):
-                out[i] = feats[j]
-        return out
+        """Each clip (F, 3, H, W) -> (n_tokens, D) decoder-width tokens."""
+        return self.vision_proj(self.vision(list(clips)))
 
     def encode_audio(self, waves: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Each waveform (L,) -> (n_tokens, D), same-length waveforms batched."""
-        out: list[torch.Tensor | None] = [None] * len(waves)
-        for idx in _group_by_shape(waves).values():
-            feats = self.audio_proj(self.audio(torch.stack([waves[i] for i in idx])))  # (N, S, D)
-            for j, i in enumerate(idx):
-                out[i] = feats[j]
-        return out
+        """Each waveform (L,) -> (n_tokens, D)."""
+        return self.audio_proj(self.audio(list(waves)))
 
-    def _dummy_media(self, h: torch.Tensor, need_vision: bool, need_audio: bool) -> torch.Tensor:
-        """Touch an encoder that got no item, with zero weight, so that every parameter takes part in every
-        backward pass: DeepSpeed's gradient hooks then fire identically on every rank."""
-        v, a = self.cfg.vision, self.cfg.audio
-        extra = h.new_zeros(())
-        if need_vision:
-            side = v.patch_size * v.merge
-            clip = torch.zeros(1, v.temporal_patch, 3, side, side, device=h.device)
-            extra = extra + self.vision_proj(self.vision(clip)).sum() * 0.0
-        if need_audio:
-            extra = extra + self.audio_proj(self.audio(torch.zeros(1, a.n_fft, device=h.device))).sum() * 0.0
-        return h + extra.to(h.dtype)
+    def _dummy_clip(self, device) -> torch.Tensor:
+        v = self.cfg.vision
+        side = v.patch_size * v.merge
+        return torch.zeros(v.temporal_patch, 3, side, side, device=device)
 
     # ---- fusion ---------------------------------------------------------------------------------------
     def _scatter(self, h, input_ids, feats, counts, token_ids, kind):
@@ -125,13 +100,20 @@ class OmniModel(nn.Module):
         h = self.embed(input_ids)  # (B, T, D)
         vcounts = _counts(pixel_values, 4, lambda x: vision_tokens(x.shape[0], x.shape[2], x.shape[3], self.cfg.vision), "vision")
         acounts = _counts(audio_values, 1, lambda x: audio_tokens(x.shape[0], self.cfg.audio), "audio")
-        vfeats = self.encode_vision(list(pixel_values)) if pixel_values else []
-        afeats = self.encode_audio(list(audio_values)) if audio_values else []
+        dummy = self.training and torch.is_grad_enabled()  # every parameter in every backward (see encoders above)
+        unused = h.new_zeros(())
+        vfeats, afeats = [], []
+        if pixel_values:
+            vfeats = self.encode_vision(pixel_values)
+        elif dummy:
+            unused = unused + self.encode_vision([self._dummy_clip(h.device)])[0].sum() * 0.0
+        if audio_values:
+            afeats = self.encode_audio(audio_values)
+        elif dummy:
+            unused = unused + self.encode_audio([h.new_zeros(self.cfg.audio.n_fft, dtype=torch.float32)])[0].sum() * 0.0
         h = self._scatter(h, input_ids, vfeats, vcounts, (IMAGE_ID, VIDEO_ID), "vision")
         h = self._scatter(h, input_ids, afeats, acounts, (AUDIO_ID,), "audio")
-        if self.training and torch.is_grad_enabled() and (not pixel_values or not audio_values):
-            h = self._dummy_media(h, not pixel_values, not audio_values)
-        return h
+        return h + unused.to(h.dtype)
 
     def forward(self, input_ids, pixel_values=(), audio_values=(), position_ids=None, doc_ids=None,
                 cache: KVCache | None = None):

@@ -9,7 +9,8 @@ Notable choices:
 - Pre-norm LayerNorm blocks (model/blocks.py), a final LayerNorm.
 - The projector (`VisionProjector`, its own component) merges each merge x merge patch neighbourhood and
   maps it through an MLP into the decoder width: 4x fewer tokens in the decoder.
-- Items of one shape are batched together; items of different shapes run as separate batches.
+- Items of one shape run as a batch; items of different shapes run as one concatenated sequence with
+  block-diagonal attention. Either way each weight is used once per call (what ZeRO-3 needs).
 Shapes: N items, F frames, C=3 channels, t/h/w patch-grid sizes, S = t*h*w tokens, D encoder width.
 """
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .blocks import EncoderBlock, GeluMLP, run_blocks
+from .blocks import EncoderBlock, GeluMLP, block_diagonal_mask, run_blocks
 from .config import VisionConfig
 from .media import vision_grid
 
@@ -60,15 +61,36 @@ class VisionEncoder(nn.Module):
         x = x.permute(0, 1, 4, 6, 2, 3, 5, 7)  # (N, t, h, w, tp, C, p, p)
         return x.reshape(N, (F_ // tp) * (H // p) * (W // p), tp * C * p * p)
 
-    def forward(self, clips: torch.Tensor) -> torch.Tensor:
-        """A batch of same-shape clips (N, F, 3, H, W) -> patch features on the grid (N, t, h, w, D)."""
-        N, F_, C, H, W = clips.shape
+    def forward(self, clips):
+        """Same-shape clips (N, F, 3, H, W) -> patch grids (N, t, h, w, D); or a list of clips of any shapes ->
+        a list of (t, h, w, D). A mixed list runs as one sequence with block-diagonal attention, so every weight is
+        used exactly once per call whatever the shapes: ZeRO-3 gathers parameters per call, and ranks must agree."""
+        if torch.is_tensor(clips):
+            return self._forward_batch(clips)
+        if len({tuple(c.shape) for c in clips}) == 1:
+            return list(self._forward_batch(torch.stack(clips)).unbind(0))
+        grids = [self._grid(c) for c in clips]
+        sizes = [t * h * w for t, h, w in grids]
+        x = torch.cat([self.patchify(c[None].to(self.patch_embed.weight.dtype))[0] for c in clips])[None]  # (1, S, P)
+        x = self.patch_embed(x)  # (1, S, D)
+        rope = [rope_3d_cos_sin(*g, self.rope_freqs, x.device) for g in grids]
+        cos, sin = torch.cat([c for c, _ in rope], dim=1), torch.cat([s for _, s in rope], dim=1)  # (1, S, Dh)
+        mask = block_diagonal_mask(sizes, x.device)  # (1, 1, S, S)
+        x = run_blocks(self.blocks, x, cos, sin, mask, self.checkpoint_activations and self.training)
+        return [xi.view(*g, -1) for xi, g in zip(self.norm(x)[0].split(sizes), grids)]
+
+    def _grid(self, clip: torch.Tensor) -> tuple[int, int, int]:
+        F_, C, H, W = clip.shape[-4:]
         if C != 3:
-            raise ValueError(f"vision input must have 3 colour channels, got {C} (shape {tuple(clips.shape)})")
-        t, h, w = vision_grid(F_, H, W, self.cfg)
+            raise ValueError(f"vision input must have 3 colour channels, got {C} (shape {tuple(clip.shape)})")
+        return vision_grid(F_, H, W, self.cfg)
+
+    def _forward_batch(self, clips: torch.Tensor) -> torch.Tensor:
+        N = clips.shape[0]
+        t, h, w = self._grid(clips)
         x = self.patch_embed(self.patchify(clips.to(self.patch_embed.weight.dtype)))  # (N, S, D)
         cos, sin = rope_3d_cos_sin(t, h, w, self.rope_freqs, x.device)  # (1, S, Dh)
-        x = run_blocks(self.blocks, x, cos, sin, self.checkpoint_activations and self.training)
+        x = run_blocks(self.blocks, x, cos, sin, None, self.checkpoint_activations and self.training)
         return self.norm(x).view(N, t, h, w, -1)
 
 
@@ -80,10 +102,16 @@ class VisionProjector(nn.Module):
         self.merge = cfg.merge
         self.mlp = GeluMLP(cfg.merge**2 * cfg.dim, out_dim, out_dim)
 
-    def forward(self, grid: torch.Tensor) -> torch.Tensor:
-        """(N, t, h, w, D) -> (N, t * h/m * w/m, out_dim), tokens in row-major (t, h/m, w/m) order."""
+    def merge_grid(self, grid: torch.Tensor) -> torch.Tensor:
+        """(N, t, h, w, D) -> (N, t * h/m * w/m, m*m*D), tokens in row-major (t, h/m, w/m) order."""
         N, t, h, w, D = grid.shape
         m = self.merge
         x = grid.view(N, t, h // m, m, w // m, m, D).permute(0, 1, 2, 4, 3, 5, 6)  # (N, t, h/m, w/m, m, m, D)
-        x = x.reshape(N, t * (h // m) * (w // m), m * m * D)
-        return self.mlp(x)
+        return x.reshape(N, t * (h // m) * (w // m), m * m * D)
+
+    def forward(self, grids):
+        """(N, t, h, w, D) -> (N, S, out_dim); or a list of (t, h, w, D) -> a list of (S_i, out_dim), one MLP call."""
+        if torch.is_tensor(grids):
+            return self.mlp(self.merge_grid(grids))
+        merged = [self.merge_grid(g[None])[0] for g in grids]
+        return list(self.mlp(torch.cat(merged)).split([len(m) for m in merged]))

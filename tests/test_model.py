@@ -221,3 +221,30 @@ def test_config_errors_name_the_file_and_key(tmp_path):
         load_model_config(bad)
     with pytest.raises(ValueError, match=r"missing.yaml: config file not found"):
         load_model_config(tmp_path / "missing.yaml")
+
+
+def test_mixed_shapes_encode_as_each_item_alone():
+    # One encoder call per forward (ZeRO-3 needs it): a mixed list must equal encoding each item on its own.
+    model = build()
+    clips = [torch.rand(2, 3, 16, 24), torch.rand(4, 3, 16, 16), torch.rand(2, 3, 8, 8)]
+    together = model.encode_vision(clips)
+    for c, t in zip(clips, together):
+        torch.testing.assert_close(t, model.encode_vision([c])[0], rtol=1e-5, atol=1e-5)
+    waves = [torch.randn(2000) * 0.1, torch.randn(1500) * 0.1, torch.randn(777) * 0.1]
+    together = model.encode_audio(waves)
+    for w, t in zip(waves, together):
+        assert t.shape[0] == audio_tokens(w.shape[0], MICRO.audio)
+        torch.testing.assert_close(t, model.encode_audio([w])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_each_encoder_runs_once_per_forward_whatever_the_media():
+    model = build().train()
+    calls = []
+    for name in ("vision.patch_embed", "vision_proj.mlp", "audio.conv1", "audio_proj.mlp"):
+        model.get_submodule(name).register_forward_hook(lambda m, i, o, name=name: calls.append(name))
+    ids, _, pixels, audio = mixed_batch()
+    for kwargs in ({"pixel_values": pixels, "audio_values": audio}, {}, {"pixel_values": pixels[1:]}):
+        calls.clear()
+        rows = ids if kwargs.get("audio_values") else ids[2:3] if kwargs else ids[:1]
+        model(rows, **kwargs)
+        assert calls == ["vision.patch_embed", "vision_proj.mlp", "audio.conv1", "audio_proj.mlp"], kwargs
