@@ -40,27 +40,21 @@ def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int) -> torch.Tensor:
     return fb.to(torch.float32)
 
 
-class LogMel(nn.Module):
-    def __init__(self, cfg: AudioConfig):
-        super().__init__()
-        self.n_fft, self.hop = cfg.n_fft, cfg.hop_length
-        self.register_buffer("window", torch.hann_window(cfg.n_fft), persistent=False)
-        self.register_buffer("filters", mel_filterbank(cfg.sample_rate, cfg.n_fft, cfg.n_mels), persistent=False)
+def log_mel(wave: torch.Tensor, window: torch.Tensor, filters: torch.Tensor, hop: int) -> torch.Tensor:
+    """(N, L) waveform in [-1, 1] -> (N, M, mel_frames) log-mel features, roughly in [-1, 1].
 
-    def forward(self, wave: torch.Tensor) -> torch.Tensor:
-        """(N, L) waveform in [-1, 1] -> (N, M, mel_frames) log-mel features, roughly in [-1, 1]."""
-        spec = torch.stft(wave.float(), self.n_fft, self.hop, window=self.window, center=True, return_complex=True)
-        power = spec.abs() ** 2  # (N, n_freq, frames)
-        mel = self.filters @ power  # (N, M, frames)
-        logmel = torch.clamp(mel, min=1e-10).log10().clamp(min=-8.0)
-        return (logmel + 4.0) / 4.0
+    A function, not a module: DeepSpeed ZeRO-3 traces module calls, and this runs once per item."""
+    spec = torch.stft(wave.float(), window.shape[0], hop, window=window, center=True, return_complex=True)
+    mel = filters @ (spec.abs() ** 2)  # (N, M, frames)
+    return (torch.clamp(mel, min=1e-10).log10().clamp(min=-8.0) + 4.0) / 4.0
 
 
 class AudioEncoder(nn.Module):
     def __init__(self, cfg: AudioConfig):
         super().__init__()
         self.cfg = cfg
-        self.features = LogMel(cfg)
+        self.register_buffer("window", torch.hann_window(cfg.n_fft), persistent=False)
+        self.register_buffer("filters", mel_filterbank(cfg.sample_rate, cfg.n_fft, cfg.n_mels), persistent=False)
         self.conv1 = nn.Conv1d(cfg.n_mels, cfg.dim, kernel_size=3, stride=2, padding=1)
         self.conv2 = nn.Conv1d(cfg.dim, cfg.dim, kernel_size=3, stride=2, padding=1)
         self.blocks = nn.ModuleList(EncoderBlock(cfg.dim, cfg.n_heads, cfg.ffn_dim, cfg.norm_eps) for _ in range(cfg.n_layers))
@@ -68,21 +62,24 @@ class AudioEncoder(nn.Module):
         self.register_buffer("inv_freq", rope_frequencies(cfg.dim // cfg.n_heads, cfg.rope_theta), persistent=False)
         self.checkpoint_activations = False
 
+    def features(self, wave: torch.Tensor) -> torch.Tensor:
+        return log_mel(wave, self.window, self.filters, self.cfg.hop_length)
+
     def forward(self, waves):
-        """Same-length waveforms (N, L) -> token features (N, S, D); or a list of waveforms of any lengths -> a list
-        of (S_i, D). A mixed list is zero-padded to the longest and masked, so each weight is used once per call
-        (ZeRO-3 gathers parameters per call) and every item's output equals its output alone (tested)."""
+        """Same-length waveforms (N, L) -> token features (N, S, D); or a list of waveforms of any lengths ->
+        (N, S_max, D), item i valid up to `audio_tokens(L_i)`. A mixed list is zero-padded to the longest and masked,
+        so each weight is used once per call and the output is one tensor (ZeRO-3 traces both), and every item's
+        output equals its output alone (tested)."""
         if torch.is_tensor(waves):
             return self._encode(self.features(waves), None)
         if len({w.shape for w in waves}) == 1:
-            return list(self._encode(self.features(torch.stack(waves)), None).unbind(0))
+            return self._encode(self.features(torch.stack(waves)), None)
         mels = [self.features(w[None])[0] for w in waves]  # (M, frames_i) each
         frames = [m.shape[1] for m in mels]
         padded = torch.zeros(len(mels), mels[0].shape[0], max(frames), device=mels[0].device)
         for i, m in enumerate(mels):
             padded[i, :, : m.shape[1]] = m
-        x = self._encode(padded, frames)
-        return [x[i, :n] for i, n in enumerate(self._token_lengths(frames))]
+        return self._encode(padded, frames)
 
     @staticmethod
     def _token_lengths(frames: list[int]) -> list[int]:
@@ -112,8 +109,5 @@ class AudioProjector(nn.Module):
         super().__init__()
         self.mlp = GeluMLP(cfg.dim, out_dim, out_dim)
 
-    def forward(self, x):
-        """(N, S, D) -> (N, S, out_dim); or a list of (S_i, D) -> a list of (S_i, out_dim), one MLP call."""
-        if torch.is_tensor(x):
-            return self.mlp(x)
-        return list(self.mlp(torch.cat(x)).split([len(xi) for xi in x]))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x)  # (N, S, out_dim)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .audio import AudioEncoder, AudioProjector
 from .config import AUDIO_ID, IGNORE_INDEX, IMAGE_ID, VIDEO_ID, ModelConfig
-from .media import audio_tokens, vision_tokens
+from .media import audio_tokens, vision_grid, vision_tokens
 from .text import KVCache, TextDecoder
 from .vision import VisionEncoder, VisionProjector
 
@@ -56,11 +56,14 @@ class OmniModel(nn.Module):
     # parameters per module call and ZeRO-2 reduces gradients in the order they are ready, so ranks must agree.
     def encode_vision(self, clips: list[torch.Tensor]) -> list[torch.Tensor]:
         """Each clip (F, 3, H, W) -> (n_tokens, D) decoder-width tokens."""
-        return self.vision_proj(self.vision(list(clips)))
+        grids = [vision_grid(c.shape[0], c.shape[2], c.shape[3], self.cfg.vision) for c in clips]
+        tokens = self.vision_proj(self.vision(list(clips)), grids)  # (sum n_tokens, D)
+        return list(tokens.split([t * (h // self.cfg.vision.merge) * (w // self.cfg.vision.merge) for t, h, w in grids]))
 
     def encode_audio(self, waves: list[torch.Tensor]) -> list[torch.Tensor]:
         """Each waveform (L,) -> (n_tokens, D)."""
-        return self.audio_proj(self.audio(list(waves)))
+        tokens = self.audio_proj(self.audio(list(waves)))  # (N, S_max, D)
+        return [tokens[i, : audio_tokens(w.shape[0], self.cfg.audio)] for i, w in enumerate(waves)]
 
     def _dummy_clip(self, device) -> torch.Tensor:
         v = self.cfg.vision

@@ -63,12 +63,13 @@ class VisionEncoder(nn.Module):
 
     def forward(self, clips):
         """Same-shape clips (N, F, 3, H, W) -> patch grids (N, t, h, w, D); or a list of clips of any shapes ->
-        a list of (t, h, w, D). A mixed list runs as one sequence with block-diagonal attention, so every weight is
-        used exactly once per call whatever the shapes: ZeRO-3 gathers parameters per call, and ranks must agree."""
+        (S_total, D), every item's patches in row-major order, one item after the other. A mixed list runs as one
+        sequence with block-diagonal attention, so every weight is used once per call whatever the shapes, and the
+        output is one tensor whatever the item count: ZeRO-3 traces calls and output tensors, and ranks must agree."""
         if torch.is_tensor(clips):
             return self._forward_batch(clips)
         if len({tuple(c.shape) for c in clips}) == 1:
-            return list(self._forward_batch(torch.stack(clips)).unbind(0))
+            return self._forward_batch(torch.stack(clips)).flatten(0, 3)
         grids = [self._grid(c) for c in clips]
         sizes = [t * h * w for t, h, w in grids]
         x = torch.cat([self.patchify(c[None].to(self.patch_embed.weight.dtype))[0] for c in clips])[None]  # (1, S, P)
@@ -77,7 +78,7 @@ class VisionEncoder(nn.Module):
         cos, sin = torch.cat([c for c, _ in rope], dim=1), torch.cat([s for _, s in rope], dim=1)  # (1, S, Dh)
         mask = block_diagonal_mask(sizes, x.device)  # (1, 1, S, S)
         x = run_blocks(self.blocks, x, cos, sin, mask, self.checkpoint_activations and self.training)
-        return [xi.view(*g, -1) for xi, g in zip(self.norm(x)[0].split(sizes), grids)]
+        return self.norm(x)[0]
 
     def _grid(self, clip: torch.Tensor) -> tuple[int, int, int]:
         F_, C, H, W = clip.shape[-4:]
@@ -109,9 +110,10 @@ class VisionProjector(nn.Module):
         x = grid.view(N, t, h // m, m, w // m, m, D).permute(0, 1, 2, 4, 3, 5, 6)  # (N, t, h/m, w/m, m, m, D)
         return x.reshape(N, t * (h // m) * (w // m), m * m * D)
 
-    def forward(self, grids):
-        """(N, t, h, w, D) -> (N, S, out_dim); or a list of (t, h, w, D) -> a list of (S_i, out_dim), one MLP call."""
-        if torch.is_tensor(grids):
-            return self.mlp(self.merge_grid(grids))
-        merged = [self.merge_grid(g[None])[0] for g in grids]
-        return list(self.mlp(torch.cat(merged)).split([len(m) for m in merged]))
+    def forward(self, x: torch.Tensor, grids: list[tuple[int, int, int]] | None = None) -> torch.Tensor:
+        """(N, t, h, w, D) -> (N, S, out_dim); or the encoder's flat (S_total, D) with each item's (t, h, w) grid ->
+        (sum S_i, out_dim), items one after the other, in one MLP call."""
+        if grids is None:
+            return self.mlp(self.merge_grid(x))
+        parts = x.split([t * h * w for t, h, w in grids])
+        return self.mlp(torch.cat([self.merge_grid(p.view(1, *g, -1))[0] for p, g in zip(parts, grids)]))

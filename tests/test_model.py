@@ -237,14 +237,22 @@ def test_mixed_shapes_encode_as_each_item_alone():
         torch.testing.assert_close(t, model.encode_audio([w])[0], rtol=1e-5, atol=1e-5)
 
 
-def test_each_encoder_runs_once_per_forward_whatever_the_media():
+def test_module_call_sequence_is_the_same_whatever_the_media():
+    # DeepSpeed ZeRO-3 traces module calls and requires every rank to make the same ones, whatever its batch holds.
     model = build().train()
     calls = []
-    for name in ("vision.patch_embed", "vision_proj.mlp", "audio.conv1", "audio_proj.mlp"):
-        model.get_submodule(name).register_forward_hook(lambda m, i, o, name=name: calls.append(name))
+    for name, module in model.named_modules():
+        module.register_forward_hook(lambda m, i, o, name=name: calls.append(name))
     ids, _, pixels, audio = mixed_batch()
-    for kwargs in ({"pixel_values": pixels, "audio_values": audio}, {}, {"pixel_values": pixels[1:]}):
+    other_audio = [audio[0], torch.randn(1200) * 0.1]  # two lengths: the padded path
+    sequences = []
+    for rows, kwargs in ((ids, {"pixel_values": pixels, "audio_values": audio}), (ids[:1], {}),
+                         (ids[2:3], {"pixel_values": pixels[1:]}), (ids[:1], {"audio_values": other_audio})):
         calls.clear()
-        rows = ids if kwargs.get("audio_values") else ids[2:3] if kwargs else ids[:1]
+        if kwargs.get("audio_values") is other_audio:
+            rows = torch.tensor([[1, 10] + [5] * audio_tokens(2000, MICRO.audio) + [11, 10]
+                                 + [5] * audio_tokens(1200, MICRO.audio) + [11]])
         model(rows, **kwargs)
-        assert calls == ["vision.patch_embed", "vision_proj.mlp", "audio.conv1", "audio_proj.mlp"], kwargs
+        sequences.append(list(calls))
+    assert all(seq == sequences[0] for seq in sequences)
+    assert sequences[0].count("vision.patch_embed") == 1 and sequences[0].count("audio.conv1") == 1

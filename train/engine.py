@@ -15,9 +15,8 @@ Notable choices (measured facts in shared/notes/deepspeed-on-cpu.md):
 - ZeRO-3 builds the model under `deepspeed.zero.Init` (parameters born partitioned) and fills each parameter from
   `model.init.init_tensor` inside `GatheredParameters`: a custom init applied after partitioning would silently
   do nothing (DeepSpeed #2650), and this way the step-0 bytes equal a plain construction.
-- Known limit: ZeRO-3 gathers a module's parameters on every call, and the model runs each encoder once per distinct
-  media shape in a micro-batch, a count that differs between ranks; on the built-in corpus ZeRO-3 runs then fail
-  with a collective mismatch (observed). ZeRO-3 needs a rank-independent encoder call structure in the model.
+- ZeRO-3 gathers a module's parameters on every call, so every rank must make the same module calls: the model
+  runs each encoder exactly once per forward whatever the media (tests/test_model.py, test_train_distributed.py).
   ZeRO-2 reduces gradients in the order they become ready: `check_grad_order` stops a run whose ranks differ.
 """
 
