@@ -47,5 +47,5 @@ MSG
 $PY - <<'PY'
 import json
 e = json.load(open("runs/demo/eval.json"))
-print("  " + ", ".join(f"{k}={e[k]:.3f}" for k in ("image_accuracy", "video_accuracy", "audio_accuracy", "heldout_loss") if k in e))
+print("  " + ", ".join(f"{k}={e[k]:.3f}" for k in ("image_accuracy", "video_accuracy", "audio_accuracy", "heldout_loss") if e.get(k) is not None))
 PY
