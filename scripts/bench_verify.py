@@ -118,7 +118,7 @@ def main() -> None:
             t_read = best(lambda f=folder: read_all(f), args.repeat)
             t_int = best(lambda f=folder: integrity(f, pub), args.repeat)
             reports = []
-            t_ver = best(lambda f=folder: reports.append(verify(f, pub)), args.repeat)
+            t_ver = best(lambda f=folder, out=reports: out.append(verify(f, pub)), args.repeat)
             assert not reports[-1].failures, reports[-1].failures
             c_read = best(lambda f=folder: read_all(f), args.repeat, cold=folder)
             c_ver = best(lambda f=folder: verify(f, pub), args.repeat, cold=folder)
