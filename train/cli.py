@@ -13,7 +13,7 @@ import sys
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
     "model": ("model.info", "describe a model config: components, parameter counts, FLOPs"),
-    "data": ("train.corpus", "generate the built-in omnimodal corpus"),
+    "data": ("train.corpus", "generate the built-in omnimodal corpus; `data which`: the samples that trained a step"),
     "tokenizer": ("tokenizer.cli", "train the byte-level BPE tokenizer"),
     "train": ("train.pretrain", "pretrain with DeepSpeed"),
     "keys": ("train.signing", "create a signing key pair"),

@@ -266,9 +266,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--heldout", type=int, default=SPLIT_DEFAULTS["heldout"], help="held-out rows")
     g.add_argument("--shard-rows", type=int, default=5000)
     g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="processes (output does not depend on it)")
+    from train import which  # `data which`: the samples that trained a step (train/which.py)
+
+    which.add_arguments(sub.add_parser("which", help="list the samples (source, row, shard, licence) that trained step N"))
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.action == "which":
+        from train import which
+
+        return which.main(args)
     if args.samples <= 0 or args.heldout < 0 or args.shard_rows <= 0:
         raise SystemExit("omniscratch data generate: --samples and --shard-rows must be positive, --heldout >= 0")
     import datasets

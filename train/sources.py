@@ -51,6 +51,20 @@ def source_files(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".parquet", ".arrow", ".jsonl", ".json"))
 
 
+def source_shards(path: Path) -> list[tuple[Path, int | None]]:
+    """The files holding a source's rows in `load_source`'s row order, each with its row count (None: the only file)."""
+    if path.is_file():
+        return [(path, None)]
+    if (path / "dataset_info.json").is_file():  # save_to_disk: arrow stream files in state.json order
+        import pyarrow as pa
+
+        files = [path / f["filename"] for f in json.loads((path / "state.json").read_text())["_data_files"]]
+        return [(f, pa.ipc.open_stream(pa.memory_map(str(f))).read_all().num_rows) for f in files]
+    import pyarrow.parquet as pq
+
+    return [(f, pq.ParquetFile(f).metadata.num_rows) for f in source_files(path) if f.suffix == ".parquet"]
+
+
 def source_digest(path: Path) -> str:
     """sha256 over (relative name, sha256) of every data file: renaming or reordering shards changes it."""
     h = hashlib.sha256()
