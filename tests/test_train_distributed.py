@@ -201,3 +201,21 @@ def test_zero3_trains_on_media_batches_like_zero2(ws, reference):
     theirs = load_weights(reference / "checkpoints" / "step_000006")
     assert ours.keys() == theirs.keys()
     assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) < 1e-3
+
+
+def test_data_which_is_the_same_after_a_resume_at_another_world_size(ws, reference):
+    """`omniscratch data which` answers from the recorded ranges through the pipeline: the 2-rank reference and its
+    1-rank continuation (resumed from step 4, same global batch) name the same samples for every step."""
+    run = ws / "runs" / "ws1"
+    if not (run / "checkpoints" / "step_000006").is_dir():  # selected alone: make the 1-rank continuation
+        test_world_size_2_to_1_resume_continues_the_loss(ws, reference)
+
+    def which(folder: Path, steps: str = "1-6") -> list[dict]:
+        return json.loads(cli("data", "which", str(folder), "--step", steps, "--json").stdout)["steps"]
+
+    chain = json.loads((run / "checkpoints" / "step_000006" / "provenance.json").read_text())["chain"]
+    assert [link["world_size"] for link in chain] == [2, 2, 1]
+    after, before = which(run), which(reference)
+    assert [s["step"] for s in after] == list(range(1, 7)) and all(s["samples"] for s in after)
+    assert after == before
+    assert which(reference / "checkpoints" / "step_000004", "1-4") == after[:4]  # the checkpoint resumed from
