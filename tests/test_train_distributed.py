@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from distributed.train_env import (
     ROOT,
     cli,
@@ -200,7 +201,20 @@ def test_zero3_trains_on_media_batches_like_zero2(ws, reference):
     ours = load_weights(run / "checkpoints" / "step_000006")
     theirs = load_weights(reference / "checkpoints" / "step_000006")
     assert ours.keys() == theirs.keys()
-    assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) < 1e-3
+    # per component, the two runs differ by a small fraction of what training moved: a max-abs bound would break
+    # under bf16 (precision=auto on AMX CPUs), where Adam turns reduction-order noise on tiny gradients into ±lr steps
+    from model import load_model_config
+    from model.components import component_of
+    from model.init import init_tensor
+
+    cfg, seed = load_model_config(ws / "model.yaml"), yaml.safe_load((ws / "run.yaml").read_text())["seed"]
+    diff, moved = {}, {}
+    for k in ours:
+        c = component_of(k)
+        diff[c] = diff.get(c, 0.0) + float((ours[k] - theirs[k]).square().sum())
+        moved[c] = moved.get(c, 0.0) + float((theirs[k] - init_tensor(k, theirs[k].shape, seed, cfg)).square().sum())
+    for c in moved:
+        assert moved[c] > 0 and (diff[c] / moved[c]) ** 0.5 < 0.1, (c, diff[c], moved[c])
 
 
 def test_data_which_is_the_same_after_a_resume_at_another_world_size(ws, reference):
