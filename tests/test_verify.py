@@ -203,3 +203,110 @@ def test_replay_candidates_need_both_ends_kept(copy):
         (0, None, "step_000002"), (1, "step_000002", "step_000004"), (2, "step_000004", "step_000006")]
     shutil.rmtree(copy.parent / "step_000002")  # pruned: the segments on either side can no longer be replayed
     assert [i for i, _, _ in candidates(copy, rec)] == [2]
+
+
+# ---- issue 9: paths outside the folder, symlinks, renamed / reordered / missing / extra weight shards ----------------
+
+def test_paths_outside_the_folder_are_refused_by_verify(run, copy):
+    """In the signature's manifest (model-signing PR #647) and in the certificate's file list, '../x' and absolute
+    paths fail, named, even when a key holder signed them; no such file is opened."""
+    from model_signing import manifest as msm
+    from model_signing._hashing.hashing import Digest
+    from model_signing._signing import sign_ec_key, signing
+
+    bad = ["../step_000004/model.safetensors", "/etc/hostname"]
+    for name in bad:
+        items = [msm.FileManifestItem(path=Path(name), digest=Digest("blake3", b"\0" * 32))]
+        ser = msm._FileSerialization("blake3", False, frozenset({Path(SIGNATURE)}))
+        sign_ec_key.Signer(Path(run[1])).sign(signing.Payload(msm.Manifest("m", items, ser))).write(copy / SIGNATURE)
+        found = failures(verify(copy, run[2]))
+        assert found[0][:2] == ("signature", SIGNATURE) and f"path '{name}' is not a plain relative path" in found[0][2]
+    rec = json.loads((copy / RECORD).read_text())
+    rec["files"]["digests"] |= dict.fromkeys(bad, "00" * 32)
+    (copy / RECORD).write_text(json.dumps(rec))
+    sign_checkpoint(copy, run[1])
+    found = failures(verify(copy, run[2]))
+    for name in bad:
+        assert ("files", name, "listed in the certificate with a path outside the checkpoint folder") in found, found
+
+
+def test_symlinks_are_refused_by_verify(run, copy, tmp_path):
+    """A signed file replaced by a symlink to identical bytes elsewhere, and a symlinked ds/ folder, both fail."""
+    name, outside = "ds/rng_rank0.pt", tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.copyfile(copy / name, outside / "rng_rank0.pt")
+    (copy / name).unlink()
+    (copy / name).symlink_to(outside / "rng_rank0.pt")  # same digest: only the link itself gives it away
+    found = failures(verify(copy, run[2]))
+    assert ("files", str(copy), f"{copy}: '{name}' is a symlink or special file; checkpoints hold only regular "
+            "files") in found, found
+    assert any(f[0] == "signature" and f"path '{name}' resolves outside" in f[2] for f in found), found
+    (copy / name).unlink()
+    shutil.copyfile(outside / "rng_rank0.pt", copy / name)
+    assert not verify(copy, run[2]).failures
+    shutil.move(copy / "ds", outside / "ds")
+    (copy / "ds").symlink_to(outside / "ds")
+    assert ("files", str(copy), f"{copy}: 'ds' is a symlink; checkpoints hold only regular files") in failures(
+        verify(copy, run[2]))
+
+
+@pytest.fixture(scope="module")
+def run2(tmp_path_factory):
+    """-> (last checkpoint of a signed 2-rank ZeRO-3 run of 2 steps, private key, public key). DeepSpeed writes one
+    ds/*zero_pp_rank_{r}_mp_rank_00_{model,optim}_states.pt pair per rank."""
+    base = tmp_path_factory.mktemp("verify2")
+    priv, pub = init_keys(base / "keys")
+    cfg = make_workspace(base, run_dir=str(base / "run"), sign_key=str(priv), steps=2,
+                         checkpoint={"every": 2, "keep_last": 1}, deepspeed=str(ROOT / "configs/deepspeed/zero3.json"))
+    cli("train", "--config", str(cfg), "--nproc-per-node", "2")
+    return base / "run" / "checkpoints" / "step_000002", priv, pub
+
+
+@pytest.fixture
+def copy2(run2, tmp_path):
+    dst = tmp_path / "checkpoints" / "step_000002"
+    shutil.copytree(run2[0], dst)
+    return dst
+
+
+def shard(folder: Path, rank: int, kind: str = "optim") -> str:
+    return next(n for n in folder_files(folder) if n.startswith("ds/") and n.endswith(
+        f"zero_pp_rank_{rank}_mp_rank_00_{kind}_states.pt"))
+
+
+def test_reordered_rank_shards_are_named(run2, copy2):
+    assert not verify(copy2, run2[2]).failures  # the honest 2-rank checkpoint: no layout false alarm
+    names = [shard(copy2, r, kind) for kind in ("model", "optim") for r in (0, 1)]
+    for a, b in (names[:2], names[2:]):  # rank 0's file holds rank 1's bytes and the other way round
+        (copy2 / a).rename(copy2 / "swap"), (copy2 / b).rename(copy2 / a), (copy2 / "swap").rename(copy2 / b)
+    found = failures(verify(copy2, run2[2]))
+    for name in names:
+        assert ("files", name, "digest differs from the signed digest (file changed after signing)") in found, found
+        assert ("files", name, "digest differs from the certificate") in found
+
+
+def test_missing_rank_shard_is_named_even_when_recertified(run2, copy2):
+    name = shard(copy2, 1)
+    (copy2 / name).unlink()
+    found = failures(verify(copy2, run2[2]))
+    assert ("files", name, "signed but missing from the folder") in found
+    assert ("files", name, "listed in the certificate but missing") in found
+    recertify(copy2, run2[1])  # a key holder re-certifies and re-signs the folder without it
+    assert ("files", name, "missing: rank 1's shard (ranks [0] have theirs, world size 2)") in failures(
+        verify(copy2, run2[2]))
+
+
+def test_extra_shards_are_named_even_when_recertified(run2, copy2):
+    extra = [shard(copy2, 1).replace("rank_1_", "rank_2_"), "model-00002-of-00002.safetensors"]
+    shutil.copyfile(copy2 / shard(copy2, 1), copy2 / extra[0])
+    shutil.copyfile(copy2 / "model.safetensors", copy2 / extra[1])
+    found = failures(verify(copy2, run2[2]))
+    for name in extra:
+        assert ("files", name, "present but not covered by the signature") in found
+        assert ("files", name, "present but not listed in the certificate") in found
+    recertify(copy2, run2[1])  # now signed and certified: the checkpoint layout still names both
+    found = failures(verify(copy2, run2[2]))
+    assert ("files", extra[0], "shard of rank 2, but the run that wrote this checkpoint had world size 2 (ranks 0-1)") \
+        in found, found
+    assert ("files", extra[1], "weight file outside the checkpoint layout: the certified weights are model.safetensors "
+            "alone") in found

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 import struct
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -160,6 +161,32 @@ def folder_files(folder: Path, exclude: set[str] = frozenset()) -> list[str]:
                 raise ValueError(f"{folder}: '{rel}' is a symlink or special file; checkpoints hold only regular files")
             if rel not in exclude:
                 out.append(rel)
+    return sorted(out)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".npz", ".h5", ".msgpack")
+RANK_FILE = re.compile(r"(zero_pp_rank_|rng_rank)(\d+)")  # DeepSpeed's per-rank shards and our per-rank RNG files
+
+
+def layout_problems(names: list[str], world_size: int | None, weights: str = "model.safetensors") -> list[tuple[str, str]]:
+    """(file, reason) for weight files outside a checkpoint's layout: a top-level weight file other than `weights`,
+    a per-rank file under ds/ of a rank outside the world size, a per-rank file that another rank has and this one
+    lacks. Catches extra and missing shards even in a folder re-certified and re-signed by a key holder."""
+    out, kinds = [], {}
+    for name in names:
+        if "/" not in name and name.endswith(WEIGHT_SUFFIXES) and name != weights:
+            out.append((name, f"weight file outside the checkpoint layout: the certified weights are {weights} alone"))
+        m = RANK_FILE.search(name) if name.startswith("ds/") else None
+        if m and world_size is not None:
+            rank = int(m.group(2))
+            if rank >= world_size:
+                out.append((name, f"shard of rank {rank}, but the run that wrote this checkpoint had world size "
+                                  f"{world_size} (ranks 0-{world_size - 1})"))
+            else:
+                kinds.setdefault(name[:m.start(2)] + "{rank}" + name[m.end(2):], set()).add(rank)
+    for kind, ranks in kinds.items():
+        out += [(kind.replace("{rank}", str(r)), f"missing: rank {r}'s shard (ranks {sorted(ranks)} have theirs, world size "
+                                      f"{world_size})") for r in range(world_size) if r not in ranks]
     return sorted(out)
 
 

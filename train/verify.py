@@ -24,7 +24,14 @@ import yaml
 
 from model.components import COMPONENTS
 from model.config import ModelConfig, from_dict
-from train.digest import component_roots, folder_files, hash_files, safetensors_digests
+from train.digest import (
+    component_roots,
+    folder_files,
+    hash_files,
+    layout_problems,
+    safe_path,
+    safetensors_digests,
+)
 from train.provenance import DATA_MANIFEST, RECORD, SCHEMA, SLSA, digest_of, init_digest, rebuild_init
 from train.signing import SIGNATURE, signed_manifest
 
@@ -100,12 +107,17 @@ def _verify(rep, folder, public_key, early, replay, allowed, reviewed, allow_der
         rep.add("certificate", RECORD, False, f"unreadable: {e}")
         return
     for name in sorted(set(certified) | (set(actual) - {RECORD})):
-        if name not in actual:
+        if not _inside(folder, name):
+            rep.add("files", name, False, "listed in the certificate with a path outside the checkpoint folder")
+        elif name not in actual:
             rep.add("files", name, False, "listed in the certificate but missing")
         elif name not in certified:
             rep.add("files", name, False, "present but not listed in the certificate")
         elif certified[name] != actual[name]:
             rep.add("files", name, False, "digest differs from the certificate")
+    world = (rec.get("chain") or [{}])[-1].get("world_size")
+    for name, why in layout_problems(sorted(set(actual) | set(certified)), world):
+        rep.add("files", name, False, why)
     if not any(c["check"] == "files" for c in rep.checks):
         rep.add("files", f"{len(actual)} files", True, "digests match the signature and the certificate")
     # Each check is guarded: on tampered files a parser may raise; a check that cannot run has failed.
@@ -123,6 +135,13 @@ def _verify(rep, folder, public_key, early, replay, allowed, reviewed, allow_der
         from train.replay import replay as replay_segments  # runs the trainer: imported only when asked for
 
         replay_segments(rep, folder, rec, replay)
+
+
+def _inside(folder: Path, name: str) -> bool:
+    try:
+        return bool(safe_path(folder, name))
+    except ValueError:
+        return False
 
 
 def _check_tensors(rep: Report, folder: Path, rec: dict) -> None:
