@@ -170,7 +170,8 @@ def _coerce(tp, value, where: str, key: str):
     if origin is dict:
         if not isinstance(value, dict):
             raise ValueError(f"{where}: key '{key}' must be a mapping, got {type(value).__name__}")
-        return dict(value)
+        _, arg = typing.get_args(tp) or (typing.Any, typing.Any)
+        return {k: _coerce(arg, v, where, f"{key}.{k}") for k, v in value.items()}
     if tp is typing.Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):

@@ -188,12 +188,18 @@ def test_zero3_init_and_bf16_masters(ws, tmp_path):
     assert report["zero3_bf16"]["dtypes"]["module"] == "torch.bfloat16"
 
 
-def test_zero3_trains_on_media_batches_like_zero2(ws, reference):
-    """ZeRO-3 on the real mixed-media corpus: ranks whose micro-batches hold different media must still make the
-    same module calls (the model runs each encoder once per forward); the run matches the ZeRO-2 reference."""
-    run = ws / "runs" / "zero3"
+@pytest.fixture(scope="module")
+def zero3_run(ws) -> Path:
+    """The same 6 steps as the reference on 2 ranks under ZeRO-3 (parameters born partitioned)."""
     cli("train", *run_args(ws, "zero3", f"deepspeed={ROOT / 'configs/deepspeed/zero3.json'}", "steps=6",
                            "--nproc-per-node", "2"), timeout=300)
+    return ws / "runs" / "zero3"
+
+
+def test_zero3_trains_on_media_batches_like_zero2(ws, zero3_run, reference):
+    """ZeRO-3 on the real mixed-media corpus: ranks whose micro-batches hold different media must still make the
+    same module calls (the model runs each encoder once per forward); the run matches the ZeRO-2 reference."""
+    run = zero3_run
     mine, ref = metrics(run), metrics(reference)
     assert sorted(mine) == sorted(ref)
     for step in sorted(ref):
@@ -233,3 +239,125 @@ def test_data_which_is_the_same_after_a_resume_at_another_world_size(ws, referen
     assert [s["step"] for s in after] == list(range(1, 7)) and all(s["samples"] for s in after)
     assert after == before
     assert which(reference / "checkpoints" / "step_000004", "1-4") == after[:4]  # the checkpoint resumed from
+
+
+# ---- issue 9: the recorded init is the init that ran; every component really trained -------------------------------
+
+def grad_checked(run: Path) -> dict[int, list[str]]:
+    """step -> components whose gradient check passed at that step, from rank 0's log."""
+    out = {}
+    for line in (run / "logs" / "rank0.log").read_text().splitlines():
+        if "gradient check passed (L2 norms): " in line:
+            step = int(line.split(" step ")[1].split(":")[0])
+            norms = line.split("(L2 norms): ")[1].split(";")[0]
+            out[step] = [item.split()[0] for item in norms.split(", ")]
+    return out
+
+
+def patched_train(tmp_path: Path, patch: str, *args: str) -> subprocess.CompletedProcess:
+    """`omniscratch train ARGS` on 2 ranks (torchrun), each rank running `patch` (Python source) first: the fault is
+    injected inside the rank processes, where the real code runs."""
+    script = tmp_path / "patched_train.py"
+    script.write_text(patch + "\nimport sys\nfrom train.cli import main\nsys.exit(main(['train', *sys.argv[1:]]))\n")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "--max-restarts=0", str(script), *args], cwd=ROOT, env=env(), capture_output=True,
+                          text=True, timeout=300)
+
+
+SKIP_ONE_INIT = """
+import math, torch
+import train.engine as eng
+real = eng.init_tensor
+def init_tensor(name, shape, seed, cfg):  # this tensor keeps PyTorch's default init, as if our init had skipped it
+    if name == "audio.blocks.0.mlp.fc1.weight":
+        return torch.nn.init.kaiming_uniform_(torch.empty(tuple(shape)), a=math.sqrt(5))
+    return real(name, shape, seed, cfg)
+eng.init_tensor = init_tensor
+"""
+
+
+def test_zero3_init_that_skips_a_tensor_stops_the_run_naming_it(ws, tmp_path):
+    """ZeRO-3 builds partitioned parameters and fills them itself: if that fill skips one tensor, the init record
+    (digests of the real gathered tensors after deepspeed.initialize, compared with a rebuild) stops the run
+    before step 1, naming the tensor and its component. No certificate of an init that did not run is written."""
+    run = ws / "runs" / "skipinit"
+    res = patched_train(tmp_path, SKIP_ONE_INIT, *run_args(ws, "skipinit", f"deepspeed={ROOT / 'configs/deepspeed/zero3.json'}"))
+    assert res.returncode != 0
+    error = json.loads((run / "logs" / "rank0.json").read_text())["error"]
+    assert "component 'audio_encoder': audio.blocks.0.mlp.fc1.weight." in error, error
+    assert error.count("component '") == 1  # only that one tensor differs
+    assert "component 'audio_encoder': audio.blocks.0.mlp.fc1.weight" in res.stderr
+    assert not metrics(run) and not (run / "checkpoints" / "latest").exists()
+
+
+def test_zero3_honest_run_verifies_and_checked_every_gradient(ws, zero3_run, tmp_path):
+    """The honest ZeRO-3 run: its init record (gathered after deepspeed.initialize) rebuilds from config and seed,
+    so `omniscratch verify` passes; every component got a non-zero gradient at the step its input first came."""
+    from train.signing import init_keys
+
+    priv, pub = init_keys(tmp_path / "keys")
+    folder = zero3_run / "checkpoints" / "step_000006"
+    cli("keys", "sign", str(folder), "--key", str(priv))
+    res = cli("verify", str(folder), "--public-key", str(pub), "--json", "--out", str(tmp_path / "CERT.md"))
+    report = json.loads(res.stdout)
+    assert report["ok"], report["failures"]
+    assert [(r["verdict"], r["steps_trained"]) for r in report["components"]] == [("from scratch", 6)] * 6
+    checked = grad_checked(zero3_run)
+    assert sorted(c for cs in checked.values() for c in cs) == sorted(r["component"] for r in report["components"])
+    assert {"embeddings", "text_decoder"} <= set(checked[1])  # the text side at step 1
+
+
+FROZEN_VISION = """
+import torch
+import model.vision as mv
+mv.VisionEncoder.forward = torch.no_grad()(mv.VisionEncoder.forward)  # requires_grad=True, yet no gradient reaches it
+"""
+
+
+def test_frozen_vision_encoder_stops_the_run_at_its_first_vision_step(ws, tmp_path):
+    """A vision encoder wrapped in torch.no_grad (LLaVA #1537) trains nothing although every flag says it does: the
+    run stops at the first step whose global batch holds a vision item, before that step's update, naming it."""
+    run = ws / "runs" / "frozen"
+    res = patched_train(tmp_path, FROZEN_VISION, *run_args(ws, "frozen"))
+    assert res.returncode != 0
+    error = json.loads((run / "logs" / "rank0.json").read_text())["error"]
+    assert "component(s) vision_encoder received no gradient although their input was in the batch" in error, error
+    step = int(error.split("step ")[1].split(":")[0])
+    assert sorted(metrics(run)) == list(range(1, step))  # stopped at that step, before its update
+    norms = {c: float(v) for c, v in (x.split() for x in error.split("norms: ")[1].split(")")[0].split(", "))}
+    assert norms.pop("vision_encoder") == 0 and "embeddings" in norms and all(v > 0 for v in norms.values())
+    if step > 1:  # the text side was checked at step 1, the vision side waited for its input
+        assert "vision_encoder" not in [c for cs in grad_checked(run).values() for c in cs]
+
+
+def test_lr_scale_zero_component_is_certified_not_trained(ws, tmp_path):
+    """optim.lr_scale: a component scaled to 0 is frozen on purpose: exempt from the gradient check, certified
+    "not trained" (0 steps, distance 0) while the others show their steps and distance; every AdamW group's lr
+    is its own base (lr x scale) times the schedule."""
+    from train.engine import lr_lambda
+    from train.signing import init_keys
+
+    priv, pub = init_keys(tmp_path / "keys")
+    run = ws / "runs" / "lrscale"
+    cli("train", *run_args(ws, "lrscale", "steps=4", "optim.lr_scale.audio_encoder=0",
+                           "optim.lr_scale.vision_projector=0.5", f"sign_key={priv}"))
+    folder = run / "checkpoints" / "step_000004"
+    res = cli("verify", str(folder), "--public-key", str(pub), "--json", "--out", str(tmp_path / "CERT.md"))
+    report = json.loads(res.stdout)
+    assert report["ok"], report["failures"]
+    rows = {r["component"]: r for r in report["components"]}
+    assert (rows["audio_encoder"]["verdict"], rows["audio_encoder"]["steps_trained"]) == ("not trained", 0)
+    assert rows["audio_encoder"]["distance_from_init"] == 0.0
+    for c, r in rows.items():
+        if c != "audio_encoder":
+            assert (r["verdict"], r["steps_trained"]) == ("from scratch", 4) and r["distance_from_init"] > 0, c
+    assert "| audio_encoder |" in (md := (tmp_path / "CERT.md").read_text()) and "| 0 | 0 | not trained |" in md
+    checked = [c for cs in grad_checked(run).values() for c in cs]
+    assert "audio_encoder" not in checked and "audio_projector" in checked  # frozen on purpose: not checked
+    (optim,) = (folder / "ds").glob("*zero_pp_rank_0_mp_rank_00_optim_states.pt")  # DeepSpeed's ZeRO-2 optimizer state
+    groups = torch.load(optim, weights_only=False)["optimizer_state_dict"]["base_optimizer_state"]["param_groups"]
+    factor = lr_lambda(4, warmup=2, total=4, min_ratio=0.1)  # the schedule after 4 steps
+    assert sorted(g["lr_scale"] for g in groups) == [0.0, 0.0, 0.5, 0.5, 1.0, 1.0]  # (decay, no decay) x scale
+    for g in groups:
+        assert g["initial_lr"] == pytest.approx(1e-3 * g["lr_scale"]) and g["lr"] == pytest.approx(g["initial_lr"] * factor)
+    assert metrics(run)[4]["lr"] == pytest.approx(1e-3 * factor)  # metrics and lineage record the unscaled schedule

@@ -69,6 +69,59 @@ def test_overrides_apply_and_are_validated(monkeypatch):
         load_run_config(ROOT / "configs/run/tiny.yaml", ["steps"])
 
 
+def test_lr_scale_is_typed_and_validated(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    tiny = ROOT / "configs/run/tiny.yaml"
+    cfg = load_run_config(tiny, ["optim.lr_scale.audio_encoder=0", "optim.lr_scale.vision_projector=0.5"])
+    assert cfg.optim.lr_scale == {"audio_encoder": 0.0, "vision_projector": 0.5}
+    assert isinstance(cfg.optim.lr_scale["audio_encoder"], float) and load_run_config(tiny).optim.lr_scale == {}
+    with pytest.raises(ValueError, match=r"tiny.yaml \(with overrides optim.lr_scale.audio=0\): key "
+                                         r"'optim.lr_scale.audio': no component named 'audio' \(valid: embeddings, "
+                                         r"text_decoder, lm_head, vision_encoder, vision_projector, audio_encoder, "
+                                         r"audio_projector\)"):
+        load_run_config(tiny, ["optim.lr_scale.audio=0"])
+    with pytest.raises(ValueError, match=r"key 'optim.lr_scale.vision_encoder'=-0.1 must be a finite number >= 0"):
+        load_run_config(tiny, ["optim.lr_scale.vision_encoder=-0.1"])
+    with pytest.raises(ValueError, match=r"key 'optim.lr_scale.vision_encoder' must be float, got str 'fast'"):
+        load_run_config(tiny, ["optim.lr_scale.vision_encoder=fast"])
+    with pytest.raises(ValueError, match=r"key 'optim.lr_scale' must be a mapping"):
+        load_run_config(tiny, ["optim.lr_scale=0.5"])
+
+
+def test_param_groups_scale_each_components_lr():
+    """Per-component lr scales become AdamW groups whose own lr is lr x scale; without scales, the old two groups."""
+    from model import OmniModel
+    from train.engine import param_groups
+
+    model = OmniModel(load_model_config(ROOT / "configs/model/tiny.yaml"))
+    plain = param_groups(model, lr=1e-3, weight_decay=0.1)
+    assert [(g["lr"], g["weight_decay"], g["lr_scale"]) for g in plain] == [(1e-3, 0.1, 1.0), (1e-3, 0.0, 1.0)]
+    groups = param_groups(model, lr=1e-3, weight_decay=0.1, lr_scale={"audio_encoder": 0.0, "vision_encoder": 0.5})
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        g = by_param[id(p)]
+        want = 0.0 if name.startswith("audio.") else 0.5 if name.startswith("vision.") else 1.0
+        assert (g["lr_scale"], g["lr"]) == (want, 1e-3 * want), name
+        assert g["weight_decay"] == (0.1 if p.dim() >= 2 else 0.0), name
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    # the schedule multiplies each group's own base lr
+    opt = torch.optim.AdamW(groups)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.25)
+    assert [g["lr"] for g in opt.param_groups] == [g["initial_lr"] * 0.25 for g in opt.param_groups]
+    assert sched.base_lrs == [1e-3 * g["lr_scale"] for g in opt.param_groups]
+
+
+def test_encoders_wait_for_their_input_before_their_gradient_check():
+    """A step without images gives the vision encoder an exactly-zero gradient by design (dummy item): its check
+    waits for the first step whose global batch holds an image; the text side is checked at once."""
+    from train.engine import grad_checks_due
+
+    pending = ["embeddings", "text_decoder", "vision_encoder", "vision_projector", "audio_encoder", "audio_projector"]
+    assert grad_checks_due(pending, set()) == ["embeddings", "text_decoder"]
+    assert grad_checks_due(pending[2:], {"audio"}) == ["audio_encoder", "audio_projector"]
+    assert grad_checks_due(pending[2:], {"vision", "audio"}) == pending[2:]
+
+
 def test_config_errors_name_the_file_and_key(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     bad = tmp_path / "bad.yaml"

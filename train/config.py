@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from model.components import COMPONENTS
 from model.config import from_dict, load_yaml
 
 PRECISIONS = ("auto", "bf16", "fp32")  # auto: bf16 where the device computes it natively, else fp32
@@ -43,6 +44,9 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0
+    # per component (model/components.py names): multiplies lr; unlisted components 1.0. 0 freezes a component on
+    # purpose: it is then exempt from the step-1 gradient check and certified "not trained"
+    lr_scale: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -130,6 +134,13 @@ def validate(cfg: RunConfig, where: str) -> RunConfig:
                            "optim.lr", "checkpoint.every", "checkpoint.keep_last"])
     _positive(cfg, where, ["optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "checkpoint.keep_every", "max_steps",
                            "data.heldout_every", "data.heldout_batches", "optim.min_lr_ratio"], zero_ok=True)
+    for comp, scale in cfg.optim.lr_scale.items():
+        if comp not in COMPONENTS:
+            raise ValueError(f"{where}: key 'optim.lr_scale.{comp}': no component named '{comp}' "
+                             f"(valid: {', '.join(COMPONENTS)})")
+        if not scale >= 0 or scale == float("inf"):
+            raise ValueError(f"{where}: key 'optim.lr_scale.{comp}'={scale} must be a finite number >= 0 "
+                             f"(0 freezes the component)")
     if cfg.max_steps > cfg.steps:
         raise ValueError(f"{where}: key 'max_steps'={cfg.max_steps} exceeds 'steps'={cfg.steps} (the schedule length)")
     if cfg.precision not in PRECISIONS:

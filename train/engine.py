@@ -18,6 +18,10 @@ Notable choices (measured facts in shared/notes/deepspeed-on-cpu.md):
 - ZeRO-3 gathers a module's parameters on every call, so every rank must make the same module calls: the model
   runs each encoder exactly once per forward whatever the media (tests/test_model.py, test_train_distributed.py).
   ZeRO-2 reduces gradients in the order they become ready: `check_grad_order` stops a run whose ranks differ.
+- `check_gradients` stops a run in which a component meant to train got an exactly-zero gradient (a frozen encoder:
+  LLaVA #1537), at the first step whose global batch holds its input (text side: step 1). `safe_get_full_grad`
+  gathers every parameter, so it runs on those few steps only. `optim.lr_scale` becomes AdamW param groups, each
+  with its own base lr that the schedule multiplies; a scale of 0 freezes a component on purpose.
 """
 
 from __future__ import annotations
@@ -36,9 +40,10 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
-from deepspeed.utils import safe_get_full_fp32_param
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
 from model import OmniModel, init_tensor, init_weights
+from model.components import COMPONENTS, component_of
 from model.config import ModelConfig
 
 # keys of the DeepSpeed JSON that the run config owns: the JSON says how to shard, the run config what to train
@@ -164,14 +169,33 @@ def lr_lambda(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def param_groups(model: OmniModel, *, lr: float, weight_decay: float, lr_scale: dict[str, float] | None = None) -> list[dict]:
+    """AdamW groups: weight decay on matrices only (not norms and biases), and one group per distinct component
+    lr scale. Each group's own "lr" is lr x scale, the base that the LR schedule multiplies; "lr_scale" stays in the
+    group so the unscaled schedule can be read back (`schedule_lr`). Without scales: the two groups of old."""
+    buckets: dict[tuple[float, bool], list] = {}
+    for decay in (True, False):  # decayed matrices first
+        for name, p in model.named_parameters():
+            ndim = len(getattr(p, "ds_shape", p.shape))  # partitioned ZeRO-3 params are flat: use the full shape
+            if (ndim >= 2) == decay:
+                scale = float((lr_scale or {}).get(component_of(name), 1.0))
+                buckets.setdefault((scale, decay), []).append(p)
+    return [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr": lr * scale, "lr_scale": scale}
+            for (scale, decay), ps in buckets.items()]
+
+
+def schedule_lr(engine) -> float:
+    """The scheduled learning rate before per-component scales (what metrics and the lineage record)."""
+    for g in engine.optimizer.param_groups:
+        if g.get("lr_scale", 1.0) > 0:
+            return g["lr"] / g.get("lr_scale", 1.0)
+    return 0.0
+
+
 def initialize(model: OmniModel, ds: dict, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
-               warmup: int, total_steps: int, min_lr_ratio: float):
-    """deepspeed.initialize with AdamW (no decay on norms and biases) and warmup + cosine. -> engine."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        ndim = len(getattr(p, "ds_shape", p.shape))  # partitioned ZeRO-3 params are flat: use the full shape
-        (decay if ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+               warmup: int, total_steps: int, min_lr_ratio: float, lr_scale: dict[str, float] | None = None):
+    """deepspeed.initialize with AdamW (see `param_groups`) and warmup + cosine on each group's own lr. -> engine."""
+    groups = param_groups(model, lr=lr, weight_decay=weight_decay, lr_scale=lr_scale)
     sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_lambda(s, warmup=warmup, total=total_steps, min_ratio=min_lr_ratio))
     if optimizer_offloaded(ds):
@@ -209,6 +233,55 @@ def check_grad_order(order: list[int], step: int) -> None:
             f"step {step}: ranks produced their gradients in different orders (data-dependent backward graph), so "
             f"ZeRO-2/3 gradient buckets would not line up across ranks; use a ZeRO-1 config (configs/deepspeed/zero1.json), "
             f"which reduces in parameter order, or make every rank run the same modules in the same order")
+
+
+# components that get a gradient only from their modality's input: without it the model feeds a zero-weighted
+# dummy item (so that every rank makes the same module calls), whose gradient is exactly zero
+NEEDS_INPUT = {"vision_encoder": "vision", "vision_projector": "vision", "audio_encoder": "audio",
+               "audio_projector": "audio"}
+
+
+def components_to_train(model: torch.nn.Module, lr_scale: dict[str, float]) -> list[str]:
+    """Components present in the model that are meant to train (lr scale > 0), in COMPONENTS order."""
+    present = {component_of(n) for n, _ in model.named_parameters()}
+    return [c for c in COMPONENTS if c in present and lr_scale.get(c, 1.0) > 0]
+
+
+def media_in_step(batches, device: torch.device) -> set[str]:
+    """The media ("vision", "audio") in this step's GLOBAL batch: any rank's micro-batches. Collective (all-reduce)."""
+    has = torch.tensor([any(len(b.pixel_values) for b in batches), any(len(b.audio_values) for b in batches)],
+                       dtype=torch.int64, device=device)
+    dist.all_reduce(has)
+    return {m for m, n in zip(("vision", "audio"), has.tolist()) if n}
+
+
+def grad_checks_due(pending: list[str], media: set[str]) -> list[str]:
+    """Those of `pending` whose input is in the global batch: text-side components always, an encoder and its
+    projector only when their media is there (else their gradient is exactly zero by design)."""
+    return [c for c in pending if c not in NEEDS_INPUT or NEEDS_INPUT[c] in media]
+
+
+def check_gradients(engine, components: list[str], step: int) -> dict[str, float]:
+    """Call after backward and before `engine.step()` at the accumulation boundary. -> L2 norm of each component's
+    full gradient; raises RuntimeError naming every component whose gradient is exactly zero (a frozen encoder:
+    `@torch.no_grad`, a detached output, requires_grad=False). Collective: `safe_get_full_grad` gathers each
+    parameter (ZeRO 1-3), so every rank walks the same parameters in the same order."""
+    sq = dict.fromkeys(components, 0.0)
+    for name, p in engine.module.named_parameters():
+        comp = component_of(name)
+        if comp in sq:
+            g = safe_get_full_grad(p)
+            if g is not None:
+                sq[comp] += float(g.detach().float().pow(2).sum())
+    norms = {c: math.sqrt(v) for c, v in sq.items()}
+    dead = [c for c in components if norms[c] == 0.0]
+    if dead:
+        raise RuntimeError(
+            f"step {step}: component(s) {', '.join(dead)} received no gradient although their input was in the batch "
+            f"(gradient L2 norms: {', '.join(f'{c} {v:.3g}' for c, v in norms.items())}): frozen (torch.no_grad, a "
+            f"detached output, requires_grad=False) yet meant to train. Fix the model, or freeze on purpose with "
+            f"optim.lr_scale.{dead[0]}=0 (then certified 'not trained')")
+    return norms
 
 
 def master_dtypes(engine) -> dict[str, torch.dtype]:

@@ -162,10 +162,16 @@ def _train(cfg, d, log, stop, resume, resume_from) -> str:
         model = eng.build_model(model_cfg, cfg.seed, ds, cfg.activation_checkpointing)
         o = cfg.optim
         engine = eng.initialize(model, ds, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
-                                warmup=o.warmup_steps, total_steps=cfg.steps, min_lr_ratio=o.min_lr_ratio)
+                                warmup=o.warmup_steps, total_steps=cfg.steps, min_lr_ratio=o.min_lr_ratio,
+                                lr_scale=o.lr_scale)
         log.info("dtypes: %s", {k: str(v) for k, v in eng.master_dtypes(engine).items()})
         # ZeRO >= 2 reduces gradients in the order they become ready: check that it matches across ranks
         grad_order = eng.watch_grad_order(engine.module) if eng.zero_stage(ds) >= 2 and d.world_size > 1 else None
+        # every component meant to train must get a non-zero gradient at the first step its input is in the global
+        # batch (text side: step 1): a frozen encoder inside a model that "trains" stops the run here
+        grad_pending = eng.components_to_train(engine.module, o.lr_scale)
+        log.info("gradient check pending for %s; lr scales %s (0 = frozen on purpose, not checked)", grad_pending,
+                 o.lr_scale)
 
         # ---- resume ----------------------------------------------------------------------------------------------
         step, segment = 0, []
@@ -251,7 +257,7 @@ def _train(cfg, d, log, stop, resume, resume_from) -> str:
                                  tokenizer=cfg.data.tokenizer, data_state=data_state)
                 record = rec.checkpoint_record(tmp, step, optimizer={
                     "name": "adamw", "lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps,
-                    "weight_decay": o.weight_decay, "grad_clip": o.grad_clip,
+                    "weight_decay": o.weight_decay, "grad_clip": o.grad_clip, "lr_scale": dict(o.lr_scale),
                     "schedule": f"linear warmup {o.warmup_steps} steps, cosine to {o.min_lr_ratio} x lr at step {cfg.steps}"})
                 final = ckpt.commit(tmp, record)  # provenance.json last = the commit marker
                 ckpt.write_latest(root, final)
@@ -272,10 +278,18 @@ def _train(cfg, d, log, stop, resume, resume_from) -> str:
             t0 = time.perf_counter()
             sums = [0.0] * (2 * len(MODALITIES))  # (loss sum, tokens) per modality
             flops = 0
-            for b in loader.next_step():
+            batches = loader.next_step()
+            grad_due = eng.grad_checks_due(grad_pending, eng.media_in_step(batches, d.device)) if grad_pending else []
+            for i, b in enumerate(batches):
                 losses, mods = token_losses(b)
                 loss = losses.mean()
                 engine.backward(loss)
+                if grad_due and i == len(batches) - 1:  # the accumulation boundary: full gradients, before the update
+                    norms = eng.check_gradients(engine, grad_due, step + 1)
+                    grad_pending = [c for c in grad_pending if c not in grad_due]
+                    log.info("step %d: gradient check passed (L2 norms): %s%s", step + 1,
+                             ", ".join(f"{c} {v:.3g}" for c, v in norms.items()),
+                             f"; waiting for their input: {', '.join(grad_pending)}" if grad_pending else "")
                 engine.step()
                 for m in range(len(MODALITIES)):
                     sel = mods == m
@@ -287,7 +301,7 @@ def _train(cfg, d, log, stop, resume, resume_from) -> str:
             if grad_order is not None:
                 eng.check_grad_order(grad_order, step + 1)
             step += 1
-            lr = engine.get_lr()[0]
+            lr = eng.schedule_lr(engine)
             rec.record_step(step, loader.last_step_ranges, lr)
             segment.append([step, loader.last_step_ranges])
             if step % rec.weights_every == 0:
@@ -332,6 +346,8 @@ def _train(cfg, d, log, stop, resume, resume_from) -> str:
         final = save(step) if step != last_saved else ckpt.read_latest(root)
         if stop["signal"]:
             log.info("SIGTERM after the last step: the final checkpoint is written")
+        if grad_pending:
+            log.warning("no gradient check for %s: their input was in no step of this run", grad_pending)
         if d.is_main:
             metrics.write(f"run {cfg.name} finished at step {step}\n  checkpoint: {final}\n  metrics: {metrics.path}\n"
                           f"  loss curve: {metrics.png}\n  logs: {run_dir / 'logs'}")

@@ -135,15 +135,19 @@ class _SkipDefaultInit(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def rebuild_init(model_cfg, seed: int, dtypes: dict[str, str] | None = None) -> dict[str, dict]:
-    """Digests of the step-0 parameters rebuilt from (config, seed), each cast to `dtypes[name]` (default fp32)."""
+def rebuild_init(model_cfg, seed: int, dtypes: dict[str, str] | None = None, visit=None) -> dict[str, dict]:
+    """Digests of the step-0 parameters rebuilt from (config, seed), each cast to `dtypes[name]` (default fp32).
+    `visit(name, tensor)`, if given, sees each rebuilt tensor once (one at a time: never the whole model)."""
     by_code = {v: k for k, v in digest.DTYPES.items()}
     with _SkipDefaultInit():  # names and shapes come from the model code, never from the record being checked
         shapes = [(n, p.shape) for n, p in OmniModel(model_cfg).named_parameters()]
     def tensors():
         for name, shape in shapes:
             t = init_tensor(name, shape, seed, model_cfg)
-            yield name, t.to(by_code[dtypes[name]]) if dtypes and name in dtypes else t
+            t = t.to(by_code[dtypes[name]]) if dtypes and name in dtypes else t
+            if visit is not None:
+                visit(name, t)
+            yield name, t
     return tensor_digests(tensors())
 
 
@@ -199,11 +203,13 @@ class Recorder:
         declared = self.tripwire.derived if self.tripwire is not None else {}
         undeclared = [c for c in differ if c not in declared]
         if undeclared:
-            c = undeclared[0]
+            def names(ts):
+                return ", ".join(ts[:8]) + (f" and {len(ts) - 8} more" if len(ts) > 8 else "")
+            which = "; ".join(f"component '{c}': {names(differ[c])}" for c in undeclared)
             raise RuntimeError(
-                f"init record: the step-0 tensors of component '{c}' (e.g. {differ[c][0]}) differ from a rebuild "
-                f"from config and seed {self.seed} ({INIT_SCHEME}); the init did not run as declared (under ZeRO-3 "
-                f"fill parameters inside GatheredParameters), or foreign weights got in without the tripwire")
+                f"init record: step-0 tensors differ from a rebuild from config and seed {self.seed} ({INIT_SCHEME}): "
+                f"{which}. The init did not run as declared (under ZeRO-3 fill parameters inside "
+                f"GatheredParameters), or foreign weights got in without the tripwire")
         self.init = {"seed": self.seed, "scheme": INIT_SCHEME, "tensors": real, "components": component_roots(real),
                      "derived": {c: declared[c] for c in differ}}
         self._prev = {n: t.float() for n, t in kept.items()}

@@ -5,27 +5,36 @@ against the signature and the certificate; model.safetensors' tensors; the linea
 older checkpoint); init reproducibility (step 0 rebuilt from config and seed, per-component Merkle roots); tokenizer
 and data-manifest digests; dependency licences against an allow-list; an empty tripwire log; with --replay K, K
 segments re-executed by the trainer (train/replay.py). Output: a table, CERTIFICATE.md (per component: parameters,
-share, init root, steps trained, verdict) and, with --json, the same as one JSON object.
+share, init root, steps trained, distance from init, verdict) and, with --json, the same as one JSON object.
 
 Notable choices:
 - Every file is hashed once (BLAKE3, parallel, mmap) for both signature and certificate; step 0 is rebuilt in a
-  second thread meanwhile. A check that crashes on tampered input is reported as failed, never raised.
+  second thread meanwhile, one tensor at a time, and each component's distance from init (||w - w0|| / ||w0||)
+  is measured in that same pass: no second copy of the model is held. A check that crashes on tampered input is
+  reported as failed, never raised.
+- A component whose weights never moved (an lr scale of 0) is honest and certified "not trained"; one that moved
+  while no lineage link records an update fails.
 - A "derived" certificate is honest but is not "from scratch": it fails unless --allow-derived is given.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
 import yaml
+from safetensors import safe_open
 
-from model.components import COMPONENTS
+from model.components import COMPONENTS, component_of
 from model.config import ModelConfig, from_dict
 from train.digest import (
     component_roots,
+    differing_components,
     folder_files,
     hash_files,
     layout_problems,
@@ -70,7 +79,7 @@ def verify(folder, public_key, *, replay: int = 0, allowed=ALLOWED_LICENCES, rev
     folder = Path(folder)
     rep = Report(folder)
     with ThreadPoolExecutor(1) as pool:  # step 0 is rebuilt while the files hash: it needs only config and seed
-        early = pool.submit(lambda: _rebuild(json.loads((folder / RECORD).read_text())))
+        early = pool.submit(lambda: _rebuild(json.loads((folder / RECORD).read_text()), folder / "model.safetensors"))
         _verify(rep, folder, public_key, early, replay, allowed, reviewed, allow_derived, data_dir)
     return rep
 
@@ -125,7 +134,7 @@ def _verify(rep, folder, public_key, early, replay, allowed, reviewed, allow_der
                        ("config", lambda: _check_configs(rep, folder, rec)),
                        ("digests", lambda: _check_inputs(rep, folder, rec, actual, data_dir)),
                        ("lineage", lambda: _check_lineage(rep, folder, rec, certified)),
-                       ("init", lambda: _check_init(rep, rec, allow_derived, early)),
+                       ("init", lambda: _check_init(rep, folder, rec, allow_derived, early)),
                        ("licences", lambda: _check_licences(rep, rec, allowed, reviewed))):
         try:
             run()
@@ -220,18 +229,43 @@ def _check_lineage(rep: Report, folder: Path, rec: dict, certified: dict) -> Non
     rep.add("lineage", f"{len(chain)} links", True, f"init -> step {rec['step']} unbroken; {kept} kept checkpoint(s) agree")
 
 
-def _rebuild(rec: dict) -> tuple[str, dict]:
-    """(digest of the inputs, per-component roots of step 0 rebuilt from the record's model config and seed)."""
+def _rebuild(rec: dict, weights: Path) -> tuple[str, dict, dict]:
+    """Step 0 rebuilt from the record's model config and seed, one tensor at a time. -> (digest of the inputs,
+    per-tensor digests, per component the relative distance of `weights` from that step 0, ||w - w0|| / ||w0||,
+    None where it cannot be measured)."""
     inputs = [rec["config"]["model"], rec["init"]["seed"], {n: d["dtype"] for n, d in rec["init"]["tensors"].items()}]
     cfg = from_dict(ModelConfig, inputs[0], RECORD, "config.model.").validate(RECORD)
-    return digest_of(inputs), component_roots(rebuild_init(cfg, inputs[1], inputs[2]))
+    sq: dict[str, list[float]] = {}  # component -> [sum (w - w0)^2, sum w0^2]
+    with contextlib.ExitStack() as stack:
+        try:  # tampered weights must not stop the init check: the tensors check names them
+            f = stack.enter_context(safe_open(str(weights), framework="pt"))
+            keys = set(f.keys())
+        except Exception:  # noqa: BLE001
+            f, keys = None, set()
+
+        def visit(name: str, w0: torch.Tensor) -> None:
+            acc = sq.setdefault(component_of(name), [0.0, 0.0])
+            try:
+                w = f.get_tensor(name).float() if name in keys else None
+            except Exception:  # noqa: BLE001
+                w = None
+            if w is None or w.shape != w0.shape:
+                acc[0] = math.nan
+                return
+            acc[0] += float((w - w0.float()).pow(2).sum())
+            acc[1] += float(w0.float().pow(2).sum())
+        tensors = rebuild_init(cfg, inputs[1], inputs[2], visit=visit)
+    distance = {c: math.sqrt(d / n) if n > 0 and math.isfinite(d) else None for c, (d, n) in sq.items()}
+    return digest_of(inputs), tensors, distance
 
 
-def _check_init(rep: Report, rec: dict, allow_derived: bool, early=None) -> None:
+def _check_init(rep: Report, folder: Path, rec: dict, allow_derived: bool, early=None) -> None:
+    """Init reproducibility per component, and the component table: steps trained, distance from init, verdict."""
     init = rec["init"]
-    key, rebuilt = early.result() if early is not None and early.exception() is None else ("", {})
+    key, tensors, distance = early.result() if early is not None and early.exception() is None else ("", {}, {})
     if key != digest_of([rec["config"]["model"], init["seed"], {n: d["dtype"] for n, d in init["tensors"].items()}]):
-        key, rebuilt = _rebuild(rec)  # the record changed under us, or the early start failed
+        key, tensors, distance = _rebuild(rec, folder / "model.safetensors")  # record changed, or the early start failed
+    rebuilt, differ = component_roots(tensors), differing_components(init["tensors"], tensors)
     claimed = component_roots(init["tensors"])
     total = sum(r["params"] for r in rec["weights"].values())
     for c in COMPONENTS:
@@ -241,7 +275,8 @@ def _check_init(rep: Report, rec: dict, allow_derived: bool, early=None) -> None
         steps = sum(link["end_step"] - link["start_step"] for link in rec["chain"]
                     if link["update"].get(c, {}).get("norm", 0.0) > 0)
         row = {"component": c, "params": w["params"], "share": w["params"] / total,
-               "init_root": init["components"].get(c, {}).get("root"), "steps_trained": steps}
+               "init_root": init["components"].get(c, {}).get("root"), "steps_trained": steps,
+               "distance_from_init": distance.get(c)}
         if claimed.get(c) != init["components"].get(c):
             row["verdict"], ok, why = "FAIL", False, "init root does not match the init tensor list"
         elif c in rec["derived"]:  # declared wins: a load after step 0 leaves the init root intact
@@ -251,9 +286,16 @@ def _check_init(rep: Report, rec: dict, allow_derived: bool, early=None) -> None
             row["verdict"], ok, why = "from scratch", True, "init root matches a rebuild from config and seed"
         else:
             row["verdict"], ok = "FAIL", False
-            why = "init root does not match a rebuild from config and seed: not trained from scratch"
+            names = differ.get(c, [])
+            why = ("init root does not match a rebuild from config and seed: not trained from scratch (tensors: "
+                   + ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "") + ")")
         if ok and steps == 0:
-            row["verdict"], ok, why = "FAIL", False, "never updated: frozen since init"
+            if row["distance_from_init"]:  # moved, yet no segment of the lineage records an update
+                row["verdict"], ok = "FAIL", False
+                why = f"weights moved from init (distance {row['distance_from_init']:.3g}) but no lineage link records an update"
+            else:  # honest, but never updated: an lr scale of 0, or frozen
+                row["verdict"] = "not trained" if row["verdict"] == "from scratch" else "derived, not trained"
+                why += "; never updated since (not trained)"
         rep.components.append(row)
         rep.add("init", c, ok, why)
 
@@ -269,19 +311,28 @@ def _check_licences(rep: Report, rec: dict, allowed, reviewed) -> None:
 def table(rep: Report) -> str:
     lines = [f"{'check':<12}{'subject':<34}{'status':<7}reason"]
     lines += [f"{c['check']:<12}{c['subject'][:33]:<34}{c['status']:<7}{c['reason']}" for c in rep.checks]
-    lines += ["", f"{'component':<18}{'params':>12}{'share':>8}  {'init root':<18}{'steps':>7}  verdict"]
+    lines += ["", f"{'component':<18}{'params':>12}{'share':>8}  {'init root':<18}{'steps':>7}{'from init':>11}  verdict"]
     lines += [f"{r['component']:<18}{r['params']:>12,}{r['share']:>8.1%}  {(r['init_root'] or '-')[:16]:<18}"
-              f"{r['steps_trained']:>7}  {r['verdict']}" for r in rep.components]
+              f"{r['steps_trained']:>7}{_distance(r):>11}  {r['verdict']}" for r in rep.components]
     return "\n".join(lines)
+
+
+def _distance(row: dict) -> str:
+    d = row.get("distance_from_init")
+    return "-" if d is None else f"{d:.3g}"
 
 
 def certificate_md(rep: Report) -> str:
     ok = not rep.failures
     out = [f"# Provenance certificate: {rep.folder.name}", "",
            f"**Verdict: {'VERIFIED' if ok else 'FAILED'}** ({len(rep.checks)} checks, {len(rep.failures)} failed)", "",
-           "| component | parameters | share | init root | steps trained | verdict |", "|---|---:|---:|---|---:|---|"]
+           "Steps trained: steps of the lineage segments in which the component's weights changed. Distance from "
+           "init: ||w - w0|| / ||w0||, w0 rebuilt from config and seed. A component whose weights never moved is "
+           "\"not trained\".", "",
+           "| component | parameters | share | init root | steps trained | distance from init | verdict |",
+           "|---|---:|---:|---|---:|---:|---|"]
     out += [f"| {r['component']} | {r['params']:,} | {r['share']:.1%} | `{(r['init_root'] or '-')[:16]}` | "
-            f"{r['steps_trained']} | {r['verdict']} |" for r in rep.components]
+            f"{r['steps_trained']} | {_distance(r)} | {r['verdict']} |" for r in rep.components]
     out += ["", "| check | subject | status | reason |", "|---|---|---|---|"]
     out += [f"| {c['check']} | `{c['subject']}` | {c['status']} | {c['reason']} |" for c in rep.checks]
     return "\n".join(out) + "\n"
