@@ -4,11 +4,14 @@ Counted as in PaLM (appendix B): a training step costs 6N FLOPs per token for N 
 4 backward) plus 12 * L * D * S per token for attention scores and values over S keys. Encoders are counted
 per item (their tokens, their attention span); the mel front end and norms are negligible and left out.
 MFU = train_flops / (seconds * peak), and the caller must name the peak it divides by.
+`batch_flops` splits a batch's FLOPs by modality: "text" is the decoder over every decoder token (media
+placeholders included: the decoder runs on them too), "image" / "video" the vision encoder and its projector per
+item (told apart by their placeholder id), "audio" the audio encoder and its projector.
 """
 
 from __future__ import annotations
 
-from .config import ModelConfig
+from .config import IMAGE_ID, VIDEO_ID, ModelConfig
 from .media import audio_tokens, mel_frames, vision_grid
 
 
@@ -50,3 +53,30 @@ def train_flops(cfg: ModelConfig, n_tokens: int, seq_len: int, vision_shapes=(),
     total += sum(vision_item_flops(cfg, *s) for s in vision_shapes)
     total += sum(audio_item_flops(cfg, n) for n in audio_lengths)
     return total
+
+
+def flops_by_modality(cfg: ModelConfig, n_tokens: int, seq_len: int, image_shapes=(), video_shapes=(),
+                      audio_lengths=()) -> dict[str, int]:
+    """`train_flops` split into text (the decoder), image, video and audio (encoder + projector per item)."""
+    return {"text": n_tokens * text_flops_per_token(cfg, seq_len),
+            "image": sum(vision_item_flops(cfg, *s) for s in image_shapes),
+            "video": sum(vision_item_flops(cfg, *s) for s in video_shapes),
+            "audio": sum(audio_item_flops(cfg, n) for n in audio_lengths)}
+
+
+def vision_kinds(input_ids) -> list[str]:
+    """"image" or "video" for each vision item of a batch, in placeholder (row-major) order: an item is a run of
+    IMAGE_ID or VIDEO_ID placeholders, and two items are always separated by their end and start markers."""
+    flat = input_ids.reshape(-1)
+    first = (flat == IMAGE_ID) | (flat == VIDEO_ID)
+    first[1:] &= flat[1:] != flat[:-1]
+    return ["image" if t == IMAGE_ID else "video" for t in flat[first].tolist()]
+
+
+def batch_flops(cfg: ModelConfig, seq_len: int, input_ids, pixel_values, audio_values) -> dict[str, int]:
+    """Training FLOPs of one micro-batch (B, T) by modality; see the module docstring."""
+    kinds = vision_kinds(input_ids)
+    assert len(kinds) == len(pixel_values), f"{len(kinds)} vision spans for {len(pixel_values)} vision items"
+    shapes = [(x.shape[0], x.shape[2], x.shape[3]) for x in pixel_values]
+    return flops_by_modality(cfg, input_ids.numel(), seq_len, [s for s, k in zip(shapes, kinds) if k == "image"],
+                             [s for s, k in zip(shapes, kinds) if k == "video"], [x.shape[-1] for x in audio_values])

@@ -24,7 +24,7 @@ from model.config import (
     TextConfig,
     VisionConfig,
 )
-from model.flops import text_flops_per_token
+from model.flops import batch_flops, text_flops_per_token, train_flops
 from model.media import audio_tokens, vision_tokens
 
 MICRO = ModelConfig(
@@ -207,6 +207,55 @@ def test_text_flops_count_the_real_matmul_parameters():
     attention = 12 * cfg.text.n_layers * cfg.text.dim * 100
     assert text_flops_per_token(cfg, 100) == 6 * matmul + attention
 
+
+
+def test_tiny_flops_equal_a_hand_count():
+    """configs/model/tiny.yaml counted by hand, layer by layer (6 FLOPs per matmul weight per token for forward and
+    backward, 12 * L * D * S per token for attention over S keys), for one 256-token row holding a 4-frame video,
+    an image and a 1 s audio clip. The expected numbers come from the config's numbers, not from model/flops.py."""
+    cfg = load_model_config("configs/model/tiny.yaml")
+    t, v, a = cfg.text, cfg.vision, cfg.audio
+    assert (t.vocab_size, t.dim, t.n_layers, t.n_heads, t.n_kv_heads, t.ffn_dim) == (4096, 256, 4, 8, 2, 688), \
+        "configs/model/tiny.yaml changed: redo the hand count below"
+    assert (v.patch_size, v.temporal_patch, v.merge, v.dim, v.n_layers, v.ffn_dim) == (4, 2, 2, 192, 4, 576)
+    assert (a.n_mels, a.n_fft, a.hop_length, a.dim, a.n_layers, a.ffn_dim) == (64, 400, 160, 128, 2, 384)
+
+    # text decoder, per token: head dim 256 / 8 = 32
+    qkv = 256 * (8 + 2 * 2) * 32  # 98,304: q 8 heads, k and v 2 heads each
+    o = 256 * 256  # 65,536
+    mlp = 256 * 2 * 688 + 688 * 256  # 528,384: SwiGLU gate+up, down
+    lm_head = 256 * 4096  # 1,048,576 (tied with the embedding, still a matmul)
+    text_per_token = 6 * (4 * (qkv + o + mlp) + lm_head) + 12 * 4 * 256 * 256  # attention over seq_len 256 keys
+    assert text_per_token == 26_050_560
+
+    # vision encoder, per patch: a patch is 2 frames x 3 channels x 4 x 4 pixels
+    patch_embed = (2 * 3 * 4 * 4) * 192  # 18,432
+    vit_block = 192 * 3 * 192 + 192 * 192 + 192 * 576 + 576 * 192  # qkv, proj, fc1, fc2: 368,640
+    per_patch = patch_embed + 4 * vit_block
+    merger = (2 * 2 * 192) * 256 + 256 * 256  # per decoder token: 2x2 patches -> fc1 -> fc2
+    # image 32x32 (2 identical frames): 1 x 8 x 8 = 64 patches -> 16 decoder tokens
+    image = 6 * per_patch * 64 + 12 * 4 * 192 * 64 * 64 + 6 * merger * 16
+    assert image == 636_223_488
+    # video of 4 frames 32x32: 2 x 8 x 8 = 128 patches -> 32 decoder tokens
+    video = 6 * per_patch * 128 + 12 * 4 * 192 * 128 * 128 + 6 * merger * 32
+    assert video == 1_347_944_448
+
+    # audio, 16000 samples: 16000 // 160 + 1 = 101 mel frames -> conv1 (stride 2) 51 -> conv2 (stride 2) 26 tokens
+    conv1 = 3 * 64 * 128 * 51  # kernel 3 over 64 mel bins into 128 channels, at 51 positions
+    conv2 = 3 * 128 * 128 * 26
+    audio_block = 128 * 3 * 128 + 128 * 128 + 128 * 384 + 384 * 128  # 163,840
+    projector = 128 * 256 + 256 * 256  # per token: fc1, fc2
+    audio = 6 * (conv1 + conv2) + 6 * 2 * audio_block * 26 + 12 * 2 * 128 * 26 * 26 + 6 * projector * 26
+    assert audio == 83_718_144
+
+    # one row: BOS, the video, the image, the audio, text; vision items in placeholder order (video first)
+    span = lambda start, slot, n: [start, *[slot] * n, start + 1]
+    img_start, vid_start, aud_start = 6, 8, 10
+    row = [BOS_ID, *span(vid_start, VIDEO_ID, 32), *span(img_start, IMAGE_ID, 16), *span(aud_start, AUDIO_ID, 26)]
+    ids = torch.tensor([row + [100] * (256 - len(row))])
+    got = batch_flops(cfg, 256, ids, [torch.zeros(4, 3, 32, 32), torch.zeros(2, 3, 32, 32)], [torch.zeros(16000)])
+    assert got == {"text": 256 * text_per_token, "image": image, "video": video, "audio": audio}
+    assert train_flops(cfg, 256, 256, [(4, 32, 32), (2, 32, 32)], [16000]) == sum(got.values())
 
 def test_config_errors_name_the_file_and_key(tmp_path):
     bad = tmp_path / "bad.yaml"

@@ -94,7 +94,7 @@ def train(cfg, resume: bool = False, resume_from: str | None = None) -> int:
 def _train(cfg, d, log, stop, resume, resume_from) -> str:
     from model import load_model_config
     from model.config import IGNORE_INDEX
-    from model.flops import train_flops
+    from model.flops import batch_flops
     from train import checkpoint as ckpt
     from train import engine as eng
     from train.data import TrainLoader
@@ -277,7 +277,7 @@ def _train(cfg, d, log, stop, resume, resume_from) -> str:
         while step < cfg.last_step:
             t0 = time.perf_counter()
             sums = [0.0] * (2 * len(MODALITIES))  # (loss sum, tokens) per modality
-            flops = 0
+            flops = dict.fromkeys(MODALITIES, 0)  # training FLOPs of this step by modality (model/flops.py)
             batches = loader.next_step()
             grad_due = eng.grad_checks_due(grad_pending, eng.media_in_step(batches, d.device)) if grad_pending else []
             for i, b in enumerate(batches):
@@ -295,9 +295,8 @@ def _train(cfg, d, log, stop, resume, resume_from) -> str:
                     sel = mods == m
                     sums[2 * m] += float(losses[sel].detach().sum())
                     sums[2 * m + 1] += int(sel.sum())
-                flops += train_flops(model_cfg, b.input_ids.numel(), cfg.data.seq_len,
-                                     [(x.shape[0], x.shape[2], x.shape[3]) for x in b.pixel_values],
-                                     [x.shape[-1] for x in b.audio_values])
+                for m, f in batch_flops(model_cfg, cfg.data.seq_len, b.input_ids, b.pixel_values, b.audio_values).items():
+                    flops[m] += f
             if grad_order is not None:
                 eng.check_grad_order(grad_order, step + 1)
             step += 1
@@ -307,7 +306,8 @@ def _train(cfg, d, log, stop, resume, resume_from) -> str:
             if step % rec.weights_every == 0:
                 rec.record_weights(step, eng.named_fp32_tensors(engine))
             # one collective per step: loss sums, FLOPs, the stop flag (SIGTERM may reach ranks at different times)
-            *sums, flops, stopping = all_sum([*sums, flops, 1.0 if stop["signal"] else 0.0])
+            *sums, stopping = all_sum([*sums, *flops.values(), 1.0 if stop["signal"] else 0.0])
+            sums, flops = sums[: 2 * len(MODALITIES)], dict(zip(flops, sums[2 * len(MODALITIES) :]))
             loss_sum, n_tok = sum(sums[0::2]), sum(sums[1::2])
             loss = loss_sum / max(n_tok, 1)
             if not math.isfinite(loss):
@@ -325,9 +325,11 @@ def _train(cfg, d, log, stop, resume, resume_from) -> str:
             if step % cfg.log_every == 0 or step == cfg.last_step:
                 row = {"loss": loss, "lr": lr, "grad_norm": engine.get_global_grad_norm(), "step_time_s": dt,
                        "tokens_per_s": cfg.micro_batch * cfg.grad_accum * d.world_size * cfg.data.seq_len / dt,
-                       "mfu": flops / (dt * peak * d.world_size), "peak_memory_mb": peak_memory_bytes(d.device) / 2**20,
+                       "mfu": sum(flops.values()) / (dt * peak * d.world_size), "mfu_peak_flops": peak * d.world_size,
+                       "peak_memory_mb": peak_memory_bytes(d.device) / 2**20,
                        "skipped_steps": engine.skipped_steps, "nonfinite_steps": nonfinite_total}
                 row |= {f"loss_{m}": sums[2 * i] / sums[2 * i + 1] for i, m in enumerate(MODALITIES) if sums[2 * i + 1]}
+                row |= {f"flops_{m}": f for m, f in flops.items()}  # what the MFU numerator is made of
                 if heldout and (step % cfg.data.heldout_every == 0 or step == cfg.last_step):
                     row["heldout_loss"] = heldout_loss()
                 if isinstance(row["grad_norm"], torch.Tensor):
