@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -173,6 +174,116 @@ def test_dead_rank_ends_the_run_with_a_clear_error(ws):
     assert f"rank 1 (pid {victim}" in out and "died" in out, out[-3000:]
 
 
+def start_with_fault(tmp_path: Path, fault: str, *args: str, log: Path) -> subprocess.Popen:
+    """`omniscratch train ARGS --nproc-per-node 2` where every rank process (RANK set by torchrun; not the launcher
+    nor torchrun itself) first runs `fault`: a sitecustomize.py on PYTHONPATH that monkeypatches inside the ranks.
+    Fault injection stays in the test; the run goes through the real command line, launcher and torchrun."""
+    hook = tmp_path / "hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text("import os\nif 'RANK' in os.environ and 'TORCHELASTIC_RUN_ID' in os.environ:\n"
+                                           + textwrap.indent(textwrap.dedent(fault), "    "))
+    e = env()
+    e["PYTHONPATH"] = f"{hook}{os.pathsep}{e['PYTHONPATH']}"
+    return subprocess.Popen([sys.executable, "-m", "train.cli", "train", *args, "--nproc-per-node", "2"], cwd=ROOT,
+                            env=e, stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True)
+
+
+def test_a_rank_raising_mid_run_ends_it_naming_the_rank_and_error(ws, tmp_path):
+    """Rank 1 raises at step 3: non-zero exit, the message names rank 1 and its error first (rank 0's lost
+    connection after it), every rank has its own log, and rank 0's log holds the preflight table of both ranks."""
+    run = ws / "runs" / "raise"
+    proc = start_with_fault(tmp_path, """
+        if os.environ["RANK"] == "1":
+            from train.provenance import Recorder
+            record_step = Recorder.record_step
+            def failing(self, step, *args, **kwargs):
+                if step == 3:
+                    raise RuntimeError("injected fault at step 3")
+                return record_step(self, step, *args, **kwargs)
+            Recorder.record_step = failing
+        """, *run_args(ws, "raise", "steps=50", "checkpoint.every=100"), log=tmp_path / "raise.log")
+    try:
+        rc = proc.wait(timeout=240)
+    finally:
+        proc.kill()
+        kill_ranks(run)
+    out = (tmp_path / "raise.log").read_text()
+    assert rc != 0, out[-3000:]
+    assert f"rank 1 failed first: RuntimeError: injected fault at step 3 (log: {run / 'logs'}/rank1.log)" in out, out[-3000:]
+    assert "rank 0 failed: " in out
+    assert max(metrics(run)) == 2  # steps 1-2 done, step 3 never logged
+    logs = {r: (run / "logs" / f"rank{r}.log").read_text() for r in range(2)}
+    assert "injected fault at step 3" in logs[1] and "Traceback" in logs[1]
+    table = logs[0].split("preflight: all 2 rank(s) answered\n")[1].splitlines()[:3]
+    assert table[0].split() == ["host", "rank", "local_rank", "device", "threads", "dtype", "torch", "deepspeed",
+                                "python", "pid"]
+    pids = rank_pids(run)
+    for r, line in enumerate(table[1:]):
+        cells = line.split()
+        assert cells[1:3] == [str(r), str(r)] and cells[-1] == str(pids[r]) and torch.__version__ in cells, line
+
+
+def test_a_rank_missing_at_preflight_ends_the_run_within_preflight_timeout(ws, tmp_path):
+    """Rank 1 hangs before the first step: rank 0's preflight gives up after preflight_timeout_s (5 s, not
+    dist_timeout_s) and names rank 1."""
+    run = ws / "runs" / "late"
+    proc = start_with_fault(tmp_path, """
+        if os.environ["RANK"] == "1":
+            import signal, time
+            from train import engine
+            def hang(*args, **kwargs):
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)  # hung, yet killable like a real hung process
+                time.sleep(600)
+            engine.preflight = hang
+        """, *run_args(ws, "late", "preflight_timeout_s=5", "dist_timeout_s=300"), log=tmp_path / "late.log")
+    try:
+        wait_for(lambda: len(rank_pids(run)) == 2, 120, "both ranks to start", poll=0.1, procs=[proc])
+        t0 = time.monotonic()
+        rc = proc.wait(timeout=120)
+        elapsed = time.monotonic() - t0
+    finally:
+        proc.kill()
+        kill_ranks(run)
+    out = (tmp_path / "late.log").read_text()
+    assert rc != 0 and elapsed < 30, (elapsed, out[-3000:])
+    assert "preflight timed out: not every rank answered within preflight_timeout_s=5s" in out, out[-3000:]
+    assert "Ranks 1 failed to pass monitoredBarrier" in out and "rank 1 (pid " in out
+
+
+def test_a_stopped_rank_ends_a_zero3_run_within_the_timeout(ws, tmp_path):
+    """SIGSTOP one rank of a ZeRO-3 bf16 run: the survivor's collective fails after dist_timeout_s (15 s; ZeRO's
+    groups carry it too), the run exits non-zero in bounded time and names the stuck rank. The run also wrote its
+    resolved DeepSpeed config: bf16 with fp32 gradient accumulation."""
+    run = ws / "runs" / "stopped"
+    proc = start("train", *run_args(ws, "stopped", f"deepspeed={ROOT / 'configs/deepspeed/zero3.json'}", "precision=bf16",
+                                    "dist_timeout_s=15", "steps=500", "checkpoint.every=1000", "--nproc-per-node", "2"),
+                 log=tmp_path / "stopped.log")
+    pids = {}
+    try:
+        wait_for(lambda: max(metrics(run), default=0) >= 2, 240, "2 steps", poll=0.2, procs=[proc])
+        pids = rank_pids(run)
+        os.kill(pids[1], signal.SIGSTOP)
+        t0 = time.monotonic()
+        rc = proc.wait(timeout=180)
+        elapsed = time.monotonic() - t0
+    finally:
+        for pid in pids.values():  # never leave a stopped process behind
+            for sig in (signal.SIGCONT, signal.SIGKILL):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+        proc.kill()
+    out = (tmp_path / "stopped.log").read_text()
+    # 15 s timeout, then torchrun's 30 s grace before it SIGKILLs the stopped rank (SIGTERM waits while stopped)
+    assert rc != 0 and elapsed < 90, (elapsed, out[-3000:])
+    assert f"rank 1 (pid {pids[1]} on " in out and "stopped responding" in out, out[-3000:]
+    assert "rank 0 failed: " in out and "timed out" in out.lower()
+    ds = json.loads((run / "deepspeed_config.json").read_text())
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"] == {"enabled": True}
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"}
+
+
 def test_zero3_init_and_bf16_masters(ws, tmp_path):
     """ZeRO-3: parameters born partitioned, step-0 masters equal a plain construction byte for byte (fp32 and
     bf16); bf16 at ZeRO 1-3 keeps fp32 master weights and accumulates gradients in fp32; every engine trains.
@@ -184,9 +295,13 @@ def test_zero3_init_and_bf16_masters(ws, tmp_path):
     assert res.returncode == 0, res.stderr[-4000:]
     report = json.loads(out.read_text())
     assert report.pop("grad_order_mismatch_caught") is True
+    # compute_init's timeout reaches every group, ZeRO's own too (torch's default would be 1800 s)
+    assert report.pop("group_timeouts_s") == [120.0] and report.pop("n_groups") >= 2
     for key, r in report.items():
         assert r["names_match"] and r["step0_equal"], key
         assert r["dtypes"]["master"] == "torch.float32" and r["dtypes"]["grad_accum"] == "torch.float32", key
+        # the tensors DeepSpeed really accumulated both micro-batches into, and each parameter's master slice
+        assert r["accumulated"] in (["torch.float32"], ["master torch.float32", "torch.float32"]), key
         assert all(l == l and l < 10 for l in r["losses"]) and r["changed"] > 0.3, key
     for key in ("zero3_fp32", "zero3_bf16"):
         assert report[key]["local_fraction"] < 0.6  # each of 2 ranks holds about half

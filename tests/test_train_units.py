@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -219,3 +220,59 @@ def test_explain_failure_names_the_dead_rank_first(tmp_path):
     assert "rank3.log" in lines[1] and "never started" in lines[1]
     assert lines[2].startswith("rank 0 failed: RuntimeError: Connection reset by peer")
     assert len(lines) == 3
+
+
+def test_explain_failure_names_a_stuck_rank_and_the_first_error(tmp_path):
+    """A rank still 'running' while a peer timed out is described as stuck, not dead; of several failed ranks the
+    one that failed first (usually the cause) comes first and says so."""
+    write_status(tmp_path, 0, "failed", error="RuntimeError: [pair.cc:534] Timed out waiting 15000ms for recv")
+    write_status(tmp_path, 1, "running")
+    lines = explain_failure(tmp_path, 2)
+    assert lines[0].startswith("rank 1 (pid ") and "stopped responding" in lines[0] and "dist_timeout_s" in lines[0]
+    assert lines[1].startswith("rank 0 failed: RuntimeError: [pair.cc:534] Timed out")
+    write_status(tmp_path, 1, "failed", error="RuntimeError: injected at step 3")
+    time.sleep(0.01)
+    write_status(tmp_path, 0, "failed", error="RuntimeError: Connection closed by peer")
+    lines = explain_failure(tmp_path, 2)
+    assert lines == [f"rank 1 failed first: RuntimeError: injected at step 3 (log: {tmp_path / 'logs'}/rank1.log)",
+                     f"rank 0 failed: RuntimeError: Connection closed by peer (log: {tmp_path / 'logs'}/rank0.log)"]
+
+
+def test_preflight_timeout_is_a_validated_run_config_key(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    tiny = ROOT / "configs/run/tiny.yaml"
+    assert load_run_config(tiny).preflight_timeout_s == 60
+    assert load_run_config(tiny, ["preflight_timeout_s=5"]).preflight_timeout_s == 5
+    with pytest.raises(ValueError, match=r"key 'preflight_timeout_s'=0 must be positive"):
+        load_run_config(tiny, ["preflight_timeout_s=0"])
+
+
+# ---- MFU denominator -------------------------------------------------------------------------------------------
+
+def test_gpu_peaks_are_dense_datasheet_figures_matched_by_name():
+    from train.metrics import gpu_peak
+
+    cases = {  # torch.cuda.get_device_name -> (bf16 dense tensor-core, fp32 non-tensor-core), TFLOP/s
+        "NVIDIA H100 80GB HBM3": (989.4, 66.9), "NVIDIA H100 PCIe": (756.5, 51.2), "NVIDIA H100 NVL": (835.5, 60),
+        "NVIDIA H200": (989.4, 66.9), "NVIDIA H200 NVL": (835.5, 60), "NVIDIA GH200 480GB": (989.4, 66.9),
+        "NVIDIA A100-SXM4-80GB": (312, 19.5), "NVIDIA A100 80GB PCIe": (312, 19.5), "NVIDIA L40S": (362.05, 91.6),
+        "NVIDIA L40": (181.05, 90.5), "NVIDIA A10": (125, 31.2), "NVIDIA L4": (121, 30.3),
+    }
+    for name, (bf16, fp32) in cases.items():
+        assert gpu_peak(name, "bf16")[0] == pytest.approx(bf16 * 1e12), name
+        peak, note = gpu_peak(name, "fp32")
+        assert peak == pytest.approx(fp32 * 1e12) and "non-tensor-core" in note and f"{fp32:g} TFLOP/s" in note, name
+    peak, note = gpu_peak("NVIDIA A10G", "bf16")  # not in the table: no MFU rather than a wrong one
+    assert peak != peak and "no datasheet peak known" in note
+
+
+def test_cpu_peak_is_measured_once_per_process_in_the_runs_dtype():
+    from train.metrics import cpu_matmul_peak, device_peak
+
+    cpu_matmul_peak.cache_clear()
+    peak, note = device_peak(torch.device("cpu"), "fp32")
+    again, _ = device_peak(torch.device("cpu"), "fp32")
+    assert again == peak and cpu_matmul_peak.cache_info().misses == 1  # the second call did not measure again
+    assert 1e8 < peak < 1e14 and "measured fp32 1024x1024 matmul" in note and "best of 5" in note
+    bf16, note = device_peak(torch.device("cpu"), "bf16")
+    assert cpu_matmul_peak.cache_info().misses == 2 and "measured bf16" in note and bf16 > 0

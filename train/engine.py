@@ -80,7 +80,8 @@ def compute_init(timeout_s: int = 300) -> Dist:
     else:
         device, backend = torch.device("cpu"), "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)
-    dist.distributed_c10d.default_pg_timeout = timeout  # reaches the groups ZeRO creates without a timeout
+    # reaches the groups ZeRO creates without a timeout (torch's default is 30 min; NCCL groups read their own)
+    dist.distributed_c10d.default_pg_timeout = dist.distributed_c10d.default_pg_nccl_timeout = timeout
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # module, not the re-exported `torch` name
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout, verbose=False)
     return Dist(rank, world, local, device)
@@ -89,6 +90,53 @@ def compute_init(timeout_s: int = 300) -> Dist:
 def compute_cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def rank_info(d: Dist, precision: str) -> dict:
+    """What this rank runs on, for the preflight table."""
+    dev = (f"{d.device} {torch.cuda.get_device_name(d.device)}" if d.device.type == "cuda"
+           else f"cpu({torch.backends.cpu.get_cpu_capability()})")
+    return {"host": socket.gethostname(), "rank": d.rank, "local_rank": d.local_rank, "device": dev,
+            "threads": torch.get_num_threads(), "dtype": precision, "torch": torch.__version__,
+            "deepspeed": deepspeed.__version__, "python": sys.version.split()[0], "pid": os.getpid()}
+
+
+def preflight(d: Dist, timeout_s: int, info: dict) -> list[dict]:
+    """Before the first step, every rank must answer within `timeout_s` (run config `preflight_timeout_s`): a
+    barrier that names the ranks that did not come (gloo's monitored barrier; on GPUs through a gloo side group),
+    then an all-reduce on the training device. -> every rank's `info` (all_gather_object), in rank order.
+    Collective. Raises RuntimeError naming the missing ranks, or when ranks disagree on the dtype."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    side = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
+    try:
+        dist.monitored_barrier(group=side, timeout=timeout, wait_all_ranks=True)
+        x = torch.ones(1, device=d.device)
+        if not dist.all_reduce(x, async_op=True).wait(timeout=timeout) or int(x.item()) != d.world_size:
+            raise RuntimeError(f"all-reduce of ones over {d.world_size} ranks gave {x.item()}")
+    except RuntimeError as e:
+        raise RuntimeError(f"preflight timed out: not every rank answered within preflight_timeout_s={timeout_s}s: "
+                           f"{e}") from None
+    table: list = [None] * d.world_size
+    dist.all_gather_object(table, info, group=side)
+    if side is not None:
+        dist.destroy_process_group(side)
+    dtypes = {r["dtype"] for r in table}
+    if len(dtypes) > 1:
+        raise RuntimeError(f"preflight: ranks picked different dtypes {sorted(dtypes)} (precision=auto on unlike "
+                           f"machines); set precision=bf16 or precision=fp32 in the run config")
+    return table
+
+
+def format_rank_table(table: list[dict]) -> str:
+    """One line per rank, columns aligned; a note when library versions or thread counts differ between ranks."""
+    keys = list(table[0])
+    widths = {k: max(len(k), *(len(str(r[k])) for r in table)) for k in keys}
+    lines = ["  ".join(k.ljust(widths[k]) for k in keys)]
+    lines += ["  ".join(str(r[k]).ljust(widths[k]) for k in keys) for r in table]
+    differ = [k for k in ("torch", "deepspeed", "python", "threads") if len({r[k] for r in table}) > 1]
+    if differ:
+        lines.append(f"WARNING: ranks differ in {', '.join(differ)}: numerics and behaviour may differ between ranks")
+    return "\n".join(lines)
 
 
 def pick_precision(requested: str, device: torch.device) -> tuple[str, str]:

@@ -71,20 +71,30 @@ def setup_logging(run_dir: Path, rank: int) -> logging.Logger:
 
 
 def explain_failure(run_dir: Path, nproc: int) -> list[str]:
-    """One line per rank that did not finish: the dead one (no last word) first."""
+    """One line per rank that did not finish, the likely cause first: ranks that never reported an end (killed, or
+    stuck while their peers timed out waiting for them), then failed ranks in the order they failed (the first
+    error is usually the cause, later ones its echo in the peers)."""
     statuses = read_statuses(run_dir)
-    silent, failed = [], []
+    failed = sorted((s for s in statuses.values() if s["state"] == "failed"), key=lambda s: s["time"])
+    peers_timed_out = any("timed out" in s.get("error", "").lower() for s in failed)
+    silent = []
     for r in range(nproc):
         s = statuses.get(r)
         log = run_dir / "logs" / f"rank{r}.log"
         if s is None:
             silent.append(f"rank {r} never started (see {log} and the launcher output above)")
+        elif s["state"] == "running" and peers_timed_out:
+            silent.append(f"rank {r} (pid {s['pid']} on {s['host']}) stopped responding: its peers timed out waiting "
+                          f"for it (dist_timeout_s, or preflight_timeout_s before the first step) and it never reported "
+                          f"an error: stuck (stopped, deadlocked) or killed. Its log: {log}")
         elif s["state"] == "running":
             silent.append(f"rank {r} (pid {s['pid']} on {s['host']}) died without reporting an error: killed by a "
                           f"signal or the out-of-memory killer? Its log: {log}")
-        elif s["state"] == "failed":
-            failed.append(f"rank {r} failed: {s.get('error', '?')} (log: {log})")
-    return silent + failed
+    lines = []
+    for i, s in enumerate(failed):
+        first = " first" if i == 0 and len(failed) > 1 else ""
+        lines.append(f"rank {s['rank']} failed{first}: {s.get('error', '?')} (log: {run_dir / 'logs'}/rank{s['rank']}.log)")
+    return silent + lines
 
 
 def run_local(nproc: int, argv: list[str], run_dir: Path) -> int:

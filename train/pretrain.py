@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import math
 import os
 import random
@@ -127,6 +128,13 @@ def _train(cfg, d, log, stop, resume, resume_from) -> str:
                               load_universal=not same_world)
     log.info("world size %d on %s (%s); precision %s: %s; ZeRO stage %d", d.world_size, d.device,
              dist.get_backend(), precision, why, eng.zero_stage(ds))
+    # every rank must answer within preflight_timeout_s before anything heavy runs, and say what it runs on
+    table = eng.preflight(d, cfg.preflight_timeout_s, eng.rank_info(d, precision))
+    log.info("preflight: all %d rank(s) answered\n%s", d.world_size, eng.format_rank_table(table))
+    # the DeepSpeed config as resolved: with bf16 it shows "data_types": {"grad_accum_dtype": "fp32"}
+    log.info("resolved DeepSpeed config (also in %s): %s", run_dir / "deepspeed_config.json", json.dumps(ds))
+    if d.is_main:
+        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds, indent=2) + "\n")
 
     # ---- data ------------------------------------------------------------------------------------------------
     data_dir = Path(cfg.data.dir)

@@ -1,8 +1,10 @@
 """Run under torchrun (2 ranks): build real DeepSpeed engines and report what the tests check, as JSON.
 
 For ZeRO-3 (fp32 and bf16): are parameters really partitioned, and do the gathered step-0 fp32 masters equal a
-plain construction byte for byte? For bf16 at ZeRO 1, 2, 3: are master weights and gradient accumulation fp32?
-Each engine also takes one optimizer step (2 micro-batches) on a fixed batch to show that it trains.
+plain construction byte for byte? For bf16 at ZeRO 1, 2, 3: are master weights and gradient accumulation fp32,
+read from the tensors DeepSpeed really accumulates into (after the second micro-batch's backward, before the step)?
+Each engine also takes one optimizer step (2 micro-batches) on a fixed batch to show that it trains. At the end:
+does every process group, ZeRO's own included, carry the timeout given to compute_init?
 Usage: torchrun --nproc-per-node 2 tests/distributed/engine_check.py MODEL_YAML OUT_JSON
 """
 
@@ -16,11 +18,26 @@ from model import OmniModel, init_weights, load_model_config
 from train import engine as eng
 
 ROOT = Path(__file__).resolve().parents[2]
+TIMEOUT_S = 120
+
+
+def accumulated_grad_dtypes(engine) -> set[str]:
+    """Dtypes of the tensors holding the accumulated gradients at the accumulation boundary, before the step: ZeRO-3's
+    per-parameter gradient partitions; ZeRO-1/2's and the bf16 optimizer's gradient fragments (what the optimizer
+    steps on). Read from DeepSpeed's storage, not from its config."""
+    opt, out = engine.optimizer, set()
+    for p in engine.module.parameters():
+        if hasattr(p, "ds_id"):
+            out.add(str(opt._get_fp32_grad_state_partition(p, release_swap_buffers=False)[0].dtype))
+        elif getattr(p, "_hp_mapping", None) is not None:
+            out.add(str(p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group).dtype))
+            out.add("master " + str(p._hp_mapping.get_hp_fragment().dtype))  # this parameter's own master slice
+    return out
 
 
 def main() -> None:
     cfg = load_model_config(sys.argv[1])
-    d = eng.compute_init(120)
+    d = eng.compute_init(TIMEOUT_S)
     plain = OmniModel(cfg)
     init_weights(plain, 7)
     reference = dict(plain.named_parameters())
@@ -41,6 +58,8 @@ def main() -> None:
         for _ in range(2):
             loss = OmniModel.lm_loss(engine(ids), ids)
             engine.backward(loss)
+            if engine.is_gradient_accumulation_boundary():
+                accumulated = accumulated_grad_dtypes(engine)
             engine.step()
             losses.append(float(loss))
         after = eng.gather_fp32_state_dict(engine)
@@ -52,6 +71,7 @@ def main() -> None:
                 "step0_equal": [n for n, t in reference.items()
                                 if not torch.equal(step0[n], t.detach().to(dtype).float())] == [],
                 "dtypes": {k: str(v) for k, v in eng.master_dtypes(engine).items()},
+                "accumulated": sorted(accumulated),
                 "losses": losses,
                 "changed": sum(not torch.equal(after[n], step0[n]) for n in step0) / len(step0),
             }
@@ -68,6 +88,11 @@ def main() -> None:
         report["grad_order_mismatch_caught"] = False
     except RuntimeError as e:
         report["grad_order_mismatch_caught"] = "different orders" in str(e)
+    # every group, the world group and those DeepSpeed made for ZeRO, fails a stuck collective after TIMEOUT_S
+    groups = list(torch.distributed.distributed_c10d._world.pg_map)
+    report["group_timeouts_s"] = sorted({pg._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+                                         for pg in groups})
+    report["n_groups"] = len(groups)
     if d.rank == 0:
         Path(sys.argv[2]).write_text(json.dumps(report, indent=2))
     eng.compute_cleanup()
