@@ -131,8 +131,8 @@ def format_rank_table(table: list[dict]) -> str:
     """One line per rank, columns aligned; a note when library versions or thread counts differ between ranks."""
     keys = list(table[0])
     widths = {k: max(len(k), *(len(str(r[k])) for r in table)) for k in keys}
-    lines = ["  ".join(k.ljust(widths[k]) for k in keys)]
-    lines += ["  ".join(str(r[k]).ljust(widths[k]) for k in keys) for r in table]
+    lines = ["  ".join(k.ljust(widths[k]) for k in keys).rstrip()]
+    lines += ["  ".join(str(r[k]).ljust(widths[k]) for k in keys).rstrip() for r in table]
     differ = [k for k in ("torch", "deepspeed", "python", "threads") if len({r[k] for r in table}) > 1]
     if differ:
         lines.append(f"WARNING: ranks differ in {', '.join(differ)}: numerics and behaviour may differ between ranks")
