@@ -481,3 +481,89 @@ def test_lr_scale_zero_component_is_certified_not_trained(ws, tmp_path):
     for g in groups:
         assert g["initial_lr"] == pytest.approx(1e-3 * g["lr_scale"]) and g["lr"] == pytest.approx(g["initial_lr"] * factor)
     assert metrics(run)[4]["lr"] == pytest.approx(1e-3 * factor)  # metrics and lineage record the unscaled schedule
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "accelerate"])
+def test_deepspeed_launcher_and_accelerate_launch_train_like_torchrun(ws, reference, launcher):
+    """`omniscratch train` runs unchanged under the deepspeed launcher (which puts `--local_rank=N` before the
+    subcommand) and under `accelerate launch`: 2 local ranks end bit-identical to the 2-node torchrun reference."""
+    name, port, bin_dir = f"via_{launcher}", str(free_port()), Path(sys.executable).parent
+    train = ["train", *run_args(ws, name)]
+    if launcher == "deepspeed":
+        cmd = [str(bin_dir / "deepspeed"), "--num_nodes", "1", "--num_gpus", "2", "--master_port", port, "--module",
+               "train.cli", *train]
+    else:  # --multi_gpu is accelerate's torchrun path; with --cpu it would start a single process
+        cmd = [str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port, "-m", "train.cli", *train]
+    res = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "world size 2 " in (ws / "runs" / name / "logs" / "rank0.log").read_text()
+    ours = load_weights(ws / "runs" / name / "checkpoints" / "step_000006")
+    theirs = load_weights(reference / "checkpoints" / "step_000006")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+NAN_ENTRY = '''
+import os, sys
+import torch.nn.functional as F
+orig, calls = F.cross_entropy, {"n": 0}
+def cross_entropy(*args, **kwargs):  # the training loss of micro-batch NAN_AT_CALL becomes NaN (held-out: no grad)
+    out = orig(*args, **kwargs)
+    if args[0].requires_grad:
+        calls["n"] += 1
+        if calls["n"] == int(os.environ["NAN_AT_CALL"]):
+            out = out * float("nan")
+    return out
+F.cross_entropy = cross_entropy
+from train.cli import main
+sys.exit(main())
+'''
+
+
+def test_nonfinite_loss_is_skipped_and_counted_or_stops_the_run(ws, tmp_path):
+    """A NaN loss at step 3 (micro-batch 5 of grad_accum 2): by default the update is skipped and counted and the
+    run trains on with finite weights; with on_nonfinite=stop the run fails, and the rank's status says why."""
+    entry = tmp_path / "nan_entry.py"
+    entry.write_text(NAN_ENTRY)
+
+    def run(name, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(entry),
+               "train", *run_args(ws, name, "steps=4", *extra)]
+        return subprocess.run(cmd, cwd=ROOT, env=dict(env(), NAN_AT_CALL="5"), capture_output=True, text=True,
+                              timeout=300)
+
+    res = run("nan_skip")
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = metrics(ws / "runs" / "nan_skip")
+    assert m[3]["loss"] != m[3]["loss"] and m[3]["nonfinite_steps"] == 1 and m[3]["skipped_steps"] == 1
+    assert m[4]["loss"] == m[4]["loss"] and m[4]["loss"] < m[1]["loss"] and m[4]["skipped_steps"] == 1
+    weights = load_weights(ws / "runs" / "nan_skip" / "checkpoints" / "step_000004")
+    assert all(bool(torch.isfinite(t).all()) for t in weights.values())
+
+    res = run("nan_stop", "on_nonfinite=stop")
+    assert res.returncode != 0
+    status = json.loads((ws / "runs" / "nan_stop" / "logs" / "rank0.json").read_text())
+    assert status["state"] == "failed" and "step 3: non-finite loss" in status["error"], status
+    assert "on_nonfinite=stop" in status["error"]
+    assert max(metrics(ws / "runs" / "nan_stop"), default=0) < 3
+
+
+def test_world_size_1_to_2_resume_continues_the_loss(ws, reference):
+    """The other direction: the reference's step 2 goes on 1 rank to step 4 (grad_accum 4), then that world-size-1
+    checkpoint resumes on 2 ranks (universal checkpoint); both continue the reference's loss curve."""
+    run = ws / "runs" / "ws1to2"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(reference / "checkpoints" / "step_000002", run / "checkpoints" / "step_000002")
+    (run / "checkpoints" / "latest").write_text("step_000002\n")
+    cli("train", *run_args(ws, "ws1to2", "grad_accum=4", "max_steps=4", "--resume"))
+    state = json.loads((run / "checkpoints" / "step_000004" / "data_state.json").read_text())
+    assert state["world_size"] == 1 and state["step"] == 4
+    cli("train", *run_args(ws, "ws1to2", "--resume", "--nproc-per-node", "2"))
+    mine, ref = metrics(run), metrics(reference)
+    assert sorted(mine) == [3, 4, 5, 6]
+    assert json.loads((run / "checkpoints" / "step_000006" / "data_state.json").read_text())["world_size"] == 2
+    for step in (3, 5):  # right after each resume: the weights came back
+        assert mine[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-4), step
+    for step in (4, 6):  # one step later: optimizer state and LR came back too
+        assert mine[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-3), step
+        assert mine[step]["lr"] == pytest.approx(ref[step]["lr"], rel=1e-9), step

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # subcommand -> (module, one-line help)
@@ -25,8 +26,24 @@ SUBCOMMANDS = {
 }
 
 
+def _take_local_rank(argv: list[str]) -> list[str]:
+    """The deepspeed launcher puts `--local_rank=N` BEFORE the subcommand; accept it there and hand it on as the
+    LOCAL_RANK environment variable (which torchrun and accelerate set themselves)."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a.split("=", 1)[0] in ("--local_rank", "--local-rank") and not out:
+            value = a.split("=", 1)[1] if "=" in a else argv[i + 1]
+            os.environ.setdefault("LOCAL_RANK", value)
+            i += 1 if "=" in a else 2
+            continue
+        out.append(a)
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = _take_local_rank(sys.argv[1:] if argv is None else argv)
     top = argparse.ArgumentParser(prog="omniscratch", description="Pretrain an omnimodal model from scratch, with provenance.")
     sub = top.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_) in SUBCOMMANDS.items():
