@@ -252,8 +252,9 @@ def _rebuild(rec: dict, weights: Path) -> tuple[str, dict, dict]:
             if w is None or w.shape != w0.shape:
                 acc[0] = math.nan
                 return
-            acc[0] += float((w - w0.float()).pow(2).sum())
-            acc[1] += float(w0.float().pow(2).sum())
+            w0 = w0.float()
+            acc[0] += float(torch.linalg.vector_norm(w - w0)) ** 2
+            acc[1] += float(torch.linalg.vector_norm(w0)) ** 2
         tensors = rebuild_init(cfg, inputs[1], inputs[2], visit=visit)
     distance = {c: math.sqrt(d / n) if n > 0 and math.isfinite(d) else None for c, (d, n) in sq.items()}
     return digest_of(inputs), tensors, distance
