@@ -112,6 +112,19 @@ def test_param_groups_scale_each_components_lr():
     assert sched.base_lrs == [1e-3 * g["lr_scale"] for g in opt.param_groups]
 
 
+def test_schedule_lr_is_the_unscaled_schedule():
+    """Metrics and the lineage record the schedule's lr, not the first group's scaled one."""
+    from types import SimpleNamespace
+
+    from train.engine import schedule_lr
+
+    def engine(*groups):
+        return SimpleNamespace(optimizer=SimpleNamespace(param_groups=[{"lr": lr, "lr_scale": s} for lr, s in groups]))
+    assert schedule_lr(engine((0.0, 0.0), (5e-5, 0.5), (1e-4, 1.0))) == 1e-4
+    assert schedule_lr(engine((0.0, 0.0), (3e-5, 0.3))) == pytest.approx(1e-4)
+    assert schedule_lr(engine((0.0, 0.0))) == 0.0
+
+
 def test_encoders_wait_for_their_input_before_their_gradient_check():
     """A step without images gives the vision encoder an exactly-zero gradient by design (dummy item): its check
     waits for the first step whose global batch holds an image; the text side is checked at once."""

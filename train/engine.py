@@ -233,11 +233,11 @@ def param_groups(model: OmniModel, *, lr: float, weight_decay: float, lr_scale: 
 
 
 def schedule_lr(engine) -> float:
-    """The scheduled learning rate before per-component scales (what metrics and the lineage record)."""
-    for g in engine.optimizer.param_groups:
-        if g.get("lr_scale", 1.0) > 0:
-            return g["lr"] / g.get("lr_scale", 1.0)
-    return 0.0
+    """The scheduled learning rate before per-component scales (what metrics and the lineage record): read from an
+    unscaled group when there is one (exact), else divided out of a scaled one."""
+    scaled = sorted(((g.get("lr_scale", 1.0) != 1.0, g["lr"], g.get("lr_scale", 1.0))
+                     for g in engine.optimizer.param_groups if g.get("lr_scale", 1.0) > 0))
+    return scaled[0][1] / scaled[0][2] if scaled else 0.0
 
 
 def initialize(model: OmniModel, ds: dict, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
