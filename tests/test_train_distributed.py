@@ -230,11 +230,11 @@ def test_a_rank_missing_at_preflight_ends_the_run_within_preflight_timeout(ws, t
     proc = start_with_fault(tmp_path, """
         if os.environ["RANK"] == "1":
             import signal, time
-            from train import engine
+            from train import launch
             def hang(*args, **kwargs):
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)  # hung, yet killable like a real hung process
                 time.sleep(600)
-            engine.preflight = hang
+            launch.preflight = hang
         """, *run_args(ws, "late", "preflight_timeout_s=5", "dist_timeout_s=300"), log=tmp_path / "late.log")
     try:
         wait_for(lambda: len(rank_pids(run)) == 2, 120, "both ranks to start", poll=0.1, procs=[proc])

@@ -92,53 +92,6 @@ def compute_cleanup() -> None:
         dist.destroy_process_group()
 
 
-def rank_info(d: Dist, precision: str) -> dict:
-    """What this rank runs on, for the preflight table."""
-    dev = (f"{d.device} {torch.cuda.get_device_name(d.device)}" if d.device.type == "cuda"
-           else f"cpu({torch.backends.cpu.get_cpu_capability()})")
-    return {"host": socket.gethostname(), "rank": d.rank, "local_rank": d.local_rank, "device": dev,
-            "threads": torch.get_num_threads(), "dtype": precision, "torch": torch.__version__,
-            "deepspeed": deepspeed.__version__, "python": sys.version.split()[0], "pid": os.getpid()}
-
-
-def preflight(d: Dist, timeout_s: int, info: dict) -> list[dict]:
-    """Before the first step, every rank must answer within `timeout_s` (run config `preflight_timeout_s`): a
-    barrier that names the ranks that did not come (gloo's monitored barrier; on GPUs through a gloo side group),
-    then an all-reduce on the training device. -> every rank's `info` (all_gather_object), in rank order.
-    Collective. Raises RuntimeError naming the missing ranks, or when ranks disagree on the dtype."""
-    timeout = datetime.timedelta(seconds=timeout_s)
-    side = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
-    try:
-        dist.monitored_barrier(group=side, timeout=timeout, wait_all_ranks=True)
-        x = torch.ones(1, device=d.device)
-        if not dist.all_reduce(x, async_op=True).wait(timeout=timeout) or int(x.item()) != d.world_size:
-            raise RuntimeError(f"all-reduce of ones over {d.world_size} ranks gave {x.item()}")
-    except RuntimeError as e:
-        raise RuntimeError(f"preflight timed out: not every rank answered within preflight_timeout_s={timeout_s}s: "
-                           f"{e}") from None
-    table: list = [None] * d.world_size
-    dist.all_gather_object(table, info, group=side)
-    if side is not None:
-        dist.destroy_process_group(side)
-    dtypes = {r["dtype"] for r in table}
-    if len(dtypes) > 1:
-        raise RuntimeError(f"preflight: ranks picked different dtypes {sorted(dtypes)} (precision=auto on unlike "
-                           f"machines); set precision=bf16 or precision=fp32 in the run config")
-    return table
-
-
-def format_rank_table(table: list[dict]) -> str:
-    """One line per rank, columns aligned; a note when library versions or thread counts differ between ranks."""
-    keys = list(table[0])
-    widths = {k: max(len(k), *(len(str(r[k])) for r in table)) for k in keys}
-    lines = ["  ".join(k.ljust(widths[k]) for k in keys).rstrip()]
-    lines += ["  ".join(str(r[k]).ljust(widths[k]) for k in keys).rstrip() for r in table]
-    differ = [k for k in ("torch", "deepspeed", "python", "threads") if len({r[k] for r in table}) > 1]
-    if differ:
-        lines.append(f"WARNING: ranks differ in {', '.join(differ)}: numerics and behaviour may differ between ranks")
-    return "\n".join(lines)
-
-
 def pick_precision(requested: str, device: torch.device) -> tuple[str, str]:
     """-> (precision, reason). "auto" takes bf16 where the hardware computes it natively: on CPUs without AMX
     bf16 ran 1.5-3.5x slower than fp32 (shared/notes/cpu-training.md)."""
@@ -235,8 +188,8 @@ def param_groups(model: OmniModel, *, lr: float, weight_decay: float, lr_scale: 
 def schedule_lr(engine) -> float:
     """The scheduled learning rate before per-component scales (what metrics and the lineage record): read from an
     unscaled group when there is one (exact), else divided out of a scaled one."""
-    scaled = sorted(((g.get("lr_scale", 1.0) != 1.0, g["lr"], g.get("lr_scale", 1.0))
-                     for g in engine.optimizer.param_groups if g.get("lr_scale", 1.0) > 0))
+    scaled = sorted((g.get("lr_scale", 1.0) != 1.0, g["lr"], g.get("lr_scale", 1.0))
+                     for g in engine.optimizer.param_groups if g.get("lr_scale", 1.0) > 0)
     return scaled[0][1] / scaled[0][2] if scaled else 0.0
 
 

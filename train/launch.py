@@ -8,12 +8,16 @@ Notable choices:
   the run the launcher reads them: a rank still "running" when everything stopped died without a word (a signal,
   the OOM killer), and the message names it and its log. The exit code is non-zero whenever any rank failed
   (field lessons: pdsh returned 0 when nodes failed; an OOM was reported as success).
+- Before the first step every rank passes `preflight` (a monitored barrier naming absent ranks, then an
+  all-reduce on the training device, within `preflight_timeout_s`) and rank 0 logs a table of every rank's host,
+  device, threads, dtype and library versions.
 - SIGTERM/SIGINT to the launcher is forwarded to the ranks themselves (from their status files), which save a
   checkpoint and exit 0: torchrun then exits 0 too, whereas torchrun receiving the signal itself exits non-zero.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
@@ -22,7 +26,11 @@ import socket
 import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
+
+import torch
+import torch.distributed as dist
 
 FINAL_STATES = ("done", "stopped")  # finished all steps / saved and stopped on SIGTERM
 
@@ -128,3 +136,52 @@ def run_local(nproc: int, argv: list[str], run_dir: Path) -> int:
     for line in problems:
         print(f"  {line}", file=sys.stderr)
     return rc or 1
+
+
+# ---- preflight: before the first step ------------------------------------------------------------------------
+
+def rank_info(d, precision: str) -> dict:
+    """What this rank runs on, for the preflight table."""
+    dev = (f"{d.device} {torch.cuda.get_device_name(d.device)}" if d.device.type == "cuda"
+           else f"cpu({torch.backends.cpu.get_cpu_capability()})")
+    return {"host": socket.gethostname(), "rank": d.rank, "local_rank": d.local_rank, "device": dev,
+            "threads": torch.get_num_threads(), "dtype": precision, "torch": torch.__version__,
+            "deepspeed": metadata.version("deepspeed"), "python": sys.version.split()[0], "pid": os.getpid()}
+
+
+def preflight(d, timeout_s: int, info: dict) -> list[dict]:
+    """Before the first step, every rank must answer within `timeout_s` (run config `preflight_timeout_s`): a
+    barrier that names the ranks that did not come (gloo's monitored barrier; on GPUs through a gloo side group),
+    then an all-reduce on the training device. -> every rank's `info` (all_gather_object), in rank order.
+    Collective. Raises RuntimeError naming the missing ranks, or when ranks disagree on the dtype."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    side = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
+    try:
+        dist.monitored_barrier(group=side, timeout=timeout, wait_all_ranks=True)
+        x = torch.ones(1, device=d.device)
+        if not dist.all_reduce(x, async_op=True).wait(timeout=timeout) or int(x.item()) != d.world_size:
+            raise RuntimeError(f"all-reduce of ones over {d.world_size} ranks gave {x.item()}")
+    except RuntimeError as e:
+        raise RuntimeError(f"preflight timed out: not every rank answered within preflight_timeout_s={timeout_s}s: "
+                           f"{e}") from None
+    table: list = [None] * d.world_size
+    dist.all_gather_object(table, info, group=side)
+    if side is not None:
+        dist.destroy_process_group(side)
+    dtypes = {r["dtype"] for r in table}
+    if len(dtypes) > 1:
+        raise RuntimeError(f"preflight: ranks picked different dtypes {sorted(dtypes)} (precision=auto on unlike "
+                           f"machines); set precision=bf16 or precision=fp32 in the run config")
+    return table
+
+
+def format_rank_table(table: list[dict]) -> str:
+    """One line per rank, columns aligned; a note when library versions or thread counts differ between ranks."""
+    keys = list(table[0])
+    widths = {k: max(len(k), *(len(str(r[k])) for r in table)) for k in keys}
+    lines = ["  ".join(k.ljust(widths[k]) for k in keys).rstrip()]
+    lines += ["  ".join(str(r[k]).ljust(widths[k]) for k in keys).rstrip() for r in table]
+    differ = [k for k in ("torch", "deepspeed", "python", "threads") if len({r[k] for r in table}) > 1]
+    if differ:
+        lines.append(f"WARNING: ranks differ in {', '.join(differ)}: numerics and behaviour may differ between ranks")
+    return "\n".join(lines)

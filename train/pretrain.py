@@ -99,6 +99,7 @@ def _train(cfg, d, log, stop, resume, resume_from) -> str:
     from train import checkpoint as ckpt
     from train import engine as eng
     from train.data import TrainLoader
+    from train.launch import format_rank_table, preflight, rank_info
     from train.metrics import Metrics, device_peak, peak_memory_bytes
     from train.provenance import Recorder
     from train.sources import Source, declared_licence
@@ -129,8 +130,8 @@ def _train(cfg, d, log, stop, resume, resume_from) -> str:
     log.info("world size %d on %s (%s); precision %s: %s; ZeRO stage %d", d.world_size, d.device,
              dist.get_backend(), precision, why, eng.zero_stage(ds))
     # every rank must answer within preflight_timeout_s before anything heavy runs, and say what it runs on
-    table = eng.preflight(d, cfg.preflight_timeout_s, eng.rank_info(d, precision))
-    log.info("preflight: all %d rank(s) answered\n%s", d.world_size, eng.format_rank_table(table))
+    table = preflight(d, cfg.preflight_timeout_s, rank_info(d, precision))
+    log.info("preflight: all %d rank(s) answered\n%s", d.world_size, format_rank_table(table))
     # the DeepSpeed config as resolved: with bf16 it shows "data_types": {"grad_accum_dtype": "fp32"}
     log.info("resolved DeepSpeed config (also in %s): %s", run_dir / "deepspeed_config.json", json.dumps(ds))
     if d.is_main:
