@@ -10,7 +10,7 @@ Notable choices:
   which the pipeline expands to <|image_start|> <|image|>*n <|image_end|> (same schema as user data).
 - Sized for the tiny model and a 2-core CPU (shared/notes/cpu-training.md): 32x32 images (16 tokens at
   patch 4, merge 2), 4-frame videos (direction needs ~4 frames; 32 tokens), 0.32 s tones (9 tokens).
-  Shapes are 16-26 px, large against the 4 px patch, since small shapes stayed at chance.
+  Shapes are 18-28 px, large against the 4 px patch, since small shapes stayed at chance.
 - Every question row carries `task`, `question`, `answer` and `choices` (a closed set of >= 3, so chance
   <= 33%). Evaluation scores log p(" " + choice | media + question) for each choice; `probe_items` gives
   held-out items decoded to tensors.
@@ -57,10 +57,12 @@ QUESTIONS = {
     "audio_count": ("Question: how many beeps are there? Answer:", COUNTS, "count"),
     "audio_loudness": ("Question: is the tone quiet, medium or loud? Answer:", tuple(LOUDNESS), "loudness"),
 }
-# training mix: question tasks plus captions and plain text (weights, normalised below)
-MIX = {"image_color": 3, "image_shape": 1, "image_position": 2, "image_count": 1, "image_caption": 1,
-       "video_direction": 4, "video_caption": 1, "audio_pitch": 2, "audio_count": 1, "audio_loudness": 1,
-       "audio_caption": 1, "text": 1}  # the demo's probes (colour, direction, pitch) weigh most
+# training mix: question tasks plus captions and plain text (weights, normalised below). Shape, count and video
+# direction need spatial features that colour (a pixel average) does not, so they weigh most; an image caption
+# names colour AND shape, two supervised attributes per encoder pass. Audio pitch learns from little.
+MIX = {"image_color": 1.5, "image_shape": 3, "image_position": 0.5, "image_count": 3, "image_caption": 3,
+       "video_direction": 3.5, "video_caption": 0.5, "audio_pitch": 1, "audio_count": 0.5, "audio_loudness": 0.5,
+       "audio_caption": 0.5, "text": 0.5}
 SPLIT_DEFAULTS = {"train": 20000, "heldout": 2000}
 
 
@@ -118,7 +120,7 @@ def _image(rng, task: str) -> tuple[Image.Image, dict]:
         cx, cy = 8 + 16 * (q % 2) + rng.uniform(-1, 1), 8 + 16 * (q // 2) + rng.uniform(-1, 1)
         _draw_shape(draw, shape, cx, cy, size, _jitter(rng, COLORS[color]))
         return img, {"position": QUADRANTS[q], "color": color, "shape": shape}
-    size = rng.uniform(16, 26)
+    size = rng.uniform(18, 28)
     c = IMAGE_SIZE / 2 + rng.uniform(-(IMAGE_SIZE - size) / 2, (IMAGE_SIZE - size) / 2, 2)
     _draw_shape(draw, shape, c[0], c[1], size, _jitter(rng, COLORS[color]))
     return img, {"color": color, "shape": shape}
