@@ -11,6 +11,7 @@ import sys
 import types
 from pathlib import Path
 
+import blake3
 import pytest
 import safetensors.torch
 import torch
@@ -19,17 +20,10 @@ from safetensors.torch import save_file
 from model import OmniModel, init_weights
 from model.config import AudioConfig, ModelConfig, TextConfig, VisionConfig
 from train import checkpoint as ckpt
-from train.digest import (
-    component_roots,
-    folder_files,
-    hash_files,
-    merkle_root,
-    safe_path,
-    safetensors_digests,
-    tensor_digest,
-    tensor_digests,
-)
-from train.provenance import RECORD, Recorder
+from train import files
+from train.digest import component_roots, merkle_root, tensor_digest, tensor_digests
+from train.files import SafetensorsFile, folder_files, hash_files, safe_path, safetensors_digests
+from train.provenance import RECORD, Recorder, rebuild_init
 from train.signing import SIGNATURE, init_keys, sign_checkpoint, signed_manifest
 from train.tripwire import ForeignWeightsError, Tripwire
 from train.verify import verify
@@ -90,7 +84,7 @@ def keys(tmp_path_factory):
 
 # ---- digests ------------------------------------------------------------------------------------------------------
 
-def test_tensor_digest_is_canonical_across_file_layouts(tmp_path):
+def test_tensor_digest_is_canonical_across_file_layouts(tmp_path, monkeypatch):
     sd = {k: v.detach() for k, v in seeded_model(1).state_dict().items()}
     sd["vision.extra_bf16"] = torch.randn(3, 5).bfloat16()  # digests cover every dtype, not only fp32
     live = tensor_digests(sd.items())
@@ -104,6 +98,21 @@ def test_tensor_digest_is_canonical_across_file_layouts(tmp_path):
     assert safetensors_digests(tmp_path / "rev.safetensors") == live
     assert split == live
     assert hash_files(tmp_path, ["one.safetensors"]) != hash_files(tmp_path, ["rev.safetensors"])  # files differ
+    # verify's single pass: the file digest and the tensor digests from one mapping, read in pieces smaller than a
+    # tensor (so tensors straddle pieces), equal the separate passes; the views hold the tensors' values
+    monkeypatch.setattr(files, "CHUNK", 1 << 12)
+    with SafetensorsFile(tmp_path / "rev.safetensors") as f:
+        assert hash_files(tmp_path, ["rev.safetensors", "one.safetensors"], weights=f)["rev.safetensors"] == \
+            blake3.blake3((tmp_path / "rev.safetensors").read_bytes()).hexdigest()
+        assert f.digests == live and all(torch.equal(f.tensor(n), sd[n]) for n in names)
+
+
+def test_rebuild_in_parallel_threads_equals_the_serial_rebuild():
+    seen, model = {}, dict(seeded_model(3).named_parameters())
+    serial = rebuild_init(CFG, 3)
+    assert rebuild_init(CFG, 3, visit=lambda n, t: seen.setdefault(n, t.clone()), workers=2) == serial
+    assert serial == tensor_digests(model.items()) and list(serial) == list(model)  # in the model's order
+    assert seen.keys() == model.keys() and all(torch.equal(seen[n], model[n]) for n in model)  # every tensor, its value
 
 
 def test_tensor_digest_binds_name_dtype_shape_and_bytes():

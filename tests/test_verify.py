@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from model import OmniModel, init_weights
 from model.config import ModelConfig, from_dict
-from train.digest import component_roots, folder_files, hash_files, safetensors_digests, tensor_digests
+from train.digest import component_roots, tensor_digests
+from train.files import folder_files, hash_files, safetensors_digests
 from train.provenance import RECORD, SLSA, digest_of, init_digest
 from train.replay import replay_segment
 from train.signing import SIGNATURE, init_keys, sign_checkpoint

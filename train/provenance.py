@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
 
@@ -38,17 +39,8 @@ from safetensors import safe_open
 
 from model import INIT_SCHEME, OmniModel, init_tensor
 from train import digest
-from train.digest import (
-    component_roots,
-    differing_components,
-    digest_bytes,
-    digest_of,
-    folder_files,
-    hash_files,
-    safetensors_digests,
-    tensor_digests,
-    update_sizes,
-)
+from train.digest import component_roots, differing_components, digest_bytes, digest_of, tensor_digests, update_sizes
+from train.files import folder_files, hash_files, safetensors_digests
 
 SCHEMA = "omniscratch.provenance/v1"
 RECORD, SLSA, SIGNATURE, DATA_MANIFEST = "provenance.json", "slsa_provenance.json", "model.sig", "data_manifest.json"
@@ -135,20 +127,29 @@ class _SkipDefaultInit(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def rebuild_init(model_cfg, seed: int, dtypes: dict[str, str] | None = None, visit=None) -> dict[str, dict]:
+def rebuild_init(model_cfg, seed: int, dtypes: dict[str, str] | None = None, visit=None,
+                 workers: int = 1) -> dict[str, dict]:
     """Digests of the step-0 parameters rebuilt from (config, seed), each cast to `dtypes[name]` (default fp32).
-    `visit(name, tensor)`, if given, sees each rebuilt tensor once (one at a time: never the whole model)."""
+    `visit(name, tensor)`, if given, sees each rebuilt tensor once, after its digest (so it may use the tensor up in
+    place), never the whole model: at most `workers` tensors at a time. workers > 1 rebuilds tensors in parallel
+    threads, largest first (each tensor has its own generator, so values do not depend on the order; torch's kernels
+    and BLAKE3 release the GIL); `visit` then runs in those threads."""
     by_code = {v: k for k, v in digest.DTYPES.items()}
     with _SkipDefaultInit():  # names and shapes come from the model code, never from the record being checked
         shapes = [(n, p.shape) for n, p in OmniModel(model_cfg).named_parameters()]
-    def tensors():
-        for name, shape in shapes:
-            t = init_tensor(name, shape, seed, model_cfg)
-            t = t.to(by_code[dtypes[name]]) if dtypes and name in dtypes else t
-            if visit is not None:
-                visit(name, t)
-            yield name, t
-    return tensor_digests(tensors())
+
+    def one(item) -> dict:
+        name, shape = item
+        t = init_tensor(name, shape, seed, model_cfg)
+        t = t.to(by_code[dtypes[name]]) if dtypes and name in dtypes else t
+        out = tensor_digests([(name, t)])[name]
+        if visit is not None:
+            visit(name, t)
+        return out
+    order = sorted(shapes, key=lambda s: -s[1].numel())
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        out = dict(zip((n for n, _ in order), pool.map(one, order)))
+    return {n: out[n] for n, _ in shapes}
 
 
 # ---- the recorder ---------------------------------------------------------------------------------------------------

@@ -27,7 +27,8 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from train.digest import digest_bytes, safetensors_digests, update_sizes
+from train.digest import digest_bytes, update_sizes
+from train.files import safetensors_digests
 from train.provenance import RECORD, digest_of, hardware, init_digest
 
 

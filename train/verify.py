@@ -8,10 +8,11 @@ segments re-executed by the trainer (train/replay.py). Output: a table, CERTIFIC
 share, init root, steps trained, distance from init, verdict) and, with --json, the same as one JSON object.
 
 Notable choices:
-- Every file is hashed once (BLAKE3, parallel, mmap) for both signature and certificate; step 0 is rebuilt in a
-  second thread meanwhile, one tensor at a time, and each component's distance from init (||w - w0|| / ||w0||)
-  is measured in that same pass: no second copy of the model is held. A check that crashes on tampered input is
-  reported as failed, never raised.
+- Every byte is read once: each file streams through BLAKE3 in parallel (train/files.py); model.safetensors,
+  mapped once, feeds its file digest (signature and certificate) and its tensor digests from the same pieces. Step 0
+  is rebuilt meanwhile, tensors in parallel on every core, and each component's distance from init
+  (||w - w0|| / ||w0||) is measured against zero-copy views of the same mapping in that pass: no second copy of the
+  model is held. A check that crashes on tampered input is reported as failed, never raised.
 - A component whose weights never moved (an lr scale of 0) is honest and certified "not trained"; one that moved
   while no lineage link records an update fails.
 - A "derived" certificate is honest but is not "from scratch": it fails unless --allow-derived is given.
@@ -19,7 +20,6 @@ Notable choices:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import sys
@@ -28,63 +28,33 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors import safe_open
 
 from model.components import COMPONENTS, component_of
 from model.config import ModelConfig, from_dict
-from train.digest import (
-    component_roots,
-    differing_components,
-    folder_files,
-    hash_files,
-    layout_problems,
-    safe_path,
-    safetensors_digests,
-)
-from train.provenance import DATA_MANIFEST, RECORD, SCHEMA, SLSA, digest_of, init_digest, rebuild_init
+from train import checks
+from train.certificate import Report, certificate_md, table
+from train.checks import ALLOWED_LICENCES, REVIEWED, licence_ok  # noqa: F401 - part of this module's interface
+from train.digest import component_roots, differing_components
+from train.files import SafetensorsFile, cpus, folder_files, hash_files, layout_problems, safe_path
+from train.provenance import RECORD, SCHEMA, digest_of, rebuild_init
 from train.signing import SIGNATURE, signed_manifest
-
-# Licence allow-list: a package passes when, for every AND-term of its licence, one OR-alternative names one of these.
-ALLOWED_LICENCES = ("MIT", "BSD", "Apache", "PSF", "Python Software Foundation", "ISC", "MPL", "Mozilla Public",
-                    "CC0", "Zlib", "BSL-1.0", "Unlicense", "HPND", "LLVM-exception", "0BSD")
-# Packages whose metadata carries no licence, checked by hand against their repository's LICENSE file.
-REVIEWED = {"sigstore-models": "Apache-2.0"}
-
-
-class Report:
-    def __init__(self, folder: Path):
-        self.folder, self.checks, self.components = folder, [], []
-
-    def add(self, check: str, subject: str, ok: bool | None, reason: str = "") -> None:
-        status = {True: "PASS", False: "FAIL", None: "SKIP"}[ok]
-        self.checks.append({"check": check, "subject": subject, "status": status, "reason": reason})
-
-    @property
-    def failures(self) -> list[dict]:
-        return [c for c in self.checks if c["status"] == "FAIL"]
-
-    def to_dict(self) -> dict:
-        return {"checkpoint": str(self.folder), "ok": not self.failures, "checks": self.checks,
-                "components": self.components, "failures": self.failures}
-
-
-def licence_ok(licence: str, allowed=ALLOWED_LICENCES) -> bool:
-    low = [a.lower() for a in allowed]
-    return all(any(any(a in alt.lower() for a in low) for alt in term.split(" OR "))
-               for term in licence.replace("(", "").replace(")", "").split(" AND "))
 
 
 def verify(folder, public_key, *, replay: int = 0, allowed=ALLOWED_LICENCES, reviewed=REVIEWED,
            allow_derived: bool = False, data_dir=None) -> Report:
     folder = Path(folder)
     rep = Report(folder)
-    with ThreadPoolExecutor(1) as pool:  # step 0 is rebuilt while the files hash: it needs only config and seed
-        early = pool.submit(lambda: _rebuild(json.loads((folder / RECORD).read_text()), folder / "model.safetensors"))
-        _verify(rep, folder, public_key, early, replay, allowed, reviewed, allow_derived, data_dir)
+    weights = SafetensorsFile(folder / "model.safetensors")  # mapped once; unreadable: its checks say why
+    try:
+        with ThreadPoolExecutor(1) as pool:  # step 0 is rebuilt while the files hash: it needs only config and seed
+            early = pool.submit(lambda: rebuild_step0(json.loads((folder / RECORD).read_text()), weights))
+            _verify(rep, folder, public_key, early, weights, replay, allowed, reviewed, allow_derived, data_dir)
+    finally:
+        weights.close()
     return rep
 
 
-def _verify(rep, folder, public_key, early, replay, allowed, reviewed, allow_derived, data_dir) -> None:
+def _verify(rep, folder, public_key, early, weights, replay, allowed, reviewed, allow_derived, data_dir) -> None:
     try:
         signed = signed_manifest(folder, public_key)
         rep.add("signature", SIGNATURE, True, f"valid for {Path(public_key).name}")
@@ -96,7 +66,7 @@ def _verify(rep, folder, public_key, early, replay, allowed, reviewed, allow_der
     except ValueError as e:
         rep.add("files", str(folder), False, str(e))
         return
-    actual = hash_files(folder, present)
+    actual = hash_files(folder, present, weights=weights)
     if signed is not None:
         for name in sorted(set(signed) | set(actual)):
             if name not in actual:
@@ -130,12 +100,12 @@ def _verify(rep, folder, public_key, early, replay, allowed, reviewed, allow_der
     if not any(c["check"] == "files" for c in rep.checks):
         rep.add("files", f"{len(actual)} files", True, "digests match the signature and the certificate")
     # Each check is guarded: on tampered files a parser may raise; a check that cannot run has failed.
-    for check, run in (("tensors", lambda: _check_tensors(rep, folder, rec)),
-                       ("config", lambda: _check_configs(rep, folder, rec)),
-                       ("digests", lambda: _check_inputs(rep, folder, rec, actual, data_dir)),
-                       ("lineage", lambda: _check_lineage(rep, folder, rec, certified)),
-                       ("init", lambda: _check_init(rep, folder, rec, allow_derived, early)),
-                       ("licences", lambda: _check_licences(rep, rec, allowed, reviewed))):
+    for check, run in (("tensors", lambda: _check_tensors(rep, rec, weights)),
+                       ("config", lambda: checks.check_configs(rep, folder, rec)),
+                       ("digests", lambda: checks.check_inputs(rep, folder, rec, actual, data_dir)),
+                       ("lineage", lambda: checks.check_lineage(rep, folder, rec, certified)),
+                       ("init", lambda: _check_init(rep, rec, weights, allow_derived, early)),
+                       ("licences", lambda: checks.check_licences(rep, rec, allowed, reviewed))):
         try:
             run()
         except Exception as e:  # noqa: BLE001 - any crash on the inputs is a verification failure, named
@@ -153,8 +123,8 @@ def _inside(folder: Path, name: str) -> bool:
         return False
 
 
-def _check_tensors(rep: Report, folder: Path, rec: dict) -> None:
-    tensors = safetensors_digests(folder / "model.safetensors")
+def _check_tensors(rep: Report, rec: dict, weights: SafetensorsFile) -> None:
+    tensors = weights.digests  # computed while hashing the file (or raises why the file is no safetensors file)
     bad = [n for n in sorted(set(tensors) | set(rec["tensors"])) if tensors.get(n) != rec["tensors"].get(n)]
     rep.add("tensors", bad[0] if bad else "model.safetensors", not bad,
             f"{len(bad)} tensor digest(s) differ from the certificate" if bad else f"{len(tensors)} tensor digests match")
@@ -164,108 +134,37 @@ def _check_tensors(rep: Report, folder: Path, rec: dict) -> None:
             rep.add("tensors", c, False, "component Merkle root differs from the certificate")
 
 
-def _check_configs(rep: Report, folder: Path, rec: dict) -> None:
-    for name, key in (("model_config.json", "model"), ("run_config.json", "run")):
-        ok = json.loads((folder / name).read_text()) == rec["config"][key]
-        rep.add("config", name, ok, "matches the certificate" if ok else f"differs from the certified {key} config")
-
-
-def _check_inputs(rep: Report, folder: Path, rec: dict, actual: dict, data_dir) -> None:
-    ok = rec["tokenizer"]["digest"] == actual.get("tokenizer.json")
-    rep.add("tokenizer", "tokenizer.json", ok, "digest matches the run's tokenizer" if ok
-            else "digest differs from the tokenizer the run started with")
-    if rec["data"]["digest"] is None:
-        rep.add("data", DATA_MANIFEST, None, "the run recorded no data manifest")
-    else:
-        ok = actual.get(DATA_MANIFEST) == rec["data"]["digest"]
-        rep.add("data", DATA_MANIFEST, ok, "digest matches the run's data manifest" if ok
-                else "digest differs from the data manifest the run started with")
-        if data_dir is not None:
-            ok = hash_files(Path(data_dir), ["manifest.json"])["manifest.json"] == rec["data"]["digest"]
-            rep.add("data", str(Path(data_dir) / "manifest.json"), ok, "" if ok else "is not the manifest the run used")
-    slsa = json.loads((folder / SLSA).read_text())
-    data = slsa["predicate"]["buildDefinition"]["externalParameters"]["dataManifestDigest"]["blake3"]
-    ok = slsa["subject"][0]["digest"]["blake3"] == actual.get("model.safetensors") and data == rec["data"]["digest"]
-    rep.add("slsa", SLSA, ok, "subject and data manifest agree with the certificate" if ok
-            else "subject or data manifest digest disagrees with the certificate")
-    events = rec["tripwire"]["events"]
-    rep.add("tripwire", "weight loads", None if events and rec["claim"] == "derived" else not events,
-            "no foreign weight file was loaded" if not events else
-            f"{len(events)} foreign load(s), e.g. {events[0]['api']}({events[0]['path']})")
-
-
-def _check_lineage(rep: Report, folder: Path, rec: dict, certified: dict) -> None:
-    chain = rec["chain"]
-    expect_parent, expect_start = init_digest(rec["init"]), 0
-    for i, link in enumerate(chain):
-        where = f"link {i} (steps {link['start_step']}-{link['end_step']})"
-        if link["parent"] != expect_parent:
-            rep.add("lineage", where, False, "names a parent that is not the previous link"
-                    + (" (the init record)" if i == 0 else f" (link {i - 1})") + ": a link is missing or altered")
-            return
-        steps = [s[0] for s in link["steps"]]
-        if link["start_step"] != expect_start or link["end_step"] <= link["start_step"] or \
-                steps != list(range(link["start_step"] + 1, link["end_step"] + 1)):
-            rep.add("lineage", where, False, f"steps do not continue from step {expect_start} one by one")
-            return
-        expect_parent, expect_start = digest_of(link), link["end_step"]
-    last = chain[-1] if chain else None
-    if last is None or last["end_step"] != rec["step"]:
-        rep.add("lineage", "chain", False, f"does not end at this checkpoint's step {rec['step']}")
-        return
-    if last["files"] != digest_of(certified) or last["weights"] != {c: r["root"] for c, r in rec["weights"].items()}:
-        rep.add("lineage", f"link {len(chain) - 1}", False, "does not describe this checkpoint's files and weights")
-        return
-    kept = 0
-    for other in sorted(folder.parent.glob("step_*")):
-        theirs = json.loads((other / RECORD).read_text()) if other != folder and (other / RECORD).is_file() else None
-        mine = [i for i, link in enumerate(chain) if theirs and link["end_step"] == theirs["step"]]
-        if not mine:
-            continue
-        kept += 1
-        if digest_of(theirs["chain"][-1]) != digest_of(chain[mine[0]]):
-            rep.add("lineage", other.name, False, f"kept checkpoint disagrees with link {mine[0]} of this chain")
-            return
-    rep.add("lineage", f"{len(chain)} links", True, f"init -> step {rec['step']} unbroken; {kept} kept checkpoint(s) agree")
-
-
-def _rebuild(rec: dict, weights: Path) -> tuple[str, dict, dict]:
-    """Step 0 rebuilt from the record's model config and seed, one tensor at a time. -> (digest of the inputs,
+def rebuild_step0(rec: dict, weights: SafetensorsFile) -> tuple[str, dict, dict]:
+    """Step 0 rebuilt from the record's model config and seed, tensors in parallel. -> (digest of the inputs,
     per-tensor digests, per component the relative distance of `weights` from that step 0, ||w - w0|| / ||w0||,
     None where it cannot be measured)."""
     inputs = [rec["config"]["model"], rec["init"]["seed"], {n: d["dtype"] for n, d in rec["init"]["tensors"].items()}]
     cfg = from_dict(ModelConfig, inputs[0], RECORD, "config.model.").validate(RECORD)
-    sq: dict[str, list[float]] = {}  # component -> [sum (w - w0)^2, sum w0^2]
-    with contextlib.ExitStack() as stack:
-        try:  # tampered weights must not stop the init check: the tensors check names them
-            f = stack.enter_context(safe_open(str(weights), framework="pt"))
-            keys = set(f.keys())
-        except Exception:  # noqa: BLE001
-            f, keys = None, set()
+    sq: dict[str, tuple[float, float]] = {}  # tensor -> (||w - w0||^2, ||w0||^2); nan where w is absent or misshapen
 
-        def visit(name: str, w0: torch.Tensor) -> None:
-            acc = sq.setdefault(component_of(name), [0.0, 0.0])
-            try:
-                w = f.get_tensor(name).float() if name in keys else None
-            except Exception:  # noqa: BLE001
-                w = None
-            if w is None or w.shape != w0.shape:
-                acc[0] = math.nan
-                return
-            w0 = w0.float()
-            acc[0] += float(torch.linalg.vector_norm(w - w0)) ** 2
-            acc[1] += float(torch.linalg.vector_norm(w0)) ** 2
-        tensors = rebuild_init(cfg, inputs[1], inputs[2], visit=visit)
-    distance = {c: math.sqrt(d / n) if n > 0 and math.isfinite(d) else None for c, (d, n) in sq.items()}
+    def visit(name: str, w0: torch.Tensor) -> None:  # in a rebuild thread, w0 already digested; w: a view of the file
+        w = weights.tensor(name)
+        if w is None or w.shape != w0.shape:
+            sq[name] = (math.nan, 0.0)
+            return
+        w0 = w0.float()
+        n0 = float(torch.linalg.vector_norm(w0)) ** 2
+        sq[name] = (float(torch.linalg.vector_norm(w0.sub_(w.float()))) ** 2, n0)  # in place: no third tensor
+    tensors = rebuild_init(cfg, inputs[1], inputs[2], visit=visit, workers=cpus())
+    acc: dict[str, list[float]] = {}
+    for name in tensors:  # summed in the model's order: the same floats whatever order the threads finished in
+        a = acc.setdefault(component_of(name), [0.0, 0.0])
+        a[0], a[1] = a[0] + sq[name][0], a[1] + sq[name][1]
+    distance = {c: math.sqrt(d / n) if n > 0 and math.isfinite(d) else None for c, (d, n) in acc.items()}
     return digest_of(inputs), tensors, distance
 
 
-def _check_init(rep: Report, folder: Path, rec: dict, allow_derived: bool, early=None) -> None:
+def _check_init(rep: Report, rec: dict, weights: SafetensorsFile, allow_derived: bool, early=None) -> None:
     """Init reproducibility per component, and the component table: steps trained, distance from init, verdict."""
     init = rec["init"]
     key, tensors, distance = early.result() if early is not None and early.exception() is None else ("", {}, {})
     if key != digest_of([rec["config"]["model"], init["seed"], {n: d["dtype"] for n, d in init["tensors"].items()}]):
-        key, tensors, distance = _rebuild(rec, folder / "model.safetensors")  # record changed, or the early start failed
+        key, tensors, distance = rebuild_step0(rec, weights)  # the record changed, or the early start failed
     rebuilt, differ = component_roots(tensors), differing_components(init["tensors"], tensors)
     claimed = component_roots(init["tensors"])
     total = sum(r["params"] for r in rec["weights"].values())
@@ -301,43 +200,7 @@ def _check_init(rep: Report, folder: Path, rec: dict, allow_derived: bool, early
         rep.add("init", c, ok, why)
 
 
-def _check_licences(rep: Report, rec: dict, allowed, reviewed) -> None:
-    bad = [p for p in rec["environment"]["packages"] if not licence_ok(reviewed.get(p["name"], p["licence"]), allowed)]
-    rep.add("licences", f"{len(rec['environment']['packages'])} packages", not bad,
-            "all on the allow-list" if not bad else "; ".join(f"{p['name']} {p['version']}: {p['licence']}" for p in bad))
-
-
-# ---- output ---------------------------------------------------------------------------------------------------------
-
-def table(rep: Report) -> str:
-    lines = [f"{'check':<12}{'subject':<34}{'status':<7}reason"]
-    lines += [f"{c['check']:<12}{c['subject'][:33]:<34}{c['status']:<7}{c['reason']}" for c in rep.checks]
-    lines += ["", f"{'component':<18}{'params':>12}{'share':>8}  {'init root':<18}{'steps':>7}{'from init':>11}  verdict"]
-    lines += [f"{r['component']:<18}{r['params']:>12,}{r['share']:>8.1%}  {(r['init_root'] or '-')[:16]:<18}"
-              f"{r['steps_trained']:>7}{_distance(r):>11}  {r['verdict']}" for r in rep.components]
-    return "\n".join(lines)
-
-
-def _distance(row: dict) -> str:
-    d = row.get("distance_from_init")
-    return "-" if d is None else f"{d:.3g}"
-
-
-def certificate_md(rep: Report) -> str:
-    ok = not rep.failures
-    out = [f"# Provenance certificate: {rep.folder.name}", "",
-           f"**Verdict: {'VERIFIED' if ok else 'FAILED'}** ({len(rep.checks)} checks, {len(rep.failures)} failed)", "",
-           "Steps trained: steps of the lineage segments in which the component's weights changed. Distance from "
-           "init: ||w - w0|| / ||w0||, w0 rebuilt from config and seed. A component whose weights never moved is "
-           "\"not trained\".", "",
-           "| component | parameters | share | init root | steps trained | distance from init | verdict |",
-           "|---|---:|---:|---|---:|---:|---|"]
-    out += [f"| {r['component']} | {r['params']:,} | {r['share']:.1%} | `{(r['init_root'] or '-')[:16]}` | "
-            f"{r['steps_trained']} | {_distance(r)} | {r['verdict']} |" for r in rep.components]
-    out += ["", "| check | subject | status | reason |", "|---|---|---|---|"]
-    out += [f"| {c['check']} | `{c['subject']}` | {c['status']} | {c['reason']} |" for c in rep.checks]
-    return "\n".join(out) + "\n"
-
+# ---- CLI ------------------------------------------------------------------------------------------------------------
 
 def add_arguments(parser) -> None:
     parser.add_argument("checkpoint", help="checkpoint folder (runs/NAME/checkpoints/step_NNNNNN)")

@@ -1,0 +1,93 @@
+"""The certificate's checks that need no weights, each adding PASS/FAIL rows to a Report: the configs, the tokenizer and
+data-manifest digests, the SLSA statement, the tripwire log, the lineage chain back to init (and any kept older
+checkpoint), and dependency licences against an allow-list. train/verify.py runs them once the file digests are compared;
+each may raise on tampered input, which verify reports as a failed check.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from train.certificate import Report
+from train.files import hash_files
+from train.provenance import DATA_MANIFEST, RECORD, SLSA, digest_of, init_digest
+
+# Licence allow-list: a package passes when, for every AND-term of its licence, one OR-alternative names one of these.
+ALLOWED_LICENCES = ("MIT", "BSD", "Apache", "PSF", "Python Software Foundation", "ISC", "MPL", "Mozilla Public",
+                    "CC0", "Zlib", "BSL-1.0", "Unlicense", "HPND", "LLVM-exception", "0BSD")
+# Packages whose metadata carries no licence, checked by hand against their repository's LICENSE file.
+REVIEWED = {"sigstore-models": "Apache-2.0"}
+
+def licence_ok(licence: str, allowed=ALLOWED_LICENCES) -> bool:
+    low = [a.lower() for a in allowed]
+    return all(any(any(a in alt.lower() for a in low) for alt in term.split(" OR "))
+               for term in licence.replace("(", "").replace(")", "").split(" AND "))
+
+def check_configs(rep: Report, folder: Path, rec: dict) -> None:
+    for name, key in (("model_config.json", "model"), ("run_config.json", "run")):
+        ok = json.loads((folder / name).read_text()) == rec["config"][key]
+        rep.add("config", name, ok, "matches the certificate" if ok else f"differs from the certified {key} config")
+
+def check_inputs(rep: Report, folder: Path, rec: dict, actual: dict, data_dir) -> None:
+    ok = rec["tokenizer"]["digest"] == actual.get("tokenizer.json")
+    rep.add("tokenizer", "tokenizer.json", ok, "digest matches the run's tokenizer" if ok
+            else "digest differs from the tokenizer the run started with")
+    if rec["data"]["digest"] is None:
+        rep.add("data", DATA_MANIFEST, None, "the run recorded no data manifest")
+    else:
+        ok = actual.get(DATA_MANIFEST) == rec["data"]["digest"]
+        rep.add("data", DATA_MANIFEST, ok, "digest matches the run's data manifest" if ok
+                else "digest differs from the data manifest the run started with")
+        if data_dir is not None:
+            ok = hash_files(Path(data_dir), ["manifest.json"])["manifest.json"] == rec["data"]["digest"]
+            rep.add("data", str(Path(data_dir) / "manifest.json"), ok, "" if ok else "is not the manifest the run used")
+    slsa = json.loads((folder / SLSA).read_text())
+    data = slsa["predicate"]["buildDefinition"]["externalParameters"]["dataManifestDigest"]["blake3"]
+    ok = slsa["subject"][0]["digest"]["blake3"] == actual.get("model.safetensors") and data == rec["data"]["digest"]
+    rep.add("slsa", SLSA, ok, "subject and data manifest agree with the certificate" if ok
+            else "subject or data manifest digest disagrees with the certificate")
+    events = rec["tripwire"]["events"]
+    rep.add("tripwire", "weight loads", None if events and rec["claim"] == "derived" else not events,
+            "no foreign weight file was loaded" if not events else
+            f"{len(events)} foreign load(s), e.g. {events[0]['api']}({events[0]['path']})")
+
+def check_lineage(rep: Report, folder: Path, rec: dict, certified: dict) -> None:
+    chain = rec["chain"]
+    expect_parent, expect_start = init_digest(rec["init"]), 0
+    for i, link in enumerate(chain):
+        where = f"link {i} (steps {link['start_step']}-{link['end_step']})"
+        if link["parent"] != expect_parent:
+            rep.add("lineage", where, False, "names a parent that is not the previous link"
+                    + (" (the init record)" if i == 0 else f" (link {i - 1})") + ": a link is missing or altered")
+            return
+        steps = [s[0] for s in link["steps"]]
+        if link["start_step"] != expect_start or link["end_step"] <= link["start_step"] or \
+                steps != list(range(link["start_step"] + 1, link["end_step"] + 1)):
+            rep.add("lineage", where, False, f"steps do not continue from step {expect_start} one by one")
+            return
+        expect_parent, expect_start = digest_of(link), link["end_step"]
+    last = chain[-1] if chain else None
+    if last is None or last["end_step"] != rec["step"]:
+        rep.add("lineage", "chain", False, f"does not end at this checkpoint's step {rec['step']}")
+        return
+    if last["files"] != digest_of(certified) or last["weights"] != {c: r["root"] for c, r in rec["weights"].items()}:
+        rep.add("lineage", f"link {len(chain) - 1}", False, "does not describe this checkpoint's files and weights")
+        return
+    kept = 0
+    for other in sorted(folder.parent.glob("step_*")):
+        theirs = json.loads((other / RECORD).read_text()) if other != folder and (other / RECORD).is_file() else None
+        mine = [i for i, link in enumerate(chain) if theirs and link["end_step"] == theirs["step"]]
+        if not mine:
+            continue
+        kept += 1
+        if digest_of(theirs["chain"][-1]) != digest_of(chain[mine[0]]):
+            rep.add("lineage", other.name, False, f"kept checkpoint disagrees with link {mine[0]} of this chain")
+            return
+    rep.add("lineage", f"{len(chain)} links", True, f"init -> step {rec['step']} unbroken; {kept} kept checkpoint(s) agree")
+
+def check_licences(rep: Report, rec: dict, allowed, reviewed) -> None:
+    bad = [p for p in rec["environment"]["packages"] if not licence_ok(reviewed.get(p["name"], p["licence"]), allowed)]
+    rep.add("licences", f"{len(rec['environment']['packages'])} packages", not bad,
+            "all on the allow-list" if not bad else "; ".join(f"{p['name']} {p['version']}: {p['licence']}" for p in bad))
+
