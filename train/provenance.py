@@ -146,9 +146,16 @@ def rebuild_init(model_cfg, seed: int, dtypes: dict[str, str] | None = None, vis
         if visit is not None:
             visit(name, t)
         return out
-    order = sorted(shapes, key=lambda s: -s[1].numel())
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        out = dict(zip((n for n, _ in order), pool.map(one, order)))
+    if workers <= 1:
+        return {item[0]: one(item) for item in shapes}
+    batches, size = [[]], 0  # largest first; small tensors share a task (a thread hop costs more than they do)
+    for item in sorted(shapes, key=lambda s: -s[1].numel()):
+        if size >= 1 << 18:
+            batches, size = batches + [[]], 0
+        batches[-1].append(item)
+        size += item[1].numel()
+    with ThreadPoolExecutor(workers) as pool:
+        out = {n: d for done in pool.map(lambda b: [(i[0], one(i)) for i in b], batches) for n, d in done}
     return {n: out[n] for n, _ in shapes}
 
 
