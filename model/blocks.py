@@ -2,7 +2,8 @@
 
 LayerNorm with bias and a GELU MLP (ViT/Whisper style, not the decoder's RMSNorm/SwiGLU): encoders see a
 whole item at once, so attention has no mask; positions are rotary and supplied by the caller (3D for
-vision, 1D for audio), which is what lets resolution, aspect ratio and duration vary.
+vision, 1D for audio), which is what lets resolution, aspect ratio and duration vary. One qkv matmul, one RoPE
+pass over q and k, attention through the decoder's `attention` (fp32 on CPU).
 Shapes: N items, S tokens per item, D width, H heads, Dh head dim.
 """
 
@@ -10,9 +11,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .text import apply_rope
+from .text import apply_rope, attention
 
 
 class EncoderAttention(nn.Module):
@@ -23,12 +23,12 @@ class EncoderAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, cos, sin, mask=None):
+        """x: (N, S, D); cos/sin: (1 or N, S, Dh)."""
         N, S, D = x.shape
-        qkv = self.qkv(x).view(N, S, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, N, H, S, Dh)
-        q, k, v = qkv.unbind(0)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (N, H, S, Dh)
-        return self.proj(y.transpose(1, 2).reshape(N, S, D))
+        H = self.n_heads
+        qk, v = self.qkv(x).view(N, S, 3 * H, self.head_dim).split([2 * H, H], dim=2)  # (N, S, 2H | H, Dh)
+        q, k = apply_rope(qk, cos[:, :, None], sin[:, :, None]).transpose(1, 2).split(H, dim=1)  # (N, H, S, Dh) each
+        return self.proj(attention(q, k, v.transpose(1, 2), mask))  # (N, S, D)
 
 
 class GeluMLP(nn.Module):

@@ -4,9 +4,12 @@ Notable choices:
 - RMSNorm (eps inside the sqrt, weight applied after normalising in fp32: Llama's placement, so an export
   to `LlamaForCausalLM` gives the same logits).
 - Rotary positions (rotate-half convention, as Hugging Face Llama), positions given per token so packed
-  documents restart at 0.
-- Grouped-query attention through `F.scaled_dot_product_attention`; a packed row with several documents
-  gets a block-diagonal causal mask, a row with one document takes the `is_causal` fast path.
+  documents restart at 0; the cos/sin tables are built once per forward and applied to q and k in one pass.
+- q, k and v come from one matmul (the `wq`, `wk`, `wv` weights concatenated per call; names and shapes as in
+  Llama, so checkpoints, the init scheme and the HF export are untouched).
+- Grouped-query attention through `F.scaled_dot_product_attention` with `enable_gqa` (no K/V copies); a packed
+  row with several documents gets a block-diagonal causal mask, a row with one document takes the `is_causal`
+  fast path. On CPU attention runs in fp32 (faster there than bf16: see `attention`).
 - SwiGLU MLP with the gate and up projections fused in one matmul (`w13`).
 - A preallocated KV cache for generation; decoding with it equals full recomputation (tested).
 Shapes: B batch, T time, D model width, H query heads, K kv heads, Dh head dim.
@@ -43,17 +46,37 @@ def rope_frequencies(head_dim: int, theta: float) -> torch.Tensor:
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor):
-    """cos/sin for integer positions (..., T) -> (..., T, 2 * len(inv_freq)), rotate-half layout."""
+    """cos/sin for integer positions (..., T) -> (..., T, 2 * len(inv_freq)), rotate-half layout. The sin table
+    carries the rotation's sign (-sin on the first half), so `apply_rope` is one multiply and one multiply-add."""
     angles = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device)  # (..., T, Dh/2)
-    angles = torch.cat([angles, angles], dim=-1)  # (..., T, Dh)
-    return angles.cos(), angles.sin()
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)  # (..., T, Dh) each
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, T, Dh); cos/sin: (B, T, Dh) broadcast over heads."""
+    """Rotate-half RoPE: x * cos + rotate_half(x) * sin, with rotate_half(x) = (-x2, x1) and the minus carried by
+    `sin` (see rope_cos_sin). x: (..., Dh); cos/sin broadcast to x. Computed in fp32 (the tables' dtype)."""
     x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
+    return torch.addcmul(x * cos, torch.cat([x2, x1], dim=-1), sin)
+
+
+def attention(q, k, v, mask=None, is_causal: bool = False) -> torch.Tensor:
+    """SDPA over q (B, H, T, Dh) and k, v (B, K, S, Dh), K dividing H -> (B, T, H * Dh) in v's dtype.
+
+    On CPU it runs in fp32 whatever the autocast or weight dtype: PyTorch's CPU flash-attention backward is ~1.8x
+    slower in bf16 than in fp32 (scripts/bench_model.py's shapes), and RoPE already hands over fp32 q and k.
+    Elsewhere it runs in v's dtype (bf16 flash kernels on GPU)."""
+    gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
+    if gqa and not _SDPA_GQA:
+        rep = q.shape[1] // k.shape[1]
+        k, v, gqa = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), {}  # (B, H, S, Dh)
+    if q.device.type == "cpu":
+        with torch.autocast("cpu", enabled=False):
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=is_causal, **gqa)
+    else:
+        y = F.scaled_dot_product_attention(q.to(v.dtype), k.to(v.dtype), v, attn_mask=mask, is_causal=is_causal, **gqa)
+    B, H, T, Dh = y.shape
+    return y.transpose(1, 2).reshape(B, T, H * Dh).to(v.dtype)  # the CPU kernel's output is (B, T, H, Dh) in memory
 
 
 def doc_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -96,11 +119,14 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int):
+        """x: (B, T, D); cos/sin: (B, T, 1, Dh)."""
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, Dh)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, Dh)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        H, K, Dh = self.n_heads, self.n_kv_heads, self.head_dim
+        # q, k and v in one matmul: the three weights (names and shapes unchanged) are concatenated per call
+        w = torch.cat([self.wq.weight, self.wk.weight, self.wv.weight])  # ((H + 2K) Dh, D)
+        qk, v = F.linear(x, w).view(B, T, H + 2 * K, Dh).split([H + K, K], dim=2)
+        q, k = apply_rope(qk, cos, sin).split([H, K], dim=2)  # one RoPE pass for q and k, fp32
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T, Dh)
         is_causal = mask is None
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, K, S, Dh) with S = cached + T
@@ -108,12 +134,7 @@ class Attention(nn.Module):
                 S = k.shape[2]
                 mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
                 is_causal = False
-        if self.n_kv_heads != self.n_heads and not _SDPA_GQA:
-            rep = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, S, Dh)
-        gqa = {"enable_gqa": True} if _SDPA_GQA and self.n_kv_heads != self.n_heads else {}
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, **gqa)  # (B, H, T, Dh)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
+        return self.wo(attention(q, k, v, mask, is_causal))  # (B, T, D)
 
 
 class SwiGLU(nn.Module):
@@ -159,7 +180,7 @@ class TextDecoder(nn.Module):
             position_ids = torch.arange(start, start + T, device=h.device).expand(B, T)
         if position_ids.max() >= self.cfg.max_seq_len:
             raise ValueError(f"position {int(position_ids.max())} is beyond the context of {self.cfg.max_seq_len} tokens")
-        cos, sin = rope_cos_sin(position_ids, self.inv_freq)  # (B, T, Dh)
+        cos, sin = (t[:, :, None] for t in rope_cos_sin(position_ids, self.inv_freq))  # (B, T, 1, Dh): once per forward
         mask = None
         if doc_ids is not None and cache is None and bool((doc_ids != doc_ids[:, :1]).any()):
             mask = doc_causal_mask(doc_ids)  # (B, 1, T, T); only rows with several documents pay for it
