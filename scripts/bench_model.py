@@ -1,13 +1,20 @@
 """Training-step throughput of our text decoder and vision encoder against their transformers peers.
 
-    .venv/bin/python scripts/bench_model.py [--config configs/model/tiny.yaml] [--rounds 5] [--dtype bf16|fp32]
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_model.py [--config configs/model/tiny.yaml] [--rounds 7]
+        [--dtype auto|bf16|fp32] [--clock wall|cpu] [--compile]
 
-Each round times a few full training steps (forward, backward, AdamW step) of ours and of the peer with identical
-dimensions, alternating the two in one process so that machine noise hits both alike; the ratio of medians is the
-figure. Text: our decoder (embedding + blocks + tied head) vs `LlamaForCausalLM`. Vision: our encoder vs
-`SiglipVisionModel` (no pooling head) on the same patch grid. bf16 autocast on CPU (the issue's setting; slow on
-CPUs without AMX: `--dtype auto` picks fp32 there), bf16 on GPU. The achieved FLOP/s of each model is divided by the
-matmul peak measured in the same run (a large square matmul in the same dtype). Last line: one JSON object.
+A training step is forward, backward and a torch AdamW step (the optimizer training uses), for ours and for the peer
+with identical dimensions, the same batch, the same loss and the same dtype handling. Text: our decoder (embedding +
+blocks + tied head) vs `LlamaForCausalLM` (sdpa attention, no KV cache: training builds none). Vision: our encoder vs
+`SiglipVisionModel` (no pooling head) on the same patch grid. Steps alternate one by one between ours and the peer in
+one process, so machine noise hits both alike; each round gives a ratio (peer / ours of the round's median step
+times) and the figure is the median of the rounds' ratios. bf16 autocast on CPUs with native bf16 (AMX/AVX512-BF16)
+and on GPUs, fp32 on other CPUs (`--dtype auto`; bf16 there is emulated and slower). The achieved FLOP/s of each
+model is divided by the bf16 (or fp32) matmul peak measured in the same run (a square matmul, best size for a CPU).
+`--clock cpu` times process CPU time instead of wall time (CPU only): on a machine shared with other jobs and with
+OMP_NUM_THREADS=1 it ignores time spent preempted. `--compile` also times `torch.compile`d ours and peers (compile
+time is reported; eager is the headline figure).
+Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ def hf_llama(cfg):
     hf_cfg = LlamaConfig(vocab_size=t.vocab_size, hidden_size=t.dim, intermediate_size=t.ffn_dim, num_hidden_layers=t.n_layers,
                          num_attention_heads=t.n_heads, num_key_value_heads=t.n_kv_heads, max_position_embeddings=t.max_seq_len,
                          rms_norm_eps=t.norm_eps, rope_theta=t.rope_theta, tie_word_embeddings=t.tie_embeddings,
-                         attn_implementation="sdpa")
+                         use_cache=False, attn_implementation="sdpa")
     return LlamaForCausalLM(hf_cfg)
 
 
@@ -61,12 +68,13 @@ def hf_siglip(cfg, side: int):
     return SiglipVisionModel(hf_cfg)
 
 
-def time_steps(step, n_steps: int) -> float:
-    step()  # warm-up outside the timing
-    t0 = time.perf_counter()
-    for _ in range(n_steps):
-        step()
-    return (time.perf_counter() - t0) / n_steps
+CLOCK = time.perf_counter  # --clock cpu: time.process_time, immune to preemption on a shared machine (1 thread)
+
+
+def time_step(step) -> float:
+    t0 = CLOCK()
+    step()
+    return CLOCK() - t0
 
 
 def make_step(model, forward, device, dtype):
@@ -91,15 +99,15 @@ def matmul_peak(device, dtype, seconds: float = 1.0) -> float:
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
-    reps, t0 = 0, time.perf_counter()
+    reps, t0 = 0, CLOCK()
     while True:
         a @ b
         reps += 1
         if device.type == "cuda":
             torch.cuda.synchronize()
-        if time.perf_counter() - t0 > seconds:
+        if CLOCK() - t0 > seconds:
             break
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
+    return 2 * n**3 * reps / (CLOCK() - t0)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -115,17 +123,44 @@ def vision_encoder_flops(cfg, frames: int, side: int) -> int:
     return 6 * n * s + 12 * v.n_layers * v.dim * s * s
 
 
+def run_rounds(pairs: dict, rounds: int, steps: int, device, dtype) -> tuple[dict, dict, list[float]]:
+    """pairs: name -> (our step, peer step). Each round times `steps` single steps of every model, alternating
+    ours and the peer step by step. -> (per-round ratios, median step seconds per model, matmul peaks)."""
+    for ours, peer in pairs.values():  # warm-up outside the timing (allocator, oneDNN primitive caches)
+        ours(), peer(), ours(), peer()
+    ratios = {k: [] for k in pairs}
+    times = {f"{k}_{side}": [] for k in pairs for side in ("ours", "peer")}
+    peaks = []
+    for r in range(rounds):
+        for k, (ours, peer) in pairs.items():
+            a, b = [], []
+            for _ in range(steps):
+                a.append(time_step(ours))
+                b.append(time_step(peer))
+            times[f"{k}_ours"] += a
+            times[f"{k}_peer"] += b
+            ratios[k].append(statistics.median(b) / statistics.median(a))
+        peaks.append(matmul_peak(device, dtype))
+        print(f"round {r}: " + "  ".join(f"{k} {v[-1]:.3f}x" for k, v in ratios.items()), flush=True)
+    return ratios, {k: statistics.median(v) for k, v in times.items()}, peaks
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="configs/model/tiny.yaml")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per round and model")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--image", type=int, default=64, help="image side in pixels for the vision benchmark")
     ap.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                     help="auto: bf16 on GPUs and on CPUs with native bf16 (AMX/AVX512-BF16), else fp32")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile'd ours and peers")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: process CPU time, for a shared machine with OMP_NUM_THREADS=1 (wall time counts others' load)")
     args = ap.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" and not torch.cuda.is_available() else time.perf_counter
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.dtype == "auto":
@@ -135,10 +170,8 @@ def main() -> None:
     cfg = load_model_config(args.config)
     ours = OmniModel(cfg)
     init_weights(ours, 0)
-    ours_text = OurText(ours).to(device)
-    ours_vision = ours.vision.to(device)
-    peer_text = hf_llama(cfg).to(device)
-    peer_vision = hf_siglip(cfg, args.image).to(device)
+    models = {"text_ours": OurText(ours).to(device), "text_peer": hf_llama(cfg).to(device),
+              "vision_ours": ours.vision.to(device), "vision_peer": hf_siglip(cfg, args.image).to(device)}
 
     ids = torch.randint(12, cfg.text.vocab_size, (args.batch, args.seq), device=device)
     frames = cfg.vision.temporal_patch  # an image: one temporal patch of identical frames
@@ -146,38 +179,44 @@ def main() -> None:
     clip = image[:, None].expand(-1, frames, -1, -1, -1).contiguous()  # (N, F, 3, H, W)
     ce = nn.functional.cross_entropy
     text_loss = lambda logits: ce(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
-    steps = {
-        "text_ours": make_step(ours_text, lambda m: text_loss(m(ids)), device, dtype),
-        "text_peer": make_step(peer_text, lambda m: text_loss(m(input_ids=ids).logits), device, dtype),
-        "vision_ours": make_step(ours_vision, lambda m: m(clip).float().pow(2).mean(), device, dtype),
-        "vision_peer": make_step(peer_vision, lambda m: m(pixel_values=image).last_hidden_state.float().pow(2).mean(),
-                                 device, dtype),
+    losses = {
+        "text_ours": lambda m: text_loss(m(ids)),
+        "text_peer": lambda m: text_loss(m(input_ids=ids).logits),
+        "vision_ours": lambda m: m(clip).float().pow(2).mean(),
+        "vision_peer": lambda m: m(pixel_values=image).last_hidden_state.float().pow(2).mean(),
     }
-    times = {k: [] for k in steps}
-    peaks = []
-    for r in range(args.rounds):
-        for k, step in steps.items():
-            times[k].append(time_steps(step, args.steps))
-        peaks.append(matmul_peak(device, dtype))
-        print(f"round {r}: " + "  ".join(f"{k} {v[-1] * 1e3:.0f} ms" for k, v in times.items()), flush=True)
 
-    med = {k: statistics.median(v) for k, v in times.items()}
+    def pairs(wrap=lambda m: m):
+        st = {k: make_step(wrap(m), losses[k], device, dtype) for k, m in models.items()}
+        return {k: (st[f"{k}_ours"], st[f"{k}_peer"]) for k in ("text", "vision")}
+
+    ratios, med, peaks = run_rounds(pairs(), args.rounds, args.steps, device, dtype)
     peak = statistics.median(peaks)
     text_flops = args.batch * args.seq * text_flops_per_token(cfg, args.seq)
     vision_flops = args.batch * vision_encoder_flops(cfg, frames, args.image)
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
         "dtype": args.dtype,
+        "clock": args.clock,
         "config": args.config,
         "matmul_peak_tflops": peak / 1e12,
-        "text_vs_transformers": med["text_peer"] / med["text_ours"],
-        "vision_vs_transformers": med["vision_peer"] / med["vision_ours"],
-        "text_peak_share": text_flops / med["text_ours"] / peak,
-        "vision_peak_share": vision_flops / med["vision_ours"] / peak,
+        "rounds": {k: [round(x, 3) for x in v] for k, v in ratios.items()},
         "text_step_ms": {"ours": med["text_ours"] * 1e3, "transformers": med["text_peer"] * 1e3},
         "vision_step_ms": {"ours": med["vision_ours"] * 1e3, "transformers": med["vision_peer"] * 1e3},
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
     }
+    if args.compile:
+        t0 = time.perf_counter()
+        cratios, cmed, _ = run_rounds(pairs(torch.compile), args.rounds, args.steps, device, dtype)
+        result["compiled"] = {"compile_and_run_s": time.perf_counter() - t0,
+                              **{f"{k}_vs_transformers": statistics.median(v) for k, v in cratios.items()},
+                              **{f"{k}_step_ms": v * 1e3 for k, v in cmed.items()}}
+    result.update({
+        "text_vs_transformers": statistics.median(ratios["text"]),
+        "vision_vs_transformers": statistics.median(ratios["vision"]),
+        "text_peak_share": text_flops / med["text_ours"] / peak,
+        "vision_peak_share": vision_flops / med["vision_ours"] / peak,
+    })
     print(json.dumps(result))
 
 
