@@ -5,8 +5,9 @@ Notable choices:
   path is checked to stay inside the folder before it is opened.
 - Every file is read once: mapped (no copy into Python; the OS streams pages), hashed in CHUNK pieces with pages
   requested AHEAD so that a cold file streams at the disk's pace, files in a thread pool sized to the cores, BLAKE3's
-  own threads inside each piece. A .safetensors file mapped once (`SafetensorsFile`) feeds its file digest and its
-  tensor digests from the same pieces while they are in cache, and gives zero-copy views of its tensors.
+  own threads inside each piece (so that one large file still uses every core). A .safetensors file mapped once
+  (`SafetensorsFile`) feeds its file digest and its tensor digests from the same pieces while they are in cache, and
+  gives zero-copy views of its tensors.
 """
 
 from __future__ import annotations
@@ -101,16 +102,17 @@ def hash_files(folder: Path, names: list[str], workers: int | None = None,
     digest."""
     paths = [safe_path(folder, n) for n in names]
     own = weights.path.resolve() if weights is not None else None
+    sizes = [p.stat().st_size for p in paths]
 
-    def one(path: Path) -> str:
-        if path == own:
+    def one(i: int) -> str:
+        if paths[i] == own:
             return weights.hash_file()
-        with _open_map(path) as mm:
+        with _open_map(paths[i]) as mm:
             return _stream(mm)
     # Largest first, so the long files start early and the small ones fill in around them.
-    order = sorted(range(len(paths)), key=lambda i: -paths[i].stat().st_size)
+    order = sorted(range(len(paths)), key=lambda i: -sizes[i])
     with ThreadPoolExecutor(min(workers or cpus(), len(paths) or 1)) as pool:
-        results = dict(zip(order, pool.map(lambda i: one(paths[i]), order)))
+        results = dict(zip(order, pool.map(one, order)))
     return {n: results[i] for i, n in enumerate(names)}
 
 
@@ -195,9 +197,6 @@ class SafetensorsFile:
             self.error = e
         self.error = self.error or self._unopened
         self._hashers = {}
-        for name, (dtype, shape, _, _) in self.header.items():
-            self._hashers[name] = hasher()
-            self._hashers[name].update(tensor_header(name, dtype, shape))
         with warnings.catch_warnings():  # torch warns (once) that it cannot mark a tensor read-only; none is written
             warnings.simplefilter("ignore", UserWarning)
             for name, (dtype, shape, start, end) in self.header.items():
@@ -229,6 +228,9 @@ class SafetensorsFile:
         return out
 
     def _ranges(self) -> list[tuple]:
+        self._hashers = {name: hasher() for name in self.header}  # fresh: each pass starts from the headers
+        for name, (dtype, shape, _, _) in self.header.items():
+            self._hashers[name].update(tensor_header(name, dtype, shape))
         return [(start, end, self._hashers[name]) for name, (_, _, start, end) in self.header.items()]
 
     def hash_file(self) -> str:
