@@ -106,6 +106,9 @@ def test_tensor_digest_is_canonical_across_file_layouts(tmp_path, monkeypatch):
         assert hash_files(tmp_path, ["rev.safetensors", "one.safetensors"], weights=f)["rev.safetensors"] == \
             blake3.blake3((tmp_path / "rev.safetensors").read_bytes()).hexdigest()
         assert f.digests == live and all(torch.equal(f.tensor(n), sd[n]) for n in names)
+    empty = {"text.a": torch.zeros(0, 3), "text.b": torch.zeros(0)}  # no data bytes at all
+    save_file(empty, tmp_path / "empty.safetensors")
+    assert safetensors_digests(tmp_path / "empty.safetensors") == tensor_digests(empty.items())
 
 
 def test_rebuild_in_parallel_threads_equals_the_serial_rebuild():

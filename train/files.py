@@ -151,7 +151,8 @@ def _stream(mm: mmap.mmap | None, ranges=(), whole: bool = True) -> str | None:
         return h.hexdigest() if whole else None
     todo, active = sorted(ranges, key=lambda r: r[0]), []
     size, first = len(mm), 0 if whole or not todo else todo[0][0] // CHUNK * CHUNK
-    mm.madvise(mmap.MADV_WILLNEED, first, min(AHEAD, size - first))
+    if first < size:  # (not when the only ranges are empty tensors at the very end)
+        mm.madvise(mmap.MADV_WILLNEED, first, min(AHEAD, size - first))
     with memoryview(mm) as mv:
         for a in range(first, size, CHUNK):
             b, ahead = min(a + CHUNK, size), a + AHEAD
