@@ -127,27 +127,24 @@ class _SkipDefaultInit(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def rebuild_init(model_cfg, seed: int, dtypes: dict[str, str] | None = None, visit=None,
-                 workers: int = 1) -> dict[str, dict]:
-    """Digests of the step-0 parameters rebuilt from (config, seed), each cast to `dtypes[name]` (default fp32).
-    `visit(name, tensor)`, if given, sees each rebuilt tensor once, after its digest (so it may use the tensor up in
-    place), never the whole model: at most `workers` tensors at a time. workers > 1 rebuilds tensors in parallel
-    threads, largest first (each tensor has its own generator, so values do not depend on the order; torch's kernels
-    and BLAKE3 release the GIL); `visit` then runs in those threads."""
+def rebuild_init(model_cfg, seed: int, dtypes: dict[str, str] | None = None, visit=None, workers: int = 1) -> dict[str, dict]:
+    """Digests of the step-0 parameters rebuilt from (config, seed), each cast to `dtypes[name]` (default fp32), in the
+    model's order. `visit(name, tensor)`, if given, sees each tensor once after its digest (it may use it up in place),
+    never the whole model. workers > 1: tensors rebuilt in that many threads, largest first, `visit` in them (a
+    generator per tensor, so values do not depend on the order; torch's kernels and BLAKE3 release the GIL)."""
     by_code = {v: k for k, v in digest.DTYPES.items()}
     with _SkipDefaultInit():  # names and shapes come from the model code, never from the record being checked
         shapes = [(n, p.shape) for n, p in OmniModel(model_cfg).named_parameters()]
 
-    def one(item) -> dict:
-        name, shape = item
+    def one(name: str, shape) -> tuple[str, dict]:
         t = init_tensor(name, shape, seed, model_cfg)
         t = t.to(by_code[dtypes[name]]) if dtypes and name in dtypes else t
-        out = tensor_digests([(name, t)])[name]
+        out = (name, tensor_digests([(name, t)])[name])
         if visit is not None:
             visit(name, t)
         return out
     if workers <= 1:
-        return {item[0]: one(item) for item in shapes}
+        return dict(one(*item) for item in shapes)
     batches, size = [[]], 0  # largest first; small tensors share a task (a thread hop costs more than they do)
     for item in sorted(shapes, key=lambda s: -s[1].numel()):
         if size >= 1 << 18:
@@ -155,7 +152,7 @@ def rebuild_init(model_cfg, seed: int, dtypes: dict[str, str] | None = None, vis
         batches[-1].append(item)
         size += item[1].numel()
     with ThreadPoolExecutor(workers) as pool:
-        out = {n: d for done in pool.map(lambda b: [(i[0], one(i)) for i in b], batches) for n, d in done}
+        out = dict(d for done in pool.map(lambda b: [one(*i) for i in b], batches) for d in done)
     return {n: out[n] for n, _ in shapes}
 
 
