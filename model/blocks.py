@@ -27,8 +27,10 @@ class EncoderAttention(nn.Module):
         N, S, D = x.shape
         H = self.n_heads
         qk, v = self.qkv(x).view(N, S, 3 * H, self.head_dim).split([2 * H, H], dim=2)  # (N, S, 2H | H, Dh)
-        q, k = apply_rope(qk, cos[:, :, None], sin[:, :, None]).transpose(1, 2).split(H, dim=1)  # (N, H, S, Dh) each
-        return self.proj(attention(q, k, v.transpose(1, 2), mask))  # (N, S, D)
+        q, k = apply_rope(qk, cos[:, :, None], sin[:, :, None]).split(H, dim=2)  # (N, S, H, Dh) each, fp32
+        # split before transposing: the gradients SDPA returns are (N, S, H, Dh) in memory, so split's backward is a
+        # plain concatenation and RoPE's backward runs on contiguous tensors
+        return self.proj(attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask))  # (N, S, D)
 
 
 class GeluMLP(nn.Module):
