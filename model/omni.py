@@ -98,12 +98,13 @@ class OmniModel(nn.Module):
         h[is_slot] = torch.cat(feats).to(h.dtype)
         return h
 
-    def embed_inputs(self, input_ids, pixel_values=(), audio_values=()):
-        """(B, T) ids + media -> (B, T, D) input embeddings with media tokens in place."""
+    def embed_inputs(self, input_ids, pixel_values=(), audio_values=(), dummy: bool = True):
+        """(B, T) ids + media -> (B, T, D) input embeddings with media tokens in place. `dummy`: run an absent
+        encoder on a zero-weighted dummy item (every full forward: training, and evaluation, where ZeRO-3 ranks
+        must also make the same module calls; not KV-cached decoding)."""
         h = self.embed(input_ids)  # (B, T, D)
         vcounts = _counts(pixel_values, 4, lambda x: vision_tokens(x.shape[0], x.shape[2], x.shape[3], self.cfg.vision), "vision")
         acounts = _counts(audio_values, 1, lambda x: audio_tokens(x.shape[0], self.cfg.audio), "audio")
-        dummy = self.training and torch.is_grad_enabled()  # every parameter in every backward (see encoders above)
         unused = h.new_zeros(())
         vfeats, afeats = [], []
         if pixel_values:
@@ -121,7 +122,7 @@ class OmniModel(nn.Module):
     def forward(self, input_ids, pixel_values=(), audio_values=(), position_ids=None, doc_ids=None,
                 cache: KVCache | None = None):
         """-> logits (B, T, vocab). See docs/CONTRACTS.md for the argument conventions."""
-        h = self.embed_inputs(input_ids, pixel_values, audio_values)
+        h = self.embed_inputs(input_ids, pixel_values, audio_values, dummy=cache is None)
         h = self.text(h, position_ids=position_ids, doc_ids=doc_ids, cache=cache)  # (B, T, D)
         head = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(h, head)  # (B, T, V)
