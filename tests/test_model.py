@@ -144,6 +144,28 @@ def test_every_parameter_gets_a_gradient_from_a_mixed_batch():
     assert missing == []
 
 
+def test_activation_checkpointing_recomputes_blocks_and_gives_the_same_gradients():
+    """Each block of the decoder and both encoders runs again in backward, and nothing changes numerically."""
+    grads, calls = {}, {}
+    for enabled in (False, True):
+        model = build().train()
+        model.set_activation_checkpointing(enabled)
+        seen = {"text": 0, "vision": 0, "audio": 0}
+        for part in seen:
+            module = getattr(model, part)
+            block = (module.layers if part == "text" else module.blocks)[0]
+            # a pre-hook: recomputation stops once it has what backward needs, so a post-hook may never fire
+            block.register_forward_pre_hook(lambda *_, part=part, seen=seen: seen.__setitem__(part, seen[part] + 1))
+        ids, labels, pixels, audio = mixed_batch()
+        OmniModel.lm_loss(model(ids, pixel_values=pixels, audio_values=audio), labels).backward()
+        grads[enabled] = {n: p.grad for n, p in model.named_parameters()}
+        calls[enabled] = seen
+    assert calls[False] == {"text": 1, "vision": 1, "audio": 1}
+    assert calls[True] == {"text": 2, "vision": 2, "audio": 2}
+    for n, g in grads[False].items():
+        torch.testing.assert_close(grads[True][n], g, rtol=1e-5, atol=1e-7, msg=n)
+
+
 def test_text_only_batch_still_touches_every_parameter_in_training():
     # Ranks whose batch has no media must run the same backward graph (DeepSpeed hooks), with zero gradient.
     model = build().train()
