@@ -35,7 +35,7 @@ rm -rf runs/demo
 # takes the 1200-step schedule so that it also ends within 10 minutes on 2 cores (both meet the goals: README)
 STEPS=()
 grep -q amx_bf16 /proc/cpuinfo 2>/dev/null || STEPS=(steps=1200)
-stamp "pretraining: configs/run/demo.yaml ${STEPS[*]:-}, ZeRO-2, 2 processes"
+stamp "pretraining: configs/run/demo.yaml${STEPS[*]:+ ${STEPS[*]}}, ZeRO-2, 2 processes"
 $OMNI train --config configs/run/demo.yaml sign_key=runs/keys/signing.key ${STEPS[@]+"${STEPS[@]}"} --nproc-per-node 2
 CKPT=runs/demo/checkpoints/$(cat runs/demo/checkpoints/latest)
 
