@@ -1,4 +1,4 @@
-"""Model equivalence and invariants on CPU: `.venv/bin/python -m pytest -q tests/test_model.py` (~20 s).
+"""Model equivalence and invariants on CPU: `.venv/bin/python -m pytest -q tests/test_model.py` (a few seconds).
 
 Causality, media placement, document isolation, KV cache == recomputation, seeded init, gradients everywhere,
 and clear config errors. A micro config keeps each test well under a second.

@@ -1,6 +1,6 @@
 """Distributed training on CPU: real processes, gloo, the real DeepSpeed engine, the real command line.
 
-Run: .venv/bin/python -m pytest -q tests/test_train_distributed.py   (about 4-5 minutes on 2 cores)
+Run: .venv/bin/python -m pytest -q tests/test_train_distributed.py   (most of the whole suite's ~5.5 minutes on 2 cores)
 
 One reference run (2 nodes x 1 process on loopback, ZeRO-2, 6 steps, a checkpoint every 2) is shared: the
 interrupted runs must reproduce it bit for bit, and the world-size change must continue it.
