@@ -49,10 +49,7 @@ def audio_item_flops(cfg: ModelConfig, num_samples: int) -> int:
 def train_flops(cfg: ModelConfig, n_tokens: int, seq_len: int, vision_shapes=(), audio_lengths=()) -> int:
     """FLOPs of one training pass over `n_tokens` decoder tokens in rows of `seq_len`, plus the media items
     (`vision_shapes`: (frames, height, width) per clip; `audio_lengths`: samples per waveform)."""
-    total = n_tokens * text_flops_per_token(cfg, seq_len)
-    total += sum(vision_item_flops(cfg, *s) for s in vision_shapes)
-    total += sum(audio_item_flops(cfg, n) for n in audio_lengths)
-    return total
+    return sum(flops_by_modality(cfg, n_tokens, seq_len, vision_shapes, (), audio_lengths).values())
 
 
 def flops_by_modality(cfg: ModelConfig, n_tokens: int, seq_len: int, image_shapes=(), video_shapes=(),

@@ -279,6 +279,7 @@ def test_tiny_flops_equal_a_hand_count():
     assert got == {"text": 256 * text_per_token, "image": image, "video": video, "audio": audio}
     assert train_flops(cfg, 256, 256, [(4, 32, 32), (2, 32, 32)], [16000]) == sum(got.values())
 
+
 def test_config_errors_name_the_file_and_key(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\ntext:\n  dimm: 64\n")

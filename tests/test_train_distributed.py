@@ -503,34 +503,24 @@ def test_deepspeed_launcher_and_accelerate_launch_train_like_torchrun(ws, refere
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
-NAN_ENTRY = '''
-import os, sys
+NAN_AT_STEP_3 = """
 import torch.nn.functional as F
 orig, calls = F.cross_entropy, {"n": 0}
-def cross_entropy(*args, **kwargs):  # the training loss of micro-batch NAN_AT_CALL becomes NaN (held-out: no grad)
+def cross_entropy(*args, **kwargs):  # the training loss of micro-batch 5 (step 3 at grad_accum 2) becomes NaN
     out = orig(*args, **kwargs)
-    if args[0].requires_grad:
+    if args[0].requires_grad:  # held-out evaluation runs without gradients: not counted
         calls["n"] += 1
-        if calls["n"] == int(os.environ["NAN_AT_CALL"]):
+        if calls["n"] == 5:
             out = out * float("nan")
     return out
 F.cross_entropy = cross_entropy
-from train.cli import main
-sys.exit(main())
-'''
+"""
 
 
 def test_nonfinite_loss_is_skipped_and_counted_or_stops_the_run(ws, tmp_path):
     """A NaN loss at step 3 (micro-batch 5 of grad_accum 2): by default the update is skipped and counted and the
     run trains on with finite weights; with on_nonfinite=stop the run fails, and the rank's status says why."""
-    entry = tmp_path / "nan_entry.py"
-    entry.write_text(NAN_ENTRY)
-
-    def run(name, *extra):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(entry),
-               "train", *run_args(ws, name, "steps=4", *extra)]
-        return subprocess.run(cmd, cwd=ROOT, env=dict(env(), NAN_AT_CALL="5"), capture_output=True, text=True,
-                              timeout=300)
+    run = lambda name, *extra: patched_train(tmp_path, NAN_AT_STEP_3, *run_args(ws, name, "steps=4", *extra))
 
     res = run("nan_skip")
     assert res.returncode == 0, res.stderr[-3000:]

@@ -115,6 +115,11 @@ def differing_components(a: dict[str, dict], b: dict[str, dict]) -> dict[str, li
     return {c: out[c] for c in COMPONENTS if c in out}
 
 
+def name_list(names: list[str], limit: int = 8) -> str:
+    """'a, b, c' with at most `limit` names, then 'and N more': tensor lists in error messages."""
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def update_sizes(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> dict[str, dict]:
     """Per component: L2 norm of (after - before) and that norm relative to the norm of `before`."""
     sq = {c: [0.0, 0.0] for c in COMPONENTS}

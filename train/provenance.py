@@ -208,9 +208,7 @@ class Recorder:
         declared = self.tripwire.derived if self.tripwire is not None else {}
         undeclared = [c for c in differ if c not in declared]
         if undeclared:
-            def names(ts):
-                return ", ".join(ts[:8]) + (f" and {len(ts) - 8} more" if len(ts) > 8 else "")
-            which = "; ".join(f"component '{c}': {names(differ[c])}" for c in undeclared)
+            which = "; ".join(f"component '{c}': {digest.name_list(differ[c])}" for c in undeclared)
             raise RuntimeError(
                 f"init record: step-0 tensors differ from a rebuild from config and seed {self.seed} ({INIT_SCHEME}): "
                 f"{which}. The init did not run as declared (under ZeRO-3 fill parameters inside "

@@ -34,7 +34,7 @@ from model.config import ModelConfig, from_dict
 from train import checks
 from train.certificate import Report, certificate_md, table
 from train.checks import ALLOWED_LICENCES, REVIEWED, licence_ok  # noqa: F401 - part of this module's interface
-from train.digest import component_roots, differing_components
+from train.digest import component_roots, differing_components, name_list
 from train.files import SafetensorsFile, cpus, folder_files, hash_files, layout_problems, safe_path
 from train.provenance import RECORD, SCHEMA, digest_of, rebuild_init
 from train.signing import SIGNATURE, signed_manifest
@@ -186,9 +186,8 @@ def _check_init(rep: Report, rec: dict, weights: SafetensorsFile, allow_derived:
             row["verdict"], ok, why = "from scratch", True, "init root matches a rebuild from config and seed"
         else:
             row["verdict"], ok = "FAIL", False
-            names = differ.get(c, [])
             why = ("init root does not match a rebuild from config and seed: not trained from scratch (tensors: "
-                   + ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "") + ")")
+                   f"{name_list(differ.get(c, []))})")
         if ok and steps == 0:
             if row["distance_from_init"]:  # moved, yet no segment of the lineage records an update
                 row["verdict"], ok = "FAIL", False
