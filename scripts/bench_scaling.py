@@ -10,9 +10,10 @@
    Measured: parameters = the module's local weight storage; optimizer = the fp32 masters and Adam moments the
    optimizer holds; gradients = what the first backward pass adds and keeps, plus ZeRO-3's gradient partitions
    (allocated at start-up), DeepSpeed's reduction buffers included (the formulas leave those out).
-2. Throughput of the DeepSpeed engine (ZeRO-2, as the demo) against a plain PyTorch loop (same model, torch
-   AdamW, clipping, LR schedule) on one rank, single steps interleaved:
-   engine_overhead = median engine step time / median plain step time - 1.
+2. Throughput of the DeepSpeed engine (ZeRO-2 with configs/deepspeed/zero2.json, as the demo) against a plain
+   PyTorch loop (same model, torch's fused AdamW, clipping, LR schedule) on one rank, single steps interleaved:
+   engine_overhead = median engine step time / median plain step time - 1. The ZeRO-0 engine runs beside them:
+   engine_overhead_zero0 is the engine alone, the rest is ZeRO's bookkeeping (flat buffers, fp64 gradient norms).
 Batches are synthetic token ids (the encoders run on their zero-weight dummy inputs on every step in both loops).
 The last line is one JSON object.
 """
@@ -104,7 +105,8 @@ def worker(args) -> None:
 
 
 def speed(cfg, d, ids, hp, steps: int) -> dict:
-    """Seconds per optimizer step: DeepSpeed ZeRO-2 engine vs a plain PyTorch loop, same model and optimizer."""
+    """Seconds per optimizer step: DeepSpeed engines (ZeRO-2 as the demo, and ZeRO-0: the engine without ZeRO's
+    bookkeeping) vs a plain PyTorch loop, same model and optimizer (torch's fused AdamW, as engine.initialize)."""
     import torch
 
     from model import OmniModel, init_weights
@@ -114,7 +116,7 @@ def speed(cfg, d, ids, hp, steps: int) -> dict:
     init_weights(plain, 0)
     groups = [{"params": [p for p in plain.parameters() if p.dim() >= 2], "weight_decay": hp["weight_decay"]},
               {"params": [p for p in plain.parameters() if p.dim() < 2], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=hp["lr"], betas=hp["betas"], eps=hp["eps"])
+    opt = torch.optim.AdamW(groups, lr=hp["lr"], betas=hp["betas"], eps=hp["eps"], fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: eng.lr_lambda(s, warmup=1, total=10**6, min_ratio=0.1))
 
     def plain_step():
@@ -125,26 +127,29 @@ def speed(cfg, d, ids, hp, steps: int) -> dict:
         sched.step()
         opt.zero_grad(set_to_none=True)
 
-    ds = eng.deepspeed_config(str(ROOT / "configs/deepspeed/zero2.json"), micro_batch=ids.shape[0], grad_accum=1,
-                              world_size=1, grad_clip=1.0, precision="fp32")
-    engine = eng.initialize(eng.build_model(cfg, 0, ds), ds, **hp)
+    def engine_step(stage: int):
+        ds = eng.deepspeed_config(str(ROOT / f"configs/deepspeed/zero{stage}.json"), micro_batch=ids.shape[0],
+                                  grad_accum=1, world_size=1, grad_clip=1.0, precision="fp32")
+        engine = eng.initialize(eng.build_model(cfg, 0, ds), ds, **hp)
 
-    def engine_step():
-        loss = OmniModel.lm_loss(engine(ids), ids)
-        engine.backward(loss)
-        engine.step()
+        def step():
+            loss = OmniModel.lm_loss(engine(ids), ids)
+            engine.backward(loss)
+            engine.step()
+        return step
 
-    # interleave single steps so that load from other processes falls on both loops alike; compare medians
+    loops = {"plain": plain_step, "zero2": engine_step(2), "zero0": engine_step(0)}
+    # interleave single steps so that load from other processes falls on every loop alike; compare medians
     for _ in range(3):
-        plain_step(), engine_step()
-    t_plain, t_engine = [], []
+        for fn in loops.values():
+            fn()
+    times = {k: [] for k in loops}
     for _ in range(steps):
-        for fn, ts in ((plain_step, t_plain), (engine_step, t_engine)):
+        for k, fn in loops.items():
             t0 = time.perf_counter()
             fn()
-            ts.append(time.perf_counter() - t0)
-    median = lambda xs: sorted(xs)[len(xs) // 2]
-    return {"plain_s_per_step": median(t_plain), "engine_s_per_step": median(t_engine)}
+            times[k].append(time.perf_counter() - t0)
+    return {f"{k}_s_per_step": sorted(ts)[len(ts) // 2] for k, ts in times.items()}
 
 
 def formula(stage: int, psi: int, n: int, P: int = 4, G: int = 4, K: int = 12) -> dict:
@@ -191,15 +196,17 @@ def main() -> int:
                   f"{f['grads'] / mib:8.1f} | {m['optimizer'] / mib:8.1f} {f['optimizer'] / mib:8.1f}")
     total = lambda n, s: sum(results[n]["memory"][s][k] for k in ("params", "grads", "optimizer"))
     sp = results[1]["speed"]
-    overhead = sp["engine_s_per_step"] / sp["plain_s_per_step"] - 1
+    overhead, overhead0 = (sp[f"zero{s}_s_per_step"] / sp["plain_s_per_step"] - 1 for s in (2, 0))
     print(f"one rank, {args.batch}x{args.seq} tokens/step: plain PyTorch {sp['plain_s_per_step'] * 1e3:.1f} ms/step, "
-          f"DeepSpeed ZeRO-2 engine {sp['engine_s_per_step'] * 1e3:.1f} ms/step -> overhead {overhead:+.1%} (goal <= 10%)")
-    summary = {"engine_overhead": round(overhead, 4),
+          f"DeepSpeed ZeRO-2 engine {sp['zero2_s_per_step'] * 1e3:.1f} ms/step -> overhead {overhead:+.1%} (goal <= 10%); "
+          f"ZeRO-0 engine {sp['zero0_s_per_step'] * 1e3:.1f} ms/step ({overhead0:+.1%})")
+    summary = {"engine_overhead": round(overhead, 4), "engine_overhead_zero0": round(overhead0, 4),
                "zero3_memory_ws2_vs_ws1": round(total(2, "3") / total(1, "3"), 4),
                "zero2_memory_ws2_vs_ws1": round(total(2, "2") / total(1, "2"), 4),
                "zero1_memory_ws2_vs_ws1": round(total(2, "1") / total(1, "1"), 4),
                "plain_ms_per_step": round(sp["plain_s_per_step"] * 1e3, 2),
-               "engine_ms_per_step": round(sp["engine_s_per_step"] * 1e3, 2)}
+               "engine_ms_per_step": round(sp["zero2_s_per_step"] * 1e3, 2),
+               "zero0_ms_per_step": round(sp["zero0_s_per_step"] * 1e3, 2)}
     print(json.dumps(summary))
     return 0
 

@@ -8,10 +8,12 @@ Notable choices (measured facts in shared/notes/deepspeed-on-cpu.md):
   and ZeRO's own groups would otherwise wait 30 minutes on a stuck peer.
 - DeepSpeed JIT-builds its shared-memory all-reduce op (~55 s) on every init; training never uses it (it serves
   inference), so the builder is replaced by a no-op before init.
-- The optimizer is torch's AdamW (no C++ build) except with optimizer CPU offload, which needs DeepSpeed's
-  CPUAdam. bf16 keeps fp32 master weights and accumulates gradients in fp32 (`data_types.grad_accum_dtype`):
-  bf16 gradient accumulation diverged for others (DeepSpeed #2768). ZeRO-0 has no fp32 master in DeepSpeed's
-  bf16 path, so bf16 needs ZeRO >= 1.
+- The optimizer is torch's fused AdamW (no C++ build; one pass over memory per step, where the for-loop kernels
+  make ~7: ZeRO's flat fp32 master is far larger than a cache, and the for-loop AdamW cost a ZeRO-2 step of the
+  tiny model 13 ms more than the plain loop's per-tensor one; scripts/bench_scaling.py), except with optimizer CPU
+  offload, which needs DeepSpeed's CPUAdam. bf16 keeps fp32 master weights and accumulates gradients in fp32
+  (`data_types.grad_accum_dtype`): bf16 gradient accumulation diverged for others (DeepSpeed #2768). ZeRO-0 has no
+  fp32 master in DeepSpeed's bf16 path, so bf16 needs ZeRO >= 1.
 - ZeRO-3 builds the model under `deepspeed.zero.Init` (parameters born partitioned) and fills each parameter from
   `model.init.init_tensor` inside `GatheredParameters`: a custom init applied after partitioning would silently
   do nothing (DeepSpeed #2650), and this way the step-0 bytes equal a plain construction.
@@ -205,7 +207,7 @@ def initialize(model: OmniModel, ds: dict, *, lr: float, betas: tuple[float, flo
         engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds, lr_scheduler=sched,
                                           dist_init_required=False)
     else:
-        opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+        opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)  # CPU kernel since torch 2.4
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds, lr_scheduler=sched, dist_init_required=False)
     return engine
 
