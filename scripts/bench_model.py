@@ -3,10 +3,12 @@
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_model.py [--config configs/model/tiny.yaml] [--rounds 7]
         [--dtype auto|bf16|fp32] [--clock wall|cpu] [--compile]
 
-A training step is forward, backward and a torch AdamW step (the optimizer training uses), for ours and for the peer
-with identical dimensions, the same batch, the same loss and the same dtype handling. Text: our decoder (embedding +
-blocks + tied head) vs `LlamaForCausalLM` (sdpa attention, no KV cache: training builds none). Vision: our encoder vs
-`SiglipVisionModel` (no pooling head) on the same patch grid. Steps alternate one by one between ours and the peer in
+A training step is forward, backward and a torch fused AdamW step (the optimizer training uses), for ours and for
+the peer with identical dimensions, the same batch, the same loss and the same dtype handling. Text: our decoder
+(embedding + blocks + tied head) vs `LlamaForCausalLM` (sdpa attention, no KV cache: training builds none). Vision:
+our encoder vs `SiglipVisionModel` (no pooling head) on the same patch grid. Blocks: the decoder's blocks and final
+norm alone (`TextDecoder` vs `LlamaModel` on the same input embeddings): the text figure without the embedding, the
+tied head, the loss over the vocabulary and their optimizer work, which are the same computation on both sides. Steps alternate one by one between ours and the peer in
 one process, so machine noise hits both alike; each round gives a ratio (peer / ours of the round's median step
 times) and the figure is the median of the rounds' ratios. bf16 autocast on CPUs with native bf16 (AMX/AVX512-BF16)
 and on GPUs, fp32 on other CPUs (`--dtype auto`; bf16 there is emulated and slower). The achieved FLOP/s of each
@@ -170,10 +172,14 @@ def main() -> None:
     cfg = load_model_config(args.config)
     ours = OmniModel(cfg)
     init_weights(ours, 0)
+    apart = OmniModel(cfg)  # its own decoder for the blocks-only pair (no parameter shared with the text pair)
+    init_weights(apart, 1)
     models = {"text_ours": OurText(ours).to(device), "text_peer": hf_llama(cfg).to(device),
-              "vision_ours": ours.vision.to(device), "vision_peer": hf_siglip(cfg, args.image).to(device)}
+              "vision_ours": ours.vision.to(device), "vision_peer": hf_siglip(cfg, args.image).to(device),
+              "blocks_ours": apart.text.to(device), "blocks_peer": hf_llama(cfg).model.to(device)}
 
     ids = torch.randint(12, cfg.text.vocab_size, (args.batch, args.seq), device=device)
+    embeds = torch.randn(args.batch, args.seq, cfg.text.dim, device=device)  # the blocks pair's input
     frames = cfg.vision.temporal_patch  # an image: one temporal patch of identical frames
     image = torch.rand(args.batch, 3, args.image, args.image, device=device)
     clip = image[:, None].expand(-1, frames, -1, -1, -1).contiguous()  # (N, F, 3, H, W)
@@ -184,11 +190,13 @@ def main() -> None:
         "text_peer": lambda m: text_loss(m(input_ids=ids).logits),
         "vision_ours": lambda m: m(clip).float().pow(2).mean(),
         "vision_peer": lambda m: m(pixel_values=image).last_hidden_state.float().pow(2).mean(),
+        "blocks_ours": lambda m: m(embeds).float().pow(2).mean(),
+        "blocks_peer": lambda m: m(inputs_embeds=embeds).last_hidden_state.float().pow(2).mean(),
     }
 
     def pairs(wrap=lambda m: m):
         st = {k: make_step(wrap(m), losses[k], device, dtype) for k, m in models.items()}
-        return {k: (st[f"{k}_ours"], st[f"{k}_peer"]) for k in ("text", "vision")}
+        return {k: (st[f"{k}_ours"], st[f"{k}_peer"]) for k in ("text", "vision", "blocks")}
 
     ratios, med, peaks = run_rounds(pairs(), args.rounds, args.steps, device, dtype)
     peak = statistics.median(peaks)
@@ -203,6 +211,7 @@ def main() -> None:
         "rounds": {k: [round(x, 3) for x in v] for k, v in ratios.items()},
         "text_step_ms": {"ours": med["text_ours"] * 1e3, "transformers": med["text_peer"] * 1e3},
         "vision_step_ms": {"ours": med["vision_ours"] * 1e3, "transformers": med["vision_peer"] * 1e3},
+        "blocks_step_ms": {"ours": med["blocks_ours"] * 1e3, "transformers": med["blocks_peer"] * 1e3},
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
     }
     if args.compile:
@@ -214,6 +223,7 @@ def main() -> None:
     result.update({
         "text_vs_transformers": statistics.median(ratios["text"]),
         "vision_vs_transformers": statistics.median(ratios["vision"]),
+        "blocks_vs_transformers": statistics.median(ratios["blocks"]),
         "text_peak_share": text_flops / med["text_ours"] / peak,
         "vision_peak_share": vision_flops / med["vision_ours"] / peak,
     })
