@@ -43,9 +43,11 @@ def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int) -> torch.Tensor:
 def log_mel(wave: torch.Tensor, window: torch.Tensor, filters: torch.Tensor, hop: int) -> torch.Tensor:
     """(N, L) waveform in [-1, 1] -> (N, M, mel_frames) log-mel features, roughly in [-1, 1].
 
-    A function, not a module: DeepSpeed ZeRO-3 traces module calls, and this runs once per item."""
-    spec = torch.stft(wave.float(), window.shape[0], hop, window=window, center=True, return_complex=True)
-    mel = filters @ (spec.abs() ** 2)  # (N, M, frames)
+    A function, not a module: DeepSpeed ZeRO-3 traces module calls, and this runs once per item. Computed in fp32
+    whatever the module's dtype: a model cast whole with `.bfloat16()` also casts the window and filter buffers, and
+    torch.stft refuses a bf16 window next to an fp32 signal."""
+    spec = torch.stft(wave.float(), window.shape[0], hop, window=window.float(), center=True, return_complex=True)
+    mel = filters.float() @ (spec.abs() ** 2)  # (N, M, frames)
     return (torch.clamp(mel, min=1e-10).log10().clamp(min=-8.0) + 4.0) / 4.0
 
 

@@ -77,6 +77,17 @@ def test_mixed_batch_shapes():
     assert torch.isfinite(logits).all()
 
 
+def test_a_model_cast_whole_to_bf16_runs_every_modality():
+    """`.bfloat16()` casts buffers too (the audio window and mel filters): the log-mel front end still runs, in fp32,
+    and the bf16 logits stay close to the fp32 ones."""
+    model = build()
+    ids, _, pixels, audio = mixed_batch()
+    ref = model(ids, pixel_values=pixels, audio_values=audio)
+    logits = model.bfloat16()(ids, pixel_values=pixels, audio_values=audio)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    assert (logits.float() - ref).abs().max() < 0.1 * ref.abs().max()
+
+
 def test_causality_future_tokens_never_change_past_logits():
     model = build()
     ids, _, pixels, audio = mixed_batch()
