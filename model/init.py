@@ -56,7 +56,7 @@ def init_tensor(name: str, shape, seed: int, cfg: ModelConfig) -> torch.Tensor:
         std = 1.0 / math.sqrt(math.prod(shape[1:]))
         if name.endswith(_RESIDUAL_OUT):
             std /= math.sqrt(2 * _depth(name, cfg))
-    return torch.randn(shape, generator=gen, dtype=torch.float32) * std
+    return torch.randn(shape, generator=gen, dtype=torch.float32).mul_(std)  # in place: no second tensor, same bytes
 
 
 @torch.no_grad()
