@@ -40,7 +40,7 @@ from safetensors import safe_open
 from model import INIT_SCHEME, OmniModel, init_tensor
 from train import digest
 from train.digest import component_roots, differing_components, digest_bytes, digest_of, tensor_digests, update_sizes
-from train.files import folder_files, hash_files, safetensors_digests
+from train.files import SafetensorsFile, folder_files, hash_files
 
 SCHEMA = "omniscratch.provenance/v1"
 RECORD, SLSA, SIGNATURE, DATA_MANIFEST = "provenance.json", "slsa_provenance.json", "model.sig", "data_manifest.json"
@@ -240,9 +240,12 @@ class Recorder:
             shutil.copyfile(self.data_manifest_path, folder / DATA_MANIFEST)
             if digest_bytes((folder / DATA_MANIFEST).read_bytes()) != self.data_digest:
                 raise ValueError(f"{self.data_manifest_path}: changed while the run was alive")
-        tensors = safetensors_digests(folder / "model.safetensors")
+        # model.safetensors is read once: its file digest, tensor digests and the weights for the update sizes
+        with SafetensorsFile(folder / "model.safetensors") as weights:
+            files = hash_files(folder, folder_files(folder, exclude=UNHASHED | {SLSA}), weights=weights)
+            tensors = weights.digests
+            current = {n: weights.tensor(n).to(torch.float32, copy=True) for n in weights.header}  # outlive the map
         roots = component_roots(tensors)
-        current = self._read_weights(folder)
         update, self._prev = update_sizes(self._prev, current), current
         start = self.chain[-1]["end_step"] if self.chain else 0
         link = {"parent": digest_of(self.chain[-1]) if self.chain else init_digest(self.init),
@@ -252,7 +255,6 @@ class Recorder:
         events = self.earlier["events"] + (self.tripwire.events if self.tripwire is not None else [])
         derived = {**self.earlier["derived"], **(self.tripwire.derived if self.tripwire is not None else {})}
         derived = {**derived, **self.init["derived"]}
-        files = hash_files(folder, folder_files(folder, exclude=UNHASHED | {SLSA}))
         write_slsa(folder / SLSA, self, files, derived)
         files[SLSA] = hash_files(folder, [SLSA])[SLSA]
         link["files"] = digest_of(files)
