@@ -3,19 +3,19 @@
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_model.py [--config configs/model/tiny.yaml] [--rounds 7]
         [--dtype auto|bf16|fp32] [--clock wall|cpu] [--compile]
 
-A training step is forward, backward and a torch fused AdamW step (the optimizer training uses), for ours and for
-the peer with identical dimensions, the same batch, the same loss and the same dtype handling. Text: our decoder
+A training step is forward, backward and a torch fused AdamW step (the optimizer training uses), for ours and for the
+peer with identical dimensions, the same batch, the same loss and the same dtype handling. Text: our decoder
 (embedding + blocks + tied head) vs `LlamaForCausalLM` (sdpa attention, no KV cache: training builds none). Vision:
 our encoder vs `SiglipVisionModel` (no pooling head) on the same patch grid. Blocks: the decoder's blocks and final
 norm alone (`TextDecoder` vs `LlamaModel` on the same input embeddings): the text figure without the embedding, the
-tied head, the loss over the vocabulary and their optimizer work, which are the same computation on both sides. Steps alternate one by one between ours and the peer in
-one process, so machine noise hits both alike; each round gives a ratio (peer / ours of the round's median step
-times) and the figure is the median of the rounds' ratios. bf16 autocast on CPUs with native bf16 (AMX/AVX512-BF16)
-and on GPUs, fp32 on other CPUs (`--dtype auto`; bf16 there is emulated and slower). The achieved FLOP/s of each
-model is divided by the bf16 (or fp32) matmul peak measured in the same run (a square matmul, best size for a CPU).
-`--clock cpu` times process CPU time instead of wall time (CPU only): on a machine shared with other jobs and with
-OMP_NUM_THREADS=1 it ignores time spent preempted. `--compile` also times `torch.compile`d ours and peers (compile
-time is reported; eager is the headline figure).
+tied head, the loss over the vocabulary and their optimizer work, which are the same computation on both sides. Steps
+alternate one by one between ours and the peer in one process, so machine noise hits both alike; each round gives a
+ratio (peer / ours of the round's median step times) and the figure is the median of the rounds' ratios. bf16
+autocast on CPUs with native bf16 (AMX/AVX512-BF16) and on GPUs, fp32 on other CPUs (`--dtype auto`; bf16 there is
+emulated and slower). The achieved FLOP/s of each model is divided by the bf16 (or fp32) matmul peak measured in the
+same run (a square matmul, best size for a CPU). `--clock cpu` times process CPU time instead of wall time (CPU
+only): on a machine shared with other jobs and with OMP_NUM_THREADS=1 it ignores time spent preempted. `--compile`
+also times `torch.compile`d ours and peers (compile time is reported; eager is the headline figure).
 Last line: one JSON object.
 """
 
