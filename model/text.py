@@ -140,7 +140,7 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.w13 = nn.Linear(dim, 2 * hidden, bias=False)  # gate and up projections in one matmul
+        self.w13 = nn.Linear(dim, 2 * hidden, bias=False)  # gate and up projections in one weight: [gate; up] rows
         self.w2 = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x):
