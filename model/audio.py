@@ -89,11 +89,11 @@ class AudioEncoder(nn.Module):
 
     def _encode(self, mel: torch.Tensor, frames: list[int] | None) -> torch.Tensor:
         """(N, M, frames) log-mel -> (N, S, D); `frames` gives each row's valid length when rows are padded."""
-        x = F.gelu(self.conv1(mel.to(self.conv1.weight.dtype)), approximate="tanh")  # (N, D, frames / 2)
+        x = F.gelu(self.conv1(mel.to(self.conv1.weight.dtype)))  # (N, D, frames / 2)
         if frames is not None:  # zero what lies beyond each item, as conv2's own zero padding would be
             valid = [(n - 1) // 2 + 1 for n in frames]
             x = x * (torch.arange(x.shape[2], device=x.device)[None] < torch.tensor(valid, device=x.device)[:, None])[:, None]
-        x = F.gelu(self.conv2(x), approximate="tanh").transpose(1, 2)  # (N, S, D)
+        x = F.gelu(self.conv2(x)).transpose(1, 2)  # (N, S, D)
         mask = None
         if frames is not None:
             lengths = torch.tensor(self._token_lengths(frames), device=x.device)
