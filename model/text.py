@@ -45,19 +45,46 @@ def rope_frequencies(head_dim: int, theta: float) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor):
-    """cos/sin for integer positions (..., T) -> (..., T, 2 * len(inv_freq)), rotate-half layout. The sin table
-    carries the rotation's sign (-sin on the first half), so `apply_rope` is one multiply and one multiply-add."""
-    angles = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device)  # (..., T, Dh/2)
+def rope_tables(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotation angles (..., Dh/2) -> cos/sin tables (..., Dh) in the rotate-half layout. The sin table carries the
+    rotation's sign (-sin on the first half), so `apply_rope` is one multiply and one multiply-add. Every RoPE of the
+    model (1D text and audio, 3D vision) builds its tables here."""
     cos, sin = angles.cos(), angles.sin()
-    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)  # (..., T, Dh) each
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor):
+    """cos/sin for integer positions (..., T) -> (..., T, 2 * len(inv_freq)) each (see rope_tables)."""
+    return rope_tables(positions.to(torch.float32)[..., None] * inv_freq.to(positions.device))  # angles (..., T, Dh/2)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.addcmul(x * cos, torch.cat([x2, x1], dim=-1), sin)
+
+
+class _Rope(torch.autograd.Function):
+    """RoPE with a written-out backward. A rotation's transpose is the rotation by the opposite angle, so the
+    gradient is the forward applied to the incoming gradient with -sin (the tables are symmetric: cos = [c, c],
+    sin = [-s, s]): three kernels, where autograd's derivation of `_rotate` runs nine over strided slices."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        ctx.x_dtype = x.dtype
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, -sin).to(ctx.x_dtype), None, None
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE: x * cos + rotate_half(x) * sin, with rotate_half(x) = (-x2, x1) and the minus carried by
-    `sin` (see rope_cos_sin). x: (..., Dh); cos/sin broadcast to x. Computed in fp32 (the tables' dtype)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.addcmul(x * cos, torch.cat([x2, x1], dim=-1), sin)
+    `sin` (tables from `rope_tables`). x: (..., Dh); cos/sin broadcast to x and need no gradient. Computed in fp32
+    (the tables' dtype)."""
+    return _Rope.apply(x, cos, sin)
 
 
 def attention(q, k, v, mask=None, is_causal: bool = False) -> torch.Tensor:

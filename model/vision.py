@@ -22,6 +22,7 @@ import torch.nn as nn
 from .blocks import EncoderBlock, GeluMLP, block_diagonal_mask, run_blocks
 from .config import VisionConfig
 from .media import vision_grid
+from .text import rope_tables
 
 
 def rope_3d_frequencies(head_dim: int, theta: float) -> tuple[torch.Tensor, ...]:
@@ -33,12 +34,11 @@ def rope_3d_frequencies(head_dim: int, theta: float) -> tuple[torch.Tensor, ...]
 
 
 def rope_3d_cos_sin(t: int, h: int, w: int, freqs, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of every patch of a (t, h, w) grid, row-major: (1, S, head_dim)."""
+    """cos/sin of every patch of a (t, h, w) grid, row-major: (1, S, head_dim) each (see text.rope_tables)."""
     grid = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"), dim=-1)
     grid = grid.reshape(-1, 3).to(device=device, dtype=torch.float32)  # (S, 3)
     angles = torch.cat([grid[:, i : i + 1] * f.to(device) for i, f in enumerate(freqs)], dim=-1)  # (S, Dh/2)
-    angles = torch.cat([angles, angles], dim=-1)[None]  # (1, S, Dh)
-    return angles.cos(), angles.sin()
+    return rope_tables(angles[None])
 
 
 class VisionEncoder(nn.Module):

@@ -1,0 +1,97 @@
+"""The model's hand-written autograd functions against the plain expressions they replace, and RoPE's invariants:
+`.venv/bin/python -m pytest -q tests/test_model_kernels.py` (a few seconds)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.config import IGNORE_INDEX
+from model.loss import chunk_rows, linear_cross_entropy
+from model.text import _rotate, apply_rope, rope_cos_sin, rope_frequencies
+from model.vision import rope_3d_cos_sin, rope_3d_frequencies
+
+HEAD_DIM = 24
+
+
+def tables(kind: str):
+    """-> (cos, sin) of shape (S, Dh) and the (S, n_axes) integer positions they encode."""
+    if kind == "1d":  # the text decoder's and the audio encoder's
+        pos = torch.arange(12)
+        cos, sin = rope_cos_sin(pos, rope_frequencies(HEAD_DIM, 10000.0))
+        return cos, sin, pos[:, None]
+    t, h, w = 2, 3, 4
+    cos, sin = rope_3d_cos_sin(t, h, w, rope_3d_frequencies(HEAD_DIM, 10000.0), "cpu")
+    grid = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"), -1)
+    return cos[0], sin[0], grid.reshape(-1, 3)
+
+
+@pytest.mark.parametrize("kind", ["1d", "3d"])
+def test_rope_is_a_rotation_that_encodes_relative_position(kind):
+    # A rotation keeps norms, and q.k after RoPE depends only on the offset between the two positions: what lets
+    # resolution and length vary. (The vision tables once lacked the sign of sin: a position-dependent shear.)
+    cos, sin, pos = tables(kind)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(HEAD_DIM, generator=g, dtype=torch.float64), torch.randn(HEAD_DIM, generator=g, dtype=torch.float64)
+    cos, sin = cos.double(), sin.double()
+    rq, rk = apply_rope(q.expand(len(pos), -1), cos, sin), apply_rope(k.expand(len(pos), -1), cos, sin)
+    torch.testing.assert_close(rq.norm(dim=-1), q.norm().expand(len(pos)), rtol=1e-6, atol=0)  # tables are fp32
+    dots = {}
+    for i in range(len(pos)):
+        for j in range(len(pos)):
+            dots.setdefault(tuple((pos[i] - pos[j]).tolist()), []).append(float(rq[i] @ rk[j]))
+    assert len(dots) < len(pos) ** 2  # some offsets repeat, or the test checks nothing
+    for offset, values in dots.items():
+        assert max(values) - min(values) < 1e-5, f"offset {offset}: q.k varies with absolute position: {values}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["1d", "3d"])
+def test_rope_backward_equals_autograd(kind, dtype):
+    cos, sin, _ = tables(kind)
+    cos, sin = cos[None, :, None], sin[None, :, None]  # (1, S, 1, Dh), as the attention layers broadcast them
+    x = torch.randn(3, cos.shape[1], 5, HEAD_DIM).to(dtype).requires_grad_()
+    grad = torch.randn(x.shape)
+    ours = torch.autograd.grad(apply_rope(x, cos, sin), x, grad)[0]
+    ref = torch.autograd.grad(_rotate(x, cos, sin), x, grad)[0]
+    xd = x.detach().double().requires_grad_()
+    truth = torch.autograd.grad(_rotate(xd, cos.double(), sin.double()), xd, grad.double())[0]
+    assert ours.dtype == ref.dtype == dtype
+    torch.testing.assert_close(apply_rope(x, cos, sin), _rotate(x, cos, sin), rtol=0, atol=0)
+    # in bf16 ours rounds once (fp32 arithmetic), autograd's derivation rounds each partial: at least as accurate
+    err_ours, err_ref = ((g.double() - truth).abs().max() for g in (ours, ref))
+    assert err_ours <= err_ref * 1.01 + 1e-6
+    torch.testing.assert_close(ours, ref, **({"rtol": 1e-2, "atol": 1e-2} if dtype == torch.bfloat16 else {}))
+
+
+def reference_ce(h, w, targets):
+    return F.cross_entropy(F.linear(h, w).float(), targets, ignore_index=IGNORE_INDEX, reduction="none")
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_linear_cross_entropy_equals_the_unfused_loss_and_gradients(autocast):
+    V, D = 300, 16
+    N = 2 * chunk_rows(V) + 37  # three chunks, the last one short
+    g = torch.Generator().manual_seed(0)
+    h0, w0 = torch.randn(N, D, generator=g), torch.randn(V, D, generator=g) * 0.3
+    targets = torch.randint(0, V, (N,), generator=g)
+    targets[::7] = IGNORE_INDEX
+    row_weights = torch.rand(N, generator=g)  # a non-uniform incoming gradient (per-modality means, masks)
+    results = []
+    for fn in (linear_cross_entropy, reference_ce):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            losses = fn(h, w, targets)
+        (losses * row_weights).sum().backward()
+        results.append((losses.detach(), h.grad, w.grad))
+    (l1, gh1, gw1), (l2, gh2, gw2) = results
+    assert l1.dtype == torch.float32 and gh1.dtype == gw1.dtype == torch.float32
+    assert torch.all(l1[::7] == 0) and torch.all(gh1[::7] == 0)
+    tol = {"rtol": 2e-2, "atol": 2e-2} if autocast else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(l1, l2, **tol)
+    torch.testing.assert_close(gh1, gh2, **tol)
+    torch.testing.assert_close(gw1, gw2, **tol)
+
+
+def test_linear_cross_entropy_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match=r"expected h \(N, D\), weight \(V, D\), targets \(N,\); got \(4, 8\), \(10, 6\)"):
+        linear_cross_entropy(torch.zeros(4, 8), torch.zeros(10, 6), torch.zeros(4, dtype=torch.long))
