@@ -19,12 +19,34 @@ import torch
 
 from .config import IGNORE_INDEX
 
-# Rows per chunk: ~2 MiB of fp32 logits (a core's L2) per chunk, at least 64 rows so the matmuls stay efficient.
-CHUNK_ELEMENTS = 1 << 19
+# Rows per chunk: ~8 MiB of fp32 logits per chunk (cache-sized on a CPU, small on a GPU), and at least as many rows as
+# the model width, so that accumulating the (V, D) weight gradient once per chunk stays small beside the chunk's work.
+CHUNK_ELEMENTS = 1 << 21
 
 
-def chunk_rows(vocab: int) -> int:
-    return max(64, CHUNK_ELEMENTS // vocab)
+def chunk_rows(vocab: int, dim: int) -> int:
+    return max(dim, CHUNK_ELEMENTS // vocab)
+
+
+class _Chunks:
+    """The chunk buffers of one call, allocated once and reused by every chunk: the logits in the matmul dtype and
+    their fp32 copy. Fresh multi-MiB tensors per chunk cost page faults on CPU that took as long as the arithmetic."""
+
+    def __init__(self, hc: torch.Tensor, wc: torch.Tensor):
+        self.hc, self.wc = hc, wc
+        self.step = chunk_rows(*wc.shape)
+        rows = min(self.step, hc.shape[0])
+        self.low = torch.empty(rows, wc.shape[0], device=hc.device, dtype=hc.dtype)
+        self.fp32 = self.low if hc.dtype == torch.float32 else torch.empty_like(self.low, dtype=torch.float32)
+
+    def starts(self):
+        return range(0, self.hc.shape[0], self.step)
+
+    def logits(self, s: int) -> torch.Tensor:
+        """fp32 logits of rows s .. s + step, in the reused buffer."""
+        h = self.hc[s : s + self.step]
+        low = torch.mm(h, self.wc.T, out=self.low[: h.shape[0]])
+        return low if low.dtype == torch.float32 else self.fp32[: h.shape[0]].copy_(low)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -35,16 +57,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if torch.is_autocast_enabled(h.device.type):
             dt = torch.get_autocast_dtype(h.device.type)
         with torch.autocast(h.device.type, enabled=False):
-            hc, wc = h.to(dt), weight.to(dt)
+            hc, wc = h.to(dt).contiguous(), weight.to(dt)
             keep = targets != ignore_index
             tgt = torch.where(keep, targets, 0)
             lse = torch.empty(h.shape[0], device=h.device, dtype=torch.float32)
             picked = torch.empty_like(lse)
-            step = chunk_rows(weight.shape[0])
-            for s in range(0, h.shape[0], step):
-                logits = (hc[s : s + step] @ wc.T).float()  # (n, V)
-                lse[s : s + step] = torch.logsumexp(logits, dim=-1)
-                picked[s : s + step] = logits.gather(1, tgt[s : s + step, None])[:, 0]
+            chunks = _Chunks(hc, wc)
+            for s in chunks.starts():
+                logits = chunks.logits(s)  # (n, V) fp32
+                rows = slice(s, s + logits.shape[0])
+                picked[rows] = logits.gather(1, tgt[rows, None])[:, 0]
+                top = logits.amax(dim=-1, keepdim=True)  # log-sum-exp in place (torch.logsumexp: 1.4x slower on CPU)
+                lse[rows] = logits.sub_(top).exp_().sum(dim=-1).log_().add_(top[:, 0])
         ctx.save_for_backward(hc, wc, tgt, keep, lse)
         ctx.dtypes = (h.dtype, weight.dtype)
         return torch.where(keep, lse - picked, 0.0)
@@ -53,19 +77,27 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         hc, wc, tgt, keep, lse = ctx.saved_tensors
         scale = torch.where(keep, grad_loss.float(), 0.0)  # d(total)/d(row loss); 0 on ignored rows
+        # softmax * scale = exp(logits - (lse - log(scale))): one subtraction and one exp per chunk; a row of scale 0
+        # (ignored target) becomes exp(-inf) = 0
+        shift = lse - scale.log()
         grad_h = torch.empty_like(hc)
         grad_w = torch.zeros(wc.shape, device=wc.device, dtype=torch.float32)
-        step = chunk_rows(wc.shape[0])
+        part = None if wc.dtype == torch.float32 else torch.empty_like(wc)  # one chunk's weight gradient, matmul dtype
         with torch.autocast(hc.device.type, enabled=False):
-            for s in range(0, hc.shape[0], step):
-                rows = torch.arange(min(step, hc.shape[0] - s), device=hc.device)
-                g = (hc[s : s + step] @ wc.T).float()  # the chunk's logits again
-                g.sub_(lse[s : s + step, None]).exp_()  # softmax
-                g[rows, tgt[s : s + step]] -= 1.0  # - one_hot(target)
-                g.mul_(scale[s : s + step, None])
-                g = g.to(hc.dtype)
-                grad_h[s : s + step] = g @ wc
-                grad_w += (g.T @ hc[s : s + step]).float()
+            chunks = _Chunks(hc, wc)
+            for s in chunks.starts():
+                g = chunks.logits(s)  # the chunk's logits again
+                n = g.shape[0]
+                rows = slice(s, s + n)
+                g.sub_(shift[rows, None]).exp_()
+                g[torch.arange(n, device=g.device), tgt[rows]] -= scale[rows]  # - one_hot(target) * scale, in fp32
+                if part is not None:
+                    g = chunks.low[:n].copy_(g)  # back to the matmul dtype
+                torch.mm(g, wc, out=grad_h[rows])
+                if part is None:
+                    grad_w.addmm_(g.T, hc[rows])
+                else:  # no mixed-dtype addmm on CPU: one (V, D) addition per chunk, why chunks have >= D rows
+                    grad_w += torch.mm(g.T, hc[rows], out=part)
         h_dtype, w_dtype = ctx.dtypes
         return grad_h.to(h_dtype), grad_w.to(w_dtype), None, None
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .audio import AudioEncoder, AudioProjector
 from .config import AUDIO_ID, IGNORE_INDEX, IMAGE_ID, VIDEO_ID, ModelConfig
+from .loss import linear_cross_entropy
 from .media import audio_tokens, vision_grid, vision_tokens
 from .text import KVCache, TextDecoder
 from .vision import VisionEncoder, VisionProjector
@@ -120,16 +121,27 @@ class OmniModel(nn.Module):
         return h + unused.to(h.dtype)
 
     def forward(self, input_ids, pixel_values=(), audio_values=(), position_ids=None, doc_ids=None,
-                cache: KVCache | None = None):
-        """-> logits (B, T, vocab). See docs/CONTRACTS.md for the argument conventions."""
+                cache: KVCache | None = None, labels=None):
+        """-> logits (B, T, vocab). With `labels` (B, T), aligned with the inputs and IGNORE_INDEX where no loss is
+        taken: the next-token losses (B, T - 1) in fp32 instead, 0 at ignored targets, through the fused head of
+        model/loss.py (the (B, T, vocab) logits are never materialised; what training uses). See docs/CONTRACTS.md."""
         h = self.embed_inputs(input_ids, pixel_values, audio_values, dummy=cache is None)
         h = self.text(h, position_ids=position_ids, doc_ids=doc_ids, cache=cache)  # (B, T, D)
         head = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, head)  # (B, T, V)
+        if labels is None:
+            return F.linear(h, head)  # (B, T, V)
+        B, T, D = h.shape
+        return linear_cross_entropy(h[:, :-1].reshape(-1, D), head, labels[:, 1:].reshape(-1)).view(B, T - 1)
+
+    @staticmethod
+    def mean_loss(token_losses: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean of `forward(..., labels=labels)`'s losses over the targets that count."""
+        return token_losses.sum() / (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1)
 
     @staticmethod
     def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        """Next-token cross-entropy; labels are aligned with the inputs and shifted here."""
+        """Next-token cross-entropy from materialised logits (the unfused reference); labels are aligned with the
+        inputs and shifted here."""
         logits = logits[:, :-1].float()
         targets = labels[:, 1:]
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),

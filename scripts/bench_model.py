@@ -4,11 +4,13 @@
         [--dtype auto|bf16|fp32] [--clock wall|cpu] [--compile]
 
 A training step is forward, backward and a torch fused AdamW step (the optimizer training uses), for ours and for the
-peer with identical dimensions, the same batch, the same loss and the same dtype handling. Text: our decoder
-(embedding + blocks + tied head) vs `LlamaForCausalLM` (sdpa attention, no KV cache: training builds none). Vision:
+peer with identical dimensions, the same batch and the same dtype handling. Text: our decoder (embedding + blocks +
+tied head + next-token loss through the fused head of model/loss.py, as training computes it) vs `LlamaForCausalLM`
+with `labels` (its own loss: fp32 logits, cross-entropy; sdpa attention, no KV cache: training builds none). Vision:
 our encoder vs `SiglipVisionModel` (no pooling head) on the same patch grid. Blocks: the decoder's blocks and final
 norm alone (`TextDecoder` vs `LlamaModel` on the same input embeddings): the text figure without the embedding, the
-tied head, the loss over the vocabulary and their optimizer work, which are the same computation on both sides. Steps
+tied head, the loss over the vocabulary and their optimizer work (the same matmuls on both sides; ours fuses the
+loss into the head). Steps
 alternate one by one between ours and the peer in one process, so machine noise hits both alike; each round gives a
 ratio (peer / ours of the round's median step times) and the figure is the median of the rounds' ratios. bf16
 autocast on CPUs with native bf16 (AMX/AVX512-BF16) and on GPUs, fp32 on other CPUs (`--dtype auto`; bf16 there is
@@ -35,18 +37,23 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import OmniModel, init_weights, load_model_config  # noqa: E402
 from model.flops import text_flops_per_token  # noqa: E402
+from model.loss import linear_cross_entropy  # noqa: E402
 from model.media import vision_grid  # noqa: E402
 
 
 class OurText(nn.Module):
-    """The decoder path of OmniModel alone: embedding, blocks, tied head (what LlamaForCausalLM computes)."""
+    """The decoder path of OmniModel alone: embedding, blocks, tied head and next-token loss, as
+    `OmniModel.forward(ids, labels=ids)` computes them (the fused head of model/loss.py), without the encoders'
+    dummy items: what LlamaForCausalLM(input_ids, labels) computes."""
 
     def __init__(self, model: OmniModel):
         super().__init__()
         self.embed, self.text = model.embed, model.text
 
     def forward(self, ids):
-        return self.text(self.embed(ids)) @ self.embed.weight.T
+        h = self.text(self.embed(ids))
+        B, T, D = h.shape
+        return linear_cross_entropy(h[:, :-1].reshape(-1, D), self.embed.weight, ids[:, 1:].reshape(-1)).mean()
 
 
 def hf_llama(cfg):
@@ -183,11 +190,9 @@ def main() -> None:
     frames = cfg.vision.temporal_patch  # an image: one temporal patch of identical frames
     image = torch.rand(args.batch, 3, args.image, args.image, device=device)
     clip = image[:, None].expand(-1, frames, -1, -1, -1).contiguous()  # (N, F, 3, H, W)
-    ce = nn.functional.cross_entropy
-    text_loss = lambda logits: ce(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
-    losses = {
-        "text_ours": lambda m: text_loss(m(ids)),
-        "text_peer": lambda m: text_loss(m(input_ids=ids).logits),
+    losses = {  # text: each model's own training loss over the same next-token targets
+        "text_ours": lambda m: m(ids),
+        "text_peer": lambda m: m(input_ids=ids, labels=ids).loss,
         "vision_ours": lambda m: m(clip).float().pow(2).mean(),
         "vision_peer": lambda m: m(pixel_values=image).last_hidden_state.float().pow(2).mean(),
         "blocks_ours": lambda m: m(embeds).float().pow(2).mean(),

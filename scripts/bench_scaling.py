@@ -72,7 +72,7 @@ def worker(args) -> None:
         for i in range(2):  # the first step allocates Adam's moments and DeepSpeed's lazy buffers
             gc.collect()
             before = live_bytes()
-            loss = OmniModel.lm_loss(engine(ids), ids)
+            loss = OmniModel.mean_loss(engine(ids, labels=ids), ids)  # the fused head, as training
             engine.backward(loss)  # frees the activations: what stays is gradients and reduction buffers
             del loss
             gc.collect()
@@ -120,7 +120,7 @@ def speed(cfg, d, ids, hp, steps: int, clock=time.perf_counter) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: eng.lr_lambda(s, warmup=1, total=10**6, min_ratio=0.1))
 
     def plain_step():
-        loss = OmniModel.lm_loss(plain(ids), ids)
+        loss = OmniModel.mean_loss(plain(ids, labels=ids), ids)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0)
         opt.step()
@@ -133,7 +133,7 @@ def speed(cfg, d, ids, hp, steps: int, clock=time.perf_counter) -> dict:
         engine = eng.initialize(eng.build_model(cfg, 0, ds), ds, **hp)
 
         def step():
-            loss = OmniModel.lm_loss(engine(ids), ids)
+            loss = OmniModel.mean_loss(engine(ids, labels=ids), ids)  # the fused head, as training
             engine.backward(loss)
             engine.step()
         return step

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import model.loss
 from model.config import IGNORE_INDEX
 from model.loss import chunk_rows, linear_cross_entropy
 from model.text import _rotate, apply_rope, rope_cos_sin, rope_frequencies
@@ -68,9 +69,11 @@ def reference_ce(h, w, targets):
 
 
 @pytest.mark.parametrize("autocast", [False, True])
-def test_linear_cross_entropy_equals_the_unfused_loss_and_gradients(autocast):
+def test_linear_cross_entropy_equals_the_unfused_loss_and_gradients(autocast, monkeypatch):
     V, D = 300, 16
-    N = 2 * chunk_rows(V) + 37  # three chunks, the last one short
+    monkeypatch.setattr(model.loss, "CHUNK_ELEMENTS", 64 * V)
+    assert chunk_rows(V, D) == 64
+    N = 2 * 64 + 37  # three chunks, the last one short
     g = torch.Generator().manual_seed(0)
     h0, w0 = torch.randn(N, D, generator=g), torch.randn(V, D, generator=g) * 0.3
     targets = torch.randint(0, V, (N,), generator=g)

@@ -92,13 +92,11 @@ def heldout_losses(model, cfg, data_dir: Path, tokenizer_path: Path, seq_len: in
     device = model.embed.weight.device
     for b in loader.next_step():
         dev = lambda x: x.to(device)
-        logits = model(dev(b.input_ids), pixel_values=[dev(x) for x in b.pixel_values],
-                       audio_values=[dev(x) for x in b.audio_values], position_ids=dev(b.position_ids), doc_ids=dev(b.doc_ids))
-        targets = b.labels[:, 1:].reshape(-1)
-        per_tok = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]).cpu(), targets,
-                                  ignore_index=IGNORE_INDEX, reduction="none")
-        keep = targets != IGNORE_INDEX
-        mod = b.modality[:, 1:].reshape(-1)[keep]
+        per_tok = model(dev(b.input_ids), pixel_values=[dev(x) for x in b.pixel_values],
+                        audio_values=[dev(x) for x in b.audio_values], position_ids=dev(b.position_ids),
+                        doc_ids=dev(b.doc_ids), labels=dev(b.labels)).cpu()  # (B, T - 1), as training computes it
+        keep = b.labels[:, 1:] != IGNORE_INDEX
+        mod = b.modality[:, 1:][keep]
         sums += torch.zeros_like(sums).index_add_(0, mod, per_tok[keep].double())
         counts += torch.bincount(mod, minlength=len(MODALITIES)).double()
     out = {}

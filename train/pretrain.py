@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 MODALITIES = ("text", "image", "video", "audio")
 
@@ -223,14 +222,12 @@ def _train(cfg, d, log, stop, resume, resume_from) -> str:
         def token_losses(b):
             """-> per-target-token losses and their modalities (next-token targets only, IGNORE_INDEX removed)."""
             dev = lambda x: x.to(d.device, non_blocking=True)
-            logits = engine(dev(b.input_ids), pixel_values=[dev(x) for x in b.pixel_values],
-                            audio_values=[dev(x) for x in b.audio_values], position_ids=dev(b.position_ids),
-                            doc_ids=dev(b.doc_ids))
-            targets = dev(b.labels[:, 1:]).reshape(-1)
-            per_tok = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets,
-                                      ignore_index=IGNORE_INDEX, reduction="none")
-            keep = targets != IGNORE_INDEX
-            return per_tok[keep], dev(b.modality[:, 1:]).reshape(-1)[keep]
+            labels = dev(b.labels)
+            per_tok = engine(dev(b.input_ids), pixel_values=[dev(x) for x in b.pixel_values],
+                             audio_values=[dev(x) for x in b.audio_values], position_ids=dev(b.position_ids),
+                             doc_ids=dev(b.doc_ids), labels=labels)  # (B, T - 1): the fused head, no logits
+            keep = labels[:, 1:] != IGNORE_INDEX
+            return per_tok[keep], dev(b.modality[:, 1:])[keep]
 
         @torch.no_grad()
         def heldout_loss() -> float | None:

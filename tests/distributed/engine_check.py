@@ -56,7 +56,7 @@ def main() -> None:
         ids = torch.randint(12, cfg.text.vocab_size, (1, 24))
         losses = []
         for _ in range(2):
-            loss = OmniModel.lm_loss(engine(ids), ids)
+            loss = OmniModel.mean_loss(engine(ids, labels=ids), ids)  # the fused head, as training
             engine.backward(loss)
             if engine.is_gradient_accumulation_boundary():
                 accumulated = accumulated_grad_dtypes(engine)
