@@ -47,8 +47,8 @@ def rope_frequencies(head_dim: int, theta: float) -> torch.Tensor:
 
 def rope_tables(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotation angles (..., Dh/2) -> cos/sin tables (..., Dh) in the rotate-half layout. The sin table carries the
-    rotation's sign (-sin on the first half), so `apply_rope` is one multiply and one multiply-add. Every RoPE of the
-    model (1D text and audio, 3D vision) builds its tables here."""
+    rotation's sign (-sin on the first half), so `apply_rope` is one multiply and two half multiply-adds. (The
+    encoders rotate consecutive pairs as complex numbers instead: model/blocks.py.)"""
     cos, sin = angles.cos(), angles.sin()
     return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
 

@@ -19,10 +19,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .blocks import EncoderBlock, GeluMLP, block_diagonal_mask, run_blocks
+from .blocks import EncoderBlock, GeluMLP, block_diagonal_mask, rope_cis, run_blocks
 from .config import VisionConfig
 from .media import vision_grid
-from .text import rope_tables
 
 
 def rope_3d_frequencies(head_dim: int, theta: float) -> tuple[torch.Tensor, ...]:
@@ -33,12 +32,12 @@ def rope_3d_frequencies(head_dim: int, theta: float) -> tuple[torch.Tensor, ...]
     return tuple(1.0 / theta ** (torch.arange(n, dtype=torch.float32) / n) for n in sizes)
 
 
-def rope_3d_cos_sin(t: int, h: int, w: int, freqs, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of every patch of a (t, h, w) grid, row-major: (1, S, head_dim) each (see text.rope_tables)."""
+def rope_3d_cis(t: int, h: int, w: int, freqs, device) -> torch.Tensor:
+    """Rotations of every patch of a (t, h, w) grid, row-major: (1, S, head_dim / 2) complex (blocks.rope_cis)."""
     grid = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"), dim=-1)
     grid = grid.reshape(-1, 3).to(device=device, dtype=torch.float32)  # (S, 3)
     angles = torch.cat([grid[:, i : i + 1] * f.to(device) for i, f in enumerate(freqs)], dim=-1)  # (S, Dh/2)
-    return rope_tables(angles[None])
+    return rope_cis(angles[None])
 
 
 class VisionEncoder(nn.Module):
@@ -74,10 +73,9 @@ class VisionEncoder(nn.Module):
         sizes = [t * h * w for t, h, w in grids]
         x = torch.cat([self.patchify(c[None].to(self.patch_embed.weight.dtype))[0] for c in clips])[None]  # (1, S, P)
         x = self.patch_embed(x)  # (1, S, D)
-        rope = [rope_3d_cos_sin(*g, self.rope_freqs, x.device) for g in grids]
-        cos, sin = torch.cat([c for c, _ in rope], dim=1), torch.cat([s for _, s in rope], dim=1)  # (1, S, Dh)
+        cis = torch.cat([rope_3d_cis(*g, self.rope_freqs, x.device) for g in grids], dim=1)  # (1, S, Dh/2)
         mask = block_diagonal_mask(sizes, x.device)  # (1, 1, S, S)
-        x = run_blocks(self.blocks, x, cos, sin, mask, self.checkpoint_activations and self.training)
+        x = run_blocks(self.blocks, x, cis, mask, self.checkpoint_activations and self.training)
         return self.norm(x)[0]
 
     def _grid(self, clip: torch.Tensor) -> tuple[int, int, int]:
@@ -90,8 +88,8 @@ class VisionEncoder(nn.Module):
         N = clips.shape[0]
         t, h, w = self._grid(clips)
         x = self.patch_embed(self.patchify(clips.to(self.patch_embed.weight.dtype)))  # (N, S, D)
-        cos, sin = rope_3d_cos_sin(t, h, w, self.rope_freqs, x.device)  # (1, S, Dh)
-        x = run_blocks(self.blocks, x, cos, sin, None, self.checkpoint_activations and self.training)
+        cis = rope_3d_cis(t, h, w, self.rope_freqs, x.device)  # (1, S, Dh/2)
+        x = run_blocks(self.blocks, x, cis, None, self.checkpoint_activations and self.training)
         return self.norm(x).view(N, t, h, w, -1)
 
 

@@ -1,4 +1,4 @@
-"""The model's hand-written autograd functions against the plain expressions they replace, and RoPE's invariants:
+"""The model's hand-written autograd functions against the plain expressions they replace, and every RoPE's invariants:
 `.venv/bin/python -m pytest -q tests/test_model_kernels.py` (a few seconds)."""
 
 import pytest
@@ -6,35 +6,39 @@ import torch
 import torch.nn.functional as F
 
 import model.loss
+from model.blocks import apply_rope_pairs, rope_cis
 from model.config import IGNORE_INDEX
 from model.loss import chunk_rows, linear_cross_entropy
 from model.text import _rotate, apply_rope, rope_cos_sin, rope_frequencies
-from model.vision import rope_3d_cos_sin, rope_3d_frequencies
+from model.vision import rope_3d_cis, rope_3d_frequencies
 
 HEAD_DIM = 24
 
 
-def tables(kind: str):
-    """-> (cos, sin) of shape (S, Dh) and the (S, n_axes) integer positions they encode."""
-    if kind == "1d":  # the text decoder's and the audio encoder's
+def rotations(kind: str):
+    """-> (rotate: (S, Dh) vectors -> (S, Dh) rotated, one per position; the (S, n_axes) integer positions)."""
+    if kind == "decoder":  # halves rotated, HF Llama layout
         pos = torch.arange(12)
         cos, sin = rope_cos_sin(pos, rope_frequencies(HEAD_DIM, 10000.0))
-        return cos, sin, pos[:, None]
-    t, h, w = 2, 3, 4
-    cos, sin = rope_3d_cos_sin(t, h, w, rope_3d_frequencies(HEAD_DIM, 10000.0), "cpu")
+        return (lambda x: apply_rope(x, cos.double(), sin.double())), pos[:, None]
+    if kind == "audio":  # consecutive pairs rotated as complex numbers, 1D positions
+        pos = torch.arange(12)
+        cis = rope_cis(pos[:, None].float() * rope_frequencies(HEAD_DIM, 10000.0))
+        return (lambda x: apply_rope_pairs(x, cis).double()), pos[:, None]
+    t, h, w = 2, 3, 4  # vision: pairs, 3D positions
+    cis = rope_3d_cis(t, h, w, rope_3d_frequencies(HEAD_DIM, 10000.0), "cpu")[0]
     grid = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"), -1)
-    return cos[0], sin[0], grid.reshape(-1, 3)
+    return (lambda x: apply_rope_pairs(x, cis).double()), grid.reshape(-1, 3)
 
 
-@pytest.mark.parametrize("kind", ["1d", "3d"])
+@pytest.mark.parametrize("kind", ["decoder", "audio", "vision"])
 def test_rope_is_a_rotation_that_encodes_relative_position(kind):
     # A rotation keeps norms, and q.k after RoPE depends only on the offset between the two positions: what lets
     # resolution and length vary. (The vision tables once lacked the sign of sin: a position-dependent shear.)
-    cos, sin, pos = tables(kind)
+    rotate, pos = rotations(kind)
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(HEAD_DIM, generator=g, dtype=torch.float64), torch.randn(HEAD_DIM, generator=g, dtype=torch.float64)
-    cos, sin = cos.double(), sin.double()
-    rq, rk = apply_rope(q.expand(len(pos), -1), cos, sin), apply_rope(k.expand(len(pos), -1), cos, sin)
+    rq, rk = rotate(q.expand(len(pos), -1)), rotate(k.expand(len(pos), -1))
     torch.testing.assert_close(rq.norm(dim=-1), q.norm().expand(len(pos)), rtol=1e-6, atol=0)  # tables are fp32
     dots = {}
     for i in range(len(pos)):
@@ -46,11 +50,10 @@ def test_rope_is_a_rotation_that_encodes_relative_position(kind):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kind", ["1d", "3d"])
-def test_rope_backward_equals_autograd(kind, dtype):
-    cos, sin, _ = tables(kind)
-    cos, sin = cos[None, :, None], sin[None, :, None]  # (1, S, 1, Dh), as the attention layers broadcast them
-    x = torch.randn(3, cos.shape[1], 5, HEAD_DIM).to(dtype).requires_grad_()
+def test_decoder_rope_backward_equals_autograd(dtype):
+    pos = torch.randint(0, 50, (3, 20))  # packed rows: positions per token
+    cos, sin = (t[:, :, None] for t in rope_cos_sin(pos, rope_frequencies(HEAD_DIM, 10000.0)))  # (B, T, 1, Dh)
+    x = torch.randn(3, 20, 5, HEAD_DIM).to(dtype).requires_grad_()
     grad = torch.randn(x.shape)
     ours = torch.autograd.grad(apply_rope(x, cos, sin), x, grad)[0]
     ref = torch.autograd.grad(_rotate(x, cos, sin), x, grad)[0]
