@@ -9,7 +9,7 @@ import model.loss
 from model.blocks import apply_rope_pairs, rope_cis
 from model.config import IGNORE_INDEX
 from model.loss import chunk_rows, linear_cross_entropy
-from model.text import _rotate, apply_rope, rope_cos_sin, rope_frequencies
+from model.text import RMSNorm, _rotate, apply_rope, rms_norm_reference, rope_cos_sin, rope_frequencies
 from model.vision import rope_3d_cis, rope_3d_frequencies
 
 HEAD_DIM = 24
@@ -65,6 +65,25 @@ def test_decoder_rope_backward_equals_autograd(dtype):
     err_ours, err_ref = ((g.double() - truth).abs().max() for g in (ours, ref))
     assert err_ours <= err_ref * 1.01 + 1e-6
     torch.testing.assert_close(ours, ref, **({"rtol": 1e-2, "atol": 1e-2} if dtype == torch.bfloat16 else {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_equals_the_plain_expression_and_its_gradients(dtype):
+    norm = RMSNorm(40, 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(40) + 0.5)
+    norm.to(dtype)
+    x = (torch.randn(3, 7, 40) * 3).to(dtype).requires_grad_()
+    grad = torch.randn(x.shape).to(dtype)
+    ours = norm(x)
+    gx, gw = torch.autograd.grad(ours, (x, norm.weight), grad)
+    ref = rms_norm_reference(x, norm.weight, 1e-5)
+    rx, rw = torch.autograd.grad(ref, (x, norm.weight), grad)
+    assert ours.dtype == ref.dtype and gx.dtype == rx.dtype == dtype and gw.dtype == rw.dtype
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(gx, rx, **tol)
+    torch.testing.assert_close(gw, rw, **tol)
 
 
 def reference_ce(h, w, targets):
