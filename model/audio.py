@@ -21,9 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .blocks import EncoderBlock, GeluMLP, rope_cis, run_blocks
+from .blocks import EncoderBlock, GeluMLP, run_blocks
 from .config import AudioConfig
-from .text import rope_frequencies
+from .text import rope_angles, rope_cis, rope_frequencies
 
 
 def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int) -> torch.Tensor:
@@ -98,8 +98,7 @@ class AudioEncoder(nn.Module):
         if frames is not None:
             lengths = torch.tensor(self._token_lengths(frames), device=x.device)
             mask = (torch.arange(x.shape[1], device=x.device)[None] < lengths[:, None])[:, None, None]  # (N, 1, 1, S)
-        positions = torch.arange(x.shape[1], device=x.device, dtype=torch.float32)
-        cis = rope_cis(positions[None, :, None] * self.inv_freq.float())  # (1, S, Dh/2)
+        cis = rope_cis(rope_angles(torch.arange(x.shape[1], device=x.device)[None], self.inv_freq))  # (1, S, Dh/2)
         x = run_blocks(self.blocks, x, cis, mask, self.checkpoint_activations and self.training)
         return self.norm(x)
 

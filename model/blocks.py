@@ -4,12 +4,7 @@ LayerNorm with bias and a GELU MLP (ViT/Whisper style, not the decoder's RMSNorm
 whole item at once, so attention has no mask; positions are rotary and supplied by the caller (3D for
 vision, 1D for audio), which is what lets resolution, aspect ratio and duration vary. One qkv matmul, one RoPE
 pass over q and k, attention through the decoder's `attention` (fp32 on CPU).
-
-The encoders' RoPE rotates consecutive pairs (x[2i], x[2i+1]) as complex numbers (Meta's Llama form), where the
-decoder rotates halves (x[i], x[i + Dh/2]) for a Hugging Face Llama export: the two are the same rotation up to a
-fixed permutation of each head's dimensions, which trained-from-scratch weights absorb, and on CPU the complex
-form costs one pass over q and k where the half form costs three (the vision step ~5% faster; no encoder is
-exported to a format that fixes the convention).
+RoPE as in the decoder (`text.apply_rope`: consecutive pairs rotated as complex numbers).
 Shapes: N items, S tokens per item, D width, H heads, Dh head dim.
 """
 
@@ -18,18 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .text import attention
-
-
-def rope_cis(angles: torch.Tensor) -> torch.Tensor:
-    """Rotation angles (..., Dh/2) -> the unit complex numbers e^(i angle) (complex64) that `apply_rope_pairs` uses."""
-    return torch.polar(torch.ones_like(angles), angles.float())
-
-
-def apply_rope_pairs(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
-    """Rotate each consecutive pair of x (..., Dh) by the angles of `cis` (..., Dh/2, broadcast) -> fp32 (..., Dh)."""
-    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(xc * cis).flatten(-2)
+from .text import apply_rope, attention
 
 
 class EncoderAttention(nn.Module):
@@ -44,7 +28,7 @@ class EncoderAttention(nn.Module):
         N, S, D = x.shape
         H = self.n_heads
         qk, v = self.qkv(x).view(N, S, 3 * H, self.head_dim).split([2 * H, H], dim=2)  # (N, S, 2H | H, Dh)
-        q, k = apply_rope_pairs(qk, cis[:, :, None]).split(H, dim=2)  # (N, S, H, Dh) each, fp32
+        q, k = apply_rope(qk, cis[:, :, None]).split(H, dim=2)  # (N, S, H, Dh) each, fp32
         # split before transposing: the gradients SDPA returns are (N, S, H, Dh) in memory, so split's backward is a
         # plain concatenation and RoPE's backward runs on contiguous tensors
         return self.proj(attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask))  # (N, S, D)

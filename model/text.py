@@ -3,8 +3,9 @@
 Notable choices:
 - RMSNorm (eps inside the sqrt, weight applied after normalising in fp32: Llama's placement, so an export
   to `LlamaForCausalLM` gives the same logits), with a written-out backward.
-- Rotary positions (rotate-half convention, as Hugging Face Llama), positions given per token so packed
-  documents restart at 0; the cos/sin tables are built once per forward and applied to q and k in one pass.
+- Rotary positions over consecutive pairs of each head's dims (Meta's Llama layout; the HF export permutes q/k
+  rows into Hugging Face's rotate-half layout), positions given per token so packed documents restart at 0; the
+  rotations are built once per forward and applied to q and k in one pass.
 - q, k and v come from one matmul (the `wq`, `wk`, `wv` weights concatenated per call; names and shapes as in
   Llama, so checkpoints, the init scheme and the HF export are untouched).
 - Grouped-query attention through `F.scaled_dot_product_attention` with `enable_gqa` (no K/V copies); a packed
@@ -71,50 +72,23 @@ def rope_frequencies(head_dim: int, theta: float) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
 
 
-def rope_tables(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotation angles (..., Dh/2) -> cos/sin tables (..., Dh) in the rotate-half layout. The sin table carries the
-    rotation's sign (-sin on the first half), so `apply_rope` is one multiply and two half multiply-adds. (The
-    encoders rotate consecutive pairs as complex numbers instead: model/blocks.py.)"""
-    cos, sin = angles.cos(), angles.sin()
-    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
+def rope_cis(angles: torch.Tensor) -> torch.Tensor:
+    """Rotation angles (..., Dh/2) -> the unit complex numbers e^(i angle) (complex64) that `apply_rope` uses."""
+    return torch.polar(torch.ones_like(angles, dtype=torch.float32), angles.float())
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor):
-    """cos/sin for integer positions (..., T) -> (..., T, 2 * len(inv_freq)) each (see rope_tables)."""
-    return rope_tables(positions.to(torch.float32)[..., None] * inv_freq.to(positions.device))  # angles (..., T, Dh/2)
+def rope_angles(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Integer positions (...) -> rotation angles (..., Dh/2) in fp32."""
+    return positions.to(torch.float32)[..., None] * inv_freq.to(positions.device, torch.float32)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x * cos + [x2, x1] * sin, without building [x2, x1]: two in-place half updates (CPU: 10-30% faster)."""
-    half = x.shape[-1] // 2
-    y = x * cos
-    y[..., :half].addcmul_(x[..., half:], sin[..., :half])
-    y[..., half:].addcmul_(x[..., :half], sin[..., half:])
-    return y
-
-
-class _Rope(torch.autograd.Function):
-    """RoPE with a written-out backward. A rotation's transpose is the rotation by the opposite angle, so the
-    gradient is the forward applied to the incoming gradient with -sin (the tables are symmetric: cos = [c, c],
-    sin = [-s, s]): three kernels, where autograd's derivation of `_rotate` runs nine over strided slices."""
-
-    @staticmethod
-    def forward(ctx, x, cos, sin):
-        ctx.save_for_backward(cos, sin)
-        ctx.x_dtype = x.dtype
-        return _rotate(x, cos, sin)
-
-    @staticmethod
-    def backward(ctx, grad):
-        cos, sin = ctx.saved_tensors
-        return _rotate(grad, cos, -sin).to(ctx.x_dtype), None, None
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE: x * cos + rotate_half(x) * sin, with rotate_half(x) = (-x2, x1) and the minus carried by
-    `sin` (tables from `rope_tables`). x: (..., Dh); cos/sin broadcast to x and need no gradient. Computed in fp32
-    (the tables' dtype)."""
-    return _Rope.apply(x, cos, sin)
+def apply_rope(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
+    """Rotate each consecutive pair (x[2i], x[2i+1]) of x (..., Dh) as a complex number by `cis` (..., Dh/2,
+    broadcast to x) -> fp32 (..., Dh). Meta's Llama form: one pass over x, where rotating halves (Hugging Face's
+    form) costs three on CPU; the two differ by a fixed permutation of each head's q/k rows, which the HF export
+    applies (train/export.py)."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * cis).flatten(-2)
 
 
 def attention(q, k, v, mask=None, is_causal: bool = False) -> torch.Tensor:
@@ -175,14 +149,14 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int):
-        """x: (B, T, D); cos/sin: (B, T, 1, Dh)."""
+    def forward(self, x, cis, mask, cache: KVCache | None, layer: int):
+        """x: (B, T, D); cis: (B, T, 1, Dh/2) complex rotations."""
         B, T, _ = x.shape
         H, K, Dh = self.n_heads, self.n_kv_heads, self.head_dim
         # q, k and v in one matmul: the three weights (names and shapes unchanged) are concatenated per call
         w = torch.cat([self.wq.weight, self.wk.weight, self.wv.weight])  # ((H + 2K) Dh, D)
         qk, v = F.linear(x, w).view(B, T, H + 2 * K, Dh).split([H + K, K], dim=2)
-        q, k = apply_rope(qk, cos, sin).split([H, K], dim=2)  # one RoPE pass for q and k, fp32
+        q, k = apply_rope(qk, cis).split([H, K], dim=2)  # one RoPE pass for q and k, fp32
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T, Dh)
         is_causal = mask is None
         if cache is not None:
@@ -215,8 +189,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.dim, cfg.ffn_dim)
 
-    def forward(self, x, cos, sin, mask, cache, layer):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer)
+    def forward(self, x, cis, mask, cache, layer):
+        x = x + self.attn(self.attn_norm(x), cis, mask, cache, layer)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -239,15 +213,15 @@ class TextDecoder(nn.Module):
             position_ids = torch.arange(start, start + T, device=h.device).expand(B, T)
         if position_ids.max() >= self.cfg.max_seq_len:
             raise ValueError(f"position {int(position_ids.max())} is beyond the context of {self.cfg.max_seq_len} tokens")
-        cos, sin = (t[:, :, None] for t in rope_cos_sin(position_ids, self.inv_freq))  # (B, T, 1, Dh): once per forward
+        cis = rope_cis(rope_angles(position_ids, self.inv_freq))[:, :, None]  # (B, T, 1, Dh/2): once per forward
         mask = None
         if doc_ids is not None and cache is None and bool((doc_ids != doc_ids[:, :1]).any()):
             mask = doc_causal_mask(doc_ids)  # (B, 1, T, T); only rows with several documents pay for it
         for i, layer in enumerate(self.layers):
             if self.checkpoint_activations and self.training:
-                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, mask, None, i, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(layer, h, cis, mask, None, i, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, mask, cache, i)
+                h = layer(h, cis, mask, cache, i)
         if cache is not None:
             cache.pos += T
         return self.norm(h)

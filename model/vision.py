@@ -19,9 +19,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .blocks import EncoderBlock, GeluMLP, block_diagonal_mask, rope_cis, run_blocks
+from .blocks import EncoderBlock, GeluMLP, block_diagonal_mask, run_blocks
 from .config import VisionConfig
 from .media import vision_grid
+from .text import rope_cis
 
 
 def rope_3d_frequencies(head_dim: int, theta: float) -> tuple[torch.Tensor, ...]:
@@ -33,7 +34,7 @@ def rope_3d_frequencies(head_dim: int, theta: float) -> tuple[torch.Tensor, ...]
 
 
 def rope_3d_cis(t: int, h: int, w: int, freqs, device) -> torch.Tensor:
-    """Rotations of every patch of a (t, h, w) grid, row-major: (1, S, head_dim / 2) complex (blocks.rope_cis)."""
+    """Rotations of every patch of a (t, h, w) grid, row-major: (1, S, head_dim / 2) complex (text.rope_cis)."""
     grid = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"), dim=-1)
     grid = grid.reshape(-1, 3).to(device=device, dtype=torch.float32)  # (S, 3)
     angles = torch.cat([grid[:, i : i + 1] * f.to(device) for i, f in enumerate(freqs)], dim=-1)  # (S, Dh/2)

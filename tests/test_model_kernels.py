@@ -6,10 +6,9 @@ import torch
 import torch.nn.functional as F
 
 import model.loss
-from model.blocks import apply_rope_pairs, rope_cis
 from model.config import IGNORE_INDEX
 from model.loss import chunk_rows, linear_cross_entropy
-from model.text import RMSNorm, _rotate, apply_rope, rms_norm_reference, rope_cos_sin, rope_frequencies
+from model.text import RMSNorm, apply_rope, rms_norm_reference, rope_angles, rope_cis, rope_frequencies
 from model.vision import rope_3d_cis, rope_3d_frequencies
 
 HEAD_DIM = 24
@@ -17,21 +16,17 @@ HEAD_DIM = 24
 
 def rotations(kind: str):
     """-> (rotate: (S, Dh) vectors -> (S, Dh) rotated, one per position; the (S, n_axes) integer positions)."""
-    if kind == "decoder":  # halves rotated, HF Llama layout
+    if kind in ("decoder", "audio"):  # 1D positions (the decoder's are per token, the audio encoder's per frame)
         pos = torch.arange(12)
-        cos, sin = rope_cos_sin(pos, rope_frequencies(HEAD_DIM, 10000.0))
-        return (lambda x: apply_rope(x, cos.double(), sin.double())), pos[:, None]
-    if kind == "audio":  # consecutive pairs rotated as complex numbers, 1D positions
-        pos = torch.arange(12)
-        cis = rope_cis(pos[:, None].float() * rope_frequencies(HEAD_DIM, 10000.0))
-        return (lambda x: apply_rope_pairs(x, cis).double()), pos[:, None]
-    t, h, w = 2, 3, 4  # vision: pairs, 3D positions
+        cis = rope_cis(rope_angles(pos, rope_frequencies(HEAD_DIM, 10000.0)))
+        return (lambda x: apply_rope(x, cis).double()), pos[:, None]
+    t, h, w = 2, 3, 4  # vision: 3D positions, the rotation pairs split between time, rows and columns
     cis = rope_3d_cis(t, h, w, rope_3d_frequencies(HEAD_DIM, 10000.0), "cpu")[0]
     grid = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"), -1)
-    return (lambda x: apply_rope_pairs(x, cis).double()), grid.reshape(-1, 3)
+    return (lambda x: apply_rope(x, cis).double()), grid.reshape(-1, 3)
 
 
-@pytest.mark.parametrize("kind", ["decoder", "audio", "vision"])
+@pytest.mark.parametrize("kind", ["decoder", "vision"])
 def test_rope_is_a_rotation_that_encodes_relative_position(kind):
     # A rotation keeps norms, and q.k after RoPE depends only on the offset between the two positions: what lets
     # resolution and length vary. (The vision tables once lacked the sign of sin: a position-dependent shear.)
@@ -39,7 +34,7 @@ def test_rope_is_a_rotation_that_encodes_relative_position(kind):
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(HEAD_DIM, generator=g, dtype=torch.float64), torch.randn(HEAD_DIM, generator=g, dtype=torch.float64)
     rq, rk = rotate(q.expand(len(pos), -1)), rotate(k.expand(len(pos), -1))
-    torch.testing.assert_close(rq.norm(dim=-1), q.norm().expand(len(pos)), rtol=1e-6, atol=0)  # tables are fp32
+    torch.testing.assert_close(rq.norm(dim=-1), q.norm().expand(len(pos)), rtol=1e-6, atol=0)  # fp32 arithmetic
     dots = {}
     for i in range(len(pos)):
         for j in range(len(pos)):
@@ -49,41 +44,43 @@ def test_rope_is_a_rotation_that_encodes_relative_position(kind):
         assert max(values) - min(values) < 1e-5, f"offset {offset}: q.k varies with absolute position: {values}"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decoder_rope_backward_equals_autograd(dtype):
-    pos = torch.randint(0, 50, (3, 20))  # packed rows: positions per token
-    cos, sin = (t[:, :, None] for t in rope_cos_sin(pos, rope_frequencies(HEAD_DIM, 10000.0)))  # (B, T, 1, Dh)
-    x = torch.randn(3, 20, 5, HEAD_DIM).to(dtype).requires_grad_()
-    grad = torch.randn(x.shape)
-    ours = torch.autograd.grad(apply_rope(x, cos, sin), x, grad)[0]
-    ref = torch.autograd.grad(_rotate(x, cos, sin), x, grad)[0]
-    xd = x.detach().double().requires_grad_()
-    truth = torch.autograd.grad(_rotate(xd, cos.double(), sin.double()), xd, grad.double())[0]
-    assert ours.dtype == ref.dtype == dtype
-    torch.testing.assert_close(apply_rope(x, cos, sin), _rotate(x, cos, sin), rtol=0, atol=0)
-    # in bf16 ours rounds once (fp32 arithmetic), autograd's derivation rounds each partial: at least as accurate
-    err_ours, err_ref = ((g.double() - truth).abs().max() for g in (ours, ref))
-    assert err_ours <= err_ref * 1.01 + 1e-6
-    torch.testing.assert_close(ours, ref, **({"rtol": 1e-2, "atol": 1e-2} if dtype == torch.bfloat16 else {}))
+def test_rope_on_pairs_is_hugging_faces_rotate_half_after_the_export_permutation():
+    # The HF export permutes q/k rows per head (train/export.py): rotating pairs then permuting must equal
+    # permuting then rotating halves the way transformers' Llama does.
+    from train.export import pairs_to_halves
+
+    pos = torch.arange(9)
+    angles = rope_angles(pos, rope_frequencies(HEAD_DIM, 500.0))  # (S, Dh/2)
+    x = torch.randn(9, 3, HEAD_DIM)  # (S, heads, Dh)
+    ours = apply_rope(x, rope_cis(angles)[:, None])
+    cos, sin = torch.cat([angles.cos()] * 2, -1)[:, None], torch.cat([angles.sin()] * 2, -1)[:, None]
+    to_halves = lambda t: pairs_to_halves(t.reshape(9, -1).T, 3).T.reshape(t.shape)  # q/k rows as the export moves them
+    xh = to_halves(x)
+    x1, x2 = xh.chunk(2, dim=-1)
+    hf = xh * cos + torch.cat([-x2, x1], dim=-1) * sin  # transformers' apply_rotary_pos_emb
+    torch.testing.assert_close(to_halves(ours), hf, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rms_norm_equals_the_plain_expression_and_its_gradients(dtype):
+    g = torch.Generator().manual_seed(0)
     norm = RMSNorm(40, 1e-5)
     with torch.no_grad():
-        norm.weight.copy_(torch.rand(40) + 0.5)
+        norm.weight.copy_(torch.rand(40, generator=g) + 0.5)
     norm.to(dtype)
-    x = (torch.randn(3, 7, 40) * 3).to(dtype).requires_grad_()
-    grad = torch.randn(x.shape).to(dtype)
+    x = (torch.randn(3, 7, 40, generator=g) * 3).to(dtype).requires_grad_()
+    grad = torch.randn(x.shape, generator=g).to(dtype)
     ours = norm(x)
     gx, gw = torch.autograd.grad(ours, (x, norm.weight), grad)
     ref = rms_norm_reference(x, norm.weight, 1e-5)
     rx, rw = torch.autograd.grad(ref, (x, norm.weight), grad)
+    xd, wd = x.detach().double().requires_grad_(), norm.weight.detach().double().requires_grad_()
+    tx, tw = torch.autograd.grad(rms_norm_reference(xd, wd, 1e-5), (xd, wd), grad.double())
     assert ours.dtype == ref.dtype and gx.dtype == rx.dtype == dtype and gw.dtype == rw.dtype
     torch.testing.assert_close(ours, ref, rtol=0, atol=0)
-    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-6}
-    torch.testing.assert_close(gx, rx, **tol)
-    torch.testing.assert_close(gw, rw, **tol)
+    for mine, autograd, truth in ((gx, rx, tx), (gw, rw, tw)):  # in bf16: at least as accurate as autograd's
+        assert (mine.double() - truth).abs().max() <= (autograd.double() - truth).abs().max() * 1.01 + 1e-5
+        torch.testing.assert_close(mine, autograd, **({"rtol": 5e-2, "atol": 5e-2} if dtype == torch.bfloat16 else {}))
 
 
 def reference_ce(h, w, targets):

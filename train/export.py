@@ -16,7 +16,9 @@ nothing added and nothing rewritten. The certificate and the signature cover eve
 loads; verify then reports each ds/ file as "listed in the certificate but missing": that is the truth.
 
 Mapping (ours -> HF Llama), the places where conversions usually go wrong:
-- Our rotary positions already use the rotate-half convention of HF Llama: q/k weights are copied unpermuted.
+- RoPE: we rotate consecutive pairs of each head's dims (Meta's layout), HF Llama rotates halves; the q/k rows of
+  every head are permuted from one to the other (as transformers' own convert_llama_weights_to_hf does), the only
+  place the two layouts meet. A round trip is the identity; exported logits equal ours (tests/test_export.py).
 - GQA: `wk`/`wv` hold n_kv_heads * head_dim rows, head-major, as HF's k_proj/v_proj; `num_key_value_heads`
   and `head_dim` are written explicitly.
 - RMSNorm: eps inside the sqrt, weight after normalising, computed in fp32: identical to LlamaRMSNorm, with
@@ -44,15 +46,27 @@ from tokenizer.bpe import load_tokenizer
 
 from .hub import CONFIG, TOKENIZER, WEIGHTS, load_model_config_json, resolve_checkpoint
 
-_LAYER = [  # (ours under text.layers.{i}., HF under model.layers.{i}.)
-    ("attn.wq.weight", "self_attn.q_proj.weight"),
-    ("attn.wk.weight", "self_attn.k_proj.weight"),
+_ROTATED = [  # (ours, HF, heads attribute of TextConfig): RoPE'd projections, rows permuted per head
+    ("attn.wq.weight", "self_attn.q_proj.weight", "n_heads"),
+    ("attn.wk.weight", "self_attn.k_proj.weight", "n_kv_heads"),
+]
+_LAYER = [  # (ours under text.layers.{i}., HF under model.layers.{i}.), copied as they are
     ("attn.wv.weight", "self_attn.v_proj.weight"),
     ("attn.wo.weight", "self_attn.o_proj.weight"),
     ("mlp.w2.weight", "mlp.down_proj.weight"),
     ("attn_norm.weight", "input_layernorm.weight"),
     ("mlp_norm.weight", "post_attention_layernorm.weight"),
 ]
+
+
+def pairs_to_halves(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """(heads * Dh, D) rows with each head's rotation pairs adjacent (2i, 2i+1) -> pairs at (i, i + Dh/2)."""
+    return w.reshape(heads, -1, 2, w.shape[-1]).transpose(1, 2).reshape(w.shape)
+
+
+def halves_to_pairs(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """The inverse of `pairs_to_halves`."""
+    return w.reshape(heads, 2, -1, w.shape[-1]).transpose(1, 2).reshape(w.shape)
 
 
 def to_hf_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -63,6 +77,8 @@ def to_hf_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, t
         ours, hf = f"text.layers.{i}.", f"model.layers.{i}."
         for a, b in _LAYER:
             out[hf + b] = state[ours + a]
+        for a, b, heads in _ROTATED:
+            out[hf + b] = pairs_to_halves(state[ours + a], getattr(t, heads))
         gate, up = state[ours + "mlp.w13.weight"].split(t.ffn_dim, dim=0)  # (F, D) each
         out[hf + "mlp.gate_proj.weight"], out[hf + "mlp.up_proj.weight"] = gate, up
     if not t.tie_embeddings:
@@ -79,6 +95,8 @@ def from_hf_state(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, to
         ours, h = f"text.layers.{i}.", f"model.layers.{i}."
         for a, b in _LAYER:
             out[ours + a] = hf[h + b]
+        for a, b, heads in _ROTATED:
+            out[ours + a] = halves_to_pairs(hf[h + b], getattr(t, heads))
         out[ours + "mlp.w13.weight"] = torch.cat([hf[h + "mlp.gate_proj.weight"], hf[h + "mlp.up_proj.weight"]], dim=0)
     if not t.tie_embeddings:
         out["lm_head.weight"] = hf["lm_head.weight"]
