@@ -243,6 +243,9 @@ def test_explain_failure_names_a_stuck_rank_and_the_first_error(tmp_path):
     lines = explain_failure(tmp_path, 2)
     assert lines[0].startswith("rank 1 (pid ") and "stopped responding" in lines[0] and "dist_timeout_s" in lines[0]
     assert lines[1].startswith("rank 0 failed: RuntimeError: [pair.cc:534] Timed out")
+    # gloo's other wording, when the timeout hits inside a ZeRO-3 all-gather
+    write_status(tmp_path, 0, "failed", error="RuntimeError: Application timeout caused pair closure")
+    assert "stopped responding" in explain_failure(tmp_path, 2)[0]
     write_status(tmp_path, 1, "failed", error="RuntimeError: injected at step 3")
     time.sleep(0.01)
     write_status(tmp_path, 0, "failed", error="RuntimeError: Connection closed by peer")

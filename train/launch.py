@@ -84,7 +84,8 @@ def explain_failure(run_dir: Path, nproc: int) -> list[str]:
     error is usually the cause, later ones its echo in the peers)."""
     statuses = read_statuses(run_dir)
     failed = sorted((s for s in statuses.values() if s["state"] == "failed"), key=lambda s: s["time"])
-    peers_timed_out = any("timed out" in s.get("error", "").lower() for s in failed)
+    # gloo words its timeouts by code path: "Timed out waiting ... for recv", "Application timeout caused pair closure"
+    peers_timed_out = any(w in s.get("error", "").lower() for s in failed for w in ("timed out", "timeout"))
     silent = []
     for r in range(nproc):
         s = statuses.get(r)
