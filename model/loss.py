@@ -10,7 +10,7 @@ gradient of each row's loss. The same approach as Liger-Kernel's and Cut Cross-E
 
 Precision follows `F.linear` under autocast: the matmuls run in the autocast dtype (bf16 on CPU/GPU) or in the
 inputs' dtype; the softmax arithmetic is fp32; the weight gradient is accumulated over chunks in fp32.
-Equivalent to the unfused expression to rounding (tests/test_model.py).
+Equivalent to the unfused expression to rounding (tests/test_model_kernels.py).
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import torch
 
 from .config import IGNORE_INDEX
 
-# Rows per chunk: ~8 MiB of fp32 logits per chunk (cache-sized on a CPU, small on a GPU), and at least as many rows as
-# the model width, so that accumulating the (V, D) weight gradient once per chunk stays small beside the chunk's work.
+# Rows per chunk: ~8 MiB of fp32 logits (near a CPU's cache), and at least as many rows as the model width, so that
+# accumulating the (V, D) weight gradient once per chunk stays small beside the chunk's work. For the 7b config that
+# is 4096 rows (1 GiB of fp32 logits per chunk): the saving is the rest of the micro-batch's tokens.
 CHUNK_ELEMENTS = 1 << 21
 
 
@@ -112,3 +113,10 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
         raise ValueError(f"linear_cross_entropy: expected h (N, D), weight (V, D), targets (N,); got "
                          f"{tuple(h.shape)}, {tuple(weight.shape)}, {tuple(targets.shape)}")
     return _LinearCrossEntropy.apply(h, weight, targets, ignore_index)
+
+
+def next_token_losses(h: torch.Tensor, head: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Final hidden states h (B, T, D), the LM head's weight (V, D) and labels (B, T) aligned with the inputs ->
+    (B, T - 1) fp32 losses of predicting token t + 1 at t, 0 where that label is IGNORE_INDEX."""
+    B, T, D = h.shape
+    return linear_cross_entropy(h[:, :-1].reshape(-1, D), head, labels[:, 1:].reshape(-1)).view(B, T - 1)

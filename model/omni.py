@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .audio import AudioEncoder, AudioProjector
 from .config import AUDIO_ID, IGNORE_INDEX, IMAGE_ID, VIDEO_ID, ModelConfig
-from .loss import linear_cross_entropy
+from .loss import next_token_losses
 from .media import audio_tokens, vision_grid, vision_tokens
 from .text import KVCache, TextDecoder
 from .vision import VisionEncoder, VisionProjector
@@ -130,8 +130,7 @@ class OmniModel(nn.Module):
         head = self.embed.weight if self.lm_head is None else self.lm_head.weight
         if labels is None:
             return F.linear(h, head)  # (B, T, V)
-        B, T, D = h.shape
-        return linear_cross_entropy(h[:, :-1].reshape(-1, D), head, labels[:, 1:].reshape(-1)).view(B, T - 1)
+        return next_token_losses(h, head, labels)  # (B, T - 1)
 
     @staticmethod
     def mean_loss(token_losses: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

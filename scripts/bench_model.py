@@ -37,7 +37,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import OmniModel, init_weights, load_model_config  # noqa: E402
 from model.flops import text_flops_per_token  # noqa: E402
-from model.loss import linear_cross_entropy  # noqa: E402
+from model.loss import next_token_losses  # noqa: E402
 from model.media import vision_grid  # noqa: E402
 
 
@@ -51,9 +51,7 @@ class OurText(nn.Module):
         self.embed, self.text = model.embed, model.text
 
     def forward(self, ids):
-        h = self.text(self.embed(ids))
-        B, T, D = h.shape
-        return linear_cross_entropy(h[:, :-1].reshape(-1, D), self.embed.weight, ids[:, 1:].reshape(-1)).mean()
+        return next_token_losses(self.text(self.embed(ids)), self.embed.weight, ids).mean()
 
 
 def hf_llama(cfg):

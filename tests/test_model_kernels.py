@@ -117,3 +117,24 @@ def test_linear_cross_entropy_equals_the_unfused_loss_and_gradients(autocast, mo
 def test_linear_cross_entropy_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match=r"expected h \(N, D\), weight \(V, D\), targets \(N,\); got \(4, 8\), \(10, 6\)"):
         linear_cross_entropy(torch.zeros(4, 8), torch.zeros(10, 6), torch.zeros(4, dtype=torch.long))
+
+
+def test_the_models_training_losses_equal_the_loss_of_its_logits():
+    # OmniModel.forward(labels=...) (what training calls) against cross-entropy over the logits it returns without.
+    from model import OmniModel, init_weights
+    from model.config import AudioConfig, ModelConfig, TextConfig, VisionConfig
+
+    cfg = ModelConfig(name="micro", text=TextConfig(vocab_size=96, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=64),
+                      vision=VisionConfig(patch_size=4, dim=24, n_layers=1, n_heads=2, ffn_dim=48),
+                      audio=AudioConfig(n_mels=16, n_fft=128, hop_length=64, dim=16, n_layers=1, n_heads=2, ffn_dim=32))
+    model = OmniModel(cfg)
+    init_weights(model, 0)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(12, 96, (2, 30), generator=g)
+    labels = ids.clone()
+    labels[0, 5:9] = IGNORE_INDEX
+    losses = model(ids, labels=labels)
+    assert losses.shape == (2, 29) and torch.all(losses[0, 4:8] == 0)
+    logits_loss = OmniModel.lm_loss(model(ids), labels, reduction="none").view(2, 29)
+    torch.testing.assert_close(losses, logits_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(OmniModel.mean_loss(losses, labels), OmniModel.lm_loss(model(ids), labels))
