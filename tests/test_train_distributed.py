@@ -505,15 +505,15 @@ def test_deepspeed_launcher_and_accelerate_launch_train_like_torchrun(ws, refere
 
 NAN_AT_STEP_3 = """
 import model.omni
-orig, calls = model.omni.linear_cross_entropy, {"n": 0}
-def linear_cross_entropy(*args, **kwargs):  # the training loss of micro-batch 5 (step 3 at grad_accum 2) becomes NaN
+orig, calls = model.omni.next_token_losses, {"n": 0}
+def next_token_losses(*args, **kwargs):  # the training loss of micro-batch 5 (step 3 at grad_accum 2) becomes NaN
     out = orig(*args, **kwargs)
     if args[0].requires_grad:  # held-out evaluation runs without gradients: not counted
         calls["n"] += 1
         if calls["n"] == 5:
             out = out * float("nan")
     return out
-model.omni.linear_cross_entropy = linear_cross_entropy
+model.omni.next_token_losses = next_token_losses
 """
 
 
