@@ -128,7 +128,7 @@ def test_schedule_lr_is_the_unscaled_schedule():
 def test_encoders_wait_for_their_input_before_their_gradient_check():
     """A step without images gives the vision encoder an exactly-zero gradient by design (dummy item): its check
     waits for the first step whose global batch holds an image; the text side is checked at once."""
-    from train.engine import grad_checks_due
+    from train.guards import grad_checks_due
 
     pending = ["embeddings", "text_decoder", "vision_encoder", "vision_projector", "audio_encoder", "audio_projector"]
     assert grad_checks_due(pending, set()) == ["embeddings", "text_decoder"]

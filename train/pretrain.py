@@ -97,6 +97,7 @@ def _train(cfg, d, log, stop, resume, resume_from) -> str:
     from model.flops import batch_flops
     from train import checkpoint as ckpt
     from train import engine as eng
+    from train import guards
     from train.data import TrainLoader
     from train.launch import format_rank_table, preflight, rank_info
     from train.metrics import Metrics, device_peak, peak_memory_bytes
@@ -174,10 +175,10 @@ def _train(cfg, d, log, stop, resume, resume_from) -> str:
                                 lr_scale=o.lr_scale)
         log.info("dtypes: %s", {k: str(v) for k, v in eng.master_dtypes(engine).items()})
         # ZeRO >= 2 reduces gradients in the order they become ready: check that it matches across ranks
-        grad_order = eng.watch_grad_order(engine.module) if eng.zero_stage(ds) >= 2 and d.world_size > 1 else None
+        grad_order = guards.watch_grad_order(engine.module) if eng.zero_stage(ds) >= 2 and d.world_size > 1 else None
         # every component meant to train must get a non-zero gradient at the first step its input is in the global
         # batch (text side: step 1): a frozen encoder inside a model that "trains" stops the run here
-        grad_pending = eng.components_to_train(engine.module, o.lr_scale)
+        grad_pending = guards.components_to_train(engine.module, o.lr_scale)
         log.info("gradient check pending for %s; lr scales %s (0 = frozen on purpose, not checked)", grad_pending,
                  o.lr_scale)
 
@@ -285,7 +286,7 @@ def _train(cfg, d, log, stop, resume, resume_from) -> str:
             sums = [0.0] * (2 * len(MODALITIES))  # (loss sum, tokens) per modality
             flops = dict.fromkeys(MODALITIES, 0)  # training FLOPs of this step by modality (model/flops.py)
             batches = loader.next_step()
-            grad_due = eng.grad_checks_due(grad_pending, eng.media_in_step(batches, d.device)) if grad_pending else []
+            grad_due = guards.grad_checks_due(grad_pending, guards.media_in_step(batches, d.device)) if grad_pending else []
             for i, b in enumerate(batches):
                 losses, mods = token_losses(b)
                 loss = losses.mean()
@@ -304,7 +305,7 @@ def _train(cfg, d, log, stop, resume, resume_from) -> str:
                 for m, f in batch_flops(model_cfg, cfg.data.seq_len, b.input_ids, b.pixel_values, b.audio_values).items():
                     flops[m] += f
             if grad_order is not None:
-                eng.check_grad_order(grad_order, step + 1)
+                guards.check_grad_order(grad_order, step + 1)
             step += 1
             lr = eng.schedule_lr(engine)
             rec.record_step(step, loader.last_step_ranges, lr)

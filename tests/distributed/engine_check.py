@@ -16,6 +16,7 @@ import torch
 
 from model import OmniModel, init_weights, load_model_config
 from train import engine as eng
+from train import guards
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 120
@@ -78,13 +79,13 @@ def main() -> None:
         del engine, model
     # the gradient-order guard: equal orders pass, a data-dependent order (rank 1 runs b before a) is caught
     a, b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
-    order = eng.watch_grad_order(torch.nn.ModuleList([a, b]))
+    order = guards.watch_grad_order(torch.nn.ModuleList([a, b]))
     x = torch.ones(1, 4)
     b(a(x)).sum().backward()
-    eng.check_grad_order(order, 1)
+    guards.check_grad_order(order, 1)
     (a(b(x)) if d.rank == 1 else b(a(x))).sum().backward()
     try:
-        eng.check_grad_order(order, 2)
+        guards.check_grad_order(order, 2)
         report["grad_order_mismatch_caught"] = False
     except RuntimeError as e:
         report["grad_order_mismatch_caught"] = "different orders" in str(e)
