@@ -78,9 +78,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         hc, wc, tgt, keep, lse = ctx.saved_tensors
         scale = torch.where(keep, grad_loss.float(), 0.0)  # d(total)/d(row loss); 0 on ignored rows
-        # softmax * scale = exp(logits - (lse - log(scale))): one subtraction and one exp per chunk; a row of scale 0
-        # (ignored target) becomes exp(-inf) = 0
-        shift = lse - scale.log()
+        # softmax * |scale| = exp(logits - (lse - log|scale|)): one subtraction and one exp per chunk; a row of scale 0
+        # (ignored target) becomes exp(-inf) = 0. Training's scales are positive (a mean); others get their sign after.
+        shift = lse - scale.abs().log()
+        sign = scale.sign()[:, None] if bool((scale < 0).any()) else None
         grad_h = torch.empty_like(hc)
         grad_w = torch.zeros(wc.shape, device=wc.device, dtype=torch.float32)
         part = None if wc.dtype == torch.float32 else torch.empty_like(wc)  # one chunk's weight gradient, matmul dtype
@@ -91,6 +92,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 n = g.shape[0]
                 rows = slice(s, s + n)
                 g.sub_(shift[rows, None]).exp_()
+                if sign is not None:
+                    g.mul_(sign[rows])
                 g[torch.arange(n, device=g.device), tgt[rows]] -= scale[rows]  # - one_hot(target) * scale, in fp32
                 if part is not None:
                     g = chunks.low[:n].copy_(g)  # back to the matmul dtype

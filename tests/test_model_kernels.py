@@ -97,7 +97,7 @@ def test_linear_cross_entropy_equals_the_unfused_loss_and_gradients(autocast, mo
     h0, w0 = torch.randn(N, D, generator=g), torch.randn(V, D, generator=g) * 0.3
     targets = torch.randint(0, V, (N,), generator=g)
     targets[::7] = IGNORE_INDEX
-    row_weights = torch.rand(N, generator=g)  # a non-uniform incoming gradient (per-modality means, masks)
+    row_weights = torch.randn(N, generator=g)  # a non-uniform incoming gradient, of either sign
     results = []
     for fn in (linear_cross_entropy, reference_ce):
         h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
