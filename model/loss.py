@@ -98,6 +98,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if part is not None:
                     g = chunks.low[:n].copy_(g)  # back to the matmul dtype
                 torch.mm(g, wc, out=grad_h[rows])
+                if not ctx.needs_input_grad[1]:  # a frozen head
+                    continue
                 if part is None:
                     grad_w.addmm_(g.T, hc[rows])
                 else:  # no mixed-dtype addmm on CPU: one (V, D) addition per chunk, why chunks have >= D rows
