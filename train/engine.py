@@ -7,7 +7,8 @@ Notable choices (measured facts in shared/notes/deepspeed-on-cpu.md):
 - `default_pg_timeout` is set before init: the timeout given to `init_distributed` reaches only the world group,
   and ZeRO's own groups would otherwise wait 30 minutes on a stuck peer.
 - DeepSpeed JIT-builds its shared-memory all-reduce op (~55 s) on every init; training never uses it (it serves
-  inference), so the builder is replaced by a no-op before init.
+  inference), so the builder is replaced by a no-op before init. On CPU, ZeRO's gradient norm runs in fp32 instead
+  of through an fp64 copy of every gradient (`_fp32_grad_norms`).
 - The optimizer is torch's fused AdamW (no C++ build; one pass over memory per step, where the for-loop kernels
   make ~7: ZeRO's flat fp32 master is far larger than a cache, and the for-loop AdamW cost a ZeRO-2 step of the
   tiny model 13 ms more than the plain loop's per-tensor one; scripts/bench_scaling.py), except with optimizer CPU
