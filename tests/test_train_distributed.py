@@ -136,14 +136,8 @@ def test_world_size_2_to_1_resume_continues_the_loss(ws, reference):
     assert mine[6]["loss"] == pytest.approx(ref[6]["loss"], rel=1e-4)  # optimizer state and LR reproduced
     assert mine[6]["lr"] == pytest.approx(ref[6]["lr"], rel=1e-9)
     assert mine[5]["loss"] < ref[1]["loss"] - 0.05  # not a run restarted from scratch
-    # Two steps later the weights agree to a small fraction of what the two steps moved them (the Proof-of-Learning
-    # yardstick train/replay.py uses): another world size sums gradients in another order (bf16 here: grad norms
-    # 1.70447 vs 1.70433 at step 5), and Adam turns a near-zero gradient's sign into a +-lr update, so an elementwise
-    # bound measures luck. A lost optimizer state or LR moves them by a sizeable part of the update itself.
-    start = load_weights(reference / "checkpoints" / "step_000004")
     ours, theirs = load_weights(run / "checkpoints" / "step_000006"), load_weights(reference / "checkpoints" / "step_000006")
-    norm = lambda a, b: sum(float((a[k].float() - b[k].float()).pow(2).sum()) for k in a) ** 0.5
-    assert norm(ours, theirs) < 0.01 * norm(theirs, start), (norm(ours, theirs), norm(theirs, start))
+    assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) < 1e-4
 
 
 def test_sigterm_saves_and_exits_zero(ws):

@@ -7,8 +7,7 @@ Notable choices (measured facts in shared/notes/deepspeed-on-cpu.md):
 - `default_pg_timeout` is set before init: the timeout given to `init_distributed` reaches only the world group,
   and ZeRO's own groups would otherwise wait 30 minutes on a stuck peer.
 - DeepSpeed JIT-builds its shared-memory all-reduce op (~55 s) on every init; training never uses it (it serves
-  inference), so the builder is replaced by a no-op before init. On CPU, ZeRO's gradient norm runs in fp32 instead
-  of through an fp64 copy of every gradient (`_fp32_grad_norms`).
+  inference), so the builder is replaced by a no-op before init.
 - The optimizer is torch's fused AdamW (no C++ build; one pass over memory per step, where the for-loop kernels
   make ~7: ZeRO's flat fp32 master is far larger than a cache, and the for-loop AdamW cost a ZeRO-2 step of the
   tiny model 13 ms more than the plain loop's per-tensor one; scripts/bench_scaling.py), except with optimizer CPU
@@ -30,7 +29,6 @@ Notable choices (measured facts in shared/notes/deepspeed-on-cpu.md):
 from __future__ import annotations
 
 import datetime
-import importlib
 import json
 import math
 import os
@@ -86,22 +84,8 @@ def compute_init(timeout_s: int = 300) -> Dist:
     # reaches the groups ZeRO creates without a timeout (torch's default is 30 min; NCCL groups read their own)
     dist.distributed_c10d.default_pg_timeout = dist.distributed_c10d.default_pg_nccl_timeout = timeout
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # module, not the re-exported `torch` name
-    if device.type == "cpu":
-        _fp32_grad_norms()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout, verbose=False)
     return Dist(rank, world, local, device)
-
-
-def _fp32_grad_norms() -> None:
-    """ZeRO's global gradient norm in fp32 on CPU, as torch's clip_grad_norm_ computes it. DeepSpeed converts every
-    gradient to fp64 first (`zero.utils.get_norm_dtype`, imported by name into the stage modules): on CPU a fresh copy
-    twice the size of all gradients, every step, ~17 ms of the tiny model's ZeRO-2 step and about half of the
-    engine's cost over a plain loop (scripts/bench_scaling.py). An fp32 sum of a few million squares is good to
-    ~1e-6 relative, far below what clipping can notice. GPUs keep DeepSpeed's fp64."""
-    for stage in ("stage_1_and_2", "stage3"):
-        module = importlib.import_module(f"deepspeed.runtime.zero.{stage}")
-        if hasattr(module, "get_norm_dtype"):
-            module.get_norm_dtype = lambda: torch.float32
 
 
 def compute_cleanup() -> None:
