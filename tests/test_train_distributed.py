@@ -286,8 +286,8 @@ def test_a_stopped_rank_ends_a_zero3_run_within_the_timeout(ws, tmp_path):
 
 def test_zero3_init_and_bf16_masters(ws, tmp_path):
     """ZeRO-3: parameters born partitioned, step-0 masters equal a plain construction byte for byte (fp32 and
-    bf16); bf16 at ZeRO 1-3 keeps fp32 master weights and accumulates gradients in fp32; every engine trains.
-    Also: the gradient-order guard catches ranks whose backward graphs differ."""
+    bf16); bf16 at ZeRO 1-3 keeps fp32 master weights and accumulates gradients in fp32; every engine trains;
+    ZeRO-2's CPU gradient norm equals DeepSpeed's. Also: the gradient-order guard catches ranks whose backward graphs differ."""
     out = tmp_path / "engine_check.json"
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                           str(ROOT / "tests/distributed/engine_check.py"), str(ws / "model.yaml"), str(out)],
@@ -303,6 +303,13 @@ def test_zero3_init_and_bf16_masters(ws, tmp_path):
         # the tensors DeepSpeed really accumulated both micro-batches into, and each parameter's master slice
         assert r["accumulated"] in (["torch.float32"], ["master torch.float32", "torch.float32"]), key
         assert all(l == l and l < 10 for l in r["losses"]) and r["changed"] > 0.3, key
+    # ZeRO-2's gradient norm on CPU streams through an fp64 buffer: DeepSpeed's fp64 result to the last fp32 bit
+    # or one ulp (only the order of fp64 additions differs), across the 2 ranks' partitions
+    norms = report["zero2_bf16"]["grad_norms"]
+    assert norms is not None, "train.engine no longer installs its CPU gradient norm"
+    assert len(norms["ours"]) == len(norms["deepspeed"]) >= 1 and all(n > 0 for n in norms["ours"])
+    for a, b in zip(norms["ours"], norms["deepspeed"]):
+        assert abs(a - b) <= 1.2e-7 * b, norms
     for key in ("zero3_fp32", "zero3_bf16"):
         assert report[key]["local_fraction"] < 0.6  # each of 2 ranks holds about half
     assert report["zero3_bf16"]["dtypes"]["module"] == "torch.bfloat16"

@@ -3,6 +3,7 @@
 For ZeRO-3 (fp32 and bf16): are parameters really partitioned, and do the gathered step-0 fp32 masters equal a
 plain construction byte for byte? For bf16 at ZeRO 1, 2, 3: are master weights and gradient accumulation fp32,
 read from the tensors DeepSpeed really accumulates into (after the second micro-batch's backward, before the step)?
+At ZeRO-1/2, the global gradient norm that train.engine computes on CPU and DeepSpeed's own, on those gradients.
 Each engine also takes one optimizer step (2 micro-batches) on a fixed batch to show that it trains. At the end:
 does every process group, ZeRO's own included, carry the timeout given to compute_init?
 Usage: torchrun --nproc-per-node 2 tests/distributed/engine_check.py MODEL_YAML OUT_JSON
@@ -36,6 +37,21 @@ def accumulated_grad_dtypes(engine) -> set[str]:
     return out
 
 
+def grad_norms(engine) -> dict | None:
+    """ZeRO-1/2 only: each parameter group's global gradient norm (all ranks' partitions) by the CPU norm that
+    train.engine installs and by DeepSpeed's own method (kept as `__wrapped__`), on the same real gradients."""
+    opt = engine.optimizer
+    ours = getattr(type(opt), "get_grad_norm_direct", None)  # ZeRO-1 in bf16 runs DeepSpeed's BF16_Optimizer
+    if not hasattr(ours, "__wrapped__"):
+        return None
+    out = {"ours": [], "deepspeed": []}
+    for i in range(len(opt.bit16_groups)):
+        args = (opt, opt.averaged_gradients[i], opt.params_in_partition[i])
+        out["ours"].append(float(ours(*args)))
+        out["deepspeed"].append(float(ours.__wrapped__(*args)))
+    return out
+
+
 def main() -> None:
     cfg = load_model_config(sys.argv[1])
     d = eng.compute_init(TIMEOUT_S)
@@ -61,6 +77,7 @@ def main() -> None:
             engine.backward(loss)
             if engine.is_gradient_accumulation_boundary():
                 accumulated = accumulated_grad_dtypes(engine)
+                norms = grad_norms(engine)
             engine.step()
             losses.append(float(loss))
         after = eng.gather_fp32_state_dict(engine)
@@ -73,6 +90,7 @@ def main() -> None:
                                 if not torch.equal(step0[n], t.detach().to(dtype).float())] == [],
                 "dtypes": {k: str(v) for k, v in eng.master_dtypes(engine).items()},
                 "accumulated": sorted(accumulated),
+                "grad_norms": norms,
                 "losses": losses,
                 "changed": sum(not torch.equal(after[n], step0[n]) for n in step0) / len(step0),
             }
