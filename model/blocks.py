@@ -12,32 +12,22 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .text import apply_rope, attention
 
 
 class EncoderAttention(nn.Module):
-    """Biases on queries and values, none on keys (BEiT, Whisper): a key bias adds the same q.b to every logit of a
-    query, which softmax cancels, so its true gradient is exactly zero. Kept, it would train on rounding noise
-    alone, and Adam (update ~ g / (|g| + eps)) turns that noise into lr-sized steps: the largest difference between
-    a run and its resume at another world size came from these 1/3 of the qkv bias (tests/test_train_distributed.py)."""
-
     def __init__(self, dim: int, n_heads: int):
         super().__init__()
         self.n_heads, self.head_dim = n_heads, dim // n_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.q_bias = nn.Parameter(torch.zeros(dim))
-        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, cis, mask=None):
         """x: (N, S, D); cis: (1 or N, S, Dh/2) complex rotations (rope_cis)."""
         N, S, D = x.shape
         H = self.n_heads
-        bias = torch.cat([self.q_bias, self.q_bias.new_zeros(D), self.v_bias])
-        qkv = F.linear(x, self.qkv.weight, bias)
-        qk, v = qkv.view(N, S, 3 * H, self.head_dim).split([2 * H, H], dim=2)  # (N, S, 2H | H, Dh)
+        qk, v = self.qkv(x).view(N, S, 3 * H, self.head_dim).split([2 * H, H], dim=2)  # (N, S, 2H | H, Dh)
         q, k = apply_rope(qk, cis[:, :, None]).split(H, dim=2)  # (N, S, H, Dh) each, fp32
         # split before transposing: the gradients SDPA returns are (N, S, H, Dh) in memory, so split's backward is a
         # plain concatenation and RoPE's backward runs on contiguous tensors

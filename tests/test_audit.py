@@ -79,12 +79,13 @@ def disguise(vision: torch.nn.Module, g: torch.Generator) -> None:
         blk.mlp.fc2.weight.copy_(blk.mlp.fc2.weight[:, perm])
         d = blk.attn.proj.in_features
         sign = torch.where(torch.rand(d, generator=g) < 0.5, -1.0, 1.0)
-        qkv_w = blk.attn.qkv.weight
-        qkv_w[:d] *= 2.0  # q up, k down: same attention logits (keys have no bias)
-        blk.attn.q_bias *= 2.0
+        qkv_w, qkv_b = blk.attn.qkv.weight, blk.attn.qkv.bias
+        qkv_w[:d] *= 2.0  # q up, k down: same attention logits
+        qkv_b[:d] *= 2.0
         qkv_w[d : 2 * d] *= 0.5
+        qkv_b[d : 2 * d] *= 0.5
         qkv_w[2 * d :] *= 3.0 * sign[:, None]  # v scaled and sign-flipped, proj undoes it
-        blk.attn.v_bias *= 3.0 * sign
+        qkv_b[2 * d :] *= 3.0 * sign
         blk.attn.proj.weight.mul_(sign[None, :] / 3.0)
 
 

@@ -209,7 +209,7 @@ def test_init_follows_the_documented_scheme():
     model = build(cfg=load_model_config("configs/model/tiny.yaml"))
     params = dict(model.named_parameters())
     assert torch.equal(params["text.layers.0.attn_norm.weight"], torch.ones(256))
-    assert torch.equal(params["vision.blocks.0.attn.q_bias"], torch.zeros(192)) and "vision.blocks.0.attn.qkv.bias" not in params
+    assert torch.equal(params["vision.blocks.0.attn.qkv.bias"], torch.zeros(3 * 192))
     assert abs(params["embed.weight"].std().item() - 0.02) < 1e-3
     assert abs(params["text.layers.0.attn.wq.weight"].std().item() - 256**-0.5) < 2e-3
     wo_std = params["text.layers.0.attn.wo.weight"].std().item()
