@@ -1,7 +1,7 @@
 """Seeded, order-independent, portable initialisation: the step-0 weights are a pure function of (config, seed).
 
 Scheme "omniscratch-init-v2", decided by each parameter's name and shape only:
-- 1-D parameters named `...norm...weight`: ones; every bias: zeros.
+- 1-D parameters named `...norm...weight`: ones; every bias (`.bias`, `q_bias`, `v_bias`): zeros.
 - `embed.weight` and `lm_head.weight`: std 0.02 (GPT-2; with tied embeddings the head is the embedding).
 - Every other matrix or conv kernel: std 1/sqrt(fan_in), fan_in = prod(shape[1:]), so activations keep unit scale
   at any width; residual output projections (`attn.wo`, `mlp.w2`, `attn.proj`, `mlp.fc2`) are further divided by
@@ -74,7 +74,7 @@ def init_std(name: str, shape, cfg: ModelConfig) -> float:
 def init_tensor(name: str, shape, seed: int, cfg: ModelConfig) -> torch.Tensor:
     """The step-0 value of parameter `name` (fp32, CPU)."""
     shape = tuple(shape)
-    if name.endswith(".bias"):
+    if name.endswith((".bias", "_bias")):
         return torch.zeros(shape)
     if len(shape) == 1:
         if "norm" not in name:
