@@ -14,7 +14,7 @@ Parts, each also timed alone: "integrity" = signature + every file digest + tens
 over the files); "rebuild" = step 0 regenerated from config and seed (every random number, per tensor, threads
 across tensors) with its digests and the distance from init; "verify" = all of it overlapped, plus lineage, configs
 and licences. The rebuild cannot be cheaper than generating every random number once: `rng_1thread_s` is that floor
-on one core (model/init.py generating as many values in one tensor). Last line: one JSON object for the largest size with
+on one core (torch.randn of as many numbers in one tensor). Last line: one JSON object for the largest size with
 `verify_vs_read` (warm, the goal metric: at most 1.5), `cold_verify_vs_read`, the parts' ratios, the rebuild's
 throughput, and the machine (CPU model, cores, load average during the run).
 """
@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model import OmniModel, init_tensor, init_weights  # noqa: E402
+from model import OmniModel, init_weights  # noqa: E402
 from model.config import AudioConfig, ModelConfig, TextConfig, VisionConfig  # noqa: E402
 from train import checkpoint as ckpt  # noqa: E402
 from train.files import SafetensorsFile, folder_files, hash_files  # noqa: E402
@@ -118,9 +118,9 @@ def rebuild(folder: Path) -> None:
         rebuild_step0(json.loads((folder / RECORD).read_text()), weights)
 
 
-def rng_floor(n: int, cfg: ModelConfig, repeat: int) -> float:
-    """One core generating n step-0 values in one tensor (model/init.py's stream and mapping), nothing else."""
-    return timed({"rng": lambda: init_tensor("embed.weight", (n, 1), 0, cfg)}, repeat)["rng"]
+def rng_floor(n: int, repeat: int) -> float:
+    gen = torch.Generator().manual_seed(0)
+    return timed({"rng": lambda: torch.randn(n, generator=gen)}, repeat)["rng"]
 
 
 def machine() -> dict:
@@ -148,7 +148,7 @@ def main() -> None:
             assert not reports[-1].failures, reports[-1].failures
             cold = timed({k: parts[k] for k in ("read", "integrity", "verify")}, args.repeat, cold=folder)
             r = {"width": width, "bytes": nbytes, "params": params, **{f"{k}_s": v for k, v in warm.items()},
-                 **{f"cold_{k}_s": v for k, v in cold.items()}, "rng_1thread_s": rng_floor(params, config(width), args.repeat)}
+                 **{f"cold_{k}_s": v for k, v in cold.items()}, "rng_1thread_s": rng_floor(params, args.repeat)}
             r |= {f"{k}_vs_read": warm[k] / warm["read"] for k in ("integrity", "rebuild", "verify")}
             r |= {f"cold_{k}_vs_read": cold[k] / cold["read"] for k in ("integrity", "verify")}
             r["rebuild_params_per_s"] = params / warm["rebuild"]
