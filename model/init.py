@@ -11,6 +11,12 @@ Each tensor is drawn from its own `torch.Generator` seeded by sha256(seed, name)
 cast on copy. So the bytes do not depend on construction order, device, dtype path or ZeRO-3 partitioning:
 the trainer fills partitioned parameters from `init_tensor` under `GatheredParameters` and gets the same
 bytes, and a verifier can rebuild step 0 from the config and the seed alone.
+
+They do depend on torch's CPU normal sampler (`sampler()`): its AVX2 kernel (also taken on AVX-512 CPUs) and its
+scalar one (CPUs without AVX2, and ARM) give different bytes from the same generator, as torch's releases may.
+The init record names the sampler, so a verifier on another kind of CPU is told why it cannot rebuild step 0
+instead of concluding the weights are not from scratch (tests/test_verify.py). A portable scheme (uniform values
+from our own generator) was tried and learned image colour badly in the demo: README.
 """
 
 from __future__ import annotations
@@ -26,6 +32,13 @@ from .config import ModelConfig
 
 INIT_SCHEME = "omniscratch-init-v1"
 _RESIDUAL_OUT = ("attn.wo.weight", "mlp.w2.weight", "attn.proj.weight", "mlp.fc2.weight")
+
+
+def sampler() -> dict:
+    """What the bytes of `init_tensor` depend on besides (config, seed): torch's release and which of its CPU normal
+    kernels this process runs ("avx2" on AVX2 and AVX-512 CPUs: measured equal; else ATen's capability name)."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    return {"torch": torch.__version__.split("+")[0], "cpu_kernel": "avx2" if cap in ("AVX2", "AVX512") else cap.lower()}
 
 
 def tensor_seed(seed: int, name: str) -> int:

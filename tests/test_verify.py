@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from distributed.train_env import ROOT, TEST_MODEL, cli, make_workspace
+from distributed.train_env import ROOT, TEST_MODEL, cli, env, make_workspace
 from safetensors.torch import load_file, save_file
 
 from model import OmniModel, init_weights
@@ -95,6 +97,24 @@ def test_honest_run_verifies(run, tmp_path):
     assert all(0 < r["distance_from_init"] < 1 for r in report["components"])  # ||w - w0|| / ||w0|| after 6 steps
     md = (tmp_path / "CERT.md").read_text()
     assert "VERIFIED" in md and "| vision_encoder |" in md and "distance from init" in md
+
+
+def test_another_cpu_sampler_is_named_not_called_foreign(run, tmp_path):
+    """torch's CPU normal sampler gives other init bytes without AVX2 (ARM runs that scalar kernel); forced here with
+    ATEN_CPU_CAPABILITY=default. The honest run cannot be rebuilt there: verify must say why, per component, and not
+    call it 'not trained from scratch'."""
+    folder = run[0] / "step_000006"
+    res = subprocess.run([sys.executable, "-m", "train.cli", "verify", str(folder), "--public-key", str(run[2]),
+                          "--json", "--out", str(tmp_path / "CERT.md")], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env=dict(env(), ATEN_CPU_CAPABILITY="default"))
+    report = json.loads(res.stdout)
+    inits = [f for f in report["failures"] if f["check"] == "init"]
+    # most components differ (a small one may come out equal: the kernels disagree only in some values' last bits)
+    assert res.returncode == 1 and len(inits) >= len(report["components"]) - 2, inits
+    for f in inits:
+        assert f["reason"].startswith("cannot rebuild step 0 on this machine") and "'avx2' CPU normal kernel" in f["reason"]
+        assert "'default'" in f["reason"] and "not trained from scratch" not in f["reason"], f
+    assert {f["check"] for f in report["failures"]} == {"init"}  # everything else still verifies
 
 
 def test_one_flipped_byte_in_each_kind_of_file(run, copy):

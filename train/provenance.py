@@ -38,6 +38,7 @@ import torch
 from safetensors import safe_open
 
 from model import INIT_SCHEME, OmniModel, init_tensor
+from model.init import sampler
 from train import digest
 from train.digest import component_roots, differing_components, digest_bytes, digest_of, tensor_digests, update_sizes
 from train.files import SafetensorsFile, folder_files, hash_files
@@ -213,7 +214,8 @@ class Recorder:
                 f"init record: step-0 tensors differ from a rebuild from config and seed {self.seed} ({INIT_SCHEME}): "
                 f"{which}. The init did not run as declared (under ZeRO-3 fill parameters inside "
                 f"GatheredParameters), or foreign weights got in without the tripwire")
-        self.init = {"seed": self.seed, "scheme": INIT_SCHEME, "tensors": real, "components": component_roots(real),
+        self.init = {"seed": self.seed, "scheme": INIT_SCHEME, "sampler": sampler(), "tensors": real,
+                     "components": component_roots(real),
                      "derived": {c: declared[c] for c in differ}}
         self._prev = {n: t.float() for n, t in kept.items()}
 

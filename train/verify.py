@@ -30,6 +30,7 @@ import torch
 import yaml
 
 from model.components import COMPONENTS, component_of
+from model.init import sampler
 from model.config import ModelConfig, from_dict
 from train import checks
 from train.certificate import Report, certificate_md, table
@@ -166,7 +167,7 @@ def _check_init(rep: Report, rec: dict, weights: SafetensorsFile, allow_derived:
     if key != digest_of([rec["config"]["model"], init["seed"], {n: d["dtype"] for n, d in init["tensors"].items()}]):
         key, tensors, distance = rebuild_step0(rec, weights)  # the record changed, or the early start failed
     rebuilt, differ = component_roots(tensors), differing_components(init["tensors"], tensors)
-    claimed = component_roots(init["tensors"])
+    claimed, here = component_roots(init["tensors"]), sampler()
     total = sum(r["params"] for r in rec["weights"].values())
     for c in COMPONENTS:
         if c not in rec["weights"]:
@@ -184,6 +185,11 @@ def _check_init(rep: Report, rec: dict, weights: SafetensorsFile, allow_derived:
             why = f"derived from {', '.join(rec['derived'][c])}" + ("" if allow_derived else " (pass --allow-derived)")
         elif rebuilt.get(c, {}).get("root") == row["init_root"]:
             row["verdict"], ok, why = "from scratch", True, "init root matches a rebuild from config and seed"
+        elif init.get("sampler", here) != here:  # torch's CPU normal kernels differ in bytes: undecidable here
+            row["verdict"], ok = "FAIL", False
+            why = (f"cannot rebuild step 0 on this machine: it was drawn by torch {init['sampler']['torch']} with its "
+                   f"'{init['sampler']['cpu_kernel']}' CPU normal kernel, this machine runs torch {here['torch']} "
+                   f"'{here['cpu_kernel']}', whose bytes differ; verify on a machine of the trainer's kind")
         else:
             row["verdict"], ok = "FAIL", False
             why = ("init root does not match a rebuild from config and seed: not trained from scratch (tensors: "
