@@ -30,8 +30,8 @@ import torch
 import yaml
 
 from model.components import COMPONENTS, component_of
-from model.init import sampler
 from model.config import ModelConfig, from_dict
+from model.init import sampler
 from train import checks
 from train.certificate import Report, certificate_md, table
 from train.checks import ALLOWED_LICENCES, REVIEWED, licence_ok  # noqa: F401 - part of this module's interface
