@@ -173,7 +173,9 @@ def _train(cfg, d, log, stop, resume, resume_from) -> str:
         engine = eng.initialize(model, ds, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
                                 warmup=o.warmup_steps, total_steps=cfg.steps, min_lr_ratio=o.min_lr_ratio,
                                 lr_scale=o.lr_scale)
-        log.info("dtypes: %s", {k: str(v) for k, v in eng.master_dtypes(engine).items()})
+        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the optimizer that steps
+        log.info("dtypes: %s; optimizer: %s", {k: str(v) for k, v in eng.master_dtypes(engine).items()},
+                 type(inner).__name__)
         # ZeRO >= 2 reduces gradients in the order they become ready: check that it matches across ranks
         grad_order = guards.watch_grad_order(engine.module) if eng.zero_stage(ds) >= 2 and d.world_size > 1 else None
         # every component meant to train must get a non-zero gradient at the first step its input is in the global
