@@ -569,7 +569,7 @@ def test_world_size_1_to_2_resume_continues_the_loss(ws, reference):
 @pytest.mark.parametrize("config", ["zero2_offload", "zero3_offload"])
 def test_optimizer_offload_trains_like_the_reference(ws, reference, config):
     """configs/deepspeed/*_offload.json on 2 ranks: the optimizer (and under ZeRO-3 the parameters) live on the CPU
-    side and DeepSpeed's CPUAdam steps (JIT-built on first use: ~30 s here), the rest as the ZeRO-2 reference. Step 1
+    side and DeepSpeed's CPUAdam steps (JIT-built on first use), the rest as the ZeRO-2 reference. Step 1
     sees the same weights and data; later steps follow the reference within AdamW implementations' rounding
     (measured: at most 2e-5 relative by step 4)."""
     run = ws / "runs" / config

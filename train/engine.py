@@ -244,7 +244,7 @@ def initialize(model: OmniModel, ds: dict, *, lr: float, betas: tuple[float, flo
     sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_lambda(s, warmup=warmup, total=total_steps, min_ratio=min_lr_ratio))
     if optimizer_offloaded(ds):
-        # offload insists on DeepSpeed's CPUAdam (JIT-built on first use: ~30 s on these 2 cores, cached after)
+        # offload insists on DeepSpeed's CPUAdam (JIT-built on first use, then cached in TORCH_EXTENSIONS_DIR)
         ds = dict(ds, optimizer={"type": "AdamW", "params": {"lr": lr, "betas": list(betas), "eps": eps}})
         engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds, lr_scheduler=sched,
                                           dist_init_required=False)
