@@ -83,8 +83,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         shift = lse - scale.abs().log()
         sign = scale.sign()[:, None] if bool((scale < 0).any()) else None
         grad_h = torch.empty_like(hc)
-        grad_w = torch.zeros(wc.shape, device=wc.device, dtype=torch.float32)
-        part = None if wc.dtype == torch.float32 else torch.empty_like(wc)  # one chunk's weight gradient, matmul dtype
+        head_grad = ctx.needs_input_grad[1]  # False for a frozen head: no (V, D) accumulator at all
+        grad_w = torch.zeros(wc.shape, device=wc.device, dtype=torch.float32) if head_grad else None
+        part = None if wc.dtype == torch.float32 or not head_grad else torch.empty_like(wc)  # a chunk's, matmul dtype
         with torch.autocast(hc.device.type, enabled=False):
             chunks = _Chunks(hc, wc)
             for s in chunks.starts():
@@ -95,17 +96,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if sign is not None:
                     g.mul_(sign[rows])
                 g[torch.arange(n, device=g.device), tgt[rows]] -= scale[rows]  # - one_hot(target) * scale, in fp32
-                if part is not None:
+                if g.dtype != wc.dtype:
                     g = chunks.low[:n].copy_(g)  # back to the matmul dtype
                 torch.mm(g, wc, out=grad_h[rows])
-                if not ctx.needs_input_grad[1]:  # a frozen head
+                if not head_grad:
                     continue
                 if part is None:
                     grad_w.addmm_(g.T, hc[rows])
                 else:  # no mixed-dtype addmm on CPU: one (V, D) addition per chunk, why chunks have >= D rows
                     grad_w += torch.mm(g.T, hc[rows], out=part)
         h_dtype, w_dtype = ctx.dtypes
-        return grad_h.to(h_dtype), grad_w.to(w_dtype), None, None
+        return grad_h.to(h_dtype), grad_w.to(w_dtype) if head_grad else None, None, None
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

@@ -571,7 +571,7 @@ def test_optimizer_offload_trains_like_the_reference(ws, reference, config):
     """configs/deepspeed/*_offload.json on 2 ranks: the optimizer (and under ZeRO-3 the parameters) live on the CPU
     side and DeepSpeed's CPUAdam steps (JIT-built on first use), the rest as the ZeRO-2 reference. Step 1
     sees the same weights and data; later steps follow the reference within AdamW implementations' rounding
-    (measured: at most 2e-5 relative by step 4)."""
+    (measured at step 4: 1.0e-5 relative under ZeRO-2, 2.2e-5 under ZeRO-3)."""
     run = ws / "runs" / config
     cli("train", *run_args(ws, config, f"deepspeed={ROOT / f'configs/deepspeed/{config}.json'}", "steps=4",
                            "--nproc-per-node", "2"), timeout=900)
