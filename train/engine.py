@@ -31,6 +31,7 @@ Notable choices (measured facts in shared/notes/deepspeed-on-cpu.md):
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import math
 import os
@@ -132,6 +133,9 @@ def _fp64_grad_norm_without_copies() -> None:
 
 
 def compute_cleanup() -> None:
+    """Destroy every process group. Engines the caller dropped sit in reference cycles: they are collected first,
+    while the groups and the interpreter are whole, not during interpreter finalization."""
+    gc.collect()
     if dist.is_initialized():
         dist.destroy_process_group()
 
