@@ -140,6 +140,17 @@ def compute_cleanup() -> None:
         dist.destroy_process_group()
 
 
+def exit_without_teardown(code: int = 0) -> None:
+    """For helper processes whose result is already written (tests, benchmark workers): clean up, then end without
+    interpreter finalization. After several engines in one process, both ranks once aborted there in CI
+    ("terminate called without an active exception": a C++ thread taking the GIL while the interpreter finalizes,
+    the hazard torch names in destroy_process_group)."""
+    compute_cleanup()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def pick_precision(requested: str, device: torch.device) -> tuple[str, str]:
     """-> (precision, reason). "auto" takes bf16 where the hardware computes it natively: on CPUs without AMX
     bf16 ran 1.5-3.5x slower than fp32 (shared/notes/cpu-training.md)."""
