@@ -14,6 +14,8 @@ Notable choices (measured facts in shared/notes/deepspeed-on-cpu.md):
   offload, which needs DeepSpeed's CPUAdam. bf16 keeps fp32 master weights and accumulates gradients in fp32
   (`data_types.grad_accum_dtype`): bf16 gradient accumulation diverged for others (DeepSpeed #2768). ZeRO-0 has no
   fp32 master in DeepSpeed's bf16 path, so bf16 needs ZeRO >= 1.
+- ZeRO-1/2 in fp32: each rank's fp32 master is its weight partition, not DeepSpeed's clone of it
+  (`_fp32_masters_are_the_weights`): 4 bytes per parameter / N and one copy per step less, the same numbers.
 - On CPU, ZeRO-1/2's global gradient norm casts to fp64 inside the norm kernel instead of making DeepSpeed's fp64
   copy of every gradient (`_fp64_grad_norm_without_copies`): the same norms to the bit, fresh memory is slow on CPU.
 - ZeRO-3 builds the model under `deepspeed.zero.Init` (parameters born partitioned) and fills each parameter from
@@ -244,8 +246,11 @@ def schedule_lr(engine) -> float:
 
 
 def initialize(model: OmniModel, ds: dict, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
-               warmup: int, total_steps: int, min_lr_ratio: float, lr_scale: dict[str, float] | None = None):
-    """deepspeed.initialize with AdamW (see `param_groups`) and warmup + cosine on each group's own lr. -> engine."""
+               warmup: int, total_steps: int, min_lr_ratio: float, lr_scale: dict[str, float] | None = None,
+               share_fp32_masters: bool = True):
+    """deepspeed.initialize with AdamW (see `param_groups`) and warmup + cosine on each group's own lr. -> engine.
+    share_fp32_masters=False keeps DeepSpeed's separate fp32 master under ZeRO-1/2 in fp32 (the equivalence
+    tests' reference; see `_fp32_masters_are_the_weights`)."""
     groups = param_groups(model, lr=lr, weight_decay=weight_decay, lr_scale=lr_scale)
     sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_lambda(s, warmup=warmup, total=total_steps, min_ratio=min_lr_ratio))
@@ -257,7 +262,42 @@ def initialize(model: OmniModel, ds: dict, *, lr: float, betas: tuple[float, flo
     else:
         opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)  # CPU kernel since torch 2.4
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds, lr_scheduler=sched, dist_init_required=False)
+        if share_fp32_masters:
+            _fp32_masters_are_the_weights(engine)
     return engine
+
+
+def _fp32_masters_are_the_weights(engine) -> bool:
+    """ZeRO-1/2 in fp32: DeepSpeed keeps a clone of each rank's weight partition as the fp32 master, equal to the
+    weights at every step boundary, and copies it back over them after each step. Here the master is that weight
+    partition itself (the optimizer updates the module's flat buffer in place): 4 bytes per parameter / N less per
+    rank and one pass over the partition less per step, the same numbers to the bit (tests/distributed/engine_check.py).
+    DeepSpeed's own ZeRO-3 does the same when the weights are fp32 ("we don't need another copy of the weights").
+    Checkpoints keep DeepSpeed's layout: the saved masters are copies, not views that would drag the whole flat
+    buffer into every rank's file. bf16 keeps its fp32 master (that is what it is for); ZeRO-3 and offload keep
+    DeepSpeed's own. -> whether the masters are shared."""
+    from deepspeed.checkpoint.constants import SINGLE_PARTITION_OF_FP32_GROUPS
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    opt = engine.optimizer
+    if not isinstance(opt, DeepSpeedZeroOptimizer) or opt.cpu_offload:
+        return False
+    masters = opt.single_partition_of_fp32_groups
+    parts = [g[dist.get_rank(group=opt.real_dp_process_group[i])] for i, g in enumerate(opt.parallel_partitioned_bit16_groups)]
+    if any((p.dtype, p.shape, p.device) != (m.dtype, m.shape, m.device) for p, m in zip(parts, masters)):
+        return False
+    for p, m in zip(parts, masters):
+        m.data = p.detach()  # the optimizer's parameter object (and its Adam state) stays; its storage is the weights
+    opt._link_all_hp_params()  # each weight's view into its master (safe_get_full_fp32_param, universal checkpoints)
+    state_dict = opt.state_dict
+
+    def state_dict_with_copied_masters():
+        sd = state_dict()
+        sd[SINGLE_PARTITION_OF_FP32_GROUPS] = [t.clone() for t in sd[SINGLE_PARTITION_OF_FP32_GROUPS]]
+        return sd
+
+    opt.state_dict = state_dict_with_copied_masters
+    return True
 
 
 def check_gradients(engine, components: list[str], step: int) -> dict[str, float]:
@@ -300,8 +340,8 @@ def master_dtypes(engine) -> dict[str, torch.dtype]:
 
 def named_fp32_tensors(engine, dtype: torch.dtype = torch.float32):
     """Yield (name, full fp32 master weight, cast to `dtype`) on every rank, one parameter at a time. Collective:
-    every rank must iterate to the end. ZeRO-1/2/3 and the bf16 optimizer keep fp32 masters apart from the module
-    weights; with bf16 the masters are made from the bf16 module weights, so casting them back gives those."""
+    every rank must iterate to the end. With bf16, ZeRO-1/2/3 and the bf16 optimizer keep fp32 masters apart from
+    the module weights, made from the bf16 weights, so casting them back gives those; in fp32 they are the weights."""
     for name, p in engine.module.named_parameters():
         full = safe_get_full_fp32_param(p)
         if full is None:  # no ZeRO, fp32: the module weight is the master

@@ -4,6 +4,7 @@ For ZeRO-3 (fp32 and bf16): are parameters really partitioned, and do the gather
 plain construction byte for byte? For bf16 at ZeRO 1, 2, 3: are master weights and gradient accumulation fp32,
 read from the tensors DeepSpeed really accumulates into (after the second micro-batch's backward, before the step)?
 At ZeRO-1/2, the global gradient norm that train.engine computes on CPU and DeepSpeed's own, on those gradients.
+ZeRO-2 in fp32 with train.engine's shared masters against DeepSpeed's own separate master (`shared_masters`).
 Each engine also takes one optimizer step (2 micro-batches) on a fixed batch to show that it trains. At the end:
 does every process group, ZeRO's own included, carry the timeout given to compute_init?
 Usage: torchrun --nproc-per-node 2 tests/distributed/engine_check.py MODEL_YAML OUT_JSON
@@ -53,6 +54,59 @@ def grad_norms(engine) -> dict | None:
     return out
 
 
+def shared_masters(cfg, d, ckpt_dir: Path) -> dict:
+    """ZeRO-2 in fp32, where train.engine makes each rank's fp32 master its weight partition: 3 optimizer steps (2
+    micro-batches each) on the same batches as DeepSpeed's own engine with its separate master; then a checkpoint
+    taken after step 2 is loaded and step 3 taken again."""
+    ds = eng.deepspeed_config(str(ROOT / "configs/deepspeed/zero2.json"), micro_batch=1, grad_accum=2,
+                              world_size=d.world_size, grad_clip=1.0, precision="fp32")
+    hp = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, warmup=1, total_steps=10, min_lr_ratio=0.1)
+    engines = {True: eng.initialize(eng.build_model(cfg, 7, ds), ds, **hp),  # as training builds it
+               False: eng.initialize(eng.build_model(cfg, 7, ds), ds, share_fp32_masters=False, **hp)}
+    torch.manual_seed(100 + d.rank)
+    batches = [torch.randint(12, cfg.text.vocab_size, (1, 24)) for _ in range(6)]
+
+    def train(engine, ids_list):
+        for ids in ids_list:
+            engine.backward(OmniModel.mean_loss(engine(ids, labels=ids), ids))
+            engine.step()
+
+    def storage(engine):  # where each group's master lives vs where the module's flat weights live
+        opt = engine.optimizer
+        return [(m.untyped_storage().data_ptr(), w.untyped_storage().data_ptr())
+                for m, w in zip(opt.single_partition_of_fp32_groups, opt.bit16_groups_flat)]
+
+    out = {"shared_storage": [m == w for m, w in storage(engines[True])],
+           "own_storage": [m == w for m, w in storage(engines[False])]}
+    step0 = eng.gather_fp32_state_dict(engines[True])
+    for e in engines.values():
+        train(e, batches[:4])
+    engines[True].save_checkpoint(str(ckpt_dir), tag="step2")
+    for e in engines.values():
+        train(e, batches[4:])
+    step3 = {share: eng.gather_fp32_state_dict(e) for share, e in engines.items()}
+    weights = {n: p.detach().clone() for n, p in engines[True].module.named_parameters()}
+    engines[True].load_checkpoint(str(ckpt_dir), tag="step2")
+    train(engines[True], batches[4:])
+    again = eng.gather_fp32_state_dict(engines[True])
+    if d.rank == 0:
+        shared, own = step3[True], step3[False]
+        out["changed"] = sum(not torch.equal(shared[n], step0[n]) for n in shared) / len(shared)
+        out["equal_to_deepspeeds_own"] = all(torch.equal(shared[n], own[n]) for n in own)
+        out["masters_are_module_weights"] = all(torch.equal(shared[n], weights[n]) for n in shared)
+        out["resumed_equal"] = all(torch.equal(again[n], shared[n]) for n in shared)
+        saved = torch.load(ckpt_dir / "step2" / "zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)
+        masters = saved["optimizer_state_dict"]["single_partition_of_fp32_groups"]
+        out["saved_master_storage_bytes"] = sum(t.untyped_storage().nbytes() for t in masters)
+        out["saved_master_bytes"] = sum(t.numel() * t.element_size() for t in masters)
+        out["params"] = sum(t.numel() for t in shared.values())
+    for e in engines.values():
+        e.destroy()
+    del engines
+    gc.collect()
+    return out
+
+
 def main() -> None:
     cfg = load_model_config(sys.argv[1])
     d = eng.compute_init(TIMEOUT_S)
@@ -98,6 +152,7 @@ def main() -> None:
         engine.destroy()  # DeepSpeed's release of one engine's hooks and buffers before the next is built
         del engine, model
         gc.collect()  # ZeRO-3 engines sit in reference cycles: free them while every process group is alive
+    report["zero2_fp32_shared_masters"] = shared_masters(cfg, d, Path(sys.argv[2]).parent / "shared_masters_ckpt")
     # the gradient-order guard: equal orders pass, a data-dependent order (rank 1 runs b before a) is caught
     a, b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
     order = guards.watch_grad_order(torch.nn.ModuleList([a, b]))
