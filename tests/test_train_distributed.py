@@ -322,13 +322,13 @@ def test_zero3_init_and_bf16_masters(engine_report):
         # the tensors DeepSpeed really accumulated both micro-batches into, and each parameter's master slice
         assert r["accumulated"] in (["torch.float32"], ["master torch.float32", "torch.float32"]), key
         assert all(l == l and l < 10 for l in r["losses"]) and r["changed"] > 0.3, key
-    # ZeRO-2's gradient norm on CPU casts to fp64 inside the norm kernel instead of copying: DeepSpeed's own result
-    # to the bit, across the 2 ranks' partitions
+    # ZeRO-2's gradient norm on CPU streams through an fp64 buffer: DeepSpeed's fp64 result to the last fp32 bit
+    # or one ulp (only the order of fp64 additions differs), across the 2 ranks' partitions
     norms = report["zero2_bf16"]["grad_norms"]
     assert norms is not None, "train.engine no longer installs its CPU gradient norm"
     assert len(norms["ours"]) == len(norms["deepspeed"]) >= 1 and all(n > 0 for n in norms["ours"])
     for a, b in zip(norms["ours"], norms["deepspeed"]):
-        assert a == b, norms
+        assert abs(a - b) <= 1.2e-7 * b, norms
     for key in ("zero3_fp32", "zero3_bf16"):
         assert report[key]["local_fraction"] < 0.6  # each of 2 ranks holds about half
     assert report["zero3_bf16"]["dtypes"]["module"] == "torch.bfloat16"

@@ -16,8 +16,8 @@ Notable choices (measured facts in shared/notes/deepspeed-on-cpu.md):
   fp32 master in DeepSpeed's bf16 path, so bf16 needs ZeRO >= 1.
 - ZeRO-1/2 in fp32: each rank's fp32 master is its weight partition, not DeepSpeed's clone of it
   (`_fp32_masters_are_the_weights`): 4 bytes per parameter / N and one copy per step less, the same numbers.
-- On CPU, ZeRO-1/2's global gradient norm casts to fp64 inside the norm kernel instead of making DeepSpeed's fp64
-  copy of every gradient (`_fp64_grad_norm_without_copies`): the same norms to the bit, fresh memory is slow on CPU.
+- On CPU, ZeRO-1/2's global gradient norm streams the gradients through a reused fp64 buffer instead of DeepSpeed's
+  fp64 copy of every gradient (`_fp64_grad_norm_without_copies`): same fp64 sum, fresh memory is slow on CPU.
 - ZeRO-3 builds the model under `deepspeed.zero.Init` (parameters born partitioned) and fills each parameter from
   `model.init.init_tensor` inside `GatheredParameters`: a custom init applied after partitioning would silently
   do nothing (DeepSpeed #2650), and this way the step-0 bytes equal a plain construction.
@@ -95,12 +95,15 @@ def compute_init(timeout_s: int = 300) -> Dist:
     return Dist(rank, world, local, device)
 
 
+_NORM_CHUNK = 1 << 16  # fp64 elements (512 KiB): a buffer that stays in cache and is allocated once
+
+
 def _fp64_grad_norm_without_copies() -> None:
-    """ZeRO-1/2's gradient norm on CPU: DeepSpeed's own computation (each gradient's fp64 L2 norm, then the sum of
-    their squares), with the fp64 cast done inside the norm kernel instead of as a fresh fp64 copy of every gradient
-    each step: bit-identical norms (tests/distributed/engine_check.py), 4.2 -> 3.4 ms per tiny ZeRO-2 step here, and
-    no allocation that CPU allocators are slow to serve. An fp32 norm would save more but moved a world-size-changing
-    resume off its reference (README). Norms other than L2 and model/pipeline parallelism keep DeepSpeed's code."""
+    """ZeRO-1/2's gradient norm on CPU: DeepSpeed's fp64 sum of squares (but for the order of additions; equal on real
+    gradients, tests/distributed/engine_check.py), streamed through one reused fp64 buffer instead of a fresh fp64
+    copy of every gradient each step. ~7 of ~310 ms per tiny ZeRO-2 step, a fifth of the engine's cost over a plain
+    loop (scripts/bench_scaling.py); an fp32 norm saves more but moved a world-size-changing resume off its reference
+    (README). Norms other than L2 and model/pipeline parallelism keep DeepSpeed's code."""
     from deepspeed import comm
     from deepspeed.comm import pg_utils
     from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
@@ -108,14 +111,20 @@ def _fp64_grad_norm_without_copies() -> None:
 
     current = DeepSpeedZeroOptimizer.get_grad_norm_direct
     original = getattr(current, "__wrapped__", current)  # installed once per process, whatever compute_init's calls
+    buf = torch.empty(_NORM_CHUNK, dtype=torch.float64)
 
     def get_grad_norm_direct(self, gradients, params, norm_type=2):
         if float(norm_type) != 2.0 or pg_utils.is_parallel(self.model_parallel_group):
             return original(self, gradients, params, norm_type)
-        norms = [torch.linalg.vector_norm(g.detach(), dtype=torch.float64)
-                 for g, p in zip((g for g in gradients if not getattr(g, "_zero_padding", False)), params)
-                 if not getattr(p, "ds_pipe_replicated", False)]
-        total = torch.stack(norms).pow(2).sum().float() if norms else torch.zeros((), dtype=torch.float32)
+        sq = torch.zeros((), dtype=torch.float64)
+        for g, p in zip((g for g in gradients if not getattr(g, "_zero_padding", False)), params):
+            if getattr(p, "ds_pipe_replicated", False):
+                continue
+            for piece in g.detach().reshape(-1).split(_NORM_CHUNK):
+                b = buf[:piece.numel()]
+                b.copy_(piece)
+                sq += torch.dot(b, b)
+        total = sq.float()
         comm.all_reduce(total, op=comm.ReduceOp.SUM, group=self.dp_process_group)
         total = total.sqrt()
         mask_nan_or_inf_with_val_inplace(total, device=self.device)
