@@ -4,7 +4,7 @@ For ZeRO-3 (fp32 and bf16): are parameters really partitioned, and do the gather
 plain construction byte for byte? For bf16 at ZeRO 1, 2, 3: are master weights and gradient accumulation fp32,
 read from the tensors DeepSpeed really accumulates into (after the second micro-batch's backward, before the step)?
 At ZeRO-1/2, the global gradient norm that train.engine computes on CPU and DeepSpeed's own, on those gradients.
-ZeRO-2 in fp32 with train.engine's shared masters against DeepSpeed's own separate master (`shared_masters`).
+ZeRO-1/2 in fp32 with train.engine's shared masters against DeepSpeed's own separate master (`shared_masters`).
 Each engine also takes one optimizer step (2 micro-batches) on a fixed batch to show that it trains. At the end:
 does every process group, ZeRO's own included, carry the timeout given to compute_init?
 Usage: torchrun --nproc-per-node 2 tests/distributed/engine_check.py MODEL_YAML OUT_JSON
@@ -54,11 +54,11 @@ def grad_norms(engine) -> dict | None:
     return out
 
 
-def shared_masters(cfg, d, ckpt_dir: Path) -> dict:
-    """ZeRO-2 in fp32, where train.engine makes each rank's fp32 master its weight partition: 3 optimizer steps (2
+def shared_masters(cfg, d, ckpt_dir: Path, stage: int) -> dict:
+    """ZeRO-1/2 in fp32, where train.engine makes each rank's fp32 master its weight partition: 3 optimizer steps (2
     micro-batches each) on the same batches as DeepSpeed's own engine with its separate master; then a checkpoint
     taken after step 2 is loaded and step 3 taken again."""
-    ds = eng.deepspeed_config(str(ROOT / "configs/deepspeed/zero2.json"), micro_batch=1, grad_accum=2,
+    ds = eng.deepspeed_config(str(ROOT / f"configs/deepspeed/zero{stage}.json"), micro_batch=1, grad_accum=2,
                               world_size=d.world_size, grad_clip=1.0, precision="fp32")
     hp = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, warmup=1, total_steps=10, min_lr_ratio=0.1)
     engines = {True: eng.initialize(eng.build_model(cfg, 7, ds), ds, **hp),  # as training builds it
@@ -152,7 +152,8 @@ def main() -> None:
         engine.destroy()  # DeepSpeed's release of one engine's hooks and buffers before the next is built
         del engine, model
         gc.collect()  # ZeRO-3 engines sit in reference cycles: free them while every process group is alive
-    report["zero2_fp32_shared_masters"] = shared_masters(cfg, d, Path(sys.argv[2]).parent / "shared_masters_ckpt")
+    for stage in (1, 2):
+        report[f"zero{stage}_fp32_shared_masters"] = shared_masters(cfg, d, Path(sys.argv[2]).parent / f"ckpt{stage}", stage)
     # the gradient-order guard: equal orders pass, a data-dependent order (rank 1 runs b before a) is caught
     a, b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
     order = guards.watch_grad_order(torch.nn.ModuleList([a, b]))
