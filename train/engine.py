@@ -1,4 +1,5 @@
-"""Process group, device and DeepSpeed engine set-up: the only module of omniscratch that imports `deepspeed`.
+"""Process group, device and DeepSpeed engine set-up. With train/zero.py (two adjustments to DeepSpeed's ZeRO-1/2
+optimizer, each tested against DeepSpeed's own code), the only module of omniscratch that imports `deepspeed`.
 
 Notable choices (measured facts in shared/notes/deepspeed-on-cpu.md):
 - `compute_init()` / `compute_cleanup()` hold all process-group and device set-up: NCCL on GPUs, gloo on CPU.
@@ -15,9 +16,9 @@ Notable choices (measured facts in shared/notes/deepspeed-on-cpu.md):
   (`data_types.grad_accum_dtype`): bf16 gradient accumulation diverged for others (DeepSpeed #2768). ZeRO-0 has no
   fp32 master in DeepSpeed's bf16 path, so bf16 needs ZeRO >= 1.
 - ZeRO-1/2 in fp32: each rank's fp32 master is its weight partition, not DeepSpeed's clone of it
-  (`_fp32_masters_are_the_weights`): 4 bytes per parameter / N and one copy per step less, the same numbers.
+  (`train/zero.py`): 4 bytes per parameter / N and one copy per step less, the same numbers.
 - On CPU, ZeRO-1/2's global gradient norm streams the gradients through a reused fp64 buffer instead of DeepSpeed's
-  fp64 copy of every gradient (`_fp64_grad_norm_without_copies`): same fp64 sum, fresh memory is slow on CPU.
+  fp64 copy of every gradient (`train/zero.py`): same fp64 sum, fresh memory is slow on CPU.
 - ZeRO-3 builds the model under `deepspeed.zero.Init` (parameters born partitioned) and fills each parameter from
   `model.init.init_tensor` inside `GatheredParameters`: a custom init applied after partitioning would silently
   do nothing (DeepSpeed #2650), and this way the step-0 bytes equal a plain construction.
@@ -51,6 +52,7 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 from model import OmniModel, init_tensor, init_weights
 from model.components import component_of
 from model.config import ModelConfig
+from train import zero
 
 # keys of the DeepSpeed JSON that the run config owns: the JSON says how to shard, the run config what to train
 RUN_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -90,48 +92,9 @@ def compute_init(timeout_s: int = 300) -> Dist:
     dist.distributed_c10d.default_pg_timeout = dist.distributed_c10d.default_pg_nccl_timeout = timeout
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # module, not the re-exported `torch` name
     if device.type == "cpu":
-        _fp64_grad_norm_without_copies()
+        zero.fp64_grad_norm_without_copies()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout, verbose=False)
     return Dist(rank, world, local, device)
-
-
-_NORM_CHUNK = 1 << 16  # fp64 elements (512 KiB): a buffer that stays in cache and is allocated once
-
-
-def _fp64_grad_norm_without_copies() -> None:
-    """ZeRO-1/2's gradient norm on CPU: DeepSpeed's fp64 sum of squares (but for the order of additions; equal on real
-    gradients, tests/distributed/engine_check.py), streamed through one reused fp64 buffer instead of a fresh fp64
-    copy of every gradient each step. ~7 of ~310 ms per tiny ZeRO-2 step, a fifth of the engine's cost over a plain
-    loop (scripts/bench_scaling.py); an fp32 norm saves more but moved a world-size-changing resume off its reference
-    (README). Norms other than L2 and model/pipeline parallelism keep DeepSpeed's code."""
-    from deepspeed import comm
-    from deepspeed.comm import pg_utils
-    from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-
-    current = DeepSpeedZeroOptimizer.get_grad_norm_direct
-    original = getattr(current, "__wrapped__", current)  # installed once per process, whatever compute_init's calls
-    buf = torch.empty(_NORM_CHUNK, dtype=torch.float64)
-
-    def get_grad_norm_direct(self, gradients, params, norm_type=2):
-        if float(norm_type) != 2.0 or pg_utils.is_parallel(self.model_parallel_group):
-            return original(self, gradients, params, norm_type)
-        sq = torch.zeros((), dtype=torch.float64)
-        for g, p in zip((g for g in gradients if not getattr(g, "_zero_padding", False)), params):
-            if getattr(p, "ds_pipe_replicated", False):
-                continue
-            for piece in g.detach().reshape(-1).split(_NORM_CHUNK):
-                b = buf[:piece.numel()]
-                b.copy_(piece)
-                sq += torch.dot(b, b)
-        total = sq.float()
-        comm.all_reduce(total, op=comm.ReduceOp.SUM, group=self.dp_process_group)
-        total = total.sqrt()
-        mask_nan_or_inf_with_val_inplace(total, device=self.device)
-        return total
-
-    get_grad_norm_direct.__wrapped__ = original
-    DeepSpeedZeroOptimizer.get_grad_norm_direct = get_grad_norm_direct
 
 
 def compute_cleanup() -> None:
@@ -259,7 +222,7 @@ def initialize(model: OmniModel, ds: dict, *, lr: float, betas: tuple[float, flo
                share_fp32_masters: bool = True):
     """deepspeed.initialize with AdamW (see `param_groups`) and warmup + cosine on each group's own lr. -> engine.
     share_fp32_masters=False keeps DeepSpeed's separate fp32 master under ZeRO-1/2 in fp32 (the equivalence
-    tests' reference; see `_fp32_masters_are_the_weights`)."""
+    tests' reference; see `train.zero.fp32_masters_are_the_weights`)."""
     groups = param_groups(model, lr=lr, weight_decay=weight_decay, lr_scale=lr_scale)
     sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_lambda(s, warmup=warmup, total=total_steps, min_ratio=min_lr_ratio))
@@ -272,41 +235,8 @@ def initialize(model: OmniModel, ds: dict, *, lr: float, betas: tuple[float, flo
         opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)  # CPU kernel since torch 2.4
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds, lr_scheduler=sched, dist_init_required=False)
         if share_fp32_masters:
-            _fp32_masters_are_the_weights(engine)
+            zero.fp32_masters_are_the_weights(engine)
     return engine
-
-
-def _fp32_masters_are_the_weights(engine) -> bool:
-    """ZeRO-1/2 in fp32: DeepSpeed keeps a clone of each rank's weight partition as the fp32 master, equal to the
-    weights at every step boundary, and copies it back over them after each step. Here the master is that weight
-    partition itself (the optimizer updates the module's flat buffer in place): 4 bytes per parameter / N less per
-    rank and one pass over the partition less per step, the same numbers to the bit (tests/distributed/engine_check.py).
-    DeepSpeed's own ZeRO-3 does the same when the weights are fp32 ("we don't need another copy of the weights").
-    Checkpoints keep DeepSpeed's layout: the saved masters are copies, not views that would drag the whole flat
-    buffer into every rank's file. bf16 keeps its fp32 master (that is what it is for); ZeRO-3 and offload keep
-    DeepSpeed's own. -> whether the masters are shared."""
-    from deepspeed.checkpoint.constants import SINGLE_PARTITION_OF_FP32_GROUPS
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-
-    opt = engine.optimizer
-    if not isinstance(opt, DeepSpeedZeroOptimizer) or opt.cpu_offload:
-        return False
-    masters = opt.single_partition_of_fp32_groups
-    parts = [g[dist.get_rank(group=opt.real_dp_process_group[i])] for i, g in enumerate(opt.parallel_partitioned_bit16_groups)]
-    if any((p.dtype, p.shape, p.device) != (m.dtype, m.shape, m.device) for p, m in zip(parts, masters)):
-        return False
-    for p, m in zip(parts, masters):
-        m.data = p.detach()  # the optimizer's parameter object (and its Adam state) stays; its storage is the weights
-    opt._link_all_hp_params()  # each weight's view into its master (safe_get_full_fp32_param, universal checkpoints)
-    state_dict = opt.state_dict
-
-    def state_dict_with_copied_masters():
-        sd = state_dict()
-        sd[SINGLE_PARTITION_OF_FP32_GROUPS] = [t.clone() for t in sd[SINGLE_PARTITION_OF_FP32_GROUPS]]
-        return sd
-
-    opt.state_dict = state_dict_with_copied_masters
-    return True
 
 
 def check_gradients(engine, components: list[str], step: int) -> dict[str, float]:
