@@ -8,14 +8,15 @@
        stage 1: P*Psi + G*Psi   + K*Psi/N      stage 2: P*Psi + (G+K)*Psi/N      stage 3: (P+G+K)*Psi/N
    with bytes per parameter P (weights), G (gradients), K (optimizer states). The paper's K = 12 is for mixed
    precision (fp32 master copy + Adam's two moments); this benchmark runs fp32, where the weights are the masters
-   (DeepSpeed's ZeRO-3 shares them itself, ZeRO-1/2 through train.engine), so K = 8: the two moments.
+   (DeepSpeed's ZeRO-3 shares them itself, ZeRO-1/2 through train/zero.py), so K = 8: the two moments.
    Measured: parameters = the module's local weight storage; optimizer = the fp32 masters and Adam moments the
    optimizer holds; gradients = what the first backward pass adds and keeps, plus ZeRO-3's gradient partitions
    (allocated at start-up), DeepSpeed's reduction buffers included (the formulas leave those out).
 2. Throughput of the DeepSpeed engine (ZeRO-2 with configs/deepspeed/zero2.json, as the demo) against a plain
    PyTorch loop (same model, torch's fused AdamW, clipping, LR schedule) on one rank, single steps interleaved:
    engine_overhead = median engine step time / median plain step time - 1. The ZeRO-0 engine runs beside them:
-   engine_overhead_zero0 is the engine alone, the rest is ZeRO's bookkeeping (flat buffers, fp64 gradient norms).
+   engine_overhead_zero0 is the engine alone, the rest is ZeRO's bookkeeping (flat buffers, fp64 gradient norms);
+   and ZeRO-2 with DeepSpeed's own separate fp32 master (engine_overhead_own_master), what train/zero.py saves.
 Batches are synthetic token ids (the encoders run on their zero-weight dummy inputs on every step in both loops).
 The last line is one JSON object.
 """
@@ -130,10 +131,10 @@ def speed(cfg, d, ids, hp, steps: int, clock=time.perf_counter) -> dict:
         sched.step()
         opt.zero_grad(set_to_none=True)
 
-    def engine_step(stage: int):
+    def engine_step(stage: int, share_fp32_masters: bool = True):
         ds = eng.deepspeed_config(str(ROOT / f"configs/deepspeed/zero{stage}.json"), micro_batch=ids.shape[0],
                                   grad_accum=1, world_size=1, grad_clip=1.0, precision="fp32")
-        engine = eng.initialize(eng.build_model(cfg, 0, ds), ds, **hp)
+        engine = eng.initialize(eng.build_model(cfg, 0, ds), ds, share_fp32_masters=share_fp32_masters, **hp)
 
         def step():
             loss = OmniModel.mean_loss(engine(ids, labels=ids), ids)  # the fused head, as training
@@ -141,7 +142,8 @@ def speed(cfg, d, ids, hp, steps: int, clock=time.perf_counter) -> dict:
             engine.step()
         return step
 
-    loops = {"plain": plain_step, "zero2": engine_step(2), "zero0": engine_step(0)}
+    loops = {"plain": plain_step, "zero2": engine_step(2), "zero0": engine_step(0),
+             "zero2_own_master": engine_step(2, share_fp32_masters=False)}
     # interleave single steps so that load from other processes falls on every loop alike; compare medians
     for _ in range(3):
         for fn in loops.values():
@@ -201,11 +203,14 @@ def main() -> int:
                   f"{f['grads'] / mib:8.1f} | {m['optimizer'] / mib:8.1f} {f['optimizer'] / mib:8.1f}")
     total = lambda n, s: sum(results[n]["memory"][s][k] for k in ("params", "grads", "optimizer"))
     sp = results[1]["speed"]
-    overhead, overhead0 = (sp[f"zero{s}_s_per_step"] / sp["plain_s_per_step"] - 1 for s in (2, 0))
+    overhead, overhead0, overhead_own = (sp[f"{k}_s_per_step"] / sp["plain_s_per_step"] - 1
+                                         for k in ("zero2", "zero0", "zero2_own_master"))
     print(f"one rank, {args.batch}x{args.seq} tokens/step: plain PyTorch {sp['plain_s_per_step'] * 1e3:.1f} ms/step, "
           f"DeepSpeed ZeRO-2 engine {sp['zero2_s_per_step'] * 1e3:.1f} ms/step -> overhead {overhead:+.1%} (goal <= 10%); "
-          f"ZeRO-0 engine {sp['zero0_s_per_step'] * 1e3:.1f} ms/step ({overhead0:+.1%})")
+          f"ZeRO-0 engine {sp['zero0_s_per_step'] * 1e3:.1f} ms/step ({overhead0:+.1%}); ZeRO-2 with DeepSpeed's own "
+          f"fp32 master {sp['zero2_own_master_s_per_step'] * 1e3:.1f} ms/step ({overhead_own:+.1%})")
     summary = {"engine_overhead": round(overhead, 4), "clock": args.clock, "engine_overhead_zero0": round(overhead0, 4),
+               "engine_overhead_own_master": round(overhead_own, 4),
                "zero3_memory_ws2_vs_ws1": round(total(2, "3") / total(1, "3"), 4),
                "zero2_memory_ws2_vs_ws1": round(total(2, "2") / total(1, "2"), 4),
                "zero1_memory_ws2_vs_ws1": round(total(2, "1") / total(1, "1"), 4),

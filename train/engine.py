@@ -1,5 +1,5 @@
 """Process group, device and DeepSpeed engine set-up. With train/zero.py (two adjustments to DeepSpeed's ZeRO-1/2
-optimizer, each tested against DeepSpeed's own code), the only module of omniscratch that imports `deepspeed`.
+optimizer, each tested against DeepSpeed's own code), the only modules of omniscratch that import `deepspeed`.
 
 Notable choices (measured facts in shared/notes/deepspeed-on-cpu.md):
 - `compute_init()` / `compute_cleanup()` hold all process-group and device set-up: NCCL on GPUs, gloo on CPU.

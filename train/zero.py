@@ -54,7 +54,7 @@ def fp64_grad_norm_without_copies() -> None:
     DeepSpeedZeroOptimizer.get_grad_norm_direct = get_grad_norm_direct
 
 
-def fp32_masters_are_the_weights(engine) -> bool:
+def fp32_masters_are_the_weights(engine) -> None:
     """ZeRO-1/2 in fp32: DeepSpeed keeps a clone of each rank's weight partition as the fp32 master, equal to the
     weights at every step boundary, and copies it back over them after each step. Here the master is that weight
     partition itself (the optimizer updates the module's flat buffer in place): 4 bytes per parameter / N less per
@@ -62,19 +62,19 @@ def fp32_masters_are_the_weights(engine) -> bool:
     DeepSpeed's own ZeRO-3 does the same when the weights are fp32 ("we don't need another copy of the weights").
     Checkpoints keep DeepSpeed's layout: the saved masters are copies, not views that would drag the whole flat
     buffer into every rank's file. bf16 keeps its fp32 master (that is what it is for); ZeRO-3 and offload keep
-    DeepSpeed's own. -> whether the masters are shared."""
+    DeepSpeed's own."""
     from deepspeed.checkpoint.constants import SINGLE_PARTITION_OF_FP32_GROUPS
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     opt = engine.optimizer
     internals = ("single_partition_of_fp32_groups", "parallel_partitioned_bit16_groups", "real_dp_process_group",
-                 "_link_all_hp_params", "cpu_offload", "state_dict")
+                 "_link_all_hp_params", "cpu_offload")
     if not isinstance(opt, DeepSpeedZeroOptimizer) or not all(hasattr(opt, a) for a in internals) or opt.cpu_offload:
-        return False
+        return
     masters = opt.single_partition_of_fp32_groups
     parts = [g[dist.get_rank(group=opt.real_dp_process_group[i])] for i, g in enumerate(opt.parallel_partitioned_bit16_groups)]
     if any((p.dtype, p.shape, p.device) != (m.dtype, m.shape, m.device) for p, m in zip(parts, masters)):
-        return False
+        return
     for p, m in zip(parts, masters):
         m.data = p.detach()  # the optimizer's parameter object (and its Adam state) stays; its storage is the weights
     opt._link_all_hp_params()  # each weight's view into its master (safe_get_full_fp32_param, universal checkpoints)
@@ -86,4 +86,3 @@ def fp32_masters_are_the_weights(engine) -> bool:
         return sd
 
     opt.state_dict = state_dict_with_copied_masters
-    return True
