@@ -1,7 +1,7 @@
 """How many decoder tokens a media item becomes: the one definition the data pipeline and the model share.
 
 A mismatch between placeholder count and encoder output is a classic multimodal bug (the count
-computed in two places drifts). Both `train/data.py` (which writes placeholders) and `model/omni.py`
+computed in two places drifts). Both `train/data/pipeline.py` (which writes placeholders) and `model/omni.py`
 (which fills them) call these functions, and the model checks the count per item.
 """
 

@@ -86,7 +86,7 @@ def apply_rope(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
     """Rotate each consecutive pair (x[2i], x[2i+1]) of x (..., Dh) as a complex number by `cis` (..., Dh/2,
     broadcast to x) -> fp32 (fp64 for fp64 x) (..., Dh). Meta's Llama form: one pass over x, where rotating halves
     (Hugging Face's form) costs three on CPU; the two differ by a fixed permutation of each head's q/k rows, which
-    the HF export applies (train/export.py)."""
+    the HF export applies (train/inference/export.py)."""
     xc = torch.view_as_complex(x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2)))
     return torch.view_as_real(xc * cis).flatten(-2)
 

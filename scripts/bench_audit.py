@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import OmniModel, load_model_config  # noqa: E402
-from train.audit import run_audit  # noqa: E402
+from train.audit.compare import run_audit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # reference (Llama-shaped) per checkpoint size: dim, layers, ffn, vocab, kv width; the 1b one is TinyLlama-1.1B's

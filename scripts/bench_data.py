@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 from model import OmniModel, init_weights, load_model_config  # noqa: E402
 from tokenizer.bpe import save_tokenizer, train_bpe  # noqa: E402
 from tokenizer.cli import corpus_files, iter_texts  # noqa: E402
-from train.corpus import generate  # noqa: E402
-from train.data import TrainLoader  # noqa: E402
+from train.data.corpus import generate  # noqa: E402
+from train.data.pipeline import TrainLoader  # noqa: E402
 
 
 def main() -> None:

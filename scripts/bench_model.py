@@ -85,7 +85,7 @@ def time_step(step) -> float:
 
 
 def make_step(model, forward, device, dtype):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as train/engine.py
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as train/parallel/engine.py
 
     def step():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):

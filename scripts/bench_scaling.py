@@ -8,7 +8,7 @@
        stage 1: P*Psi + G*Psi   + K*Psi/N      stage 2: P*Psi + (G+K)*Psi/N      stage 3: (P+G+K)*Psi/N
    with bytes per parameter P (weights), G (gradients), K (optimizer states). The paper's K = 12 is for mixed
    precision (fp32 master copy + Adam's two moments); this benchmark runs fp32, where the weights are the masters
-   (DeepSpeed's ZeRO-3 shares them itself, ZeRO-1/2 through train/zero.py), so K = 8: the two moments.
+   (DeepSpeed's ZeRO-3 shares them itself, ZeRO-1/2 through train/parallel/zero.py), so K = 8: the two moments.
    Measured: parameters = the module's local weight storage; optimizer = the fp32 masters and Adam moments the
    optimizer holds; gradients = what the first backward pass adds and keeps, plus ZeRO-3's gradient partitions
    (allocated at start-up), DeepSpeed's reduction buffers included (the formulas leave those out).
@@ -16,7 +16,7 @@
    PyTorch loop (same model, torch's fused AdamW, clipping, LR schedule) on one rank, single steps interleaved:
    engine_overhead = median engine step time / median plain step time - 1. The ZeRO-0 engine runs beside them:
    engine_overhead_zero0 is the engine alone, the rest is ZeRO's bookkeeping (flat buffers, fp64 gradient norms);
-   and ZeRO-2 with DeepSpeed's own separate fp32 master (engine_overhead_own_master), what train/zero.py saves.
+   and ZeRO-2 with DeepSpeed's own separate fp32 master (engine_overhead_own_master), what train/parallel/zero.py saves.
 Batches are synthetic token ids (the encoders run on their zero-weight dummy inputs on every step in both loops).
 The last line is one JSON object.
 """
@@ -58,7 +58,7 @@ def worker(args) -> None:
     import torch
 
     from model import OmniModel, load_model_config
-    from train import engine as eng
+    from train.parallel import engine as eng
 
     cfg = load_model_config(args.model)
     d = eng.compute_init(600)
@@ -114,7 +114,7 @@ def speed(cfg, d, ids, hp, steps: int, clock=time.perf_counter) -> dict:
     import torch
 
     from model import OmniModel, init_weights
-    from train import engine as eng
+    from train.parallel import engine as eng
 
     plain = OmniModel(cfg)
     init_weights(plain, 0)

@@ -37,10 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import OmniModel, init_weights  # noqa: E402
 from model.config import AudioConfig, ModelConfig, TextConfig, VisionConfig  # noqa: E402
 from train import checkpoint as ckpt  # noqa: E402
-from train.files import SafetensorsFile, folder_files, hash_files  # noqa: E402
-from train.provenance import RECORD, Recorder  # noqa: E402
-from train.signing import SIGNATURE, init_keys, sign_checkpoint, signed_manifest  # noqa: E402
-from train.verify import rebuild_step0, verify  # noqa: E402
+from train.provenance.hashing import SafetensorsFile, folder_files, hash_files  # noqa: E402
+from train.provenance.record import RECORD, Recorder  # noqa: E402
+from train.provenance.signing import SIGNATURE, init_keys, sign_checkpoint, signed_manifest  # noqa: E402
+from train.provenance.verify import rebuild_step0, verify  # noqa: E402
 
 
 def config(width: int) -> ModelConfig:

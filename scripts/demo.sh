@@ -11,7 +11,7 @@ t0=$(date +%s)
 stamp() { echo "[demo $(( $(date +%s) - t0 ))s] $*"; }
 
 # a corpus from another generator version (an older checkout's demo) is regenerated, and its tokenizer retrained
-current() { $PY -c "import json, sys; from train.corpus import GENERATOR_VERSION as v
+current() { $PY -c "import json, sys; from train.data.corpus import GENERATOR_VERSION as v
 sys.exit(json.load(open('data/builtin/manifest.json'))['generator']['version'] != v)" 2>/dev/null; }
 if [ -f data/builtin/manifest.json ] && ! current; then
   stamp "data/builtin comes from another generator version: regenerating it and the tokenizer"

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from model import OmniModel, init_weights
 from model.config import AUDIO_ID, IGNORE_INDEX, IMAGE_ID, AudioConfig, ModelConfig, TextConfig, VisionConfig
 from model.media import audio_tokens, vision_tokens
-from train import audit, audit_stats
+from train.audit import compare, stats
 from train.cli import main as cli_main
 
 CFG = ModelConfig(
@@ -122,12 +122,12 @@ def verdicts(result) -> dict[str, str]:
 
 
 def test_a_independent_runs_are_independent(runs):
-    v = verdicts(audit.run_audit(runs["B"], [runs["A"]]))
+    v = verdicts(compare.run_audit(runs["B"], [runs["A"]]))
     assert set(v.values()) == {"independent"}, v
 
 
 def test_b_copied_then_trained_vision_encoder_is_derived(runs):
-    r = audit.run_audit(runs["C"], [runs["A"]])
+    r = compare.run_audit(runs["C"], [runs["A"]])
     v = verdicts(r)
     assert v["vision_encoder"] == "derived" and all(v[o] == "independent" for o in OTHERS), v
     ev = r["components"]["vision_encoder"]["evidence"]
@@ -137,7 +137,7 @@ def test_b_copied_then_trained_vision_encoder_is_derived(runs):
 
 
 def test_c_permuted_sign_flipped_rescaled_copy_is_still_derived(runs):
-    r = audit.run_audit(runs["D"], [runs["A"]])
+    r = compare.run_audit(runs["D"], [runs["A"]])
     v = verdicts(r)
     assert v["vision_encoder"] == "derived" and all(v[o] == "independent" for o in OTHERS), v
     ev = {e["tensor"]: e for e in r["components"]["vision_encoder"]["evidence"]}
@@ -147,17 +147,17 @@ def test_c_permuted_sign_flipped_rescaled_copy_is_still_derived(runs):
 
 
 def test_d_models_alike_only_in_norm_weights_are_independent(runs):
-    r = audit.run_audit(runs["E"], [runs["A"]])
+    r = compare.run_audit(runs["E"], [runs["A"]])
     assert set(verdicts(r).values()) == {"independent"}, verdicts(r)
     support = r["components"]["text_decoder"]["supporting_1d"]
     assert support and all(s["cosine"] > 0.99 and not s["cosine_informative"] for s in support)
 
 
 def test_e_bf16_reference_against_fp32_checkpoint(runs):
-    v = verdicts(audit.run_audit(runs["C"], [runs["A_bf16"]]))
+    v = verdicts(compare.run_audit(runs["C"], [runs["A_bf16"]]))
     assert v["vision_encoder"] == "derived" and all(v[o] == "independent" for o in OTHERS), v
     # the fp32 original against its own bf16 copy: byte-identical after rounding, every component derived
-    r = audit.run_audit(runs["A"], [runs["A_bf16"]])
+    r = compare.run_audit(runs["A"], [runs["A_bf16"]])
     assert set(verdicts(r).values()) == {"derived"}
     assert all(c["evidence"][0]["identical"] for c in r["components"].values())
 
@@ -193,12 +193,12 @@ def test_bad_input_names_the_path(tmp_path, capsys):
 # ---- statistics -----------------------------------------------------------------------------------------
 def test_random_init_null_is_calibrated():
     """z-scores of independent random pairs stay near N(0, 1): no bare threshold, no false alarm."""
-    null = audit_stats.RandomInitNull()
+    null = stats.RandomInitNull()
     zs = {"pearson": [], "aligned": []}
     for i in range(12):
         g = torch.Generator().manual_seed(100 + i)
         x, y = torch.randn(96, 40, generator=g), torch.randn(96, 40, generator=g) * 5
-        st = audit_stats.pair_stats(audit_stats.make_sketch(x, (96, 40)), audit_stats.make_sketch(y, (96, 40)))
+        st = stats.pair_stats(stats.make_sketch(x, (96, 40)), stats.make_sketch(y, (96, 40)))
         for k in zs:
             zs[k].append(null.model((96, 40), (96, 40)).z(k, st[k]))
     for k, z in zs.items():
@@ -208,17 +208,17 @@ def test_random_init_null_is_calibrated():
 def test_norm_gains_near_one_have_cosine_one_but_no_evidence():
     g = torch.Generator().manual_seed(0)
     x, y = 1 + 0.01 * torch.randn(512, generator=g), 1 + 0.01 * torch.randn(512, generator=g)
-    sx, sy = audit_stats.make_sketch(x, (512,)), audit_stats.make_sketch(y, (512,))
-    st = audit_stats.pair_stats(sx, sy)
+    sx, sy = stats.make_sketch(x, (512,)), stats.make_sketch(y, (512,))
+    st = stats.pair_stats(sx, sy)
     assert st["cosine"] > 0.999  # the withdrawn accusation's statistic
-    assert audit_stats.RandomInitNull().model((512,), (512,)).z("pearson", st["pearson"]) < 4
-    assert audit_stats.make_sketch(torch.ones(512), (512,)).why_not.startswith("at an init constant")
-    assert audit_stats.make_sketch(torch.zeros(512), (512,)).why_not.startswith("at an init constant")
-    assert audit_stats.make_sketch(torch.randn(4, 4), (4, 4)).why_not.startswith("tiny")
+    assert stats.RandomInitNull().model((512,), (512,)).z("pearson", st["pearson"]) < 4
+    assert stats.make_sketch(torch.ones(512), (512,)).why_not.startswith("at an init constant")
+    assert stats.make_sketch(torch.zeros(512), (512,)).why_not.startswith("at an init constant")
+    assert stats.make_sketch(torch.randn(4, 4), (4, 4)).why_not.startswith("tiny")
 
 
 def test_orientations_transposes_and_slices():
-    o = audit.orientations
+    o = compare.orientations
     assert o((64, 48), (64, 48)) == ["same"] and o((64, 48), (48, 64)) == ["transposed"]
     assert o((48, 48), (48, 48)) == ["same", "transposed"]
     assert o((64, 48), (192, 48)) == ["slice"]  # one third of a fused qkv
@@ -231,8 +231,8 @@ def test_slice_of_a_fused_projection_is_found():
     g = torch.Generator().manual_seed(1)
     fused = torch.randn(192, 64, generator=g)  # a reference's fused qkv
     k = fused[64:128] + 0.3 * torch.randn(64, 64, generator=g)  # our k: a slice of it, trained a little
-    a, b = audit_stats.make_sketch(k, (64, 64)), audit_stats.make_sketch(fused, (192, 64))
-    z = audit_stats.RandomInitNull().model((64, 64), (192, 64)).z("aligned", audit_stats.pair_stats(a, b)["aligned"])
+    a, b = stats.make_sketch(k, (64, 64)), stats.make_sketch(fused, (192, 64))
+    z = stats.RandomInitNull().model((64, 64), (192, 64)).z("aligned", stats.pair_stats(a, b)["aligned"])
     assert z > 20
 
 
@@ -249,5 +249,5 @@ def test_independently_trained_null_models_absorb_shared_structure(tmp_path):
 
     ckpt, ref = model(tmp_path / "ckpt.safetensors"), model(tmp_path / "ref.safetensors")
     nulls = [model(tmp_path / f"indep{i}.safetensors") for i in range(3)]
-    assert verdicts(audit.run_audit(ckpt, [ref]))["vision_encoder"] == "derived"
-    assert verdicts(audit.run_audit(ckpt, [ref], nulls=nulls))["vision_encoder"] == "independent"
+    assert verdicts(compare.run_audit(ckpt, [ref]))["vision_encoder"] == "derived"
+    assert verdicts(compare.run_audit(ckpt, [ref], nulls=nulls))["vision_encoder"] == "independent"

@@ -16,7 +16,7 @@ from PIL import Image
 from model import load_model_config
 from model.media import audio_tokens, vision_tokens
 from train.cli import main as cli
-from train.corpus import COLORS, DIRECTIONS, MIX, PITCHES, QUESTIONS, SAMPLE_RATE, make_sample, probe_items, stream_seed
+from train.data.corpus import COLORS, DIRECTIONS, MIX, PITCHES, QUESTIONS, SAMPLE_RATE, make_sample, probe_items, stream_seed
 
 SIZES = {"train": 150, "heldout": 40}
 
@@ -34,7 +34,7 @@ def corpus(tmp_path_factory):
 
 
 def test_same_seed_gives_byte_identical_shards(corpus, tmp_path):
-    from train.corpus import generate
+    from train.data.corpus import generate
 
     generate(tmp_path / "b", seed=7, sizes=SIZES, shard_rows=60, workers=2)  # workers never change a byte
     generate(tmp_path / "c", seed=8, sizes=SIZES, shard_rows=60)

@@ -20,9 +20,9 @@ from model import OmniModel, init_weights, load_model_config
 from model.config import IGNORE_INDEX, SPECIAL_TOKENS
 from model.media import audio_tokens, vision_tokens
 from tokenizer.bpe import save_tokenizer, train_bpe
-from train.corpus import generate
-from train.data import TrainLoader
-from train.sources import Source, manifest_entry
+from train.data.corpus import generate
+from train.data.pipeline import TrainLoader
+from train.data.sources import Source, manifest_entry
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = load_model_config(ROOT / "configs/model/tiny.yaml")

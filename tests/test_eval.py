@@ -26,7 +26,8 @@ from safetensors.torch import save_file
 
 from model import OmniModel, init_weights
 from tokenizer.bpe import save_tokenizer, train_bpe
-from train import corpus, evaluate, hub
+from train.data import corpus
+from train.inference import evaluate, load
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = {"image_color": 1, "audio_pitch": 1}  # the training mix of the fixture corpus
@@ -73,11 +74,11 @@ def trained(tmp_path_factory):
     proc = subprocess.run([sys.executable, "-m", "train.cli", "train", "--config", str(d / "run.yaml")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return {"dir": d, "run": d / "run", "ckpt": hub.resolve_checkpoint(d / "run" / "checkpoints"), "data": d / "corpus"}
+    return {"dir": d, "run": d / "run", "ckpt": load.resolve_checkpoint(d / "run" / "checkpoints"), "data": d / "corpus"}
 
 
 def test_trained_checkpoint_scores_far_above_chance(trained):
-    model, cfg, tok = hub.load_checkpoint(trained["ckpt"])
+    model, cfg, tok = load.load_checkpoint(trained["ckpt"])
     probes = evaluate.run_probes(model, tok, cfg, PROBES, seed=1, tasks=list(TASKS))
     for task, r in probes.items():
         assert r["accuracy"] >= r["chance"] + 0.4, f"{task}: {r['accuracy']:.0%} vs chance {r['chance']:.0%}"
@@ -94,7 +95,7 @@ def test_heldout_loss_equals_the_training_log(trained):
     logged = [json.loads(line) for line in (trained["run"] / "metrics.jsonl").read_text().splitlines()]
     last = next(r for r in reversed(logged) if "heldout_loss" in r)
     assert last["step"] == STEPS
-    model, cfg, tok = hub.load_checkpoint(trained["ckpt"])
+    model, cfg, tok = load.load_checkpoint(trained["ckpt"])
     # the training loop's held-out set: 2 micro-batches of 8 packed rows of 128 tokens, the run's seed
     held = evaluate.heldout_losses(model, cfg, trained["data"], trained["ckpt"] / "tokenizer.json", 128, 8, 2, seed=7,
                                    rejects_path=trained["dir"] / "rejects.jsonl")
@@ -121,9 +122,9 @@ def test_cli_writes_json_markdown_and_plot(trained, tmp_path):
 
 
 def test_omni_export_of_a_signed_checkpoint_still_verifies(trained, tmp_path):
-    from train.export import export_omni
-    from train.signing import init_keys, sign_checkpoint
-    from train.verify import verify
+    from train.inference.export import export_omni
+    from train.provenance.signing import init_keys, sign_checkpoint
+    from train.provenance.verify import verify
 
     ckpt = Path(shutil.copytree(trained["ckpt"], tmp_path / trained["ckpt"].name))  # sign a copy, not the fixture
     private, public = init_keys(tmp_path / "keys")
@@ -134,7 +135,7 @@ def test_omni_export_of_a_signed_checkpoint_still_verifies(trained, tmp_path):
     assert {c["check"] for c in report.checks} >= {"signature", "files", "tensors", "lineage", "init"}
     ids = torch.tensor([[1, 20, 30, 40]])
     with torch.no_grad():
-        assert torch.equal(hub.load_checkpoint(out)[0](ids), hub.load_checkpoint(ckpt)[0](ids))
+        assert torch.equal(load.load_checkpoint(out)[0](ids), load.load_checkpoint(ckpt)[0](ids))
     # the check has teeth: one changed byte in the export is named
     data = bytearray((out / "model_config.json").read_bytes())
     data[-2] = ord(" ")
@@ -143,7 +144,7 @@ def test_omni_export_of_a_signed_checkpoint_still_verifies(trained, tmp_path):
 
 
 def test_generate_cli_answers_from_the_media(trained, tmp_path, capsys):
-    from train.generate import add_arguments, main
+    from train.inference.generate import add_arguments, main
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -161,13 +162,13 @@ def test_generate_cli_answers_from_the_media(trained, tmp_path, capsys):
 def test_hf_export_of_the_trained_checkpoint_generates_as_we_do(trained, tmp_path):
     import transformers
 
-    from train.export import export_hf
-    from train.generate import generate_ids
+    from train.inference.export import export_hf
+    from train.inference.generate import generate_ids
 
     out = export_hf(trained["ckpt"], tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ids = transformers.AutoTokenizer.from_pretrained(out)("Question: what colour is", return_tensors="pt").input_ids
-    model = hub.load_checkpoint(trained["ckpt"])[0]
+    model = load.load_checkpoint(trained["ckpt"])[0]
     with torch.no_grad():
         assert (model(ids) - hf(input_ids=ids).logits).abs().max() <= 1e-4
         theirs = hf.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None)[0, ids.shape[1]:].tolist()

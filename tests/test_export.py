@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from model import ModelConfig, OmniModel, init_weights
 from model.config import SPECIAL_TOKENS, AudioConfig, TextConfig, VisionConfig
 from tokenizer.bpe import load_tokenizer, save_tokenizer, train_bpe
-from train import export, hub
+from train.inference import export, load
 
 TEXTS = [f"A {c} {s} moves {d}. {a} plus {b} is {a + b}." for c in ("red", "green", "blue", "yellow")
          for s in ("circle", "square", "triangle") for d in ("left", "right", "up", "down") for a, b in ((1, 2), (3, 4))]
@@ -126,19 +126,19 @@ def test_omni_export_is_self_contained_and_byte_identical(tmp_path):
     files = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
     assert files(out) == files(ckpt)  # every file, nothing added
     assert all(digest(ckpt / n) == digest(out / n) for n in files(ckpt))
-    loaded, cfg2, tok = hub.load_checkpoint(out)
+    loaded, cfg2, tok = load.load_checkpoint(out)
     assert cfg2 == cfg and tok.to_str() == load_tokenizer(ckpt).to_str()
     ids = torch.randint(len(SPECIAL_TOKENS), 400, (1, 20), generator=torch.Generator().manual_seed(0))  # no placeholders
     with torch.no_grad():
         assert torch.equal(loaded(ids), model(ids))
     slim = export.export_omni(ckpt, tmp_path / "slim", with_resume_state=False)
     assert files(slim) == [n for n in files(ckpt) if not n.startswith("ds/")]
-    assert hub.load_checkpoint(slim)[1] == cfg
+    assert load.load_checkpoint(slim)[1] == cfg
 
 
 def test_export_refuses_bad_input(tmp_path):
     with pytest.raises(ValueError, match="not a checkpoint folder"):
-        hub.load_checkpoint(tmp_path)
+        load.load_checkpoint(tmp_path)
     cfg = small_config()
     ckpt = write_checkpoint(tmp_path / "ckpt", random_model(cfg))
     (tmp_path / "busy").mkdir()
@@ -149,4 +149,4 @@ def test_export_refuses_bad_input(tmp_path):
     wrong = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, ffn_dim=80))
     (ckpt / "model_config.json").write_text(json.dumps(wrong.to_dict()))
     with pytest.raises(ValueError, match=r"model.safetensors: weights do not match.*mlp\.w13\.weight"):
-        hub.load_checkpoint(ckpt)
+        load.load_checkpoint(ckpt)

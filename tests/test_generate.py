@@ -18,7 +18,7 @@ from test_export import random_model, small_config, write_checkpoint
 
 from model.config import AUDIO_ID, BOS_ID, IMAGE_ID, VIDEO_ID
 from model.media import audio_tokens, vision_tokens
-from train import generate, hub
+from train.inference import generate, load
 
 
 def png(color, size=16) -> bytes:
@@ -43,7 +43,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(ckpt):
-    return hub.load_checkpoint(ckpt)
+    return load.load_checkpoint(ckpt)
 
 
 def test_prompt_media_are_expanded_as_in_training(loaded):

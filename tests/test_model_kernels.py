@@ -45,9 +45,9 @@ def test_rope_is_a_rotation_that_encodes_relative_position(kind):
 
 
 def test_rope_on_pairs_is_hugging_faces_rotate_half_after_the_export_permutation():
-    # The HF export permutes q/k rows per head (train/export.py): rotating pairs then permuting must equal
+    # The HF export permutes q/k rows per head (train/inference/export.py): rotating pairs then permuting must equal
     # permuting then rotating halves the way transformers' Llama does.
-    from train.export import pairs_to_halves
+    from train.inference.export import pairs_to_halves
 
     pos = torch.arange(9)
     angles = rope_angles(pos, rope_frequencies(HEAD_DIM, 500.0))  # (S, Dh/2)

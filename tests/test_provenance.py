@@ -20,13 +20,13 @@ from safetensors.torch import save_file
 from model import OmniModel, init_weights
 from model.config import AudioConfig, ModelConfig, TextConfig, VisionConfig
 from train import checkpoint as ckpt
-from train import files
-from train.digest import component_roots, merkle_root, tensor_digest, tensor_digests
-from train.files import SafetensorsFile, folder_files, hash_files, safe_path, safetensors_digests
-from train.provenance import RECORD, Recorder, rebuild_init
-from train.signing import SIGNATURE, init_keys, sign_checkpoint, signed_manifest
-from train.tripwire import ForeignWeightsError, Tripwire
-from train.verify import verify
+from train.provenance import hashing
+from train.provenance.digest import component_roots, merkle_root, tensor_digest, tensor_digests
+from train.provenance.hashing import SafetensorsFile, folder_files, hash_files, safe_path, safetensors_digests
+from train.provenance.record import RECORD, Recorder, rebuild_init
+from train.provenance.signing import SIGNATURE, init_keys, sign_checkpoint, signed_manifest
+from train.provenance.tripwire import ForeignWeightsError, Tripwire
+from train.provenance.verify import verify
 
 CFG = ModelConfig(name="t", text=TextConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64),
                   vision=VisionConfig(dim=24, n_layers=1, n_heads=2, ffn_dim=48),
@@ -100,7 +100,7 @@ def test_tensor_digest_is_canonical_across_file_layouts(tmp_path, monkeypatch):
     assert hash_files(tmp_path, ["one.safetensors"]) != hash_files(tmp_path, ["rev.safetensors"])  # files differ
     # verify's single pass: the file digest and the tensor digests from one mapping, read in pieces smaller than a
     # tensor (so tensors straddle pieces), equal the separate passes; the views hold the tensors' values
-    monkeypatch.setattr(files, "CHUNK", 1 << 12)
+    monkeypatch.setattr(hashing, "CHUNK", 1 << 12)
     with SafetensorsFile(tmp_path / "rev.safetensors") as f:
         assert f.digests == live  # a pass over the tensors alone first: the file's pass starts afresh
         assert hash_files(tmp_path, ["rev.safetensors", "one.safetensors"], weights=f)["rev.safetensors"] == \
@@ -277,7 +277,7 @@ def test_a_resumed_run_continues_the_chain_and_keeps_earlier_loads(tmp_path, key
 
 
 def test_licence_allow_list_is_configurable(tmp_path, keys):
-    from train.verify import ALLOWED_LICENCES, licence_ok
+    from train.provenance.verify import ALLOWED_LICENCES, licence_ok
 
     assert licence_ok("Apache-2.0 OR BSD-3-Clause") and licence_ok("MPL-2.0 AND MIT")
     assert not licence_ok("GPL-3.0-only") and not licence_ok("MIT AND GPL-2.0") and not licence_ok("UNKNOWN")
@@ -289,7 +289,7 @@ def test_licence_allow_list_is_configurable(tmp_path, keys):
 
 
 def test_replay_picks_the_largest_updates_then_random_ones():
-    from train.replay import choose
+    from train.provenance.replay import choose
 
     sizes = [0.5, 3.0, 0.1, 2.0, 0.2, 0.3]
     rec = {"chain": [{"update": {"text_decoder": {"relative": s}}} for s in sizes]}

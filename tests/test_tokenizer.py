@@ -54,7 +54,7 @@ def test_same_corpus_same_bytes_and_a_different_tokenizer_is_refused(tmp_path):
 
 
 def test_cli_trains_on_a_generated_corpus(tmp_path):
-    from train.corpus import generate
+    from train.data.corpus import generate
 
     generate(tmp_path / "corpus", seed=0, sizes={"train": 60, "heldout": 10}, shard_rows=60)
     args = ["--corpus", str(tmp_path / "corpus"), "--vocab-size", "500", "--out", str(tmp_path / "tok")]

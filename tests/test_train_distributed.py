@@ -194,7 +194,7 @@ def test_a_rank_raising_mid_run_ends_it_naming_the_rank_and_error(ws, tmp_path):
     run = ws / "runs" / "raise"
     proc = start_with_fault(tmp_path, """
         if os.environ["RANK"] == "1":
-            from train.provenance import Recorder
+            from train.provenance.record import Recorder
             record_step = Recorder.record_step
             def failing(self, step, *args, **kwargs):
                 if step == 3:
@@ -230,7 +230,7 @@ def test_a_rank_missing_at_preflight_ends_the_run_within_preflight_timeout(ws, t
     proc = start_with_fault(tmp_path, """
         if os.environ["RANK"] == "1":
             import signal, time
-            from train import launch
+            from train.parallel import launch
             def hang(*args, **kwargs):
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)  # hung, yet killable like a real hung process
                 time.sleep(600)
@@ -326,7 +326,7 @@ def test_zero3_init_and_bf16_masters(engine_report):
     # ZeRO-2's gradient norm on CPU streams through an fp64 buffer: DeepSpeed's fp64 result to the last fp32 bit
     # or one ulp (only the order of fp64 additions differs), across the 2 ranks' partitions
     norms = report["zero2_bf16"]["grad_norms"]
-    assert norms is not None, "train.engine no longer installs its CPU gradient norm"
+    assert norms is not None, "train.parallel.engine no longer installs its CPU gradient norm"
     assert len(norms["ours"]) == len(norms["deepspeed"]) >= 1 and all(n > 0 for n in norms["ours"])
     for a, b in zip(norms["ours"], norms["deepspeed"]):
         assert abs(a - b) <= 1.2e-7 * b, norms
@@ -413,7 +413,7 @@ def patched_train(tmp_path: Path, patch: str, *args: str) -> subprocess.Complete
 
 SKIP_ONE_INIT = """
 import math, torch
-import train.engine as eng
+import train.parallel.engine as eng
 real = eng.init_tensor
 def init_tensor(name, shape, seed, cfg):  # this tensor keeps PyTorch's default init, as if our init had skipped it
     if name == "audio.blocks.0.mlp.fc1.weight":
@@ -440,7 +440,7 @@ def test_zero3_init_that_skips_a_tensor_stops_the_run_naming_it(ws, tmp_path):
 def test_zero3_honest_run_verifies_and_checked_every_gradient(ws, zero3_run, tmp_path):
     """The honest ZeRO-3 run: its init record (gathered after deepspeed.initialize) rebuilds from config and seed,
     so `omniscratch verify` passes; every component got a non-zero gradient at the step its input first came."""
-    from train.signing import init_keys
+    from train.provenance.signing import init_keys
 
     priv, pub = init_keys(tmp_path / "keys")
     folder = zero3_run / "checkpoints" / "step_000006"
@@ -481,8 +481,8 @@ def test_lr_scale_zero_component_is_certified_not_trained(ws, tmp_path):
     """optim.lr_scale: a component scaled to 0 is frozen on purpose: exempt from the gradient check, certified
     "not trained" (0 steps, distance 0) while the others show their steps and distance; every AdamW group's lr
     is its own base (lr x scale) times the schedule."""
-    from train.engine import lr_lambda
-    from train.signing import init_keys
+    from train.parallel.engine import lr_lambda
+    from train.provenance.signing import init_keys
 
     priv, pub = init_keys(tmp_path / "keys")
     run = ws / "runs" / "lrscale"

@@ -17,7 +17,7 @@ import torch
 from model import load_model_config
 from train import checkpoint as ckpt
 from train.config import load_run_config, parse_overrides
-from train.launch import explain_failure, write_status
+from train.parallel.launch import explain_failure, write_status
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_CONFIGS = sorted((ROOT / "configs/run").glob("*.yaml"))
@@ -36,7 +36,7 @@ def test_every_shipped_run_config_loads(path, monkeypatch):
 
 @pytest.mark.parametrize("path", DS_CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_deepspeed_config_builds(path):
-    from train.engine import deepspeed_config, zero_stage
+    from train.parallel.engine import deepspeed_config, zero_stage
 
     ds = deepspeed_config(str(path), micro_batch=2, grad_accum=3, world_size=4, grad_clip=1.0, precision="fp32")
     assert ds["train_batch_size"] == 24 and ds["bf16"] == {"enabled": False}
@@ -49,7 +49,7 @@ def test_every_shipped_deepspeed_config_builds(path):
 
 
 def test_deepspeed_json_may_not_set_what_the_run_config_owns(tmp_path):
-    from train.engine import deepspeed_config
+    from train.parallel.engine import deepspeed_config
 
     bad = tmp_path / "ds.json"
     bad.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_batch_size": 8}))
@@ -92,7 +92,7 @@ def test_lr_scale_is_typed_and_validated(monkeypatch):
 def test_param_groups_scale_each_components_lr():
     """Per-component lr scales become AdamW groups whose own lr is lr x scale; without scales, the old two groups."""
     from model import OmniModel
-    from train.engine import param_groups
+    from train.parallel.engine import param_groups
 
     model = OmniModel(load_model_config(ROOT / "configs/model/tiny.yaml"))
     plain = param_groups(model, lr=1e-3, weight_decay=0.1)
@@ -116,7 +116,7 @@ def test_schedule_lr_is_the_unscaled_schedule():
     """Metrics and the lineage record the schedule's lr, not the first group's scaled one."""
     from types import SimpleNamespace
 
-    from train.engine import schedule_lr
+    from train.parallel.engine import schedule_lr
 
     def engine(*groups):
         return SimpleNamespace(optimizer=SimpleNamespace(param_groups=[{"lr": lr, "lr_scale": s} for lr, s in groups]))
@@ -128,7 +128,7 @@ def test_schedule_lr_is_the_unscaled_schedule():
 def test_encoders_wait_for_their_input_before_their_gradient_check():
     """A step without images gives the vision encoder an exactly-zero gradient by design (dummy item): its check
     waits for the first step whose global batch holds an image; the text side is checked at once."""
-    from train.guards import grad_checks_due
+    from train.parallel.guards import grad_checks_due
 
     pending = ["embeddings", "text_decoder", "vision_encoder", "vision_projector", "audio_encoder", "audio_projector"]
     assert grad_checks_due(pending, set()) == ["embeddings", "text_decoder"]
@@ -155,7 +155,7 @@ def test_config_errors_name_the_file_and_key(tmp_path, monkeypatch):
 
 
 def test_lr_schedule_warmup_then_cosine_to_floor():
-    from train.engine import lr_lambda
+    from train.parallel.engine import lr_lambda
 
     f = lambda s: lr_lambda(s, warmup=10, total=110, min_ratio=0.1)
     assert [f(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])

@@ -21,12 +21,12 @@ from safetensors.torch import load_file, save_file
 
 from model import OmniModel, init_weights
 from model.config import ModelConfig, from_dict
-from train.digest import component_roots, tensor_digests
-from train.files import folder_files, hash_files, safetensors_digests
-from train.provenance import RECORD, SLSA, digest_of, init_digest
-from train.replay import replay_segment
-from train.signing import SIGNATURE, init_keys, sign_checkpoint
-from train.verify import verify
+from train.provenance.digest import component_roots, tensor_digests
+from train.provenance.hashing import folder_files, hash_files, safetensors_digests
+from train.provenance.record import RECORD, SLSA, digest_of, init_digest
+from train.provenance.replay import replay_segment
+from train.provenance.signing import SIGNATURE, init_keys, sign_checkpoint
+from train.provenance.verify import verify
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +219,7 @@ def test_kept_checkpoint_that_disagrees_with_the_chain(run, copy):
 
 
 def test_replay_candidates_need_both_ends_kept(copy):
-    from train.replay import candidates
+    from train.provenance.replay import candidates
 
     rec = json.loads((copy / RECORD).read_text())
     assert [(i, s.name if s else None, e.name) for i, s, e in candidates(copy, rec)] == [

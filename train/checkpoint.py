@@ -12,7 +12,7 @@ Notable choices:
   valid; a folder is a checkpoint only if its name has no suffix and it holds provenance.json (OLMo-core's rule).
   DeepSpeed's own `latest` is not atomic (rank 0 writes it before the other ranks finish), so it is not written.
 - RNG state is saved per rank in files of ours: under ZeRO 0-2 DeepSpeed hands every rank rank 0's client_state.
-- `commit(tmp, record)` is the one place that writes provenance.json: train/provenance.py supplies the record.
+- `commit(tmp, record)` is the one place that writes provenance.json: train/provenance/record.py supplies the record.
 - Assumes a file system shared by all ranks (the usual cluster set-up), as DeepSpeed's checkpointing does.
 """
 

@@ -14,15 +14,15 @@ import sys
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
     "model": ("model.info", "describe a model config: components, parameter counts, FLOPs"),
-    "data": ("train.corpus", "generate the built-in omnimodal corpus; `data which`: the samples that trained a step"),
+    "data": ("train.data.corpus", "generate the built-in omnimodal corpus; `data which`: the samples that trained a step"),
     "tokenizer": ("tokenizer.cli", "train the byte-level BPE tokenizer"),
     "train": ("train.pretrain", "pretrain with DeepSpeed"),
-    "keys": ("train.signing", "create a signing key pair"),
-    "verify": ("train.verify", "verify a checkpoint's provenance certificate"),
-    "audit": ("train.audit", "weight-similarity audit against reference models"),
-    "eval": ("train.evaluate", "held-out loss and probe accuracy of a checkpoint"),
-    "generate": ("train.generate", "generate text from a checkpoint"),
-    "export": ("train.export", "export a checkpoint (Hugging Face format)"),
+    "keys": ("train.provenance.signing", "create a signing key pair"),
+    "verify": ("train.provenance.verify", "verify a checkpoint's provenance certificate"),
+    "audit": ("train.audit.compare", "weight-similarity audit against reference models"),
+    "eval": ("train.inference.evaluate", "held-out loss and probe accuracy of a checkpoint"),
+    "generate": ("train.inference.generate", "generate text from a checkpoint"),
+    "export": ("train.inference.export", "export a checkpoint (Hugging Face format)"),
 }
 
 

@@ -1,7 +1,7 @@
 """Pretraining: `omniscratch train --config configs/run/NAME.yaml [key=value ...] [--resume] [--nproc-per-node N]`.
 
 Runs unchanged under torchrun, the deepspeed launcher (`--local_rank`) and `accelerate launch`; with
-`--nproc-per-node N` and no launcher around it, it starts N ranks itself through torchrun (train/launch.py).
+`--nproc-per-node N` and no launcher around it, it starts N ranks itself through torchrun (train/parallel/launch.py).
 The script reads top to bottom: set-up, data, model and engine, resume, provenance, the loop, the end.
 
 Notable choices:
@@ -53,7 +53,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"omniscratch train: {e}", file=sys.stderr)
         return 2
     if args.nproc_per_node and "LOCAL_RANK" not in os.environ:  # not under a launcher yet: become one
-        from train.launch import run_local
+        from train.parallel.launch import run_local
 
         argv = ["--config", args.config, *args.overrides] + (["--resume"] if args.resume else [])
         argv += ["--resume-from", args.resume_from] if args.resume_from else []
@@ -70,8 +70,8 @@ def seed_everything(seed: int, *salt) -> None:
 
 
 def train(cfg, resume: bool = False, resume_from: str | None = None) -> int:
-    from train import engine as eng
-    from train.launch import setup_logging, write_status
+    from train.parallel import engine as eng
+    from train.parallel.launch import setup_logging, write_status
 
     d = eng.compute_init(cfg.dist_timeout_s)
     run_dir = cfg.path
@@ -96,14 +96,14 @@ def _train(cfg, d, log, stop, resume, resume_from) -> str:
     from model.config import IGNORE_INDEX
     from model.flops import batch_flops
     from train import checkpoint as ckpt
-    from train import engine as eng
-    from train import guards
-    from train.data import TrainLoader
-    from train.launch import format_rank_table, preflight, rank_info
+    from train.data.pipeline import TrainLoader
+    from train.data.sources import Source, declared_licence
     from train.metrics import Metrics, device_peak, peak_memory_bytes
-    from train.provenance import Recorder
-    from train.sources import Source, declared_licence
-    from train.tripwire import Tripwire
+    from train.parallel import engine as eng
+    from train.parallel import guards
+    from train.parallel.launch import format_rank_table, preflight, rank_info
+    from train.provenance.record import Recorder
+    from train.provenance.tripwire import Tripwire
 
     # ---- where we start from -------------------------------------------------------------------------------
     run_dir, root = cfg.path, cfg.path / "checkpoints"
@@ -274,7 +274,7 @@ def _train(cfg, d, log, stop, resume, resume_from) -> str:
                 metrics.plot()
                 metrics.write(f"step {step}: checkpoint {final}")
                 if cfg.sign_key:
-                    from train.signing import sign_checkpoint
+                    from train.provenance.signing import sign_checkpoint
 
                     sign_checkpoint(final, cfg.sign_key)
             dist.barrier()

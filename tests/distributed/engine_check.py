@@ -3,8 +3,8 @@
 For ZeRO-3 (fp32 and bf16): are parameters really partitioned, and do the gathered step-0 fp32 masters equal a
 plain construction byte for byte? For bf16 at ZeRO 1, 2, 3: are master weights and gradient accumulation fp32,
 read from the tensors DeepSpeed really accumulates into (after the second micro-batch's backward, before the step)?
-At ZeRO-1/2, the global gradient norm that train.engine computes on CPU and DeepSpeed's own, on those gradients.
-ZeRO-1/2 in fp32 with train.engine's shared masters against DeepSpeed's own separate master (`shared_masters`).
+At ZeRO-1/2, the global gradient norm that train.parallel.engine computes on CPU and DeepSpeed's own, on those gradients.
+ZeRO-1/2 in fp32 with train.parallel.engine's shared masters against DeepSpeed's own separate master (`shared_masters`).
 Each engine also takes one optimizer step (2 micro-batches) on a fixed batch to show that it trains. At the end:
 does every process group, ZeRO's own included, carry the timeout given to compute_init?
 Usage: torchrun --nproc-per-node 2 tests/distributed/engine_check.py MODEL_YAML OUT_JSON
@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from model import OmniModel, init_weights, load_model_config
-from train import engine as eng
-from train import guards
+from train.parallel import engine as eng
+from train.parallel import guards
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 120
@@ -41,7 +41,7 @@ def accumulated_grad_dtypes(engine) -> set[str]:
 
 def grad_norms(engine) -> dict | None:
     """ZeRO-1/2 only: each parameter group's global gradient norm (all ranks' partitions) by the CPU norm that
-    train.engine installs and by DeepSpeed's own method (kept as `__wrapped__`), on the same real gradients."""
+    train.parallel.engine installs and by DeepSpeed's own method (kept as `__wrapped__`), on the same real gradients."""
     opt = engine.optimizer
     ours = getattr(type(opt), "get_grad_norm_direct", None)  # ZeRO-1 in bf16 runs DeepSpeed's BF16_Optimizer
     if not hasattr(ours, "__wrapped__"):
@@ -55,7 +55,7 @@ def grad_norms(engine) -> dict | None:
 
 
 def shared_masters(cfg, d, ckpt_dir: Path, stage: int) -> dict:
-    """ZeRO-1/2 in fp32, where train.engine makes each rank's fp32 master its weight partition: 3 optimizer steps (2
+    """ZeRO-1/2 in fp32, where train.parallel.engine makes each rank's fp32 master its weight partition: 3 optimizer steps (2
     micro-batches each) on the same batches as DeepSpeed's own engine with its separate master; then a checkpoint
     taken after step 2 is loaded and step 3 taken again."""
     ds = eng.deepspeed_config(str(ROOT / f"configs/deepspeed/zero{stage}.json"), micro_batch=1, grad_accum=2,

@@ -7,7 +7,7 @@ that transformers loads with no custom code, e.g. for lm-evaluation-harness `--m
 transformers at export time: the files are written from their documented formats, and tests load them with
 transformers and compare logits. The encoders are not part of it (Llama has no place for them).
 
-`--format omni` writes the whole omnimodal model as a self-contained folder that `train.hub.load_checkpoint`
+`--format omni` writes the whole omnimodal model as a self-contained folder that `train.inference.load.load_checkpoint`
 loads: a byte-identical copy of every file of the checkpoint folder (weights, configs, tokenizer, data state,
 provenance.json, slsa_provenance.json, data_manifest.json, model.sig when signed, the DeepSpeed state ds/),
 nothing added and nothing rewritten. The certificate and the signature cover every file of the folder, so
@@ -44,7 +44,7 @@ from model import ModelConfig
 from model.config import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS
 from tokenizer.bpe import load_tokenizer
 
-from .hub import CONFIG, TOKENIZER, WEIGHTS, load_model_config_json, resolve_checkpoint
+from .load import CONFIG, TOKENIZER, WEIGHTS, load_model_config_json, resolve_checkpoint
 
 _ROTATED = [  # (ours, HF, heads attribute of TextConfig): RoPE'd projections, rows permuted per head
     ("attn.wq.weight", "self_attn.q_proj.weight", "n_heads"),
@@ -216,7 +216,7 @@ def main(args: argparse.Namespace) -> int:
                   f"transformers.AutoModelForCausalLM.from_pretrained('{out}'))")
         else:
             out = export_omni(args.checkpoint, args.out, not args.without_resume_state)
-            print(f"exported the omnimodal model to {out} (load with train.hub.load_checkpoint('{out}'); its files "
+            print(f"exported the omnimodal model to {out} (load with train.inference.load.load_checkpoint('{out}'); its files "
                   f"are byte-identical to the checkpoint's: `omniscratch verify {out} --public-key KEY` checks it)")
     except ValueError as e:
         print(f"omniscratch export: {e}", file=sys.stderr)

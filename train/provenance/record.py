@@ -39,9 +39,9 @@ from safetensors import safe_open
 
 from model import INIT_SCHEME, OmniModel, init_tensor
 from model.init import sampler
-from train import digest
-from train.digest import component_roots, differing_components, digest_bytes, digest_of, tensor_digests, update_sizes
-from train.files import SafetensorsFile, folder_files, hash_files
+from train.provenance import digest
+from train.provenance.digest import component_roots, differing_components, digest_bytes, digest_of, tensor_digests, update_sizes
+from train.provenance.hashing import SafetensorsFile, folder_files, hash_files
 
 SCHEMA = "omniscratch.provenance/v1"
 RECORD, SLSA, SIGNATURE, DATA_MANIFEST = "provenance.json", "slsa_provenance.json", "model.sig", "data_manifest.json"

@@ -242,7 +242,7 @@ def probe_items(task: str, n: int, seed: int = 0, image_size: int = IMAGE_SIZE) 
     `pixel_values` (list of (F, 3, H, W) float tensors in [0, 1]; an image is 2 identical frames) and
     `audio_values` (list of (N,) float tensors in [-1, 1]). Score each choice as log p(" " + choice | prompt).
     """
-    from train.sources import decode_audio, decode_frames  # the pipeline's decoders: eval sees what training saw
+    from train.data.sources import decode_audio, decode_frames  # the pipeline's decoders: eval sees what training saw
 
     if task not in QUESTIONS:
         raise ValueError(f"unknown probe task {task!r}; known: {', '.join(QUESTIONS)}")
@@ -268,14 +268,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--heldout", type=int, default=SPLIT_DEFAULTS["heldout"], help="held-out rows")
     g.add_argument("--shard-rows", type=int, default=5000)
     g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="processes (output does not depend on it)")
-    from train import which  # `data which`: the samples that trained a step (train/which.py)
+    from train.data import which  # `data which`: the samples that trained a step (train/data/which.py)
 
     which.add_arguments(sub.add_parser("which", help="list the samples (source, row, shard, licence) that trained step N"))
 
 
 def main(args: argparse.Namespace) -> int:
     if args.action == "which":
-        from train import which
+        from train.data import which
 
         return which.main(args)
     if args.samples <= 0 or args.heldout < 0 or args.shard_rows <= 0:

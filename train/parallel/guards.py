@@ -1,5 +1,5 @@
 """Training-time guards that need no DeepSpeed: every rank's gradients in the same order, and which components are
-due their gradient check this step (train/engine.py's `check_gradients` runs the check itself, through DeepSpeed).
+due their gradient check this step (train/parallel/engine.py's `check_gradients` runs the check itself, through DeepSpeed).
 """
 
 from __future__ import annotations

@@ -152,12 +152,12 @@ def load_source(src: Source, cache_dir: str | Path):
         files = [str(f) for f in source_files(path) if f.suffix == ".parquet"]
         if not files:
             raise ValueError(f"data source {src.path}: a folder is read as parquet shards or a save_to_disk dataset, and "
-                             f"it holds neither; name a .jsonl or .arrow file directly (schema: train/sources.py)")
+                             f"it holds neither; name a .jsonl or .arrow file directly (schema: train/data/sources.py)")
         ds = datasets.load_dataset("parquet", data_files=files, split="train", **kw)
     if isinstance(ds, datasets.DatasetDict):
         raise ValueError(f"data source {src.path}: a DatasetDict; name one split's folder instead")
     if "text" not in ds.column_names:
-        raise ValueError(f"data source {src.path}: no 'text' column (it has {', '.join(ds.column_names)}); see train/sources.py")
+        raise ValueError(f"data source {src.path}: no 'text' column (it has {', '.join(ds.column_names)}); see train/data/sources.py")
     return ds
 
 

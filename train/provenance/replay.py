@@ -27,9 +27,9 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from train.digest import digest_bytes, update_sizes
-from train.files import safetensors_digests
-from train.provenance import RECORD, digest_of, hardware, init_digest
+from train.provenance.digest import digest_bytes, update_sizes
+from train.provenance.hashing import safetensors_digests
+from train.provenance.record import RECORD, digest_of, hardware, init_digest
 
 
 def _kept(ckroot: Path, step: int) -> Path | None:

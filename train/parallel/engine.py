@@ -1,4 +1,4 @@
-"""Process group, device and DeepSpeed engine set-up. With train/zero.py (two adjustments to DeepSpeed's ZeRO-1/2
+"""Process group, device and DeepSpeed engine set-up. With train/parallel/zero.py (two adjustments to DeepSpeed's ZeRO-1/2
 optimizer, each tested against DeepSpeed's own code), the only modules of omniscratch that import `deepspeed`.
 
 Notable choices (measured facts in shared/notes/deepspeed-on-cpu.md):
@@ -16,15 +16,15 @@ Notable choices (measured facts in shared/notes/deepspeed-on-cpu.md):
   (`data_types.grad_accum_dtype`): bf16 gradient accumulation diverged for others (DeepSpeed #2768). ZeRO-0 has no
   fp32 master in DeepSpeed's bf16 path, so bf16 needs ZeRO >= 1.
 - ZeRO-1/2 in fp32: each rank's fp32 master is its weight partition, not DeepSpeed's clone of it
-  (`train/zero.py`): 4 bytes per parameter / N and one copy per step less, the same numbers.
+  (`train/parallel/zero.py`): 4 bytes per parameter / N and one copy per step less, the same numbers.
 - On CPU, ZeRO-1/2's global gradient norm streams the gradients through a reused fp64 buffer instead of DeepSpeed's
-  fp64 copy of every gradient (`train/zero.py`): same fp64 sum, fresh memory is slow on CPU.
+  fp64 copy of every gradient (`train/parallel/zero.py`): same fp64 sum, fresh memory is slow on CPU.
 - ZeRO-3 builds the model under `deepspeed.zero.Init` (parameters born partitioned) and fills each parameter from
   `model.init.init_tensor` inside `GatheredParameters`: a custom init applied after partitioning would silently
   do nothing (DeepSpeed #2650), and this way the step-0 bytes equal a plain construction.
 - ZeRO-3 gathers a module's parameters on every call, so every rank must make the same module calls: the model
   runs each encoder exactly once per forward whatever the media (tests/test_model.py, test_train_distributed.py).
-  ZeRO-2 reduces gradients in the order they become ready: `train.guards.check_grad_order` stops a run whose ranks differ.
+  ZeRO-2 reduces gradients in the order they become ready: `guards.check_grad_order` stops a run whose ranks differ.
 - `check_gradients` stops a run in which a component meant to train got an exactly-zero gradient (a frozen encoder:
   LLaVA #1537), at the first step whose global batch holds its input (text side: step 1). `safe_get_full_grad`
   gathers every parameter, so it runs on those few steps only. `optim.lr_scale` becomes AdamW param groups, each
@@ -52,7 +52,7 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 from model import OmniModel, init_tensor, init_weights
 from model.components import component_of
 from model.config import ModelConfig
-from train import zero
+from train.parallel import zero
 
 # keys of the DeepSpeed JSON that the run config owns: the JSON says how to shard, the run config what to train
 RUN_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -222,7 +222,7 @@ def initialize(model: OmniModel, ds: dict, *, lr: float, betas: tuple[float, flo
                share_fp32_masters: bool = True):
     """deepspeed.initialize with AdamW (see `param_groups`) and warmup + cosine on each group's own lr. -> engine.
     share_fp32_masters=False keeps DeepSpeed's separate fp32 master under ZeRO-1/2 in fp32 (the equivalence
-    tests' reference; see `train.zero.fp32_masters_are_the_weights`)."""
+    tests' reference; see `train.parallel.zero.fp32_masters_are_the_weights`)."""
     groups = param_groups(model, lr=lr, weight_decay=weight_decay, lr_scale=lr_scale)
     sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_lambda(s, warmup=warmup, total=total_steps, min_ratio=min_lr_ratio))

@@ -1,4 +1,4 @@
-"""Two adjustments to DeepSpeed's ZeRO-1/2 optimizer (`DeepSpeedZeroOptimizer`), installed by train/engine.py; each
+"""Two adjustments to DeepSpeed's ZeRO-1/2 optimizer (`DeepSpeedZeroOptimizer`), installed by train/parallel/engine.py; each
 gives DeepSpeed's own numbers (tests/distributed/engine_check.py builds DeepSpeed's code beside them) and saves
 memory or time that a plain PyTorch loop does not spend (scripts/bench_scaling.py, README):
 

@@ -5,10 +5,10 @@ Notable choices:
   machines it hashes ~2x faster than SHA-256 and parallelises inside one file, so hashing keeps up with reading.
 - A tensor digest is over the *logical* tensor: name, dtype, shape and its contiguous little-endian bytes. It does
   not change with ZeRO sharding, file layout or world size, and the same digest comes from a live tensor
-  (`tensor_digest`) or straight from a safetensors file's byte ranges (train/files.py), without loading it.
+  (`tensor_digest`) or straight from a safetensors file's byte ranges (train/provenance/hashing.py), without loading it.
 - A component's root is a Merkle tree over its tensors' digests sorted by name, with leaf/node domain
   separation, so one tensor that differs can be named by comparing the per-tensor lists.
-- Files on disk (walking a folder, streamed parallel hashing, safetensors read in place) live in train/files.py.
+- Files on disk (walking a folder, streamed parallel hashing, safetensors read in place) live in train/provenance/hashing.py.
 """
 
 from __future__ import annotations

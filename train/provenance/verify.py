@@ -4,11 +4,11 @@ Checks (a failure names the file or component and the reason): the signature (mo
 against the signature and the certificate; model.safetensors' tensors; the lineage chain back to init (and any kept
 older checkpoint); init reproducibility (step 0 rebuilt from config and seed, per-component Merkle roots); tokenizer
 and data-manifest digests; dependency licences against an allow-list; an empty tripwire log; with --replay K, K
-segments re-executed by the trainer (train/replay.py). Output: a table, CERTIFICATE.md (per component: parameters,
+segments re-executed by the trainer (train/provenance/replay.py). Output: a table, CERTIFICATE.md (per component: parameters,
 share, init root, steps trained, distance from init, verdict) and, with --json, the same as one JSON object.
 
 Notable choices:
-- Every byte is read once: each file streams through BLAKE3 in parallel (train/files.py); model.safetensors,
+- Every byte is read once: each file streams through BLAKE3 in parallel (train/provenance/hashing.py); model.safetensors,
   mapped once, feeds its file digest (signature and certificate) and its tensor digests from the same pieces. Step 0
   is rebuilt meanwhile, tensors in parallel on every core, and each component's distance from init
   (||w - w0|| / ||w0||) is measured against zero-copy views of the same mapping in that pass: no second copy of the
@@ -32,13 +32,13 @@ import yaml
 from model.components import COMPONENTS, component_of
 from model.config import ModelConfig, from_dict
 from model.init import sampler
-from train import checks
-from train.certificate import Report, certificate_md, table
-from train.checks import ALLOWED_LICENCES, REVIEWED, licence_ok  # noqa: F401 - part of this module's interface
-from train.digest import component_roots, differing_components, name_list
-from train.files import SafetensorsFile, cpus, folder_files, hash_files, layout_problems, safe_path
-from train.provenance import RECORD, SCHEMA, digest_of, rebuild_init
-from train.signing import SIGNATURE, signed_manifest
+from train.provenance import record_checks
+from train.provenance.digest import component_roots, differing_components, name_list
+from train.provenance.hashing import SafetensorsFile, cpus, folder_files, hash_files, layout_problems, safe_path
+from train.provenance.record import RECORD, SCHEMA, digest_of, rebuild_init
+from train.provenance.record_checks import ALLOWED_LICENCES, REVIEWED, licence_ok  # noqa: F401 - part of this module's interface
+from train.provenance.report import Report, certificate_md, table
+from train.provenance.signing import SIGNATURE, signed_manifest
 
 
 def verify(folder, public_key, *, replay: int = 0, allowed=ALLOWED_LICENCES, reviewed=REVIEWED,
@@ -102,17 +102,17 @@ def _verify(rep, folder, public_key, early, weights, replay, allowed, reviewed, 
         rep.add("files", f"{len(actual)} files", True, "digests match the signature and the certificate")
     # Each check is guarded: on tampered files a parser may raise; a check that cannot run has failed.
     for check, run in (("tensors", lambda: _check_tensors(rep, rec, weights)),
-                       ("config", lambda: checks.check_configs(rep, folder, rec)),
-                       ("digests", lambda: checks.check_inputs(rep, folder, rec, actual, data_dir)),
-                       ("lineage", lambda: checks.check_lineage(rep, folder, rec, certified)),
+                       ("config", lambda: record_checks.check_configs(rep, folder, rec)),
+                       ("digests", lambda: record_checks.check_inputs(rep, folder, rec, actual, data_dir)),
+                       ("lineage", lambda: record_checks.check_lineage(rep, folder, rec, certified)),
                        ("init", lambda: _check_init(rep, rec, weights, allow_derived, early)),
-                       ("licences", lambda: checks.check_licences(rep, rec, allowed, reviewed))):
+                       ("licences", lambda: record_checks.check_licences(rep, rec, allowed, reviewed))):
         try:
             run()
         except Exception as e:  # noqa: BLE001 - any crash on the inputs is a verification failure, named
             rep.add(check, "-", False, f"could not be checked: {type(e).__name__}: {e}")
     if replay:
-        from train.replay import replay as replay_segments  # runs the trainer: imported only when asked for
+        from train.provenance.replay import replay as replay_segments  # runs the trainer: imported only when asked for
 
         replay_segments(rep, folder, rec, replay)
 

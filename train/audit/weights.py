@@ -1,7 +1,7 @@
 """Reading weights for the audit: checkpoint and reference files, sketched tensor by tensor.
 
 Notable choices:
-- Only a sketch of each tensor is read (`train/audit_stats.py`): safetensors slices are read lazily, so a
+- Only a sketch of each tensor is read (`train/audit/stats.py`): safetensors slices are read lazily, so a
   reference folder of several GB costs a fraction of its size in I/O and memory.
 - References may be any architecture: safetensors files, or torch files (`weights_only=True`, memory-mapped
   when possible) holding nested dicts or lists of tensors; folders are searched recursively; names are kept
@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from model.components import COMPONENTS, component_of
-from train import audit_stats as S
+from train.audit import stats
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 _COARSE = {torch.bfloat16, torch.float16}
@@ -32,7 +32,7 @@ class Entry:
     file: str
     name: str
     shape: tuple[int, ...]  # as stored
-    sketch: S.Sketch  # of the 2-D view (out, fan_in) or the 1-D vector
+    sketch: stats.Sketch  # of the 2-D view (out, fan_in) or the 1-D vector
     layer: str  # e.g. "3" for "...blocks.3.attn...", "" when the name has no layer index
 
     @property
@@ -63,9 +63,9 @@ def _sketch_entry(file: Path, name: str, shape, coarse: bool, lazy, full) -> Ent
         return None
     if len(shape) > 2:
         t = full()
-        sk = S.make_sketch(t.reshape(shape[0], -1), (shape[0], t[0].numel()), coarse)
+        sk = stats.make_sketch(t.reshape(shape[0], -1), (shape[0], t[0].numel()), coarse)
     else:
-        sk = S.make_sketch(lazy, shape, coarse)
+        sk = stats.make_sketch(lazy, shape, coarse)
     return Entry(str(file), name, shape, sk, _layer(name))
 
 

@@ -6,12 +6,12 @@ eval.json holds at least `heldout_loss`, `image_accuracy`, `video_accuracy`, `au
 per modality detail.
 
 Notable choices:
-- Held-out loss uses the training pipeline itself (`train.data.TrainLoader` over `DATA/heldout`, packed rows,
+- Held-out loss uses the training pipeline itself (`train.data.pipeline.TrainLoader` over `DATA/heldout`, packed rows,
   document masks, the same labels), with the checkpoint's own tokenizer, so it is the quantity the training
   log reports as `heldout_loss`, split by the modality of each token's document; perplexity = exp(loss).
-- Probes are the corpus generator's held-out question sets (`train.corpus.probe_items`: a stream no training
+- Probes are the corpus generator's held-out question sets (`train.data.corpus.probe_items`: a stream no training
   shard draws from). Each choice is scored by its log-likelihood after the prompt, log p(" " + choice | BOS,
-  media, question), summed over its tokens; the highest wins. The prompt is expanded by `train.data.expand_media`,
+  media, question), summed over its tokens; the highest wins. The prompt is expanded by `train.data.pipeline.expand_media`,
   as training expands documents. Chance is 1 / number of choices, reported per task.
 - `<modality>_accuracy` is the mean over that modality's items (every task has the same number of items).
 """
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from model.config import BOS_ID, IGNORE_INDEX, PAD_ID
 
-from .hub import load_checkpoint, resolve_checkpoint
+from .load import load_checkpoint, resolve_checkpoint
 
 MODALITIES = ("text", "image", "video", "audio")  # the values 0..3 of Batch.modality
 
@@ -40,7 +40,7 @@ MODALITIES = ("text", "image", "video", "audio")  # the values 0..3 of Batch.mod
 @torch.no_grad()
 def choice_logprobs(model, tok, cfg, items: list[dict], batch_rows: int = 64) -> list[list[float]]:
     """Per item, the summed log-probability of each choice's tokens after the item's prompt."""
-    from train.data import expand_media
+    from train.data.pipeline import expand_media
 
     rows = []  # (item index, prompt ids, continuation ids)
     for i, it in enumerate(items):
@@ -66,7 +66,7 @@ def choice_logprobs(model, tok, cfg, items: list[dict], batch_rows: int = 64) ->
 
 def run_probes(model, tok, cfg, n_items: int, seed: int = 0, tasks: list[str] | None = None) -> dict:
     """{task: {accuracy, n, chance}} over the built-in held-out question sets (all tasks unless `tasks`)."""
-    from train.corpus import QUESTIONS, probe_items
+    from train.data.corpus import QUESTIONS, probe_items
 
     out = {}
     for task in tasks or QUESTIONS:
@@ -83,8 +83,8 @@ def run_probes(model, tok, cfg, n_items: int, seed: int = 0, tasks: list[str] | 
 def heldout_losses(model, cfg, data_dir: Path, tokenizer_path: Path, seq_len: int, micro_batch: int, batches: int,
                    seed: int, rejects_path: Path | None = None) -> dict:
     """{modality: {loss, perplexity, tokens}} and "all" over `batches` packed micro-batches of DATA/heldout."""
-    from train.data import TrainLoader
-    from train.sources import Source, declared_licence
+    from train.data.pipeline import TrainLoader
+    from train.data.sources import Source, declared_licence
 
     src = Source(str(data_dir / "heldout"), licence=declared_licence(Source(str(data_dir))), name="heldout")
     loader = TrainLoader([src], str(tokenizer_path), cfg, seq_len, micro_batch, batches, seed=seed, rejects_path=rejects_path)

@@ -25,8 +25,8 @@ from pathlib import Path
 from model_signing import hashing, signing
 from model_signing._signing import sign_ec_key, sign_sigstore_pb
 
-from train.digest import ALGORITHM
-from train.files import safe_path
+from train.provenance.digest import ALGORITHM
+from train.provenance.hashing import safe_path
 
 SIGNATURE = "model.sig"
 PRIVATE, PUBLIC = "signing.key", "signing.pub"

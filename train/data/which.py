@@ -6,7 +6,7 @@ shard file (+ sha256) and row in that shard, the token span of the document that
 Notable choices:
 - The per-step sample ranges come from provenance.json's lineage chain: every checkpoint carries the whole run's
   chain, so a RUN folder's latest checkpoint answers for every step, even of pruned checkpoints.
-- The mapping sample -> (source, row) is the data pipeline's own (train/data.py TrainLoader.sample_source and its
+- The mapping sample -> (source, row) is the data pipeline's own (train/data/pipeline.py TrainLoader.sample_source and its
   packing): nothing here re-derives it. The loader is rebuilt with the run's data, tokenizer, seq_len and seed, and
   each step's replayed rows must give exactly the recorded sample range, else the answer is refused.
 - The data must be what the run read: the data-manifest digest in provenance.json and the loader identity in
@@ -73,8 +73,8 @@ def open_loader(folder: Path, data_dir: Path | None, tmp: Path):
     """The run's TrainLoader (rank 0 of 1), after checking that `data_dir` holds the data the run read."""
     from model.config import ModelConfig, from_dict
     from train import checkpoint as ckpt
-    from train.data import TrainLoader
-    from train.digest import digest_bytes
+    from train.data.pipeline import TrainLoader
+    from train.provenance.digest import digest_bytes
 
     run_cfg, state, rec = (ckpt.read_json(folder / n) for n in ("run_config.json", "data_state.json", ckpt.MARKER))
     data_dir = Path(data_dir or run_cfg["data"]["dir"])
@@ -102,13 +102,13 @@ def open_loader(folder: Path, data_dir: Path | None, tmp: Path):
 
 
 class Shards:
-    """Source row -> (shard file, row in it, sha256), from the source's files (train/sources.py source_shards)."""
+    """Source row -> (shard file, row in it, sha256), from the source's files (train/data/sources.py source_shards)."""
 
     def __init__(self):
         self._index, self._sha = {}, {}
 
     def locate(self, path: str, row: int) -> tuple[str, int, str]:
-        from train.sources import source_shards
+        from train.data.sources import source_shards
 
         if path not in self._index:
             files = source_shards(Path(path))

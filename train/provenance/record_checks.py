@@ -1,6 +1,6 @@
 """The certificate's checks that need no weights, each adding PASS/FAIL rows to a Report: the configs, the tokenizer and
 data-manifest digests, the SLSA statement, the tripwire log, the lineage chain back to init (and any kept older
-checkpoint), and dependency licences against an allow-list. train/verify.py runs them once the file digests are compared;
+checkpoint), and dependency licences against an allow-list. verify.py runs them once the file digests are compared;
 each may raise on tampered input, which verify reports as a failed check.
 """
 
@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from train.certificate import Report
-from train.files import hash_files
-from train.provenance import DATA_MANIFEST, RECORD, SLSA, digest_of, init_digest
+from train.provenance.hashing import hash_files
+from train.provenance.record import DATA_MANIFEST, RECORD, SLSA, digest_of, init_digest
+from train.provenance.report import Report
 
 # Licence allow-list: a package passes when, for every AND-term of its licence, one OR-alternative names one of these.
 ALLOWED_LICENCES = ("MIT", "BSD", "Apache", "PSF", "Python Software Foundation", "ISC", "MPL", "Mozilla Public",

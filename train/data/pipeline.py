@@ -30,7 +30,7 @@ import torch
 from model.config import BOS_ID, EOS_ID, IGNORE_INDEX, PAD_ID, SPECIAL_TOKENS, ModelConfig, from_dict
 from model.media import audio_tokens, vision_tokens
 from tokenizer.bpe import load_tokenizer, tokenizer_digest
-from train.sources import MEDIA_COLUMNS, Source, check_rejects, load_source, manifest_entry, row_media, write_rejects
+from train.data.sources import MEDIA_COLUMNS, Source, check_rejects, load_source, manifest_entry, row_media, write_rejects
 
 PIPELINE_VERSION = "1"  # part of the tokenisation cache key: bump when the tokenised form changes
 IMAGE, VIDEO, AUDIO = (SPECIAL_TOKENS.index(f"<|{k}|>") for k in ("image", "video", "audio"))

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from train.digest import DTYPES, hasher, numel, tensor_header
+from train.provenance.digest import DTYPES, hasher, numel, tensor_header
 
 _BY_CODE = {v: k for k, v in DTYPES.items()}
 

@@ -1,6 +1,6 @@
 """The verification report and its renderings: the terminal table, CERTIFICATE.md and (via `to_dict`) JSON.
 
-`train/verify.py` fills a Report, check by check; `train/replay.py` adds its segments to the same Report. Rendering
+`verify.py` fills a Report, check by check; `replay.py` adds its segments to the same Report. Rendering
 reads only the Report, so the three outputs always say the same thing.
 """
 

@@ -3,7 +3,7 @@
 Every tensor of the checkpoint is compared, name-agnostically, with every reference tensor of a compatible
 shape: the same shape, the transposed shape, or a slice (one axis equal, the other up to 8 times it or within
 2x: fused q/k/v or gate/up projections, tensor-parallel shards, resized vocabularies). Reading is in
-`train/audit_io.py`, statistics and their calibration in `train/audit_stats.py`. A component is *derived* when
+`train/audit/weights.py`, statistics and their calibration in `train/audit/stats.py`. A component is *derived* when
 at least one of its matrices (2-D or more) matches a reference tensor beyond every null (random inits, a
 permutation of the reference, and the independently trained models given with `--null`) after Bonferroni
 correction over all tests, or is byte-identical to one. 1-D tensors are reported as supporting evidence only.
@@ -26,8 +26,8 @@ from statistics import NormalDist
 
 import torch
 
-from train import audit_stats as S
-from train.audit_io import Entry, checkpoint_entries, checkpoint_file, full_tensor, read_file, reference_files
+from train.audit import stats
+from train.audit.weights import Entry, checkpoint_entries, checkpoint_file, full_tensor, read_file, reference_files
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -84,7 +84,7 @@ def compare(entries: list[Entry], refs: list[Entry], chunk: int = 16):
         cands = list(candidate_pairs(group[0], refs))
         for i in range(0, len(group) if cands else 0, chunk):
             part = group[i : i + chunk]
-            for a, row in zip(part, S.batch_stats([a.sketch for a in part], [sb for *_, sb in cands])):
+            for a, row in zip(part, stats.batch_stats([a.sketch for a in part], [sb for *_, sb in cands])):
                 for (b, o, sb), st in zip(cands, row):
                     yield a, b, o, sb, st
 
@@ -105,15 +105,15 @@ def _confirm(p: dict, key: str, trained: dict, n_tests: int, alpha: float) -> bo
     """A significant test must also beat the permutation null and the independently trained models."""
     v = p["stats"][key]
     if "perm" not in p:
-        p["perm"] = S.permutation_null(p["a"].sketch, p["sb"])
-    if S.corrected(S.p_value(key, p["perm"].z(key, v)), n_tests) >= alpha:
+        p["perm"] = stats.permutation_null(p["a"].sketch, p["sb"])
+    if stats.corrected(stats.p_value(key, p["perm"].z(key, v)), n_tests) >= alpha:
         return False
     samples = trained.get(key, [])
     if len(samples) < 2:
         return True
-    mean, std = S.summarise(samples)
+    mean, std = stats.summarise(samples)
     std = max(std, p["null"].stats[key][1])
-    return S.corrected(S.p_value(key, S.NullModel({key: (mean, std)}).z(key, v)), n_tests) < alpha
+    return stats.corrected(stats.p_value(key, stats.NullModel({key: (mean, std)}).z(key, v)), n_tests) < alpha
 
 
 def _pair_json(p: dict) -> dict:
@@ -135,7 +135,7 @@ def run_audit(ckpt: str, references: list[str], nulls: list[str] = (), alpha: fl
     comps = checkpoint_entries(ckpt)
     refs = [e for f in reference_files(references) for e in read_file(f)]
     null_refs = [e for f in reference_files(list(nulls)) for e in read_file(f)] if nulls else []
-    rnull = S.RandomInitNull()
+    rnull = stats.RandomInitNull()
     pairs = []
     for comp, entries in comps.items():
         for a, b, o, sb, st in compare(entries, refs):
@@ -145,8 +145,8 @@ def run_audit(ckpt: str, references: list[str], nulls: list[str] = (), alpha: fl
     n_tests = sum(len(p["z"]) for p in pairs)
     trained: dict[str, dict[str, list[float]]] = {}
     for p in pairs:
-        p["p"] = {k: S.corrected(S.p_value(k, z), n_tests) for k, z in p["z"].items()}
-        p["identical"] = (p["stats"]["pearson"] > 0.999 and S.identical_block(p["a"].sketch, p["sb"])  # cheap test first
+        p["p"] = {k: stats.corrected(stats.p_value(k, z), n_tests) for k, z in p["z"].items()}
+        p["identical"] = (p["stats"]["pearson"] > 0.999 and stats.identical_block(p["a"].sketch, p["sb"])  # cheap test first
                           and _identical(p["a"], p["b"], p["orientation"]))
         candidates = [k for k, v in p["p"].items() if v < alpha]
         if candidates and null_refs and p["a"].name not in trained:
