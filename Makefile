@@ -2,7 +2,7 @@
 VENV  := .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-# One thread per process: two busy-waiting OpenMP pools on 2 cores slow training ~13x (shared/notes/cpu-training.md).
+# One thread per process: two busy-waiting OpenMP pools on 2 cores slow training ~13x (docs/LOG.md, "CPU threads").
 export OMP_NUM_THREADS ?= 1
 export OMP_WAIT_POLICY ?= PASSIVE
 
@@ -26,6 +26,7 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 bench: setup
 	$(PY) scripts/bench_model.py

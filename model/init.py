@@ -15,8 +15,8 @@ bytes, and a verifier can rebuild step 0 from the config and the seed alone.
 They do depend on torch's CPU normal sampler (`sampler()`): its AVX2 kernel (also taken on AVX-512 CPUs) and its
 scalar one (CPUs without AVX2, and ARM) give different bytes from the same generator, as torch's releases may.
 The init record names the sampler, so a verifier on another kind of CPU is told why it cannot rebuild step 0
-instead of concluding the weights are not from scratch (tests/test_verify.py). A portable scheme (uniform values
-from our own generator) was tried and learned image colour badly in the demo: README.
+instead of concluding the weights are not from scratch (tests/test_verify.py). A portable uniform scheme learns
+image colour far worse in the demo (docs/LOG.md); a portable *normal* sampler would lift the limit.
 """
 
 from __future__ import annotations

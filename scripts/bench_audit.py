@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-# busy-waiting OpenMP threads beside other load slow everything ~10x (docs: shared/notes/cpu-training.md)
+# busy-waiting OpenMP threads beside other load slow everything ~10x (docs/LOG.md, "CPU threads")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 

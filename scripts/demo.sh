@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: generate the built-in corpus, train the tokenizer, pretrain the tiny omnimodal model with DeepSpeed
 # ZeRO-2 on 2 CPU processes, sign and verify its certificate, evaluate it, and say where everything is.
-# Goal (issue 4): within 10 minutes on a 2-core machine, set-up excluded.
+# Goal: within 10 minutes on a 2-core machine, set-up excluded.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

@@ -1,4 +1,4 @@
-"""Acceptance tests of the weight-similarity audit on tiny models trained on the CPU (issue 6).
+"""Acceptance tests of the weight-similarity audit on tiny models trained on the CPU.
 
 Run: `OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q tests/test_audit.py` (about two minutes on 2 cores).
 

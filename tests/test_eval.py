@@ -4,7 +4,7 @@ eval.json, eval.md and eval.png.
 
 The session fixture trains a small model for ~1 minute on 2 cores with `omniscratch train` (DeepSpeed, ZeRO-0,
 fp32) on the built-in corpus narrowed to the two fastest-learned tasks (image colour, audio pitch: 100% within
-~45 s in shared/notes/cpu-training.md). The other probe tasks need many more minutes and are not asserted here.
+~45 s on 2 cores at lr 5e-4). The other probe tasks need many more minutes and are not asserted here.
 
 Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q tests/test_eval.py
 """

@@ -388,7 +388,7 @@ def test_data_which_is_the_same_after_a_resume_at_another_world_size(ws, referen
     assert which(reference / "checkpoints" / "step_000004", "1-4") == after[:4]  # the checkpoint resumed from
 
 
-# ---- issue 9: the recorded init is the init that ran; every component really trained -------------------------------
+# ---- the recorded init is the init that ran; every component really trained -------------------------------
 
 def grad_checked(run: Path) -> dict[int, list[str]]:
     """step -> components whose gradient check passed at that step, from rank 0's log."""

@@ -1,10 +1,11 @@
 """`omniscratch verify` on a real tiny run (DeepSpeed ZeRO-3, signed): an honest run verifies; every tampering named
-in issue 5 fails with the right check, file or component and reason.
+of the checkpoint (weights, shards, configs, records, paths) fails with the right check, file or component and reason.
 
     OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q tests/test_verify.py     (~2-3 min: one run, two replays)
 
 The honest run's init record comes from the ZeRO-3-partitioned parameters gathered after deepspeed.initialize; that
-it verifies is the equivalence test with a non-partitioned rebuild (shared/notes/field-lessons.md).
+it verifies is the equivalence test with a non-partitioned rebuild: a custom init that silently does nothing on
+already-partitioned parameters (DeepSpeed #2650) must never be certified.
 """
 
 from __future__ import annotations
@@ -228,7 +229,7 @@ def test_replay_candidates_need_both_ends_kept(copy):
     assert [i for i, _, _ in candidates(copy, rec)] == [2]
 
 
-# ---- issue 9: paths outside the folder, symlinks, renamed / reordered / missing / extra weight shards ----------------
+# ---- paths outside the folder, symlinks, renamed / reordered / missing / extra weight shards ----------------
 
 def test_paths_outside_the_folder_are_refused_by_verify(run, copy):
     """In the signature's manifest (model-signing PR #647) and in the certificate's file list, '../x' and absolute

@@ -36,7 +36,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 5e-4  # 2e-3 left the from-scratch vision path untrained (shared/notes/cpu-training.md)
+    lr: float = 5e-4  # at 2e-3 the from-scratch vision path stays at chance (docs/LOG.md, "Learning rate")
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 50
     weight_decay: float = 0.1

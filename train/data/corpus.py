@@ -8,7 +8,7 @@ Notable choices:
 - Media are stored as the bytes a user dataset would hold: PNG images, a video as a list of PNG frames,
   16-bit PCM WAV audio. The text holds one placeholder per item (`<|image|>`, `<|video|>`, `<|audio|>`),
   which the pipeline expands to <|image_start|> <|image|>*n <|image_end|> (same schema as user data).
-- Sized for the tiny model and a 2-core CPU (shared/notes/cpu-training.md): 32x32 images (16 tokens at
+- Sized for the tiny model and a 2-core CPU: 32x32 images (16 tokens at
   patch 4, merge 2), 4-frame videos (direction needs ~4 frames; 32 tokens), 0.32 s tones (9 tokens).
   Shapes are 18-28 px, large against the 4 px patch, since small shapes stayed at chance.
 - Every question row carries `task`, `question`, `answer` and `choices` (a closed set of >= 3, so chance
