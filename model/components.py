@@ -7,6 +7,9 @@ the parameter's top-level module in `OmniModel`; an unmapped parameter is a prog
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
 import torch.nn as nn
 
 # component -> top-level module name in OmniModel (see model/omni.py)
@@ -39,14 +42,15 @@ def component_params(names) -> dict[str, list[str]]:
     return {c: ns for c, ns in groups.items() if ns}
 
 
-def component_summary(model: nn.Module) -> list[dict]:
+def component_summary(model: nn.Module, numel: Callable[[torch.Tensor], int] = torch.Tensor.numel) -> list[dict]:
     """Per component: parameter count and share of the total (shared tensors counted once).
 
-    Under ZeRO-3 `p.numel()` is 0 for partitioned parameters; `ds_numel` holds the full size.
+    `numel(p)` is a parameter's size: a sharded model's owner passes one that gives the full size of a partitioned
+    parameter (train/parallel/engine.py `full_numel` under ZeRO-3).
     """
     counts = {c: 0 for c in COMPONENTS}
     for name, p in model.named_parameters():  # named_parameters() already de-duplicates tied tensors
-        counts[component_of(name)] += getattr(p, "ds_numel", p.numel())
+        counts[component_of(name)] += numel(p)
     total = sum(counts.values())
     return [{"component": c, "params": n, "share": n / total} for c, n in counts.items() if n]
 

@@ -190,6 +190,25 @@ def test_bad_input_names_the_path(tmp_path, capsys):
         assert str(tmp_path) in err and ("cannot read" in err or says in err), err
 
 
+def test_weight_files_the_audit_cannot_read_are_refused_by_name(tmp_path, runs, capsys):
+    from train import checkpoint as ckpt
+    from train.audit import weights
+
+    assert set(weights.READABLE) <= set(ckpt.WEIGHT_SUFFIXES)  # one list of weight files; the audit reads a part
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    save(runs["models"][0], refs / "ok.safetensors")
+    (refs / "model.gguf").write_bytes(b"GGUF")  # a weight file of a format the audit cannot read: never skipped
+    assert cli_main(["audit", runs["A"], "--reference", str(refs)]) == 2
+    err = capsys.readouterr().err
+    assert f"{refs / 'model.gguf'}: a .gguf weight file, a format the audit cannot read" in err and "convert it" in err
+    uncommitted = tmp_path / "step_000002.tmp"  # a checkpoint folder without its commit marker
+    uncommitted.mkdir()
+    save(runs["models"][0], uncommitted / "model.safetensors")
+    assert cli_main(["audit", str(uncommitted), "--reference", runs["A"]]) == 2
+    assert f"{uncommitted}: an incomplete checkpoint (no provenance.json" in capsys.readouterr().err
+
+
 # ---- statistics -----------------------------------------------------------------------------------------
 def test_random_init_null_is_calibrated():
     """z-scores of independent random pairs stay near N(0, 1): no bare threshold, no false alarm."""

@@ -179,7 +179,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     evaluate.add_arguments(parser)
     assert evaluate.main(parser.parse_args([str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])) == 2
-    assert "not a checkpoint folder" in capsys.readouterr().err
+    assert "no such run or checkpoint folder" in capsys.readouterr().err
     save_file({}, str(tmp_path / "x.safetensors"))  # unrelated files do not make a checkpoint
     assert evaluate.main(parser.parse_args([str(tmp_path), "--out", str(tmp_path / "o")])) == 2
     assert "not a checkpoint folder" in capsys.readouterr().err

@@ -50,11 +50,13 @@ def random_model(cfg: ModelConfig, seed: int = 0) -> OmniModel:
 
 
 def write_checkpoint(folder: Path, model: OmniModel, extra: dict[str, bytes] | None = None) -> Path:
-    """A checkpoint folder in the layout of docs/CONTRACTS.md (the files inference reads)."""
+    """A checkpoint folder in the layout of docs/CONTRACTS.md (the files inference reads, and the commit marker
+    provenance.json without which no reader takes a folder for a checkpoint)."""
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
     (folder / "model_config.json").write_text(json.dumps(model.cfg.to_dict()))
     save_tokenizer(train_bpe(TEXTS * 4, 400), folder)
+    (folder / "provenance.json").write_text('{"step": 0}\n')
     for name, data in (extra or {}).items():
         (folder / name).write_bytes(data)
     return folder
@@ -139,6 +141,11 @@ def test_omni_export_is_self_contained_and_byte_identical(tmp_path):
 def test_export_refuses_bad_input(tmp_path):
     with pytest.raises(ValueError, match="not a checkpoint folder"):
         load.load_checkpoint(tmp_path)
+    uncommitted = write_checkpoint(tmp_path / "step_000004.tmp", random_model(small_config()))
+    (uncommitted / "provenance.json").unlink()  # a save that never reached its commit marker
+    for call in (lambda: load.load_checkpoint(uncommitted), lambda: export.export_omni(uncommitted, tmp_path / "o")):
+        with pytest.raises(ValueError, match=r"step_000004\.tmp: an incomplete checkpoint \(no provenance.json"):
+            call()
     cfg = small_config()
     ckpt = write_checkpoint(tmp_path / "ckpt", random_model(cfg))
     (tmp_path / "busy").mkdir()

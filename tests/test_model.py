@@ -219,6 +219,9 @@ def test_component_map_covers_every_parameter_once():
                                               "audio_encoder", "audio_projector"}  # tied: no lm_head
     untied = OmniModel(dataclasses.replace(MICRO, text=dataclasses.replace(MICRO.text, tie_embeddings=False)))
     assert "lm_head" in {r["component"] for r in component_summary(untied)}
+    # a sharded model's owner says how large a partitioned parameter is (ZeRO-3: train/parallel/engine.py full_numel)
+    assert [r["params"] for r in component_summary(model, numel=lambda p: 1)] == [
+        sum(1 for n, _ in model.named_parameters() if component_of(n) == r["component"]) for r in rows]
     with pytest.raises(KeyError, match="no component"):
         component_of("stray.weight")
 

@@ -40,7 +40,7 @@ def seeded_model(seed: int) -> OmniModel:
 
 
 def synthetic_run(root: Path, seed: int = 7, steps=(2, 4), model: OmniModel | None = None, tripwire=None,
-                  resume_from: Path | None = None) -> list[Path]:
+                  resume_from: Path | None = None, rank_files=(ckpt.RNG_FILE_PATTERN,)) -> list[Path]:
     """Init record, a few noise 'steps', checkpoints written by train/checkpoint.py with our record as the marker."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "tokenizer.json").write_text('{"model": "bpe"}')
@@ -67,9 +67,12 @@ def synthetic_run(root: Path, seed: int = 7, steps=(2, 4), model: OmniModel | No
                 rec.record_weights(step, model.named_parameters())
         tmp = ckpt.begin(root / "checkpoints", step)
         torch.save({"step": step}, tmp / "ds" / "state.pt")
+        ckpt.save_rng(tmp / "ds", 0)
         ckpt.write_files(tmp, weights={k: v.detach() for k, v in model.state_dict().items()}, model_config=CFG.to_dict(),
                          run_config=run_cfg, tokenizer=root / "tokenizer.json", data_state={"step": step})
-        out.append(ckpt.commit(tmp, rec.checkpoint_record(tmp, step, optimizer={"name": "noise", "lr": 1e-3})))
+        record = rec.checkpoint_record(tmp, step, optimizer={"name": "noise", "lr": 1e-3},
+                                       rank_files=list(rank_files) if rank_files is not None else None)
+        out.append(ckpt.commit(tmp, record))
     return out
 
 
@@ -274,6 +277,40 @@ def test_a_resumed_run_continues_the_chain_and_keeps_earlier_loads(tmp_path, key
     assert not rep.failures, rep.failures
     verdicts = {r["component"]: r["verdict"] for r in rep.components}
     assert verdicts["audio_encoder"] == "derived" and verdicts["vision_encoder"] == "from scratch"
+
+
+def test_layout_rule_names_extra_and_missing_rank_files_and_foreign_weights():
+    patterns = hashing.rank_patterns(["zero_pp_rank_(\\d+)", ckpt.RNG_FILE_PATTERN])
+    names = ["ds/t/zero_pp_rank_0_mp_rank_00_optim_states.pt", "ds/rng_rank0.pt", "ds/rng_rank1.pt", "ds/rng_rank2.pt",
+             "ds/t/mp_rank_00_model_states.pt", "model.safetensors", "extra.bin"]
+    assert hashing.layout_problems(names, 2, patterns) == [
+        ("ds/rng_rank2.pt", "shard of rank 2, but the run that wrote this checkpoint had world size 2 (ranks 0-1)"),
+        ("ds/t/zero_pp_rank_1_mp_rank_00_optim_states.pt", "missing: rank 1's shard (ranks [0] have theirs, world size 2)"),
+        ("extra.bin", "weight file outside the checkpoint layout: the certified weights are model.safetensors alone")]
+    assert hashing.layout_problems(names) == [hashing.layout_problems(names, 2, patterns)[-1]]  # the verifier's own half
+    for claim in (None, [], "rng_rank(\\d+)", ["(\\d+)"], ["rng_rank(.*)"], ["rng.rank(\\d+)"], ["a(\\d+)(\\d+)"], [3]):
+        with pytest.raises(ValueError, match="files.rank_files"):
+            hashing.rank_patterns(claim)
+
+
+def test_per_rank_check_is_skipped_when_unclaimed_and_failed_when_malformed(tmp_path, keys):
+    """The per-rank patterns are the trainer's claim (files.rank_files), signed with its key: checked when present,
+    reported not checked when absent, failed when malformed; never a silent pass."""
+    folder = synthetic_run(tmp_path / "run", steps=(2,))[-1]
+    sign_checkpoint(folder, keys[0])
+    ranks = lambda rep: [(c["subject"], c["status"]) for c in rep.checks if c["check"] == "ranks"]  # noqa: E731
+    assert ranks(verify(folder, keys[1])) == [("1 per-rank files", "PASS")]
+    rec = json.loads((folder / RECORD).read_text())
+    for claim, want in ((None, ("ds/", "SKIP")), (["(\\d+)"], (RECORD, "FAIL")), (["rng_rank(\\d+)+$"], (RECORD, "FAIL")),
+                        (["nothing_here_(\\d+)"], ("ds/", "SKIP"))):
+        files = {k: v for k, v in rec["files"].items() if k != "rank_files"} | ({"rank_files": claim} if claim else {})
+        (folder / RECORD).write_text(json.dumps(rec | {"files": files}))  # a key holder's edit, re-signed
+        sign_checkpoint(folder, keys[0])
+        rep = verify(folder, keys[1])
+        assert ranks(rep) == [want], (claim, rep.checks)
+        assert [f["check"] for f in rep.failures] == (["ranks"] if want[1] == "FAIL" else [])
+    with pytest.raises(ValueError, match="files.rank_files"):  # the trainer learns at its first checkpoint
+        synthetic_run(tmp_path / "bad", steps=(2,), rank_files=["(\\d+)"])
 
 
 def test_licence_allow_list_is_configurable(tmp_path, keys):

@@ -93,6 +93,8 @@ def test_honest_run_verifies(run, tmp_path):
     assert report["ok"] and not report["failures"]
     assert {c["check"] for c in report["checks"]} >= {"signature", "files", "tensors", "lineage", "init", "tokenizer",
                                                       "data", "licences", "tripwire", "slsa"}
+    ranks = [c for c in report["checks"] if c["check"] == "ranks"]  # the trainer recorded which ds/ files are per-rank
+    assert [c["status"] for c in ranks] == ["PASS"] and "zero_pp_rank_" in ranks[0]["reason"], ranks
     assert [r["verdict"] for r in report["components"]] == ["from scratch"] * 6
     assert all(r["steps_trained"] == 6 for r in report["components"])
     assert all(0 < r["distance_from_init"] < 1 for r in report["components"])  # ||w - w0|| / ||w0|| after 6 steps
@@ -334,3 +336,12 @@ def test_extra_shards_are_named_even_when_recertified(run2, copy2):
         in found, found
     assert ("files", extra[1], "weight file outside the checkpoint layout: the certified weights are model.safetensors "
             "alone") in found
+
+
+def test_a_record_without_rank_file_patterns_is_reported_unchecked(run, copy):
+    """Which ds/ files are per-rank is the trainer's claim (files.rank_files in provenance.json): a certificate
+    without it is not failed, but its per-rank layout is reported as not checked, never as passed."""
+    recertify(copy, run[1], edit=lambda r: r["files"].pop("rank_files", None))
+    rep = verify(copy, run[2])
+    assert not rep.failures, rep.failures
+    assert [(c["subject"], c["status"]) for c in rep.checks if c["check"] == "ranks"] == [("ds/", "SKIP")]

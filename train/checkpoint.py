@@ -8,12 +8,18 @@ Layout (docs/CONTRACTS.md):
 
 Notable choices:
 - Everything is written into `step_NNNNNN.tmp/`; rank 0 writes `provenance.json` last, renames the folder, then
-  replaces `latest` (temporary file + os.replace). A crash at any point leaves the previous checkpoint and `latest`
+  replaces `latest` (train/atomic.py, fsynced). A crash at any point leaves the previous checkpoint and `latest`
   valid; a folder is a checkpoint only if its name has no suffix and it holds provenance.json (OLMo-core's rule).
   DeepSpeed's own `latest` is not atomic (rank 0 writes it before the other ranks finish), so it is not written.
 - RNG state is saved per rank in files of ours: under ZeRO 0-2 DeepSpeed hands every rank rank 0's client_state.
 - `commit(tmp, record)` is the one place that writes provenance.json: train/provenance/record.py supplies the record.
+- `resolve(path)` is the one reader of `latest` for users of checkpoints (inference, audit, `data which`): a run
+  folder, its `checkpoints/` or a checkpoint folder; a folder without the commit marker is refused, never loaded.
+- The names of the layout live here, below every user: WEIGHT_SUFFIXES (what counts as a weight file, for the
+  verifier's layout rule and the audit) and RNG_FILE_PATTERN (the per-rank files of `save_rng`, for the verifier's
+  per-rank check; DeepSpeed's own per-rank pattern lives in train/parallel/engine.py beside its save).
 - Assumes a file system shared by all ranks (the usual cluster set-up), as DeepSpeed's checkpointing does.
+- A leaf below every user of checkpoints: of train it imports only train/atomic.py (stdlib alone).
 """
 
 from __future__ import annotations
@@ -28,8 +34,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from train.atomic import atomic_write, fsync_path
+
 STEP_RE = re.compile(r"^step_(\d{6,})$")
 MARKER = "provenance.json"
+WEIGHTS = "model.safetensors"
+# What counts as a weight file, whoever reads it: torch, safetensors, GGUF, numpy, Keras/HDF5, Flax msgpack.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".npz", ".h5", ".msgpack")
+RNG_FILE_PATTERN = r"rng_rank(\d+)"  # `save_rng`'s per-rank files; the group is the rank
 
 
 def step_name(step: int) -> str:
@@ -67,7 +79,7 @@ def save_rng(ds_dir: Path, rank: int) -> None:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
-    torch.save(state, ds_dir / f"rng_rank{rank}.pt")
+    torch.save(state, ds_dir / f"rng_rank{rank}.pt")  # RNG_FILE_PATTERN
 
 
 def load_rng(ds_dir: Path, rank: int) -> bool:
@@ -94,19 +106,11 @@ def write_files(tmp: Path, *, weights: dict | None, model_config: dict, run_conf
     if weights is not None:
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
     _write_json(tmp / "model_config.json", model_config)
     _write_json(tmp / "run_config.json", run_config)
     _write_json(tmp / "data_state.json", data_state)
     shutil.copyfile(tokenizer, tmp / "tokenizer.json")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def commit(tmp: Path, record: dict) -> Path:
@@ -120,18 +124,12 @@ def commit(tmp: Path, record: dict) -> Path:
     if final.exists():  # an older copy of the same step (e.g. re-run after a crash that followed the rename)
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_path(final.parent)
     return final
 
 
 def write_latest(root: Path, folder: Path) -> None:
-    tmp = root / "latest.tmp"
-    with open(tmp, "w") as f:
-        f.write(folder.name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / "latest")
-    _fsync_dir(root)
+    atomic_write(root / "latest", folder.name + "\n", fsync=True)
 
 
 # ---- reading ------------------------------------------------------------------------------------------------
@@ -145,6 +143,35 @@ def read_latest(root: Path) -> Path | None:
             return path
     done = complete_checkpoints(root)
     return done[-1] if done else None
+
+
+def resolve(path: str | Path) -> Path:
+    """The committed checkpoint `path` names: `path` itself when it holds the commit marker, else the one `read_latest`
+    finds in `path` (a `checkpoints/` folder) or in `path/checkpoints` (a run folder). Raises ValueError naming the
+    folder and what to pass instead."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"{path}: no such run or checkpoint folder")
+    if (path / MARKER).is_file():
+        return path
+    for root in (path, path / "checkpoints"):
+        found = read_latest(root)
+        if found is not None:
+            return found
+    if STEP_RE.match(path.name.removesuffix(".tmp")) or (path / WEIGHTS).is_file():
+        raise ValueError(f"{path}: an incomplete checkpoint (no {MARKER}, the commit marker written when a save "
+                         f"completes: the save was interrupted or is still running); pass a committed "
+                         f"runs/NAME/checkpoints/step_NNNNNN, or runs/NAME for its latest committed checkpoint")
+    raise ValueError(f"{path}: not a checkpoint folder (no {MARKER}) and no committed checkpoint under it or under "
+                     f"{path / 'checkpoints'}; pass runs/NAME, runs/NAME/checkpoints or runs/NAME/checkpoints/step_NNNNNN")
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a .safetensors file, read whole: the one whole-file reader (safetensors' own `load_file`,
+    looked up at call time so that the provenance tripwire sees the load)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
 
 
 def read_json(path: Path) -> dict:

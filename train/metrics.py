@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from train.atomic import atomic_path, atomic_write
+
 # Dense (no structured sparsity: NVIDIA's headline tensor figures are 2x these) datasheet peaks of one GPU, FLOP/s,
 # as (pattern in torch.cuda.get_device_name, label, bf16 tensor-core peak, fp32 peak). "fp32" is the plain fp32
 # (CUDA-core, non-tensor-core) peak: an fp32 run with TF32 matmuls allowed can exceed it (the note says so).
@@ -104,9 +106,7 @@ class Metrics:
         run_dir.mkdir(parents=True, exist_ok=True)
         if self.path.exists():  # resume: drop what the interrupted run logged after the checkpoint
             kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= start_step]
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(ln + "\n" for ln in kept))
-            os.replace(tmp, self.path)
+            atomic_write(self.path, "".join(ln + "\n" for ln in kept))
         self.file = open(self.path, "a")
         from tqdm import tqdm
 
@@ -160,10 +160,9 @@ class Metrics:
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        tmp = self.png.with_name("loss_curve.tmp.png")
-        fig.savefig(tmp, dpi=100)
+        with atomic_path(self.png) as tmp:  # the temporary name ends in .png: savefig picks the format by suffix
+            fig.savefig(tmp, dpi=100)
         plt.close(fig)
-        os.replace(tmp, self.png)
         return self.png
 
     def close(self) -> None:

@@ -26,6 +26,7 @@ from statistics import NormalDist
 
 import torch
 
+from train.atomic import atomic_path, atomic_write
 from train.audit import stats
 from train.audit.weights import Entry, checkpoint_entries, checkpoint_file, full_tensor, read_file, reference_files
 
@@ -235,7 +236,8 @@ def write_heatmap(r: dict, path: Path) -> None:
     fig.colorbar(im, label="best z-score (clipped at 50)")
     ax.set_title("weight similarity, layer by layer", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
 
 
@@ -250,9 +252,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        tmp = args.out / "audit.json.tmp"
-        tmp.write_text(json.dumps(result, indent=1))
-        tmp.replace(args.out / "audit.json")
+        atomic_write(args.out / "audit.json", json.dumps(result, indent=1))
         write_heatmap(result, args.out / "similarity.png")
     print(json.dumps(result, indent=1) if args.json else format_table(result))
     return 1 if any(c["verdict"] == "derived" for c in result["components"].values()) else 0

@@ -6,6 +6,10 @@ Notable choices:
 - References may be any architecture: safetensors files, or torch files (`weights_only=True`, memory-mapped
   when possible) holding nested dicts or lists of tensors; folders are searched recursively; names are kept
   only to report evidence. Checkpoint tensors are grouped by `model.components.component_of`.
+- What counts as a weight file is train/checkpoint.py's WEIGHT_SUFFIXES; READABLE is the part of it read here. A
+  weight file of another format is refused by name (convert it), never skipped: a skipped file would hide the very
+  weights the audit is asked about.
+- A checkpoint folder, run folder or `checkpoints/` folder goes through `train.checkpoint.resolve` (committed only).
 - Conv kernels are viewed as (out, fan_in) matrices; integer tensors and scalars are skipped.
 """
 
@@ -19,9 +23,11 @@ import torch
 from safetensors import safe_open
 
 from model.components import COMPONENTS, component_of
+from train import checkpoint as ckpt
 from train.audit import stats
 
-WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+READABLE = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")  # safetensors, and torch files (.bin: pytorch_model.bin)
+assert set(READABLE) <= set(ckpt.WEIGHT_SUFFIXES), "train/checkpoint.py WEIGHT_SUFFIXES must list every readable format"
 _COARSE = {torch.bfloat16, torch.float16}
 _ST_COARSE = {"BF16", "F16"}
 
@@ -96,33 +102,44 @@ def read_file(file: Path) -> list[Entry]:
     return [e for e in out if e is not None]
 
 
+def _readable(file: Path) -> Path:
+    if file.suffix in ckpt.WEIGHT_SUFFIXES and file.suffix not in READABLE:
+        raise ValueError(f"{file}: a {file.suffix} weight file, a format the audit cannot read ({', '.join(READABLE)}); "
+                         f"convert it to safetensors (e.g. load it and `safetensors.torch.save_file` its tensors) and "
+                         f"pass that file, or move it out of the reference folder")
+    return file
+
+
 def reference_files(paths: list[str]) -> list[Path]:
+    """Every weight file named or found (recursively) in a named folder; one the audit cannot read is an error."""
     files = []
     for p in map(Path, paths):
         if p.is_file():
-            files.append(p)
+            files.append(_readable(p))
         elif p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
+            found = sorted(_readable(f) for f in p.rglob("*") if f.is_file() and f.suffix in ckpt.WEIGHT_SUFFIXES)
             if not found:
-                raise ValueError(f"{p}: no weight files ({', '.join(WEIGHT_SUFFIXES)}) in this folder or below")
+                raise ValueError(f"{p}: no weight files ({', '.join(READABLE)}) in this folder or below")
             files += found
         else:
             raise ValueError(f"{p}: no such file or folder")
     return files
 
 
-def checkpoint_file(ckpt: str) -> Path:
-    p = Path(ckpt)
+def checkpoint_file(path: str) -> Path:
+    """model.safetensors of the committed checkpoint a folder names (`train.checkpoint.resolve`), or a .safetensors
+    file as it is."""
+    p = Path(path)
     if p.is_dir():
-        p = p / "model.safetensors"
+        p = ckpt.resolve(p) / ckpt.WEIGHTS
     if not p.is_file() or p.suffix != ".safetensors":
-        raise ValueError(f"{ckpt}: expected a checkpoint folder holding model.safetensors, or a .safetensors file")
+        raise ValueError(f"{path}: expected a checkpoint folder holding {ckpt.WEIGHTS}, or a .safetensors file")
     return p
 
 
-def checkpoint_entries(ckpt: str) -> dict[str, list[Entry]]:
+def checkpoint_entries(path: str) -> dict[str, list[Entry]]:
     """The checkpoint's tensors grouped by component (names are OmniModel.state_dict() names)."""
-    file = checkpoint_file(ckpt)
+    file = checkpoint_file(path)
     groups: dict[str, list[Entry]] = {c: [] for c in COMPONENTS}
     for e in read_file(file):
         try:

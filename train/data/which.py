@@ -6,9 +6,10 @@ shard file (+ sha256) and row in that shard, the token span of the document that
 Notable choices:
 - The per-step sample ranges come from provenance.json's lineage chain: every checkpoint carries the whole run's
   chain, so a RUN folder's latest checkpoint answers for every step, even of pruned checkpoints.
-- The mapping sample -> (source, row) is the data pipeline's own (train/data/pipeline.py TrainLoader.sample_source and its
-  packing): nothing here re-derives it. The loader is rebuilt with the run's data, tokenizer, seq_len and seed, and
-  each step's replayed rows must give exactly the recorded sample range, else the answer is refused.
+- The mapping row -> samples -> (source, row) is the data pipeline's own (train/data/pipeline.py TrainLoader.row_samples,
+  its packing, and TrainLoader.sample_source): nothing here re-derives it. The loader is rebuilt with the run's data,
+  tokenizer, seq_len and seed, and each step's replayed rows must give exactly the recorded sample range, else the
+  answer is refused.
 - The data must be what the run read: the data-manifest digest in provenance.json and the loader identity in
   data_state.json (per-source sha256, tokenizer, seq_len, seed) are compared before anything is listed.
 - Step s takes global rows [(s-1) G, s G) with G the global batch in rows (the loader cursor over the step count):
@@ -34,17 +35,10 @@ def checkpoint_of(path: Path) -> Path:
     """A checkpoint folder, or a run folder (-> its latest committed checkpoint)."""
     from train import checkpoint as ckpt  # imports torch: only when a subcommand runs
 
-    if not path.exists():
-        raise WhichError(f"{path}: no such run or checkpoint folder")
-    if ckpt.is_complete(path):
-        return path
-    if (path / ckpt.MARKER).is_file():  # e.g. a copied folder under another name
-        return path
-    latest = ckpt.read_latest(path / "checkpoints")
-    if latest is None:
-        raise WhichError(f"{path}: neither a committed checkpoint (no {ckpt.MARKER}) nor a run folder with one under "
-                         f"{path / 'checkpoints'}: name runs/NAME or runs/NAME/checkpoints/step_NNNNNN")
-    return latest
+    try:
+        return ckpt.resolve(path)
+    except ValueError as e:
+        raise WhichError(str(e)) from None
 
 
 def parse_steps(text: str) -> list[int]:
@@ -147,14 +141,12 @@ def which(run_or_ckpt, steps: list[int], data_dir=None) -> dict:
     for s in steps:
         samples = []
         for r, g in enumerate(range((s - 1) * G, s * G)):
-            epoch, pieces = loader._row_pieces(g)  # the pipeline's own packing of global row g
-            for k, d, off, m in pieces.tolist():
-                sample = epoch * len(loader._len) + k
+            for sample, off, m, length in loader.row_samples(g):  # the pipeline's own packing of global row g
                 src = loader.sample_source(sample)
                 shard, shard_row, sha = shards.locate(src["path"], src["row"])
                 licence = next(e["licence"] for e in loader.entries if e["path"] == src["path"])
                 samples.append({"batch_row": r, "sample": sample, **src, "shard": shard, "shard_row": shard_row,
-                                "shard_sha256": sha, "tokens": [off, off + m], "length": int(loader._len[d]),
+                                "shard_sha256": sha, "tokens": [off, off + m], "length": length,
                                 "licence": licence})
         got = [[samples[0]["sample"], samples[-1]["sample"] + 1]]
         if got != ranges[s]:

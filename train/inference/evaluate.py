@@ -6,7 +6,7 @@ eval.json holds at least `heldout_loss`, `image_accuracy`, `video_accuracy`, `au
 per modality detail.
 
 Notable choices:
-- Held-out loss uses the training pipeline itself (`train.data.pipeline.TrainLoader` over `DATA/heldout`, packed rows,
+- Held-out loss uses the training pipeline itself (`train.data.pipeline.heldout_batches` over `DATA/heldout`, packed rows,
   document masks, the same labels), with the checkpoint's own tokenizer, so it is the quantity the training
   log reports as `heldout_loss`, split by the modality of each token's document; perplexity = exp(loss).
 - Probes are the corpus generator's held-out question sets (`train.data.corpus.probe_items`: a stream no training
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -29,19 +28,16 @@ import torch
 import torch.nn.functional as F
 
 from model.config import BOS_ID, IGNORE_INDEX, PAD_ID
+from train.atomic import atomic_path, atomic_write
+from train.data.pipeline import MODALITIES, expand_media, heldout_batches
 
 from .load import load_checkpoint, resolve_checkpoint
-
-MODALITIES = ("text", "image", "video", "audio")  # the values 0..3 of Batch.modality
-
 
 # ---- probes ------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def choice_logprobs(model, tok, cfg, items: list[dict], batch_rows: int = 64) -> list[list[float]]:
     """Per item, the summed log-probability of each choice's tokens after the item's prompt."""
-    from train.data.pipeline import expand_media
-
     rows = []  # (item index, prompt ids, continuation ids)
     for i, it in enumerate(items):
         shapes = [(v.shape[0], v.shape[2], v.shape[3]) for v in it["pixel_values"]]
@@ -83,14 +79,11 @@ def run_probes(model, tok, cfg, n_items: int, seed: int = 0, tasks: list[str] | 
 def heldout_losses(model, cfg, data_dir: Path, tokenizer_path: Path, seq_len: int, micro_batch: int, batches: int,
                    seed: int, rejects_path: Path | None = None) -> dict:
     """{modality: {loss, perplexity, tokens}} and "all" over `batches` packed micro-batches of DATA/heldout."""
-    from train.data.pipeline import TrainLoader
-    from train.data.sources import Source, declared_licence
-
-    src = Source(str(data_dir / "heldout"), licence=declared_licence(Source(str(data_dir))), name="heldout")
-    loader = TrainLoader([src], str(tokenizer_path), cfg, seq_len, micro_batch, batches, seed=seed, rejects_path=rejects_path)
+    held = heldout_batches(data_dir, str(tokenizer_path), cfg, seq_len, micro_batch, batches, seed=seed,
+                           rejects_path=rejects_path)  # rank 0 of 1: all of them
     sums, counts = torch.zeros(len(MODALITIES), dtype=torch.float64), torch.zeros(len(MODALITIES), dtype=torch.float64)
     device = model.embed.weight.device
-    for b in loader.next_step():
+    for b in held:
         dev = lambda x: x.to(device)
         per_tok = model(dev(b.input_ids), pixel_values=[dev(x) for x in b.pixel_values],
                         audio_values=[dev(x) for x in b.audio_values], position_ids=dev(b.position_ids),
@@ -182,14 +175,8 @@ def plot(r: dict, path: Path) -> None:
     axes[1].set(ylabel="loss (nats/token)", title="held-out loss" if held else "held-out loss: no data")
     fig.suptitle(f"{Path(r['checkpoint']).name}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110, format="png")  # the temporary name has no .png suffix
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def default_out(folder: Path) -> Path:
@@ -213,9 +200,9 @@ def main(args: argparse.Namespace) -> int:
     if args.probe_items <= 0 or args.heldout_batches <= 0 or args.micro_batch <= 0:
         print("omniscratch eval: --probe-items, --heldout-batches and --micro-batch must be positive", file=sys.stderr)
         return 2
-    folder = resolve_checkpoint(args.checkpoint)
-    out = Path(args.out) if args.out else default_out(folder)
     try:
+        folder = resolve_checkpoint(args.checkpoint)
+        out = Path(args.out) if args.out else default_out(folder)
         if out.resolve() == folder.resolve():
             raise ValueError(f"--out {out} is the checkpoint folder: files added there break its certificate; choose another")
         out.mkdir(parents=True, exist_ok=True)
@@ -224,9 +211,10 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"omniscratch eval: {e}", file=sys.stderr)
         return 2
-    _atomic_write(out / "eval.json", lambda p: p.write_text(json.dumps(r, indent=1) + "\n"))
-    _atomic_write(out / "eval.md", lambda p: p.write_text(markdown(r)))
-    _atomic_write(out / "eval.png", lambda p: plot(r, p))
+    atomic_write(out / "eval.json", json.dumps(r, indent=1) + "\n")
+    atomic_write(out / "eval.md", markdown(r))
+    with atomic_path(out / "eval.png") as tmp:
+        plot(r, tmp)
     print(markdown(r), end="")
     print(f"wrote {out / 'eval.json'}, {out / 'eval.md'}, {out / 'eval.png'}")
     return 0

@@ -32,17 +32,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from model import ModelConfig
 from model.config import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS
 from tokenizer.bpe import load_tokenizer
+from train.atomic import atomic_path
+from train.checkpoint import read_weights
 
 from .load import CONFIG, TOKENIZER, WEIGHTS, load_model_config_json, resolve_checkpoint
 
@@ -148,7 +149,7 @@ def export_hf(ckpt: str | Path, out: str | Path) -> Path:
     """Write the Hugging Face LlamaForCausalLM folder of checkpoint `ckpt` to `out` (atomically)."""
     ckpt = resolve_checkpoint(ckpt)
     cfg = load_model_config_json(ckpt / CONFIG)
-    state = load_file(str(ckpt / WEIGHTS))
+    state = read_weights(ckpt / WEIGHTS)
 
     def write(tmp: Path) -> None:
         save_file(to_hf_state(state, cfg), str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -185,22 +186,14 @@ def _atomic_folder(out: str | Path, write) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out}: already exists and is not empty; choose another --out or remove it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_path(out) as tmp:  # renamed over a missing or empty `out`; removed on any failure
+        tmp.mkdir()
         write(tmp)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="checkpoint folder (or a run/checkpoints folder with a `latest` file)")
+    parser.add_argument("checkpoint", help="committed checkpoint folder, or a run (or its checkpoints/) folder: its latest")
     parser.add_argument("--format", choices=("hf", "omni"), default="hf",
                         help="hf: text decoder as LlamaForCausalLM; omni: the whole model, certificate included")
     parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")

@@ -184,7 +184,7 @@ def stream_text(tok, tokens: Iterator[int], out=None) -> list[int]:
 # ---- CLI ---------------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="checkpoint folder (or a run/checkpoints folder with a `latest` file)")
+    parser.add_argument("checkpoint", help="committed checkpoint folder, or a run (or its checkpoints/) folder: its latest")
     parser.add_argument("--prompt", required=True, help="text; put <|image|>/<|video|>/<|audio|> where media go (default: first)")
     parser.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
     parser.add_argument("--video", help="folder of frame images, or a GIF/APNG/TIFF")

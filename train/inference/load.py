@@ -3,7 +3,8 @@
 Reads the layout of docs/CONTRACTS.md: `model.safetensors` (fp32, `OmniModel.state_dict()` names),
 `model_config.json` (`ModelConfig.to_dict()`) and `tokenizer.json`. It is also the loader of an
 `omniscratch export --format omni` folder, which keeps exactly these files. Given a run's `checkpoints/`
-folder (or a run folder), it follows the `latest` pointer. The DeepSpeed state (`ds/`) is never read here.
+folder (or a run folder), it follows the `latest` pointer (`train.checkpoint.resolve`, as every reader of checkpoints
+does); a folder without the commit marker (provenance.json) is refused. The DeepSpeed state (`ds/`) is never read here.
 
 Notable choices:
 - Strict: a missing, unexpected or misshapen tensor is an error naming the file and the tensor, never a
@@ -17,23 +18,15 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 from model import ModelConfig, OmniModel
 from model.config import from_dict
 from tokenizer.bpe import load_tokenizer
+from train.checkpoint import WEIGHTS, read_weights
+from train.checkpoint import resolve as resolve_checkpoint  # the one resolver, under the name inference exports
 
-WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "model_config.json", "tokenizer.json"
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or the one named by `latest` in `path` or `path/checkpoints`."""
-    path = Path(path)
-    for pointer in (path / "latest", path / "checkpoints" / "latest"):
-        if not (path / WEIGHTS).exists() and pointer.is_file():
-            return pointer.parent / pointer.read_text().strip()
-    return path
+CONFIG, TOKENIZER = "model_config.json", "tokenizer.json"
 
 
 def load_model_config_json(path: str | Path) -> ModelConfig:
@@ -66,7 +59,7 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu",
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
     """Load `path` into `model` strictly; every mismatch is reported by tensor name."""
-    state = load_file(str(path))
+    state = read_weights(path)
     expected = model.state_dict()
     problems = [f"missing {n}" for n in expected if n not in state]
     problems += [f"unexpected {n}" for n in state if n not in expected]

@@ -1,7 +1,7 @@
 """Process group, device and DeepSpeed engine set-up. With train/parallel/zero.py (two adjustments to DeepSpeed's ZeRO-1/2
 optimizer, each tested against DeepSpeed's own code), the only modules of omniscratch that import `deepspeed`.
 
-Notable choices (measured facts in shared/notes/deepspeed-on-cpu.md):
+Notable choices:
 - `compute_init()` / `compute_cleanup()` hold all process-group and device set-up: NCCL on GPUs, gloo on CPU.
   torchrun, the deepspeed launcher and `accelerate launch` all export RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; with
   none of them a single process runs as rank 0 of 1.
@@ -107,7 +107,7 @@ def compute_cleanup() -> None:
 
 def exit_without_teardown(code: int = 0) -> None:
     """For helper processes whose result is already written (tests, benchmark workers): clean up, then end without
-    interpreter finalization. After several engines in one process, both ranks once aborted there in CI
+    interpreter finalization. After several engines in one process, interpreter finalization can abort both ranks
     ("terminate called without an active exception": a C++ thread taking the GIL while the interpreter finalizes,
     the hazard torch names in destroy_process_group)."""
     compute_cleanup()
@@ -118,7 +118,7 @@ def exit_without_teardown(code: int = 0) -> None:
 
 def pick_precision(requested: str, device: torch.device) -> tuple[str, str]:
     """-> (precision, reason). "auto" takes bf16 where the hardware computes it natively: on CPUs without AMX
-    bf16 ran 1.5-3.5x slower than fp32 (shared/notes/cpu-training.md)."""
+    bf16 runs 1.5-3.5x slower than fp32 (docs/LOG.md, "Precision on CPU")."""
     if requested != "auto":
         return requested, "requested in the run config"
     if device.type == "cuda":
@@ -175,7 +175,7 @@ def build_model(cfg: ModelConfig, seed: int, ds: dict, activation_checkpointing:
         chunk, size = [], 0
         for i, (name, p) in enumerate(params):
             chunk.append((name, p))
-            size += p.ds_numel
+            size += full_numel(p)
             if size >= 16_000_000 or i == len(params) - 1:
                 with deepspeed.zero.GatheredParameters([q for _, q in chunk], modifier_rank=0), torch.no_grad():
                     if dist.get_rank() == 0:
@@ -184,6 +184,12 @@ def build_model(cfg: ModelConfig, seed: int, ds: dict, activation_checkpointing:
                 chunk, size = [], 0
     model.set_activation_checkpointing(activation_checkpointing)
     return model
+
+
+def full_numel(p: torch.nn.Parameter) -> int:
+    """A parameter's full size, also under ZeRO-3 (where `numel()` is 0 for a partitioned one): pass it as
+    `model.components.component_summary(model, numel=full_numel)`, which knows no DeepSpeed."""
+    return getattr(p, "ds_numel", p.numel())
 
 
 def lr_lambda(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
@@ -197,7 +203,7 @@ def lr_lambda(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
 def param_groups(model: OmniModel, *, lr: float, weight_decay: float, lr_scale: dict[str, float] | None = None) -> list[dict]:
     """AdamW groups: weight decay on matrices only (not norms and biases), and one group per distinct component
     lr scale. Each group's own "lr" is lr x scale, the base that the LR schedule multiplies; "lr_scale" stays in the
-    group so the unscaled schedule can be read back (`schedule_lr`). Without scales: the two groups of old."""
+    group so the unscaled schedule can be read back (`schedule_lr`). Without scales: two groups, decayed and not."""
     buckets: dict[tuple[float, bool], list] = {}
     for decay in (True, False):  # decayed matrices first
         for name, p in model.named_parameters():
@@ -292,6 +298,12 @@ def gather_fp32_state_dict(engine) -> dict[str, torch.Tensor]:
     """Full fp32 master weights under the module's names (collective); rank 0 gets the dict, others {}."""
     out = {n: t.clone() for n, t in named_fp32_tensors(engine)}
     return out if dist.get_rank() == 0 else {}
+
+
+# The per-rank files `save` writes (DeepSpeed's names: `[bf16_]zero_pp_rank_{r}_mp_rank_00_{model,optim}_states.pt`);
+# the one group is the rank. Recorded in each checkpoint's provenance.json (files.rank_files) for the verifier's
+# per-rank layout check, which may not import this package.
+RANK_FILE_PATTERN = r"zero_pp_rank_(\d+)"
 
 
 def save(engine, ds_dir: Path, client_state: dict) -> None:

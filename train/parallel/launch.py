@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from train.atomic import atomic_write
+
 FINAL_STATES = ("done", "stopped")  # finished all steps / saved and stopped on SIGTERM
 
 
@@ -43,10 +45,8 @@ def write_status(run_dir: Path, rank: int, state: str, **info) -> None:
     """Atomically record this rank's state: running, done, stopped, failed (with `error`)."""
     path = status_path(run_dir, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"rank": rank, "pid": os.getpid(), "host": socket.gethostname(), "state": state,
-                               "time": time.time(), **info}))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps({"rank": rank, "pid": os.getpid(), "host": socket.gethostname(), "state": state,
+                                   "time": time.time(), **info}))
 
 
 def read_statuses(run_dir: Path) -> dict[int, dict]:

@@ -8,6 +8,11 @@ Notable choices:
   own threads inside each piece (so that one large file still uses every core). A .safetensors file mapped once
   (`SafetensorsFile`) feeds its file digest and its tensor digests from the same pieces while they are in cache, and
   gives zero-copy views of its tensors.
+- The layout rule has two halves. Released weights are the verifier's own rule: the only top-level weight file
+  (train/checkpoint.py WEIGHT_SUFFIXES) is model.safetensors. Which files under ds/ are per-rank is the trainer's
+  knowledge (DeepSpeed's names, train/parallel/engine.py, and ours, train/checkpoint.py), recorded in the certificate
+  as `files.rank_files`: a claim, so `rank_patterns` accepts only a literal name with one `(\\d+)` rank group (no
+  pattern that matches anything, nothing slow to match), and the verifier says when it could not check ranks.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from train.checkpoint import WEIGHT_SUFFIXES
 from train.provenance.digest import DTYPES, hasher, numel, tensor_header
 
 _BY_CODE = {v: k for k, v in DTYPES.items()}
@@ -53,26 +59,48 @@ def folder_files(folder: Path, exclude: set[str] = frozenset()) -> list[str]:
     return sorted(out)
 
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".npz", ".h5", ".msgpack")
-RANK_FILE = re.compile(r"(zero_pp_rank_|rng_rank)(\d+)")  # DeepSpeed's per-rank shards and our per-rank RNG files
+_RANK_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}\(\\d\+\)[A-Za-z0-9_-]{0,64}")  # literal name, one (\d+) rank group
 
 
-def layout_problems(names: list[str], world_size: int | None, weights: str = "model.safetensors") -> list[tuple[str, str]]:
-    """(file, reason) for weight files outside a checkpoint's layout: a top-level weight file other than `weights`,
-    a per-rank file under ds/ of a rank outside the world size, a per-rank file that another rank has and this one
-    lacks. Catches extra and missing shards even in a folder re-certified and re-signed by a key holder."""
-    out, kinds = [], {}
+def rank_patterns(claim) -> list[re.Pattern]:
+    """The recorded per-rank file patterns, compiled; ValueError saying why when `claim` is not a non-empty list of
+    literal names with one `(\\d+)` rank group each (e.g. `zero_pp_rank_(\\d+)`)."""
+    if not isinstance(claim, list) or not claim:
+        raise ValueError(f"files.rank_files is {claim!r}: expected a non-empty list of patterns")
+    bad = [p for p in claim if not isinstance(p, str) or not _RANK_PATTERN.fullmatch(p)]
+    if bad:
+        raise ValueError(f"files.rank_files holds {bad[0]!r}: a pattern is a literal name with one (\\d+) rank group")
+    return [re.compile(p) for p in claim]
+
+
+def rank_files(names: list[str], patterns: list[re.Pattern]) -> dict[str, re.Match]:
+    """{name: match} of the files under ds/ that a per-rank pattern matches (the first that does)."""
+    out = {}
     for name in names:
-        if "/" not in name and name.endswith(WEIGHT_SUFFIXES) and name != weights:
-            out.append((name, f"weight file outside the checkpoint layout: the certified weights are {weights} alone"))
-        m = RANK_FILE.search(name) if name.startswith("ds/") else None
-        if m and world_size is not None:
-            rank = int(m.group(2))
-            if rank >= world_size:
-                out.append((name, f"shard of rank {rank}, but the run that wrote this checkpoint had world size "
-                                  f"{world_size} (ranks 0-{world_size - 1})"))
-            else:
-                kinds.setdefault(name[:m.start(2)] + "{rank}" + name[m.end(2):], set()).add(rank)
+        m = next((m for p in patterns if (m := p.search(name))), None) if name.startswith("ds/") else None
+        if m:
+            out[name] = m
+    return out
+
+
+def layout_problems(names: list[str], world_size: int | None = None, patterns: list[re.Pattern] = (),
+                    weights: str = "model.safetensors") -> list[tuple[str, str]]:
+    """(file, reason) for weight files outside a checkpoint's layout: a top-level weight file other than `weights`;
+    with the world size and the per-rank `patterns` (`rank_patterns`), a per-rank file under ds/ of a rank outside
+    the world size, a per-rank file that another rank has and this one lacks. Catches extra and missing shards even
+    in a folder re-certified and re-signed by a key holder."""
+    out = [(name, f"weight file outside the checkpoint layout: the certified weights are {weights} alone")
+           for name in names if "/" not in name and name.endswith(WEIGHT_SUFFIXES) and name != weights]
+    if world_size is None:
+        return sorted(out)
+    kinds = {}
+    for name, m in rank_files(names, patterns).items():
+        rank = int(m.group(1))
+        if rank >= world_size:
+            out.append((name, f"shard of rank {rank}, but the run that wrote this checkpoint had world size "
+                              f"{world_size} (ranks 0-{world_size - 1})"))
+        else:
+            kinds.setdefault(name[:m.start(1)] + "{rank}" + name[m.end(1):], set()).add(rank)
     for kind, ranks in kinds.items():
         out += [(kind.replace("{rank}", str(r)), f"missing: rank {r}'s shard (ranks {sorted(ranks)} have theirs, world size "
                                       f"{world_size})") for r in range(world_size) if r not in ranks]

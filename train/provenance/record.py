@@ -35,19 +35,20 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from model import INIT_SCHEME, OmniModel, init_tensor
 from model.init import sampler
+from train.checkpoint import read_weights
 from train.provenance import digest
 from train.provenance.digest import component_roots, differing_components, digest_bytes, digest_of, tensor_digests, update_sizes
-from train.provenance.hashing import SafetensorsFile, folder_files, hash_files
+from train.provenance.hashing import SafetensorsFile, folder_files, hash_files, rank_patterns
 
 SCHEMA = "omniscratch.provenance/v1"
 RECORD, SLSA, SIGNATURE, DATA_MANIFEST = "provenance.json", "slsa_provenance.json", "model.sig", "data_manifest.json"
 UNHASHED = {RECORD, SIGNATURE}  # the record cannot hash itself; the signature is made after it
-ROOTS = ("torch", "deepspeed", "tokenizers", "datasets", "safetensors", "wandb", "model-signing", "numpy", "pillow",
-         "pyyaml", "matplotlib", "tqdm", "scipy")  # pyproject's runtime dependencies, when omniscratch is not installed
+# Imported by our own code but declared by none of pyproject's dependencies (each comes in through one of them), so
+# named here to stay in the record whatever the dependencies pull in.
+UNDECLARED_ROOTS = ("packaging", "pyarrow", "cryptography")
 
 
 def init_digest(init: dict) -> str:
@@ -78,17 +79,35 @@ def _licence(dist: metadata.Distribution) -> str:
     return text.splitlines()[0][:80] if text and text.upper() != "UNKNOWN" else "UNKNOWN"
 
 
+def _declared() -> list[str]:
+    """pyproject.toml's runtime dependencies: the installed distribution's metadata, else (a source tree run without
+    `pip install -e .`) the pyproject.toml beside this code."""
+    try:
+        return metadata.requires("omniscratch") or []
+    except metadata.PackageNotFoundError:
+        pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+        if not pyproject.is_file():
+            raise RuntimeError(f"omniscratch is not installed and {pyproject} is missing: its dependency list cannot be "
+                               f"recorded; install it (`pip install -e .`)") from None
+        import tomllib
+
+        return tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+
+
+def _requirement_names(requirements) -> list[str]:
+    """Names of the requirements that apply here: extras' requirements and those whose marker is false are dropped."""
+    from packaging.requirements import Requirement
+
+    reqs = [Requirement(r) for r in requirements]
+    return [r.name for r in reqs if r.marker is None or r.marker.evaluate({"extra": ""})]
+
+
 def packages() -> list[dict]:
     """Name, version and licence of every package in the runtime dependency closure, sorted by name."""
-    from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 
-    try:
-        roots = [Requirement(r).name for r in metadata.requires("omniscratch") or [] if "extra ==" not in r]
-    except metadata.PackageNotFoundError:
-        roots = list(ROOTS)
     seen: dict[str, dict] = {}
-    todo = roots
+    todo = _requirement_names(_declared()) + list(UNDECLARED_ROOTS)
     while todo:
         name = canonicalize_name(todo.pop())
         if name in seen:
@@ -98,10 +117,7 @@ def packages() -> list[dict]:
         except metadata.PackageNotFoundError:
             continue
         seen[name] = {"name": name, "version": dist.version, "licence": _licence(dist)}
-        for r in dist.requires or []:
-            req = Requirement(r)
-            if req.marker is None or req.marker.evaluate({"extra": ""}):
-                todo.append(req.name)
+        todo += _requirement_names(dist.requires or [])
     return [seen[k] for k in sorted(seen)]
 
 
@@ -193,8 +209,8 @@ class Recorder:
 
     def _read_weights(self, folder: Path) -> dict[str, torch.Tensor]:
         allow = self.tripwire.allowing(folder) if self.tripwire is not None else contextlib.nullcontext()
-        with allow, safe_open(str(folder / "model.safetensors"), framework="pt") as f:
-            return {k: f.get_tensor(k).float() for k in f.keys()}
+        with allow:
+            return {k: t.float() for k, t in read_weights(folder / "model.safetensors").items()}
 
     def record_init(self, named_tensors) -> None:
         """The real step-0 tensors (after deepspeed.initialize; gathered); every rank iterates, rank 0 records."""
@@ -231,9 +247,13 @@ class Recorder:
         roots = component_roots(tensor_digests(named_tensors))
         self._weights_log.append({"step": int(step), "components": {c: r["root"] for c, r in roots.items()}})
 
-    def checkpoint_record(self, folder, step: int, optimizer: dict) -> dict:
-        """Rank 0, after every other file of `folder` is written: the provenance.json content (see module doc)."""
+    def checkpoint_record(self, folder, step: int, optimizer: dict, rank_files: list[str] | None = None) -> dict:
+        """Rank 0, after every other file of `folder` is written: the provenance.json content (see module doc).
+        `rank_files`: the patterns of the per-rank files under ds/ (their one group is the rank), for the verifier's
+        per-rank layout check; without them verify reports that check as not done."""
         assert self.rank == 0 and self.init is not None, "record_init (or resume_from) must come before a checkpoint"
+        if rank_files is not None:
+            rank_patterns(list(rank_files))  # a pattern the verifier would refuse fails the run here, at once
         folder = Path(folder)
         tok = digest_bytes((folder / "tokenizer.json").read_bytes())
         if tok != self.tokenizer_digest:
@@ -271,7 +291,7 @@ class Recorder:
             "data": {"manifest": DATA_MANIFEST if self.data_digest else None, "digest": self.data_digest},
             "tripwire": {"events": events, "allow_derived": bool(self.tripwire and self.tripwire.allow_derived)},
             "claim": "derived" if derived else "from_scratch", "derived": derived,
-            "files": {"algorithm": "blake3", "digests": files},
+            "files": {"algorithm": "blake3", "digests": files, **({"rank_files": list(rank_files)} if rank_files else {})},
         }
         self.chain, self._steps, self._weights_log = chain, [], []
         return record

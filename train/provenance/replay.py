@@ -25,8 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from safetensors import safe_open
-
+from train.checkpoint import read_weights
 from train.provenance.digest import digest_bytes, update_sizes
 from train.provenance.hashing import safetensors_digests
 from train.provenance.record import RECORD, digest_of, hardware, init_digest
@@ -63,11 +62,6 @@ def choose(cands: list, rec: dict, k: int) -> list:
     return sorted(top + rng.sample(rest, min(k - len(top), len(rest))), key=lambda c: c[0])
 
 
-def _weights(path: Path) -> dict:
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
-
-
 def replay_segment(rec: dict, index: int, start: Path | None, end: Path, tolerance: float = 0.1,
                    timeout: float = 1800) -> tuple[bool, str]:
     """Re-execute link `index`; -> (ok, reason)."""
@@ -93,7 +87,7 @@ def replay_segment(rec: dict, index: int, start: Path | None, end: Path, toleran
         if claimed == replayed:
             return True, "bit-identical"
         same_setup = rec["environment"]["hardware"] == hardware()
-        dist = update_sizes(_weights(end / "model.safetensors"), _weights(out))
+        dist = update_sizes(read_weights(end / "model.safetensors"), read_weights(out))
     worst = max(dist, key=lambda c: dist[c]["norm"] / max(link["update"].get(c, {}).get("norm", 0.0), 1e-30))
     ratio = dist[worst]["norm"] / max(link["update"].get(worst, {}).get("norm", 0.0), 1e-30)
     where = f"{worst}: distance {dist[worst]['norm']:.3g} = {ratio:.2g} x the segment's update"

@@ -10,10 +10,12 @@ Notable choices:
 - BLAKE3 file digests (model-signing's `hash_type: blake3`): the same digests our certificate records, so the
   verifier hashes each file once for both checks.
 - The signature file is the one path left out of the signed manifest (it cannot sign itself); it is written next to
-  the folder first and moved in with `os.replace`, so a crash never leaves a half-written signature.
+  the folder first (inside, it would be hashed while it is written) and renamed in (train/atomic.py), so a crash
+  never leaves a half-written signature.
 - Verification uses model-signing's verifier for the cryptography and the manifest's own consistency (root digest
   over the resources), then compares files itself so that every difference names the file and the reason, and a
-  resource path that is absolute or leaves the folder is rejected before anything is opened.
+  resource path that is absolute or leaves the folder is rejected before anything is opened. The verified manifest
+  is reached through model-signing's private API, in `_verified_manifest` alone (see there why).
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ import os
 import pathlib
 from pathlib import Path
 
-from model_signing import hashing, signing
-from model_signing._signing import sign_ec_key, sign_sigstore_pb
+from model_signing import hashing, manifest, signing
 
+from train.atomic import atomic_path
 from train.provenance.digest import ALGORITHM
 from train.provenance.hashing import safe_path
 
@@ -60,11 +62,23 @@ def init_keys(out: Path, force: bool = False) -> tuple[Path, Path]:
 def sign_checkpoint(folder, private_key, password: str | None = None) -> Path:
     """Sign every file of `folder` (except the signature) into `folder/model.sig`; returns its path."""
     folder = Path(folder)
-    tmp = folder.parent / f".{folder.name}.sig.tmp"
-    (signing.Config().use_elliptic_key_signer(private_key=Path(private_key), password=password)
-     .set_hashing_config(hashing_config()).sign(folder, tmp))
-    os.replace(tmp, folder / SIGNATURE)
+    with atomic_path(folder / SIGNATURE, directory=folder.parent) as tmp:
+        (signing.Config().use_elliptic_key_signer(private_key=Path(private_key), password=password)
+         .set_hashing_config(hashing_config()).sign(folder, tmp))
     return folder / SIGNATURE
+
+
+def _verified_manifest(sig_path: Path, public_key) -> manifest.Manifest:
+    """The manifest signed in `sig_path`, once the signature verifies with `public_key` (raises otherwise).
+
+    Private model-signing API (model_signing._signing; tested range >=1.1,<1.2, pyproject.toml): the public
+    `verifying.Config.verify` re-hashes the folder itself and returns nothing, and no public call returns the verified
+    manifest, which the verifier needs to hash every file once for signature and certificate alike and to name each
+    differing file. Replace this body when model-signing publishes one."""
+    from model_signing._signing import sign_ec_key, sign_sigstore_pb
+
+    bundle = sign_sigstore_pb.Signature.read(pathlib.Path(sig_path))
+    return sign_ec_key.Verifier(pathlib.Path(public_key)).verify(bundle)
 
 
 def signed_manifest(folder, public_key) -> dict[str, str]:
@@ -78,16 +92,15 @@ def signed_manifest(folder, public_key) -> dict[str, str]:
     if not sig_path.is_file():
         raise ValueError(f"{sig_path}: no signature (sign with `omniscratch keys sign {folder} --key KEY`)")
     try:
-        bundle = sign_sigstore_pb.Signature.read(pathlib.Path(sig_path))
-        manifest = sign_ec_key.Verifier(pathlib.Path(public_key)).verify(bundle)
+        signed = _verified_manifest(sig_path, public_key)
     except Exception as e:  # cryptography raises InvalidSignature (no message); protobuf and json their own types
         reason = str(e) or type(e).__name__
         raise ValueError(f"{sig_path}: signature does not verify with {public_key}: {reason}") from None
-    hash_type = manifest.serialization_type.get("hash_type")
-    if manifest.serialization_type.get("method") != "files" or hash_type != ALGORITHM:
-        raise ValueError(f"{sig_path}: signed as {manifest.serialization_type}; expected per-file {ALGORITHM} digests")
+    hash_type = signed.serialization_type.get("hash_type")
+    if signed.serialization_type.get("method") != "files" or hash_type != ALGORITHM:
+        raise ValueError(f"{sig_path}: signed as {signed.serialization_type}; expected per-file {ALGORITHM} digests")
     out: dict[str, str] = {}
-    for rd in manifest.resource_descriptors():
+    for rd in signed.resource_descriptors():
         safe_path(folder, rd.identifier)  # raises on '..', absolute paths, escapes through links
         out[rd.identifier] = rd.digest.digest_hex
     return out

@@ -34,7 +34,16 @@ from model.config import ModelConfig, from_dict
 from model.init import sampler
 from train.provenance import record_checks
 from train.provenance.digest import component_roots, differing_components, name_list
-from train.provenance.hashing import SafetensorsFile, cpus, folder_files, hash_files, layout_problems, safe_path
+from train.provenance.hashing import (
+    SafetensorsFile,
+    cpus,
+    folder_files,
+    hash_files,
+    layout_problems,
+    rank_files,
+    rank_patterns,
+    safe_path,
+)
 from train.provenance.record import RECORD, SCHEMA, digest_of, rebuild_init
 from train.provenance.record_checks import ALLOWED_LICENCES, REVIEWED, licence_ok  # noqa: F401 - part of this module's interface
 from train.provenance.report import Report, certificate_md, table
@@ -95,9 +104,10 @@ def _verify(rep, folder, public_key, early, weights, replay, allowed, reviewed, 
             rep.add("files", name, False, "present but not listed in the certificate")
         elif certified[name] != actual[name]:
             rep.add("files", name, False, "digest differs from the certificate")
-    world = (rec.get("chain") or [{}])[-1].get("world_size")
-    for name, why in layout_problems(sorted(set(actual) | set(certified)), world):
-        rep.add("files", name, False, why)
+    try:
+        _check_layout(rep, sorted(set(actual) | set(certified)), rec)
+    except Exception as e:  # noqa: BLE001 - a record too malformed to read its layout claims fails, named
+        rep.add("ranks", RECORD, False, f"could not be checked: {type(e).__name__}: {e}")
     if not any(c["check"] == "files" for c in rep.checks):
         rep.add("files", f"{len(actual)} files", True, "digests match the signature and the certificate")
     # Each check is guarded: on tampered files a parser may raise; a check that cannot run has failed.
@@ -115,6 +125,34 @@ def _verify(rep, folder, public_key, early, weights, replay, allowed, reviewed, 
         from train.provenance.replay import replay as replay_segments  # runs the trainer: imported only when asked for
 
         replay_segments(rep, folder, rec, replay)
+
+
+def _check_layout(rep: Report, names: list[str], rec: dict) -> None:
+    """The layout rule: top-level weights always (the verifier's own rule); per-rank files under ds/ when the record
+    says which they are (`files.rank_files`, a claim) and the world size. Never a silent pass: a per-rank check that
+    could not run is a SKIP row saying why, one that cannot run on what the record claims is a FAIL."""
+    world, claim = (rec.get("chain") or [{}])[-1].get("world_size"), rec["files"].get("rank_files")
+    try:
+        patterns = rank_patterns(claim) if claim is not None else None
+        if patterns is not None and not (type(world) is int and world >= 1):
+            raise ValueError(f"world_size {world!r} of the last lineage link is not a positive integer")
+    except ValueError as e:
+        rep.add("ranks", RECORD, False, f"{e}: the per-rank layout cannot be checked")
+        patterns = None
+    own = layout_problems(names)
+    found = layout_problems(names, world, patterns) if patterns else own
+    for name, why in found:
+        rep.add("files", name, False, why)
+    per_rank = rank_files(names, patterns) if patterns else {}
+    shown = ", ".join(p.pattern for p in patterns or ())
+    if claim is None:
+        rep.add("ranks", "ds/", None, "not checked: the certificate records no per-rank file patterns (files.rank_files)")
+    elif per_rank:
+        bad = len(found) - len(own)
+        rep.add("ranks", f"{len(per_rank)} per-rank files", not bad, f"{bad} named in the files rows" if bad else
+                f"every rank 0-{world - 1} has its files ({shown})")
+    elif patterns:
+        rep.add("ranks", "ds/", None, f"not checked: no file under ds/ matches the recorded per-rank patterns ({shown})")
 
 
 def _inside(folder: Path, name: str) -> bool:
