@@ -56,7 +56,7 @@ def main() -> None:
         loader = TrainLoader(tmp / "corpus", tok, cfg, args.seq_len, args.micro_batch, 1, cache_dir=tmp / "cache",
                              num_proc=args.workers)
         tokenize_s = time.perf_counter() - t0
-        n_docs = len(loader._len)
+        n_docs = loader.num_samples
 
         # ---- pipeline, steady state ----
         batches, samples, t0 = [], 0, time.perf_counter()

@@ -222,6 +222,64 @@ def test_rng_files_restore_every_generator(tmp_path):
     assert not ckpt.load_rng(tmp_path, rank=0)  # another rank's file is never used
 
 
+def test_one_resolver_follows_latest_and_refuses_uncommitted_folders(tmp_path):
+    run = tmp_path / "run"
+    root = run / "checkpoints"
+    _save(root, 2)
+    _save(root, 4)
+    partial = _save(root, 6, commit=False)
+    want = root / "step_000004"
+    assert ckpt.resolve(run) == ckpt.resolve(root) == ckpt.resolve(want) == want
+    exported = tmp_path / "export"  # any folder holding the commit marker is a checkpoint, whatever its name
+    exported.mkdir()
+    (exported / ckpt.MARKER).write_text("{}")
+    assert ckpt.resolve(exported) == exported
+    with pytest.raises(ValueError, match=r"step_000006\.tmp: an incomplete checkpoint \(no provenance.json"):
+        ckpt.resolve(partial)
+    with pytest.raises(ValueError, match=r"nothing: no such run or checkpoint folder"):
+        ckpt.resolve(tmp_path / "nothing")
+    with pytest.raises(ValueError, match=r"not a checkpoint folder \(no provenance.json\).*pass runs/NAME"):
+        ckpt.resolve(tmp_path)
+
+
+def test_per_rank_file_patterns_of_the_trainer_are_claims_the_verifier_accepts():
+    from train.parallel.engine import RANK_FILE_PATTERN, full_numel
+    from train.provenance.hashing import rank_patterns
+
+    deepspeed, ours = rank_patterns([RANK_FILE_PATTERN, ckpt.RNG_FILE_PATTERN])
+    assert deepspeed.search("ds/ds/bf16_zero_pp_rank_3_mp_rank_00_optim_states.pt").group(1) == "3"
+    assert ours.search("ds/rng_rank12.pt").group(1) == "12" and not deepspeed.search("ds/ds/mp_rank_00_model_states.pt")
+    p = torch.nn.Parameter(torch.zeros(0))
+    p.ds_numel = 12  # what ZeRO-3 leaves on a partitioned parameter
+    assert full_numel(p) == 12 and full_numel(torch.nn.Parameter(torch.zeros(3))) == 3
+
+
+# ---- atomic writes ---------------------------------------------------------------------------------------------
+
+def test_atomic_path_crash_keeps_the_previous_file_and_leaves_no_temporary(tmp_path):
+    from train.atomic import atomic_path, atomic_write
+
+    target = tmp_path / "report.json"
+    atomic_write(target, '{"v": 1}')
+    with pytest.raises(RuntimeError, match="crash"), atomic_path(target) as tmp:
+        assert tmp.parent == tmp_path and tmp.suffix == ".json"  # writers that pick a format by suffix still do
+        tmp.write_text('{"v": 2, "half')
+        raise RuntimeError("crash")
+    assert target.read_text() == '{"v": 1}' and sorted(tmp_path.iterdir()) == [target]
+    folder = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt), atomic_path(folder) as tmp:  # a folder, interrupted half-way
+        tmp.mkdir()
+        (tmp / "a").write_text("a")
+        raise KeyboardInterrupt
+    assert sorted(tmp_path.iterdir()) == [target]
+    with atomic_path(target, fsync=True) as tmp:
+        tmp.write_bytes(b'{"v": 3}')
+    assert target.read_bytes() == b'{"v": 3}' and sorted(tmp_path.iterdir()) == [target]
+    with pytest.raises(FileNotFoundError, match="nothing was written"), atomic_path(target):
+        pass
+    assert target.read_bytes() == b'{"v": 3}'
+
+
 # ---- launcher post-mortem --------------------------------------------------------------------------------------
 
 def test_explain_failure_names_the_dead_rank_first(tmp_path):

@@ -2,7 +2,12 @@
 
 Runs unchanged under torchrun, the deepspeed launcher (`--local_rank`) and `accelerate launch`; with
 `--nproc-per-node N` and no launcher around it, it starts N ranks itself through torchrun (train/parallel/launch.py).
-The script reads top to bottom: set-up, data, model and engine, resume, provenance, the loop, the end.
+The script reads top to bottom, one phase per function: where we start from (`resolve_start`), precision and the
+DeepSpeed config (`configure`), data (`build_data`), the parent's DeepSpeed state (`parent_ds`), model and engine
+(`build_engine`), resume (`restore`), provenance, RNG and metrics (`start_records`); then `fit`, the loop: one
+optimizer step (`train.loop.train_step`), the non-finite policy (`train.loop.check_nonfinite`), `log_step` with
+`heldout_loss`, `save_checkpoint`; and `finish`. The phases hand on one `train.loop.Run`, the run's live state.
+Every collective of the loop is here (one all-reduce per step); DeepSpeed only through train.parallel.engine.
 
 Notable choices:
 - Resume is exact at the same world size: DeepSpeed restores weights, optimizer, LR schedule and step count;
@@ -19,7 +24,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import random
 import signal
@@ -32,7 +36,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-MODALITIES = ("text", "image", "video", "audio")
+# no DeepSpeed here (train.parallel.engine is imported where it is used); these are imported before the tripwire is
+# armed, which rebinds the weight loaders of the modules imported by then (train/provenance/tripwire.py)
+from model import ModelConfig, load_model_config
+from train import checkpoint as ckpt
+from train.config import load_run_config
+from train.data.pipeline import MODALITIES, Batch, TrainLoader, heldout_batches
+from train.loop import Run, check_nonfinite, heldout_sums, train_step
+from train.metrics import Metrics, device_peak, peak_memory_bytes
+from train.parallel import guards
+from train.parallel.launch import format_rank_table, preflight, rank_info, run_local, setup_logging, write_status
+from train.provenance.record import Recorder
+from train.provenance.tripwire import Tripwire
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,16 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from train.config import load_run_config
-
     try:
         cfg = load_run_config(args.config, args.overrides)
     except ValueError as e:
         print(f"omniscratch train: {e}", file=sys.stderr)
         return 2
     if args.nproc_per_node and "LOCAL_RANK" not in os.environ:  # not under a launcher yet: become one
-        from train.parallel.launch import run_local
-
         argv = ["--config", args.config, *args.overrides] + (["--resume"] if args.resume else [])
         argv += ["--resume-from", args.resume_from] if args.resume_from else []
         return run_local(args.nproc_per_node, argv, cfg.path)
@@ -71,7 +82,6 @@ def seed_everything(seed: int, *salt) -> None:
 
 def train(cfg, resume: bool = False, resume_from: str | None = None) -> int:
     from train.parallel import engine as eng
-    from train.parallel.launch import setup_logging, write_status
 
     d = eng.compute_init(cfg.dist_timeout_s)
     run_dir = cfg.path
@@ -92,21 +102,26 @@ def train(cfg, resume: bool = False, resume_from: str | None = None) -> int:
 
 
 def _train(cfg, d, log, stop, resume, resume_from) -> str:
-    from model import load_model_config
-    from model.config import IGNORE_INDEX
-    from model.flops import batch_flops
-    from train import checkpoint as ckpt
-    from train.data.pipeline import TrainLoader
-    from train.data.sources import Source, declared_licence
-    from train.metrics import Metrics, device_peak, peak_memory_bytes
-    from train.parallel import engine as eng
-    from train.parallel import guards
-    from train.parallel.launch import format_rank_table, preflight, rank_info
-    from train.provenance.record import Recorder
-    from train.provenance.tripwire import Tripwire
+    """The phases in order; the tripwire watches every weight load from the engine's construction to the end."""
+    start, parent_state = resolve_start(cfg, log, resume, resume_from)
+    same_world = parent_state is None or parent_state["world_size"] == d.world_size
+    model_cfg, precision, ds = configure(cfg, d, log, load_universal=not same_world)
+    loader, heldout = build_data(cfg, d, model_cfg)
+    with Tripwire(allow=[start] if start else [], allow_derived=cfg.allow_derived) as tripwire:
+        ds_dir = parent_ds(cfg, d, log, start, parent_state, same_world)
+        run = Run(cfg, d, log, model_cfg, ds, loader, heldout)
+        build_engine(run)
+        if start is not None:
+            restore(run, start, ds_dir, parent_state, tripwire)
+        start_records(run, tripwire, start, same_world, precision)
+        return fit(run, stop)
 
-    # ---- where we start from -------------------------------------------------------------------------------
-    run_dir, root = cfg.path, cfg.path / "checkpoints"
+
+# ---- set-up ------------------------------------------------------------------------------------------------------
+
+def resolve_start(cfg, log, resume: bool, resume_from: str | None) -> tuple[Path | None, dict | None]:
+    """Where we start from: (the parent checkpoint, its data_state.json), or (None, None) at step 0."""
+    root = cfg.path / "checkpoints"
     start = None
     if resume_from:
         start = Path(resume_from)
@@ -118,37 +133,42 @@ def _train(cfg, d, log, stop, resume, resume_from) -> str:
             log.info("--resume: no complete checkpoint under %s; starting from step 0", root)
     elif ckpt.complete_checkpoints(root):
         raise ValueError(f"{root} already holds checkpoints: pass --resume to continue the run, or choose another name")
-    parent_state = ckpt.read_json(start / "data_state.json") if start else None
-    same_world = parent_state is None or parent_state["world_size"] == d.world_size
+    return start, ckpt.read_json(start / "data_state.json") if start else None
 
-    # ---- precision and the DeepSpeed config ------------------------------------------------------------------
+
+def configure(cfg, d, log, load_universal: bool) -> tuple[ModelConfig, str, dict]:
+    """The model config, the precision and the resolved DeepSpeed config, once every rank answered the preflight."""
+    from train.parallel import engine as eng
+
     model_cfg = load_model_config(cfg.model)
     precision, why = eng.pick_precision(cfg.precision, d.device)
     ds = eng.deepspeed_config(cfg.deepspeed, micro_batch=cfg.micro_batch, grad_accum=cfg.grad_accum,
                               world_size=d.world_size, grad_clip=cfg.optim.grad_clip, precision=precision,
-                              load_universal=not same_world)
+                              load_universal=load_universal)
     log.info("world size %d on %s (%s); precision %s: %s; ZeRO stage %d", d.world_size, d.device,
              dist.get_backend(), precision, why, eng.zero_stage(ds))
     # every rank must answer within preflight_timeout_s before anything heavy runs, and say what it runs on
     table = preflight(d, cfg.preflight_timeout_s, rank_info(d, precision))
     log.info("preflight: all %d rank(s) answered\n%s", d.world_size, format_rank_table(table))
     # the DeepSpeed config as resolved: with bf16 it shows "data_types": {"grad_accum_dtype": "fp32"}
-    log.info("resolved DeepSpeed config (also in %s): %s", run_dir / "deepspeed_config.json", json.dumps(ds))
+    log.info("resolved DeepSpeed config (also in %s): %s", cfg.path / "deepspeed_config.json", json.dumps(ds))
     if d.is_main:
-        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds, indent=2) + "\n")
+        (cfg.path / "deepspeed_config.json").write_text(json.dumps(ds, indent=2) + "\n")
+    return model_cfg, precision, ds
 
-    # ---- data ------------------------------------------------------------------------------------------------
-    data_dir = Path(cfg.data.dir)
+
+def build_data(cfg, d, model_cfg: ModelConfig) -> tuple[TrainLoader, list[Batch]]:
+    """The training loader and this rank's held-out micro-batches ([] without DATA/heldout or heldout_every)."""
+    data_dir, run_dir = Path(cfg.data.dir), cfg.path
 
     def data_loaders():
         loader = TrainLoader(data_dir, cfg.data.tokenizer, model_cfg, cfg.data.seq_len, cfg.micro_batch, cfg.grad_accum,
                              rank=d.rank, world_size=d.world_size, seed=cfg.seed, rejects_path=run_dir / "rejects.jsonl")
         heldout = []
         if cfg.data.heldout_every and (data_dir / "heldout").is_dir():
-            src = Source(str(data_dir / "heldout"), licence=declared_licence(Source(str(data_dir))), name="heldout")
-            heldout = TrainLoader([src], cfg.data.tokenizer, model_cfg, cfg.data.seq_len, cfg.micro_batch,
-                                  cfg.data.heldout_batches, rank=d.rank, world_size=d.world_size, seed=cfg.seed,
-                                  rejects_path=run_dir / "rejects_heldout.jsonl").next_step()
+            heldout = heldout_batches(data_dir, cfg.data.tokenizer, model_cfg, cfg.data.seq_len, cfg.micro_batch,
+                                      cfg.data.heldout_batches, rank=d.rank, world_size=d.world_size, seed=cfg.seed,
+                                      rejects_path=run_dir / "rejects_heldout.jsonl")
         return loader, heldout
 
     # the first rank of each node tokenises into the node's cache, then the others read it
@@ -157,210 +177,202 @@ def _train(cfg, d, log, stop, resume, resume_from) -> str:
     dist.barrier()
     if d.local_rank != 0:
         loader, heldout = data_loaders()
+    return loader, heldout
 
-    with Tripwire(allow=[start] if start else [], allow_derived=cfg.allow_derived) as tripwire:
-        # ---- model and engine --------------------------------------------------------------------------------
-        if not same_world:  # another world size: DeepSpeed's universal checkpoint, converted once by rank 0
-            universal = root / ".universal" / start.name
-            if d.is_main and not (universal / "done").is_file():
-                log.info("world size %d -> %d: converting %s to a universal checkpoint", parent_state["world_size"],
-                         d.world_size, start.name)
-                eng.to_universal(start / "ds", universal / "ds")
-                (universal / "done").touch()
-            dist.barrier()
-        model = eng.build_model(model_cfg, cfg.seed, ds, cfg.activation_checkpointing)
-        o = cfg.optim
-        engine = eng.initialize(model, ds, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
-                                warmup=o.warmup_steps, total_steps=cfg.steps, min_lr_ratio=o.min_lr_ratio,
-                                lr_scale=o.lr_scale)
-        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the optimizer that steps
-        log.info("dtypes: %s; optimizer: %s", {k: str(v) for k, v in eng.master_dtypes(engine).items()},
+
+def parent_ds(cfg, d, log, start: Path | None, parent_state: dict | None, same_world: bool) -> Path | None:
+    """The parent's DeepSpeed state; at another world size, its universal form (converted once, by rank 0)."""
+    from train.parallel import engine as eng
+
+    if start is None or same_world:
+        return start / "ds" if start else None
+    universal = cfg.path / "checkpoints" / ".universal" / start.name
+    if d.is_main and not (universal / "done").is_file():
+        log.info("world size %d -> %d: converting %s to a universal checkpoint", parent_state["world_size"],
+                 d.world_size, start.name)
+        eng.to_universal(start / "ds", universal / "ds")
+        (universal / "done").touch()
+    dist.barrier()
+    return universal / "ds"
+
+
+def build_engine(run: Run) -> None:
+    """The model and its DeepSpeed engine, and the gradient guards that watch the first steps."""
+    from train.parallel import engine as eng
+
+    cfg, o = run.cfg, run.cfg.optim
+    model = eng.build_model(run.model_cfg, cfg.seed, run.ds, cfg.activation_checkpointing)
+    run.engine = engine = eng.initialize(model, run.ds, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                         weight_decay=o.weight_decay, warmup=o.warmup_steps, total_steps=cfg.steps,
+                                         min_lr_ratio=o.min_lr_ratio, lr_scale=o.lr_scale)
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the optimizer that steps
+    run.log.info("dtypes: %s; optimizer: %s", {k: str(v) for k, v in eng.master_dtypes(engine).items()},
                  type(inner).__name__)
-        # ZeRO >= 2 reduces gradients in the order they become ready: check that it matches across ranks
-        grad_order = guards.watch_grad_order(engine.module) if eng.zero_stage(ds) >= 2 and d.world_size > 1 else None
-        # every component meant to train must get a non-zero gradient at the first step its input is in the global
-        # batch (text side: step 1): a frozen encoder inside a model that "trains" stops the run here
-        grad_pending = guards.components_to_train(engine.module, o.lr_scale)
-        log.info("gradient check pending for %s; lr scales %s (0 = frozen on purpose, not checked)", grad_pending,
+    # ZeRO >= 2 reduces gradients in the order they become ready: check that it matches across ranks
+    if eng.zero_stage(run.ds) >= 2 and run.d.world_size > 1:
+        run.grad_order = guards.watch_grad_order(engine.module)
+    # every component meant to train must get a non-zero gradient at the first step its input is in the global
+    # batch (text side: step 1): a frozen encoder inside a model that "trains" stops the run here
+    run.grad_pending = guards.components_to_train(engine.module, o.lr_scale)
+    run.log.info("gradient check pending for %s; lr scales %s (0 = frozen on purpose, not checked)", run.grad_pending,
                  o.lr_scale)
 
-        # ---- resume ----------------------------------------------------------------------------------------------
-        step, segment = 0, []
-        if start is not None:
-            ds_dir = start / "ds" if same_world else universal / "ds"
-            with tripwire.allowing(ds_dir):
-                eng.load(engine, ds_dir)
-            loader.load_state_dict(parent_state["loader"])
-            step = parent_state["step"]
-            log.info("resumed from %s at step %d", start, step)
 
-        # ---- provenance ------------------------------------------------------------------------------------------
-        nodes = max(1, d.world_size // int(os.environ.get("LOCAL_WORLD_SIZE", d.world_size)))
-        rec = Recorder(run_dir, run_config=cfg.to_dict(), model_cfg=model_cfg, seed=cfg.seed, rank=d.rank,
+def restore(run: Run, start: Path, ds_dir: Path, parent_state: dict, tripwire: Tripwire) -> None:
+    """Resume: weights, optimizer, LR schedule and step count (DeepSpeed), then the data cursor."""
+    from train.parallel import engine as eng
+
+    with tripwire.allowing(ds_dir):
+        eng.load(run.engine, ds_dir)
+    run.loader.load_state_dict(parent_state["loader"])
+    run.step = run.last_saved = parent_state["step"]
+    run.parent_name = start.name
+    run.log.info("resumed from %s at step %d", start, run.step)
+
+
+def start_records(run: Run, tripwire: Tripwire, start: Path | None, same_world: bool, precision: str) -> None:
+    """Provenance (with the step-0 tensors of a new run), every rank's own RNG stream, and the metrics."""
+    from train.parallel import engine as eng
+
+    cfg, d, manifest = run.cfg, run.d, Path(run.cfg.data.dir) / "manifest.json"
+    nodes = max(1, d.world_size // int(os.environ.get("LOCAL_WORLD_SIZE", d.world_size)))
+    run.rec = Recorder(cfg.path, run_config=cfg.to_dict(), model_cfg=run.model_cfg, seed=cfg.seed, rank=d.rank,
                        world_size=d.world_size, nodes=nodes, tokenizer_path=cfg.data.tokenizer,
-                       data_manifest_path=data_dir / "manifest.json" if (data_dir / "manifest.json").is_file() else None,
-                       tripwire=tripwire, weights_every=cfg.checkpoint.every, resume_from=start)
-        if start is None:
-            # the REAL step-0 tensors in the dtype the model trains in, compared with a rebuild from (config, seed)
-            rec.record_init(eng.named_fp32_tensors(engine, eng.master_dtypes(engine)["module"]))
+                       data_manifest_path=manifest if manifest.is_file() else None, tripwire=tripwire,
+                       weights_every=cfg.checkpoint.every, resume_from=start)
+    if start is None:
+        # the REAL step-0 tensors in the dtype the model trains in, compared with a rebuild from (config, seed)
+        run.rec.record_init(eng.named_fp32_tensors(run.engine, eng.master_dtypes(run.engine)["module"]))
+    # RNG: every rank its own stream, restored exactly on resume
+    if start is None:
+        seed_everything(cfg.seed, "rank", d.rank)
+    elif not same_world or not ckpt.load_rng(start / "ds", d.rank):
+        run.log.info("world size changed: RNG streams re-seeded from (seed, step, rank)")
+        seed_everything(cfg.seed, "resume", run.step, d.rank)
+    run.peak, peak_note = device_peak(d.device, precision)
+    run.metrics = Metrics(cfg.path, enabled=d.is_main, total_steps=cfg.last_step, start_step=run.step,
+                          config=cfg.to_dict(), use_wandb=cfg.wandb, wandb_project=cfg.wandb_project, name=cfg.name)
+    run.metrics.write(f"MFU denominator: {peak_note} x {d.world_size} rank(s)")
 
-        # ---- RNG: every rank its own stream, restored exactly on resume --------------------------------------------
-        if start is None:
-            seed_everything(cfg.seed, "rank", d.rank)
-        elif not same_world or not ckpt.load_rng(start / "ds", d.rank):
-            log.info("world size changed: RNG streams re-seeded from (seed, step, rank)")
-            seed_everything(cfg.seed, "resume", step, d.rank)
 
-        # ---- metrics -----------------------------------------------------------------------------------------------
-        peak, peak_note = device_peak(d.device, precision)
-        metrics = Metrics(run_dir, enabled=d.is_main, total_steps=cfg.last_step, start_step=step, config=cfg.to_dict(),
-                          use_wandb=cfg.wandb, wandb_project=cfg.wandb_project, name=cfg.name)
-        metrics.write(f"MFU denominator: {peak_note} x {d.world_size} rank(s)")
+# ---- the loop ----------------------------------------------------------------------------------------------------
 
-        def all_sum(values: list[float]) -> list[float]:
-            t = torch.tensor(values, dtype=torch.float64, device=d.device)
-            dist.all_reduce(t)
-            return t.tolist()
+def fit(run: Run, stop: dict) -> str:
+    """Steps until cfg.last_step, a checkpoint every checkpoint.every; a SIGTERM: a checkpoint, then "stopped"."""
+    from train.parallel import engine as eng
 
-        def token_losses(b):
-            """-> per-target-token losses and their modalities (next-token targets only, IGNORE_INDEX removed)."""
-            dev = lambda x: x.to(d.device, non_blocking=True)
-            labels = dev(b.labels)
-            per_tok = engine(dev(b.input_ids), pixel_values=[dev(x) for x in b.pixel_values],
-                             audio_values=[dev(x) for x in b.audio_values], position_ids=dev(b.position_ids),
-                             doc_ids=dev(b.doc_ids), labels=labels)  # (B, T - 1): the fused head, no logits
-            keep = labels[:, 1:] != IGNORE_INDEX
-            return per_tok[keep], dev(b.modality[:, 1:])[keep]
+    cfg, rec, K = run.cfg, run.rec, 2 * len(MODALITIES)
+    while run.step < cfg.last_step:
+        t0 = time.perf_counter()
+        sums, flops = train_step(run, run.loader.next_step())
+        run.step += 1
+        lr = eng.schedule_lr(run.engine)
+        rec.record_step(run.step, run.loader.last_step_ranges, lr)
+        run.segment.append([run.step, run.loader.last_step_ranges])
+        if run.step % rec.weights_every == 0:
+            rec.record_weights(run.step, eng.named_fp32_tensors(run.engine))
+        # one collective per step: loss sums, FLOPs, the stop flag (SIGTERM may reach ranks at different times)
+        *sums, stopping = all_sum([*sums, *flops.values(), 1.0 if stop["signal"] else 0.0], run.d.device)
+        sums, flops = sums[:K], dict(zip(flops, sums[K:]))
+        loss_sum, n_tok = sum(sums[0::2]), sum(sums[1::2])
+        loss = loss_sum / max(n_tok, 1)
+        check_nonfinite(run, loss)
+        dt = time.perf_counter() - t0
+        if run.step % cfg.log_every == 0 or run.step == cfg.last_step:
+            log_step(run, loss, lr, sums, flops, dt)
+        run.metrics.advance()
+        if stopping:
+            run.log.info("SIGTERM: saving a checkpoint at step %d and stopping", run.step)
+            save_checkpoint(run)
+            run.metrics.close()
+            return "stopped"
+        if run.step % cfg.checkpoint.every == 0 and run.step != cfg.last_step:
+            save_checkpoint(run)
+    return finish(run, stop)
 
-        @torch.no_grad()
-        def heldout_loss() -> float | None:
-            if not heldout:
-                return None
-            engine.eval()
-            total, n = 0.0, 0
-            for b in heldout:
-                losses, _ = token_losses(b)
-                total, n = total + float(losses.sum()), n + losses.numel()
-            engine.train()
-            total, n = all_sum([total, n])
-            return total / max(n, 1)
 
-        # ---- checkpoints -----------------------------------------------------------------------------------------
-        parent_name = start.name if start else None
-        last_saved = step if start is not None else -1
+def all_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
 
-        def save(step: int) -> Path | None:
-            nonlocal parent_name, segment, last_saved
-            tmp = root / f"{ckpt.step_name(step)}.tmp"
-            if d.is_main:
-                ckpt.begin(root, step)
-            dist.barrier()
-            ckpt.save_rng(tmp / "ds", d.rank)
-            eng.save(engine, tmp / "ds", client_state={"step": step})
-            weights = eng.gather_fp32_state_dict(engine) if cfg.checkpoint.export else None
-            final = None
-            if d.is_main:
-                data_state = {"step": step, "world_size": d.world_size, "loader": loader.state_dict(),
-                              "parent": parent_name, "segment": segment, "skipped_steps": engine.skipped_steps}
-                ckpt.write_files(tmp, weights=weights, model_config=model_cfg.to_dict(), run_config=cfg.to_dict(),
-                                 tokenizer=cfg.data.tokenizer, data_state=data_state)
-                record = rec.checkpoint_record(tmp, step, optimizer={
-                    "name": "adamw", "lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps,
-                    "weight_decay": o.weight_decay, "grad_clip": o.grad_clip, "lr_scale": dict(o.lr_scale),
-                    "schedule": f"linear warmup {o.warmup_steps} steps, cosine to {o.min_lr_ratio} x lr at step {cfg.steps}"})
-                final = ckpt.commit(tmp, record)  # provenance.json last = the commit marker
-                ckpt.write_latest(root, final)
-                ckpt.retain(root, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
-                metrics.plot()
-                metrics.write(f"step {step}: checkpoint {final}")
-                if cfg.sign_key:
-                    from train.provenance.signing import sign_checkpoint
 
-                    sign_checkpoint(final, cfg.sign_key)
-            dist.barrier()
-            parent_name, segment, last_saved = ckpt.step_name(step), [], step
-            return final
+def log_step(run: Run, loss: float, lr: float, sums: list[float], flops: dict[str, float], dt: float) -> None:
+    """The metrics row of the step just taken (from the global sums), with the held-out loss when due."""
+    cfg, d, engine, step = run.cfg, run.d, run.engine, run.step
+    row = {"loss": loss, "lr": lr, "grad_norm": engine.get_global_grad_norm(), "step_time_s": dt,
+           "tokens_per_s": cfg.micro_batch * cfg.grad_accum * d.world_size * cfg.data.seq_len / dt,
+           "mfu": sum(flops.values()) / (dt * run.peak * d.world_size), "mfu_peak_flops": run.peak * d.world_size,
+           "peak_memory_mb": peak_memory_bytes(d.device) / 2**20,
+           "skipped_steps": engine.skipped_steps, "nonfinite_steps": run.nonfinite_total}
+    row |= {f"loss_{m}": sums[2 * i] / sums[2 * i + 1] for i, m in enumerate(MODALITIES) if sums[2 * i + 1]}
+    row |= {f"flops_{m}": f for m, f in flops.items()}  # what the MFU numerator is made of
+    if run.heldout and (step % cfg.data.heldout_every == 0 or step == cfg.last_step):
+        row["heldout_loss"] = heldout_loss(run)
+    if isinstance(row["grad_norm"], torch.Tensor):
+        row["grad_norm"] = float(row["grad_norm"])
+    run.metrics.log(step, row)
 
-        # ---- the loop ------------------------------------------------------------------------------------------------
-        nonfinite_run = nonfinite_total = 0
-        while step < cfg.last_step:
-            t0 = time.perf_counter()
-            sums = [0.0] * (2 * len(MODALITIES))  # (loss sum, tokens) per modality
-            flops = dict.fromkeys(MODALITIES, 0)  # training FLOPs of this step by modality (model/flops.py)
-            batches = loader.next_step()
-            grad_due = guards.grad_checks_due(grad_pending, guards.media_in_step(batches, d.device)) if grad_pending else []
-            for i, b in enumerate(batches):
-                losses, mods = token_losses(b)
-                loss = losses.mean()
-                engine.backward(loss)
-                if grad_due and i == len(batches) - 1:  # the accumulation boundary: full gradients, before the update
-                    norms = eng.check_gradients(engine, grad_due, step + 1)
-                    grad_pending = [c for c in grad_pending if c not in grad_due]
-                    log.info("step %d: gradient check passed (L2 norms): %s%s", step + 1,
-                             ", ".join(f"{c} {v:.3g}" for c, v in norms.items()),
-                             f"; waiting for their input: {', '.join(grad_pending)}" if grad_pending else "")
-                engine.step()
-                for m in range(len(MODALITIES)):
-                    sel = mods == m
-                    sums[2 * m] += float(losses[sel].detach().sum())
-                    sums[2 * m + 1] += int(sel.sum())
-                for m, f in batch_flops(model_cfg, cfg.data.seq_len, b.input_ids, b.pixel_values, b.audio_values).items():
-                    flops[m] += f
-            if grad_order is not None:
-                guards.check_grad_order(grad_order, step + 1)
-            step += 1
-            lr = eng.schedule_lr(engine)
-            rec.record_step(step, loader.last_step_ranges, lr)
-            segment.append([step, loader.last_step_ranges])
-            if step % rec.weights_every == 0:
-                rec.record_weights(step, eng.named_fp32_tensors(engine))
-            # one collective per step: loss sums, FLOPs, the stop flag (SIGTERM may reach ranks at different times)
-            *sums, stopping = all_sum([*sums, *flops.values(), 1.0 if stop["signal"] else 0.0])
-            sums, flops = sums[: 2 * len(MODALITIES)], dict(zip(flops, sums[2 * len(MODALITIES) :]))
-            loss_sum, n_tok = sum(sums[0::2]), sum(sums[1::2])
-            loss = loss_sum / max(n_tok, 1)
-            if not math.isfinite(loss):
-                nonfinite_run, nonfinite_total = nonfinite_run + 1, nonfinite_total + 1
-                msg = (f"step {step}: non-finite loss ({loss}); DeepSpeed skipped the update "
-                       f"(skipped so far: {engine.skipped_steps}, {nonfinite_run} in a row)")
-                log.warning(msg)
-                if cfg.on_nonfinite == "stop" or nonfinite_run >= cfg.max_nonfinite or eng.zero_stage(ds) == 0:
-                    raise FloatingPointError(f"{msg}; stopping (on_nonfinite={cfg.on_nonfinite}, max_nonfinite="
-                                             f"{cfg.max_nonfinite}; ZeRO-0 cannot skip an update). Lower optim.lr, "
-                                             f"check the data around step {step}, or resume from the last checkpoint.")
-            else:
-                nonfinite_run = 0
-            dt = time.perf_counter() - t0
-            if step % cfg.log_every == 0 or step == cfg.last_step:
-                row = {"loss": loss, "lr": lr, "grad_norm": engine.get_global_grad_norm(), "step_time_s": dt,
-                       "tokens_per_s": cfg.micro_batch * cfg.grad_accum * d.world_size * cfg.data.seq_len / dt,
-                       "mfu": sum(flops.values()) / (dt * peak * d.world_size), "mfu_peak_flops": peak * d.world_size,
-                       "peak_memory_mb": peak_memory_bytes(d.device) / 2**20,
-                       "skipped_steps": engine.skipped_steps, "nonfinite_steps": nonfinite_total}
-                row |= {f"loss_{m}": sums[2 * i] / sums[2 * i + 1] for i, m in enumerate(MODALITIES) if sums[2 * i + 1]}
-                row |= {f"flops_{m}": f for m, f in flops.items()}  # what the MFU numerator is made of
-                if heldout and (step % cfg.data.heldout_every == 0 or step == cfg.last_step):
-                    row["heldout_loss"] = heldout_loss()
-                if isinstance(row["grad_norm"], torch.Tensor):
-                    row["grad_norm"] = float(row["grad_norm"])
-                metrics.log(step, row)
-            metrics.advance()
-            if stopping:
-                log.info("SIGTERM: saving a checkpoint at step %d and stopping", step)
-                save(step)
-                metrics.close()
-                return "stopped"
-            if step % cfg.checkpoint.every == 0 and step != cfg.last_step:
-                save(step)
 
-        # ---- the end -------------------------------------------------------------------------------------------------
-        final = save(step) if step != last_saved else ckpt.read_latest(root)
-        if stop["signal"]:
-            log.info("SIGTERM after the last step: the final checkpoint is written")
-        if grad_pending:
-            log.warning("no gradient check for %s: their input was in no step of this run", grad_pending)
-        if d.is_main:
-            metrics.write(f"run {cfg.name} finished at step {step}\n  checkpoint: {final}\n  metrics: {metrics.path}\n"
-                          f"  loss curve: {metrics.png}\n  logs: {run_dir / 'logs'}")
-        metrics.close()
-        return "done"
+@torch.no_grad()
+def heldout_loss(run: Run) -> float | None:
+    """The mean token loss over every rank's held-out micro-batches."""
+    if not run.heldout:
+        return None
+    total, n = all_sum(heldout_sums(run), run.d.device)
+    return total / max(n, 1)
+
+
+# ---- checkpoints and the end -------------------------------------------------------------------------------------
+
+def save_checkpoint(run: Run) -> Path | None:
+    """The checkpoint of run.step, on every rank: DeepSpeed state and RNG per rank, then rank 0 writes the files, the
+    provenance record last (the commit), `latest`, and applies retention; -> the committed folder (rank 0)."""
+    from train.parallel import engine as eng
+
+    cfg, d, o, step, root = run.cfg, run.d, run.cfg.optim, run.step, run.cfg.path / "checkpoints"
+    tmp = root / f"{ckpt.step_name(step)}.tmp"
+    if d.is_main:
+        ckpt.begin(root, step)
+    dist.barrier()
+    ckpt.save_rng(tmp / "ds", d.rank)
+    eng.save(run.engine, tmp / "ds", client_state={"step": step})
+    weights = eng.gather_fp32_state_dict(run.engine) if cfg.checkpoint.export else None
+    final = None
+    if d.is_main:
+        data_state = {"step": step, "world_size": d.world_size, "loader": run.loader.state_dict(),
+                      "parent": run.parent_name, "segment": run.segment, "skipped_steps": run.engine.skipped_steps}
+        ckpt.write_files(tmp, weights=weights, model_config=run.model_cfg.to_dict(), run_config=cfg.to_dict(),
+                         tokenizer=cfg.data.tokenizer, data_state=data_state)
+        rank_files = [eng.RANK_FILE_PATTERN, ckpt.RNG_FILE_PATTERN]
+        record = run.rec.checkpoint_record(tmp, step, rank_files=rank_files, optimizer={
+            "name": "adamw", "lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps,
+            "weight_decay": o.weight_decay, "grad_clip": o.grad_clip, "lr_scale": dict(o.lr_scale),
+            "schedule": f"linear warmup {o.warmup_steps} steps, cosine to {o.min_lr_ratio} x lr at step {cfg.steps}"})
+        final = ckpt.commit(tmp, record)  # provenance.json last = the commit marker
+        ckpt.write_latest(root, final)
+        ckpt.retain(root, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
+        run.metrics.plot()
+        run.metrics.write(f"step {step}: checkpoint {final}")
+        if cfg.sign_key:
+            from train.provenance.signing import sign_checkpoint
+
+            sign_checkpoint(final, cfg.sign_key)
+    dist.barrier()
+    run.parent_name, run.segment, run.last_saved = ckpt.step_name(step), [], step
+    return final
+
+
+def finish(run: Run, stop: dict) -> str:
+    """The final checkpoint (unless the last step has one already), the summary; -> "done"."""
+    cfg, step = run.cfg, run.step
+    final = save_checkpoint(run) if step != run.last_saved else ckpt.read_latest(cfg.path / "checkpoints")
+    if stop["signal"]:
+        run.log.info("SIGTERM after the last step: the final checkpoint is written")
+    if run.grad_pending:
+        run.log.warning("no gradient check for %s: their input was in no step of this run", run.grad_pending)
+    if run.d.is_main:
+        run.metrics.write(f"run {cfg.name} finished at step {step}\n  checkpoint: {final}\n  metrics: {run.metrics.path}\n"
+                          f"  loss curve: {run.metrics.png}\n  logs: {cfg.path / 'logs'}")
+    run.metrics.close()
+    return "done"

@@ -30,13 +30,23 @@ import torch
 from model.config import BOS_ID, EOS_ID, IGNORE_INDEX, PAD_ID, SPECIAL_TOKENS, ModelConfig, from_dict
 from model.media import audio_tokens, vision_tokens
 from tokenizer.bpe import load_tokenizer, tokenizer_digest
-from train.data.sources import MEDIA_COLUMNS, Source, check_rejects, load_source, manifest_entry, row_media, write_rejects
+from train.data.sources import (
+    MEDIA_COLUMNS,
+    Source,
+    check_rejects,
+    declared_licence,
+    load_source,
+    manifest_entry,
+    row_media,
+    write_rejects,
+)
 
 PIPELINE_VERSION = "1"  # part of the tokenisation cache key: bump when the tokenised form changes
 IMAGE, VIDEO, AUDIO = (SPECIAL_TOKENS.index(f"<|{k}|>") for k in ("image", "video", "audio"))
 START = {t: SPECIAL_TOKENS.index(f"<|{k}_start|>") for t, k in ((IMAGE, "image"), (VIDEO, "video"), (AUDIO, "audio"))}
 MODALITY = {START[IMAGE]: 1, START[VIDEO]: 2, START[AUDIO]: 3}  # 0 = text
 PLACEHOLDER = {v: k for k, v in START.items()}  # start marker -> its placeholder
+MODALITIES = ("text", "image", "video", "audio")  # the names of Batch.modality's values 0..3 (MODALITY's values)
 
 
 @dataclass
@@ -45,7 +55,7 @@ class Batch:
     labels: torch.Tensor  # (B, T) long, aligned with input_ids; IGNORE_INDEX where no text loss
     position_ids: torch.Tensor  # (B, T) long, restart per document
     doc_ids: torch.Tensor  # (B, T) long, document index within the row (padding = its own doc)
-    modality: torch.Tensor  # (B, T) long: 0 text, 1 image, 2 video, 3 audio (of the token's document)
+    modality: torch.Tensor  # (B, T) long: an index into MODALITIES, of the token's document
     pixel_values: list[torch.Tensor]  # (F, 3, H, W) vision items in placeholder order
     audio_values: list[torch.Tensor]  # (N,) audio items in placeholder order
     sample_ids: list[int]  # global sample indices in this micro-batch
@@ -212,6 +222,17 @@ class TrainLoader:
         pieces, starts = self._pack(e)
         return e, pieces[starts[r]:starts[r + 1]]
 
+    @property
+    def num_samples(self) -> int:
+        """N, the accepted documents per epoch: sample index i = epoch * N + k (see the module docstring)."""
+        return len(self._len)
+
+    def row_samples(self, g: int) -> list[tuple[int, int, int, int]]:
+        """The document pieces packed into global row g, in row order: (sample index, first token, token count,
+        the whole document's length in tokens); the packing itself, for `omniscratch data which`."""
+        epoch, pieces = self._row_pieces(g)
+        return [(epoch * len(self._len) + k, off, m, int(self._len[d])) for k, d, off, m in pieces.tolist()]
+
     def sample_source(self, sample: int) -> dict:
         """Where global sample index `sample` comes from: source name, path, row, epoch."""
         n = len(self._len)
@@ -296,3 +317,12 @@ class TrainLoader:
                 raise ValueError(f"data loader state has {key}={sd.get(key)!r} but this run has {mine!r}: "
                                  f"resume with the same data, tokenizer, seq_len and seed")
         self.cursor = int(sd["row"])
+
+
+def heldout_batches(data_dir, tokenizer_path, model_cfg: ModelConfig, seq_len: int, micro_batch: int, n_batches: int, *,
+                    rank: int = 0, world_size: int = 1, seed: int = 0, rejects_path: str | Path | None = None) -> list[Batch]:
+    """This rank's `n_batches` micro-batches of DATA/heldout, packed as training packs (the first step of a TrainLoader
+    over it), under the licence declared for DATA: the held-out loss of training and of `omniscratch eval`."""
+    src = Source(str(Path(data_dir) / "heldout"), licence=declared_licence(Source(str(data_dir))), name="heldout")
+    return TrainLoader([src], tokenizer_path, model_cfg, seq_len, micro_batch, n_batches, rank=rank,
+                       world_size=world_size, seed=seed, rejects_path=rejects_path).next_step()
