@@ -157,7 +157,8 @@ def load_source(src: Source, cache_dir: str | Path):
     if isinstance(ds, datasets.DatasetDict):
         raise ValueError(f"data source {src.path}: a DatasetDict; name one split's folder instead")
     if "text" not in ds.column_names:
-        raise ValueError(f"data source {src.path}: no 'text' column (it has {', '.join(ds.column_names)}); see train/data/sources.py")
+        raise ValueError(f"data source {src.path}: no 'text' column (it has {', '.join(ds.column_names)}); "
+                         f"see train/data/sources.py")
     return ds
 
 
