@@ -99,7 +99,7 @@ def point(size: str, work: Path, ref_layers: int | None = None) -> dict:
     n_ref = write_safetensors(work / "ref" / "model.safetensors", ref_shapes, torch.bfloat16, lambda n, s: tensor(n, s, 2))
     written = time.perf_counter() - t0
     t0 = time.perf_counter()
-    result = run_audit(str(work), [str(work / "ref")])
+    result = run_audit(str(work / "model.safetensors"), [str(work / "ref")])  # a bare weights file: no certificate
     seconds = time.perf_counter() - t0
     derived = sorted(c for c, v in result["components"].items() if v["verdict"] == "derived")
     row = {"size": size, "ref_layers": ref_layers or layers, "ckpt_params": n_ckpt, "ref_params": n_ref,

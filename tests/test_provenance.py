@@ -21,7 +21,7 @@ from model import OmniModel, init_weights
 from model.config import AudioConfig, ModelConfig, TextConfig, VisionConfig
 from train import checkpoint as ckpt
 from train.provenance import hashing
-from train.provenance.digest import component_roots, merkle_root, tensor_digest, tensor_digests
+from train.provenance.digest import component_roots, merkle_root, tensor_digest, tensor_digests, update_sizes
 from train.provenance.hashing import SafetensorsFile, folder_files, hash_files, safe_path, safetensors_digests
 from train.provenance.record import RECORD, Recorder, rebuild_init
 from train.provenance.signing import SIGNATURE, init_keys, sign_checkpoint, signed_manifest
@@ -277,6 +277,28 @@ def test_a_resumed_run_continues_the_chain_and_keeps_earlier_loads(tmp_path, key
     assert not rep.failures, rep.failures
     verdicts = {r["component"]: r["verdict"] for r in rep.components}
     assert verdicts["audio_encoder"] == "derived" and verdicts["vision_encoder"] == "from scratch"
+
+
+def test_update_sizes_read_tensor_by_tensor_equal_those_of_whole_state_dicts(tmp_path):
+    """Each link's update is measured against the segment's start without a copy of the weights: step 0 rebuilt tensor
+    by tensor (a derived component's tensors kept, no rebuild gives them), later segments read from the previous
+    checkpoint's file, also across a resume. Equal to the sizes computed from whole state dicts."""
+    donor = tmp_path / "donor.safetensors"
+    save_file({k: v.detach().contiguous() for k, v in seeded_model(99).state_dict().items() if k.startswith("vision.")},
+              donor)
+    model = seeded_model(7)
+    with Tripwire(allow_derived=True) as tw:  # a declared foreign vision encoder: its step-0 tensors are kept
+        model.vision.load_state_dict({k[7:]: v for k, v in safetensors.torch.load_file(donor).items()})
+        step0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        first = synthetic_run(tmp_path / "run", model=model, tripwire=tw)
+    with Tripwire(allow=[first[-1]]) as tw:
+        last = synthetic_run(tmp_path / "run", steps=(6,), tripwire=tw, resume_from=first[-1])[-1]
+    weights = [step0] + [safetensors.torch.load_file(f / "model.safetensors") for f in first + [last]]
+    chain = json.loads((last / RECORD).read_text())["chain"]
+    assert len(chain) == 3
+    for link, before, after in zip(chain, weights, weights[1:]):
+        assert link["update"] == update_sizes(before, after)
+    assert chain[0]["update"]["vision_encoder"]["relative"] > 0
 
 
 def test_layout_rule_names_extra_and_missing_rank_files_and_foreign_weights():

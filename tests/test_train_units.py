@@ -350,3 +350,27 @@ def test_cpu_peak_is_measured_once_per_process_in_the_runs_dtype():
     assert 1e8 < peak < 1e14 and "measured fp32 1024x1024 matmul" in note and "best of 5" in note
     bf16, note = device_peak(torch.device("cpu"), "bf16")
     assert cpu_matmul_peak.cache_info().misses == 2 and "measured bf16" in note and bf16 > 0
+
+
+def test_weights_writer_streams_a_standard_safetensors_file(tmp_path):
+    """Tensors added one at a time read back bit-exact with safetensors' own reader, header order kept; a tensor out
+    of the declared order or shape, or one missing at close, is an error naming the file."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"b.weight": torch.randn(3, 5, generator=g), "a.bias": torch.randn(7, generator=g).bfloat16(),
+               "c.ids": torch.arange(6, dtype=torch.int64).reshape(2, 3)}
+    path = ckpt.write_weights(tmp_path / "w.safetensors", tensors.items())
+    back = load_file(str(path))
+    assert list(back) == list(tensors) and all(torch.equal(back[k], v) and back[k].dtype == v.dtype
+                                                 for k, v in tensors.items())
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    specs = [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
+    w = ckpt.WeightsWriter(tmp_path / "x.safetensors", specs)
+    with pytest.raises(ValueError, match=r"x.safetensors: got 'a.bias'.*declares 'b.weight'"):
+        w.add("a.bias", tensors["a.bias"])
+    w.add("b.weight", tensors["b.weight"])
+    with pytest.raises(ValueError, match=r"x.safetensors: 1 of 3 declared tensors written"):
+        w.close()

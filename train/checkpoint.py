@@ -100,13 +100,64 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def write_files(tmp: Path, *, weights: dict | None, model_config: dict, run_config: dict, tokenizer: str | Path,
-                data_state: dict) -> None:
-    """Rank 0: the consolidated export and the metadata that make the folder self-describing."""
-    if weights is not None:
-        from safetensors.torch import save_file
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
 
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
+
+class WeightsWriter:
+    """A .safetensors file written one tensor at a time, in the order the header declares: the consolidated
+    weights of a sharded model stream from the gather into the file, so the writer holds one tensor, never the
+    state dict. `specs` is [(name, shape, dtype)] in write order; `add` checks each tensor against it; `close`
+    checks that all came. Readers see the standard format (8-byte header size, JSON header padded to 8 bytes with
+    spaces, then the data in header order)."""
+
+    def __init__(self, path: str | Path, specs: list[tuple[str, tuple[int, ...], torch.dtype]],
+                 metadata: dict[str, str] | None = None):
+        header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+        offset = 0
+        for name, shape, dtype in specs:
+            size = torch.Size(shape).numel() * dtype.itemsize
+            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.path, self._specs, self._next = Path(path), specs, 0
+        self._f = open(path, "xb")
+        self._f.write(len(raw).to_bytes(8, "little") + raw)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if self._next >= len(self._specs):
+            raise ValueError(f"{self.path}: tensor '{name}' beyond the {len(self._specs)} the header declares")
+        want, shape, dtype = self._specs[self._next]
+        if (name, tuple(tensor.shape), tensor.dtype) != (want, tuple(shape), dtype):
+            raise ValueError(f"{self.path}: got '{name}' {tuple(tensor.shape)} {tensor.dtype}, the header declares "
+                             f"'{want}' {tuple(shape)} {dtype} next")
+        self._f.write(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        self._next += 1
+
+    def close(self) -> Path:
+        self._f.close()
+        if self._next != len(self._specs):
+            raise ValueError(f"{self.path}: {self._next} of {len(self._specs)} declared tensors written")
+        return self.path
+
+
+def write_weights(path: str | Path, named_tensors) -> Path:
+    """(name, tensor) pairs, held by the caller, into a .safetensors file through `WeightsWriter`."""
+    named = [(n, t) for n, t in named_tensors]
+    writer = WeightsWriter(path, [(n, tuple(t.shape), t.dtype) for n, t in named])
+    for n, t in named:
+        writer.add(n, t)
+    return writer.close()
+
+
+def write_files(tmp: Path, *, model_config: dict, run_config: dict, tokenizer: str | Path, data_state: dict,
+                weights: dict | None = None) -> None:
+    """Rank 0: the metadata that make the folder self-describing, and `weights` when the caller holds them (a
+    training run streams its weights in through `WeightsWriter` instead)."""
+    if weights is not None:
+        write_weights(tmp / WEIGHTS, weights.items())
     _write_json(tmp / "model_config.json", model_config)
     _write_json(tmp / "run_config.json", run_config)
     _write_json(tmp / "data_state.json", data_state)

@@ -337,12 +337,13 @@ def save_checkpoint(run: Run) -> Path | None:
     dist.barrier()
     ckpt.save_rng(tmp / "ds", d.rank)
     eng.save(run.engine, tmp / "ds", client_state={"step": step})
-    weights = eng.gather_fp32_state_dict(run.engine) if cfg.checkpoint.export else None
+    if cfg.checkpoint.export:
+        eng.write_fp32_weights(run.engine, tmp / ckpt.WEIGHTS)
     final = None
     if d.is_main:
         data_state = {"step": step, "world_size": d.world_size, "loader": run.loader.state_dict(),
                       "parent": run.parent_name, "segment": run.segment, "skipped_steps": run.engine.skipped_steps}
-        ckpt.write_files(tmp, weights=weights, model_config=run.model_cfg.to_dict(), run_config=cfg.to_dict(),
+        ckpt.write_files(tmp, model_config=run.model_cfg.to_dict(), run_config=cfg.to_dict(),
                          tokenizer=cfg.data.tokenizer, data_state=data_state)
         rank_files = [eng.RANK_FILE_PATTERN, ckpt.RNG_FILE_PATTERN]
         record = run.rec.checkpoint_record(tmp, step, rank_files=rank_files, optimizer={

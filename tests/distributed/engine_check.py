@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from model import OmniModel, init_weights, load_model_config
 from train.parallel import engine as eng
@@ -23,6 +24,13 @@ from train.parallel import guards
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 120
+
+
+def fp32_weights(engine, path: Path) -> dict:
+    """The fp32 master weights as a run writes them (gathered one at a time, streamed into `path` by rank 0), read
+    back on rank 0; {} on the others."""
+    eng.write_fp32_weights(engine, path)
+    return load_file(str(path)) if torch.distributed.get_rank() == 0 else {}
 
 
 def accumulated_grad_dtypes(engine) -> set[str]:
@@ -58,6 +66,7 @@ def shared_masters(cfg, d, ckpt_dir: Path, stage: int) -> dict:
     """ZeRO-1/2 in fp32, where train.parallel.engine makes each rank's fp32 master its weight partition: 3 optimizer steps (2
     micro-batches each) on the same batches as DeepSpeed's own engine with its separate master; then a checkpoint
     taken after step 2 is loaded and step 3 taken again."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
     ds = eng.deepspeed_config(str(ROOT / f"configs/deepspeed/zero{stage}.json"), micro_batch=1, grad_accum=2,
                               world_size=d.world_size, grad_clip=1.0, precision="fp32")
     hp = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, warmup=1, total_steps=10, min_lr_ratio=0.1)
@@ -78,17 +87,17 @@ def shared_masters(cfg, d, ckpt_dir: Path, stage: int) -> dict:
 
     out = {"shared_storage": [m == w for m, w in storage(engines[True])],
            "own_storage": [m == w for m, w in storage(engines[False])]}
-    step0 = eng.gather_fp32_state_dict(engines[True])
+    step0 = fp32_weights(engines[True], ckpt_dir / "step0.safetensors")
     for e in engines.values():
         train(e, batches[:4])
     engines[True].save_checkpoint(str(ckpt_dir), tag="step2")
     for e in engines.values():
         train(e, batches[4:])
-    step3 = {share: eng.gather_fp32_state_dict(e) for share, e in engines.items()}
+    step3 = {share: fp32_weights(e, ckpt_dir / f"step3_{share}.safetensors") for share, e in engines.items()}
     weights = {n: p.detach().clone() for n, p in engines[True].module.named_parameters()}
     engines[True].load_checkpoint(str(ckpt_dir), tag="step2")
     train(engines[True], batches[4:])
-    again = eng.gather_fp32_state_dict(engines[True])
+    again = fp32_weights(engines[True], ckpt_dir / "again.safetensors")
     if d.rank == 0:
         shared, own = step3[True], step3[False]
         out["changed"] = sum(not torch.equal(shared[n], step0[n]) for n in shared) / len(shared)
@@ -114,6 +123,8 @@ def main() -> None:
     init_weights(plain, 7)
     reference = dict(plain.named_parameters())
     report = {}
+    work = Path(sys.argv[2]).parent / "weights"
+    work.mkdir(exist_ok=True)
     for stage, precision in ((3, "fp32"), (3, "bf16"), (2, "bf16"), (1, "bf16")):
         ds = eng.deepspeed_config(str(ROOT / f"configs/deepspeed/zero{stage}.json"), micro_batch=1, grad_accum=2,
                                   world_size=d.world_size, grad_clip=1.0, precision=precision)
@@ -123,7 +134,7 @@ def main() -> None:
         total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
         engine = eng.initialize(model, ds, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, warmup=1,
                                 total_steps=10, min_lr_ratio=0.1)
-        step0 = eng.gather_fp32_state_dict(engine)
+        step0 = fp32_weights(engine, work / f"step0_zero{stage}_{precision}.safetensors")
         torch.manual_seed(d.rank)
         ids = torch.randint(12, cfg.text.vocab_size, (1, 24))
         losses = []
@@ -135,7 +146,7 @@ def main() -> None:
                 norms = grad_norms(engine)
             engine.step()
             losses.append(float(loss))
-        after = eng.gather_fp32_state_dict(engine)
+        after = fp32_weights(engine, work / f"after_zero{stage}_{precision}.safetensors")
         if d.rank == 0:
             report[f"zero{stage}_{precision}"] = {
                 "local_fraction": local / total,

@@ -52,6 +52,7 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 from model import OmniModel, init_tensor, init_weights
 from model.components import component_of
 from model.config import ModelConfig
+from train import checkpoint as ckpt
 from train.parallel import zero
 
 # keys of the DeepSpeed JSON that the run config owns: the JSON says how to shard, the run config what to train
@@ -294,10 +295,19 @@ def named_fp32_tensors(engine, dtype: torch.dtype = torch.float32):
         yield name, full.detach().float().cpu().to(dtype)
 
 
-def gather_fp32_state_dict(engine) -> dict[str, torch.Tensor]:
-    """Full fp32 master weights under the module's names (collective); rank 0 gets the dict, others {}."""
-    out = {n: t.clone() for n, t in named_fp32_tensors(engine)}
-    return out if dist.get_rank() == 0 else {}
+def write_fp32_weights(engine, path: Path) -> None:
+    """The full fp32 master weights into the .safetensors file `path` (collective, every rank): parameters are
+    gathered one at a time and rank 0 streams each into the file, so no rank holds more than one full tensor beyond
+    its own shard (a whole fp32 state dict per rank is 4 bytes x parameters: ~29 GB at 7B)."""
+    writer = None
+    if dist.get_rank() == 0:
+        specs = [(n, tuple(getattr(p, "ds_shape", p.shape)), torch.float32) for n, p in engine.module.named_parameters()]
+        writer = ckpt.WeightsWriter(path, specs)
+    for name, full in named_fp32_tensors(engine):
+        if writer is not None:
+            writer.add(name, full)
+    if writer is not None:
+        writer.close()
 
 
 # The per-rank files `save` writes (DeepSpeed's names: `[bf16_]zero_pp_rank_{r}_mp_rank_00_{model,optim}_states.pt`);

@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import time
 import uuid
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
@@ -37,11 +38,11 @@ from pathlib import Path
 import torch
 
 from model import INIT_SCHEME, OmniModel, init_tensor
+from model.components import component_of
 from model.init import sampler
-from train.checkpoint import read_weights
 from train.provenance import digest
 from train.provenance.digest import component_roots, differing_components, digest_bytes, digest_of, tensor_digests, update_sizes
-from train.provenance.hashing import SafetensorsFile, folder_files, hash_files, rank_patterns
+from train.provenance.hashing import SafetensorsFile, cpus, folder_files, hash_files, rank_patterns
 
 SCHEMA = "omniscratch.provenance/v1"
 RECORD, SLSA, SIGNATURE, DATA_MANIFEST = "provenance.json", "slsa_provenance.json", "model.sig", "data_manifest.json"
@@ -173,6 +174,64 @@ def rebuild_init(model_cfg, seed: int, dtypes: dict[str, str] | None = None, vis
     return {n: out[n] for n, _ in shapes}
 
 
+# ---- the weights at a segment's start, read one tensor at a time -----------------------------------------------------
+
+_BY_CODE = {code: dtype for dtype, code in digest.DTYPES.items()}
+
+
+class _Mapped(Mapping):
+    """A mapped .safetensors file as a read-only {name: fp32 tensor}, each tensor read when asked for."""
+
+    def __init__(self, f: SafetensorsFile):
+        self.f = f
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        t = self.f.tensor(name)
+        if t is None:
+            raise KeyError(name)
+        return t.float()
+
+    def __iter__(self):
+        return iter(self.f.header)
+
+    def __len__(self) -> int:
+        return len(self.f.header)
+
+
+class _StepZero(Mapping):
+    """The step-0 weights as {name: fp32 tensor}: rebuilt from (config, seed) tensor by tensor when asked for, in the
+    recorded dtype, except the derived components' tensors, which no rebuild gives and which are kept."""
+
+    def __init__(self, model_cfg, seed: int, digests: dict[str, dict], kept: dict[str, torch.Tensor]):
+        self.cfg, self.seed, self.kept = model_cfg, seed, {n: t.float() for n, t in kept.items()}
+        self.shapes = {n: (d["shape"], d["dtype"]) for n, d in digests.items()}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self.kept:
+            return self.kept[name]
+        shape, code = self.shapes[name]
+        return init_tensor(name, shape, self.seed, self.cfg).to(_BY_CODE[code]).float()  # as recorded
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+
+@contextlib.contextmanager
+def _segment_start(prev: Path | _StepZero):
+    """The weights the open segment started from: step 0, or the weights file of the checkpoint it continues."""
+    if isinstance(prev, _StepZero):
+        yield prev
+        return
+    with SafetensorsFile(prev) as f:
+        if f.error is not None:
+            raise ValueError(f"{prev}: the weights this segment started from cannot be read ({f.error}); update sizes "
+                             f"need them: keep a live run's latest checkpoint in place") from None
+        yield _Mapped(f)
+
+
 # ---- the recorder ---------------------------------------------------------------------------------------------------
 
 class Recorder:
@@ -205,12 +264,7 @@ class Recorder:
         self.earlier = {"events": parent["tripwire"]["events"], "derived": parent["derived"]}
         if parent["tokenizer"]["digest"] != self.tokenizer_digest:
             raise ValueError(f"{self.tokenizer_path}: differs from the tokenizer of the run being resumed ({folder})")
-        self._prev = self._read_weights(folder)
-
-    def _read_weights(self, folder: Path) -> dict[str, torch.Tensor]:
-        allow = self.tripwire.allowing(folder) if self.tripwire is not None else contextlib.nullcontext()
-        with allow:
-            return {k: t.float() for k, t in read_weights(folder / "model.safetensors").items()}
+        self._prev = folder / "model.safetensors"
 
     def record_init(self, named_tensors) -> None:
         """The real step-0 tensors (after deepspeed.initialize; gathered); every rank iterates, rank 0 records."""
@@ -220,7 +274,8 @@ class Recorder:
             return
         kept = {n: t.detach().to("cpu", copy=True) for n, t in named_tensors}
         real = tensor_digests(kept.items())
-        rebuilt = rebuild_init(self.model_cfg, self.seed, {n: d["dtype"] for n, d in real.items()})
+        # every core: the other ranks wait for this in a barrier (threads; BLAKE3 and torch's kernels release the GIL)
+        rebuilt = rebuild_init(self.model_cfg, self.seed, {n: d["dtype"] for n, d in real.items()}, workers=cpus())
         differ = differing_components(real, rebuilt)
         declared = self.tripwire.derived if self.tripwire is not None else {}
         undeclared = [c for c in differ if c not in declared]
@@ -233,7 +288,7 @@ class Recorder:
         self.init = {"seed": self.seed, "scheme": INIT_SCHEME, "sampler": sampler(), "tensors": real,
                      "components": component_roots(real),
                      "derived": {c: declared[c] for c in differ}}
-        self._prev = {n: t.float() for n, t in kept.items()}
+        self._prev = _StepZero(self.model_cfg, self.seed, real, {n: t for n, t in kept.items() if component_of(n) in differ})
 
     def record_step(self, step: int, sample_ranges, lr: float) -> None:
         if self.rank == 0:
@@ -262,13 +317,15 @@ class Recorder:
             shutil.copyfile(self.data_manifest_path, folder / DATA_MANIFEST)
             if digest_bytes((folder / DATA_MANIFEST).read_bytes()) != self.data_digest:
                 raise ValueError(f"{self.data_manifest_path}: changed while the run was alive")
-        # model.safetensors is read once: its file digest, tensor digests and the weights for the update sizes
+        # model.safetensors is mapped once: its file digest and tensor digests in one pass, then the update sizes
+        # against the segment's start, one tensor of each at a time (never a whole copy of the weights)
         with SafetensorsFile(folder / "model.safetensors") as weights:
             files = hash_files(folder, folder_files(folder, exclude=UNHASHED | {SLSA}), weights=weights)
             tensors = weights.digests
-            current = {n: weights.tensor(n).to(torch.float32, copy=True) for n in weights.header}  # outlive the map
+            with _segment_start(self._prev) as before:
+                update = update_sizes(before, _Mapped(weights))
+        self._prev = folder.with_name(folder.name.removesuffix(".tmp")) / "model.safetensors"  # after the commit
         roots = component_roots(tensors)
-        update, self._prev = update_sizes(self._prev, current), current
         start = self.chain[-1]["end_step"] if self.chain else 0
         link = {"parent": digest_of(self.chain[-1]) if self.chain else init_digest(self.init),
                 "start_step": start, "end_step": int(step), "steps": self._steps, "optimizer": optimizer,
