@@ -74,6 +74,17 @@ def _compiled_flex():
     return torch.compile(flex_attention)  # eager FlexAttention materialises every score: compiled is the point
 
 
+def document_block_mask(doc_ids: torch.Tensor | None, doc_lens: list[list[int]] | None, device: torch.device, T: int,
+                        compile_mask: bool = True):
+    """FlexAttention's block mask for causal document rows, from (B, T) doc ids on `device` or host lengths; reads
+    nothing back from the device. `compile_mask=False` builds it eagerly (tests on CPU, where compiling takes ~20 s)."""
+    if doc_ids is None:  # every segment its own id, rows included: equality within a row is what the mask reads
+        doc_ids = torch.repeat_interleave(torch.arange(sum(map(len, doc_lens))), torch.tensor(sum(doc_lens, [])))
+        doc_ids = doc_ids.view(len(doc_lens), T).to(device, non_blocking=True)
+    return create_block_mask(document_mask_mod(doc_ids, causal=True), doc_ids.shape[0], None, T, T, device=device,
+                             _compile=compile_mask)
+
+
 def document_segments(doc_ids: torch.Tensor | None, doc_lens: list[list[int]] | None, device: torch.device,
                       T: int) -> Segments | None:
     """The decoder's causal document segments for one forward, from host lengths or (B, T) doc ids; None when every
@@ -81,12 +92,7 @@ def document_segments(doc_ids: torch.Tensor | None, doc_lens: list[list[int]] | 
     if doc_lens is not None and any(sum(row) != T for row in doc_lens):
         raise ValueError(f"doc_lens must sum to the row length {T} in every row, got sums {[sum(r) for r in doc_lens]}")
     if device.type == "cuda" and flex_attention is not None:
-        if doc_ids is None:
-            doc_ids = torch.repeat_interleave(torch.arange(sum(map(len, doc_lens))), torch.tensor(sum(doc_lens, [])))
-            doc_ids = doc_ids.view(len(doc_lens), T).to(device, non_blocking=True)
-        block_mask = create_block_mask(document_mask_mod(doc_ids, causal=True), doc_ids.shape[0], None, T, T,
-                                       device=device, _compile=True)
-        return Segments(doc_lens, causal=True, block_mask=block_mask)
+        return Segments(doc_lens, causal=True, block_mask=document_block_mask(doc_ids, doc_lens, device, T))
     lengths = doc_lens if doc_lens is not None else doc_lengths(doc_ids)
     return None if all(len(row) == 1 for row in lengths) else Segments(lengths, causal=True)
 

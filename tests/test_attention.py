@@ -158,20 +158,22 @@ def test_flex_mask_mod_equals_the_dense_mask():
 
 
 @pytest.mark.skipif(attn.flex_attention is None, reason="FlexAttention needs torch >= 2.5")
-def test_flex_attention_forward_equals_the_dense_mask(monkeypatch):
-    # CUDA's path through `attention`, with eager FlexAttention in place of the compiled one (compiling on CPU takes
-    # ~25 s); forward only: FlexAttention has no CPU backward.
+@pytest.mark.parametrize("given", ["doc_lens", "doc_ids"])
+def test_flex_attention_forward_equals_the_dense_mask(monkeypatch, given):
+    # CUDA's path through `document_block_mask` and `attention`, built and run eagerly on CPU (compiling either takes
+    # ~20 s here); forward only: FlexAttention has no CPU backward.
     monkeypatch.setattr(attn, "_compiled_flex", lambda: attn.flex_attention)
     g = torch.Generator().manual_seed(0)
     B, H, K, Dh = len(DOC_LENS), 4, 2, 8
     q, k, v = torch.randn(B, H, T, Dh, generator=g), torch.randn(B, K, T, Dh, generator=g), torch.randn(B, K, T, Dh, generator=g)
     doc_ids = doc_ids_of(DOC_LENS)
-    block_mask = attn.create_block_mask(attn.document_mask_mod(doc_ids, True), B, None, T, T, device="cpu")
+    args = (None, DOC_LENS) if given == "doc_lens" else (doc_ids, None)
+    block_mask = attn.document_block_mask(*args, torch.device("cpu"), T, compile_mask=False)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # eager FlexAttention's "for debugging only" warning
         got = attn.attention(q, k, v, attn.Segments(None, causal=True, block_mask=block_mask))
     ref = attn.attention(q, k, v, dense_doc_mask(doc_ids))
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    close(got, ref)
 
 
 def mixed_clips(seed=0):
