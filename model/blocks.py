@@ -1,9 +1,10 @@
 """The bidirectional pre-norm transformer block shared by the vision and audio encoders.
 
 LayerNorm with bias and a GELU MLP (ViT/Whisper style, not the decoder's RMSNorm/SwiGLU): encoders see a
-whole item at once, so attention has no mask; positions are rotary and supplied by the caller (3D for
-vision, 1D for audio), which is what lets resolution, aspect ratio and duration vary. One qkv matmul, one RoPE
-pass over q and k, attention through the decoder's `attention` (fp32 on CPU).
+whole item at once, so attention is bidirectional; `mask` is None, a key mask for padded items (audio), or
+`Segments` for several items in one sequence (attention inside each item, model/attention.py). Positions are
+rotary and supplied by the caller (3D for vision, 1D for audio), which is what lets resolution, aspect ratio and
+duration vary. One qkv matmul, one RoPE pass over q and k, attention through model/attention.py (fp32 on CPU).
 RoPE as in the decoder (`text.apply_rope`: consecutive pairs rotated as complex numbers).
 Shapes: N items, S tokens per item, D width, H heads, Dh head dim.
 """
@@ -13,7 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .text import apply_rope, attention
+from .attention import attention
+from .text import apply_rope
 
 
 class EncoderAttention(nn.Module):
@@ -70,8 +72,3 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, cis, mask, checkpoint: bo
             x = block(x, cis, mask)
     return x
 
-
-def block_diagonal_mask(sizes: list[int], device) -> torch.Tensor:
-    """(1, 1, S, S) bool mask letting each of several items concatenated in one sequence see only itself."""
-    item = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
-    return (item[:, None] == item[None, :])[None, None]

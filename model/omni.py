@@ -121,12 +121,13 @@ class OmniModel(nn.Module):
         return h + unused.to(h.dtype)
 
     def forward(self, input_ids, pixel_values=(), audio_values=(), position_ids=None, doc_ids=None,
-                cache: KVCache | None = None, labels=None):
+                cache: KVCache | None = None, labels=None, doc_lens: list[list[int]] | None = None):
         """-> logits (B, T, vocab). With `labels` (B, T), aligned with the inputs and IGNORE_INDEX where no loss is
         taken: the next-token losses (B, T - 1) in fp32 instead, 0 at ignored targets, through the fused head of
-        model/loss.py (the (B, T, vocab) logits are never materialised; what training uses). See docs/CONTRACTS.md."""
+        model/loss.py (the (B, T, vocab) logits are never materialised; what training uses). See docs/CONTRACTS.md.
+        `doc_lens`: each row's document lengths on the host (`Batch.doc_lens`), see `TextDecoder.forward`."""
         h = self.embed_inputs(input_ids, pixel_values, audio_values, dummy=cache is None)
-        h = self.text(h, position_ids=position_ids, doc_ids=doc_ids, cache=cache)  # (B, T, D)
+        h = self.text(h, position_ids=position_ids, doc_ids=doc_ids, cache=cache, doc_lens=doc_lens)  # (B, T, D)
         head = self.embed.weight if self.lm_head is None else self.lm_head.weight
         if labels is None:
             return F.linear(h, head)  # (B, T, V)

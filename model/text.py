@@ -8,9 +8,9 @@ Notable choices:
   rotations are built once per forward and applied to q and k in one pass.
 - q, k and v come from one matmul (the `wq`, `wk`, `wv` weights concatenated per call; names and shapes as in
   Llama, so checkpoints, the init scheme and the HF export are untouched).
-- Grouped-query attention through `F.scaled_dot_product_attention` with `enable_gqa` (no K/V copies); a packed
-  row with several documents gets a block-diagonal causal mask, a row with one document takes the `is_causal`
-  fast path. On CPU attention runs in fp32 (faster there than bf16: see `attention`).
+- Grouped-query attention through `F.scaled_dot_product_attention` with `enable_gqa` (no K/V copies). Packed
+  rows never build a (T, T) mask (model/attention.py): on CUDA FlexAttention with a document block mask, elsewhere
+  SDPA per document; a row with one document takes the `is_causal` fast path. On CPU attention runs in fp32.
 - SwiGLU MLP with the gate and up projections in one weight (`w13`, [gate; up] rows).
 - A preallocated KV cache for generation; decoding with it equals full recomputation (tested).
 Shapes: B batch, T time, D model width, H query heads, K kv heads, Dh head dim.
@@ -22,10 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention import Segments, attention, document_segments
 from .config import TextConfig
-
-# torch >= 2.5 shares K/V heads inside SDPA; older versions get an explicit copy per query head.
-_SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
 
 def rms_norm_reference(x, weight, eps: float):
@@ -89,33 +87,6 @@ def apply_rope(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
     the HF export applies (train/inference/export.py)."""
     xc = torch.view_as_complex(x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2)))
     return torch.view_as_real(xc * cis).flatten(-2)
-
-
-def attention(q, k, v, mask=None, is_causal: bool = False) -> torch.Tensor:
-    """SDPA over q (B, H, T, Dh) and k, v (B, K, S, Dh), K dividing H -> (B, T, H * Dh) in v's dtype.
-
-    On CPU it runs in fp32 whatever the autocast or weight dtype: PyTorch's CPU flash-attention backward is ~1.8x
-    slower in bf16 than in fp32 (scripts/bench_model.py's shapes), and RoPE already hands over fp32 q and k.
-    Elsewhere it runs in v's dtype (bf16 flash kernels on GPU)."""
-    gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
-    if gqa and not _SDPA_GQA:
-        rep = q.shape[1] // k.shape[1]
-        k, v, gqa = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), {}  # (B, H, S, Dh)
-    if q.device.type == "cpu":
-        with torch.autocast("cpu", enabled=False):
-            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=is_causal, **gqa)
-    else:
-        y = F.scaled_dot_product_attention(q.to(v.dtype), k.to(v.dtype), v, attn_mask=mask, is_causal=is_causal, **gqa)
-    B, H, T, Dh = y.shape
-    return y.transpose(1, 2).reshape(B, T, H * Dh).to(v.dtype)  # the CPU kernel's output is (B, T, H, Dh) in memory
-
-
-def doc_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """(B, T) document ids -> (B, 1, T, T) bool mask: causal and within one document."""
-    T = doc_ids.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
-    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
-    return (causal & same_doc)[:, None]
 
 
 class KVCache:
@@ -205,18 +176,25 @@ class TextDecoder(nn.Module):
         self.register_buffer("inv_freq", rope_frequencies(cfg.dim // cfg.n_heads, cfg.rope_theta), persistent=False)
         self.checkpoint_activations = False  # set by the trainer; recompute each block in backward
 
-    def forward(self, h, position_ids=None, doc_ids=None, cache: KVCache | None = None):
-        """h: (B, T, D) input embeddings -> (B, T, D) final hidden states."""
+    def forward(self, h, position_ids=None, doc_ids=None, cache: KVCache | None = None,
+                doc_lens: list[list[int]] | None = None):
+        """h: (B, T, D) input embeddings -> (B, T, D) final hidden states. Packed rows: `doc_ids` (B, T) and/or
+        `doc_lens` (per row, its documents' lengths in order, host ints summing to T); attention stays inside each
+        document. Give `doc_lens` where they are known on the host (the data pipeline's `Batch.doc_lens`): doc ids
+        alone cost one device->host copy per forward off CUDA-with-FlexAttention (model/attention.py)."""
         B, T, _ = h.shape
         if position_ids is None:
             start = cache.pos if cache is not None else 0
+            if start + T > self.cfg.max_seq_len:
+                raise ValueError(f"position {start + T - 1} is beyond the context of {self.cfg.max_seq_len} tokens")
             position_ids = torch.arange(start, start + T, device=h.device).expand(B, T)
-        if position_ids.max() >= self.cfg.max_seq_len:
+        elif position_ids.device.type == "cpu" and position_ids.max() >= self.cfg.max_seq_len:
+            # checked only where it is free: reading positions back from an accelerator would wait for it every step
             raise ValueError(f"position {int(position_ids.max())} is beyond the context of {self.cfg.max_seq_len} tokens")
         cis = rope_cis(rope_angles(position_ids, self.inv_freq))[:, :, None]  # (B, T, 1, Dh/2): once per forward
-        mask = None
-        if doc_ids is not None and cache is None and bool((doc_ids != doc_ids[:, :1]).any()):
-            mask = doc_causal_mask(doc_ids)  # (B, 1, T, T); only rows with several documents pay for it
+        mask: Segments | None = None
+        if cache is None and (doc_ids is not None or doc_lens is not None):
+            mask = document_segments(doc_ids, doc_lens, h.device, T)  # once per forward, shared by every layer
         for i, layer in enumerate(self.layers):
             if self.checkpoint_activations and self.training:
                 h = torch.utils.checkpoint.checkpoint(layer, h, cis, mask, None, i, use_reentrant=False)

@@ -9,8 +9,10 @@ Notable choices:
 - Pre-norm LayerNorm blocks (model/blocks.py), a final LayerNorm.
 - The projector (`VisionProjector`, its own component) merges each merge x merge patch neighbourhood and
   maps it through an MLP into the decoder width: 4x fewer tokens in the decoder.
-- Items of one shape run as a batch; items of different shapes run as one concatenated sequence with
-  block-diagonal attention. Either way each weight is used once per call (what ZeRO-3 needs).
+- Items of one shape run as a batch; items of different shapes run as one concatenated sequence whose attention
+  runs per item (items of equal token count in one call; model/attention.py), so its cost grows with the sum of
+  the items' squared lengths, not the square of the total. Either way each weight is used once per call (what
+  ZeRO-3 needs).
 Shapes: N items, F frames, C=3 channels, t/h/w patch-grid sizes, S = t*h*w tokens, D encoder width.
 """
 
@@ -19,7 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .blocks import EncoderBlock, GeluMLP, block_diagonal_mask, run_blocks
+from .attention import Segments
+from .blocks import EncoderBlock, GeluMLP, run_blocks
 from .config import VisionConfig
 from .media import vision_grid
 from .text import rope_cis
@@ -64,8 +67,9 @@ class VisionEncoder(nn.Module):
     def forward(self, clips):
         """Same-shape clips (N, F, 3, H, W) -> patch grids (N, t, h, w, D); or a list of clips of any shapes ->
         (S_total, D), every item's patches in row-major order, one item after the other. A mixed list runs as one
-        sequence with block-diagonal attention, so every weight is used once per call whatever the shapes, and the
-        output is one tensor whatever the item count: ZeRO-3 traces calls and output tensors, and ranks must agree."""
+        sequence with attention inside each item (its size from the host-side shapes), so every weight is used once
+        per call whatever the shapes, and the output is one tensor whatever the item count: ZeRO-3 traces calls and
+        output tensors, and ranks must agree."""
         if torch.is_tensor(clips):
             return self._forward_batch(clips)
         if len({tuple(c.shape) for c in clips}) == 1:
@@ -75,8 +79,8 @@ class VisionEncoder(nn.Module):
         x = torch.cat([self.patchify(c[None].to(self.patch_embed.weight.dtype))[0] for c in clips])[None]  # (1, S, P)
         x = self.patch_embed(x)  # (1, S, D)
         cis = torch.cat([rope_3d_cis(*g, self.rope_freqs, x.device) for g in grids], dim=1)  # (1, S, Dh/2)
-        mask = block_diagonal_mask(sizes, x.device)  # (1, 1, S, S)
-        x = run_blocks(self.blocks, x, cis, mask, self.checkpoint_activations and self.training)
+        items = Segments([sizes], causal=False)
+        x = run_blocks(self.blocks, x, cis, items, self.checkpoint_activations and self.training)
         return self.norm(x)[0]
 
     def _grid(self, clip: torch.Tensor) -> tuple[int, int, int]:

@@ -59,6 +59,9 @@ class Batch:
     pixel_values: list[torch.Tensor]  # (F, 3, H, W) vision items in placeholder order
     audio_values: list[torch.Tensor]  # (N,) audio items in placeholder order
     sample_ids: list[int]  # global sample indices in this micro-batch
+    # per row, its documents' lengths in order (padding one more), summing to T: doc_ids' runs, kept on the host so
+    # that attention can split rows by document without reading doc_ids back from the device (model/attention.py)
+    doc_lens: list[list[int]] | None = None
 
 
 def expand_media(ids: list[int], vision_shapes: list[tuple[int, int, int]], audio_lengths: list[int], cfg: ModelConfig):
@@ -246,7 +249,7 @@ class TrainLoader:
         T, n = self.seq_len, len(self._len)
         ids = torch.full((len(rows), T), PAD_ID, dtype=torch.long)
         pos, doc, mod = (torch.zeros((len(rows), T), dtype=torch.long) for _ in range(3))
-        media, samples = [], []  # (doc, its tokens) of documents with media, in row-major order
+        media, samples, doc_lens = [], [], []  # media: (doc, its tokens) of documents with media, in row-major order
         for b, g in enumerate(rows):
             epoch, pieces = self._row_pieces(g)
             t = 0
@@ -260,11 +263,12 @@ class TrainLoader:
                 samples.append(epoch * n + k)
                 t += m
             doc[b, t:], pos[b, t:] = len(pieces), torch.arange(T - t)
+            doc_lens.append([int(m) for m in pieces[:, 3]] + ([T - t] if t < T else []))
         labels = ids.clone()
         # no loss on padding and media, nor on a document's first token (it would be predicted from the previous doc)
         labels[(ids == PAD_ID) | ((ids >= IMAGE) & (ids < len(SPECIAL_TOKENS))) | (pos == 0)] = IGNORE_INDEX
         pixels, sounds = self._media(media)
-        return Batch(ids, labels, pos, doc, mod, pixels, sounds, sorted(set(samples)))
+        return Batch(ids, labels, pos, doc, mod, pixels, sounds, sorted(set(samples)), doc_lens)
 
     def _media(self, docs: list[tuple[int, list[int]]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Decode the documents' media in order, checking that each item fills exactly its placeholder run."""
