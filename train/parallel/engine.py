@@ -24,7 +24,7 @@ Notable choices:
   do nothing (DeepSpeed #2650), and this way the step-0 bytes equal a plain construction.
 - ZeRO-3 gathers a module's parameters on every call, so every rank must make the same module calls: the model
   runs each encoder exactly once per forward whatever the media (tests/test_model.py, test_train_distributed.py).
-  ZeRO-2 reduces gradients in the order they become ready: `guards.check_grad_order` stops a run whose ranks differ.
+  ZeRO-2 reduces gradients in the order they become ready: `guards.agree_after_step` stops a run whose ranks differ.
 - `check_gradients` stops a run in which a component meant to train got an exactly-zero gradient (a frozen encoder:
   LLaVA #1537), at the first step whose global batch holds its input (text side: step 1). `safe_get_full_grad`
   gathers every parameter, so it runs on those few steps only. `optim.lr_scale` becomes AdamW param groups, each

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from train.atomic import atomic_write
+from train.parallel import collectives
 
 FINAL_STATES = ("done", "stopped")  # finished all steps / saved and stopped on SIGTERM
 
@@ -159,8 +160,8 @@ def preflight(d, timeout_s: int, info: dict) -> list[dict]:
     side = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
     try:
         dist.monitored_barrier(group=side, timeout=timeout, wait_all_ranks=True)
-        x = torch.ones(1, device=d.device)
-        if not dist.all_reduce(x, async_op=True).wait(timeout=timeout) or int(x.item()) != d.world_size:
+        x = collectives.all_reduce(torch.ones(1, device=d.device), timeout=timeout)
+        if int(x.item()) != d.world_size:
             raise RuntimeError(f"all-reduce of ones over {d.world_size} ranks gave {x.item()}")
     except RuntimeError as e:
         raise RuntimeError(f"preflight timed out: not every rank answered within preflight_timeout_s={timeout_s}s: "
