@@ -84,7 +84,7 @@ def seed_everything(seed: int, *salt) -> None:
 def train(cfg, resume: bool = False, resume_from: str | None = None) -> int:
     from train.parallel import engine as eng
 
-    d = eng.compute_init(cfg.dist_timeout_s)
+    d = eng.compute_init(cfg.dist_timeout_s, cfg.dist_init_timeout_s or None)
     run_dir = cfg.path
     log = setup_logging(run_dir, d.rank)
     write_status(run_dir, d.rank, "running")
