@@ -73,6 +73,9 @@ class RunConfig:
     on_nonfinite: str = "skip"  # a non-finite loss: skip the step and count it, or stop
     max_nonfinite: int = 20  # with "skip": stop after this many skipped steps in a row
     dist_timeout_s: int = 300  # every collective, ZeRO's own groups included, fails after this (a stuck peer)
+    # every rank must join the process group within this; 0: dist_timeout_s. At scale ranks that import from a
+    # shared filesystem arrive minutes apart, while a training collective should give up on a stuck peer sooner
+    dist_init_timeout_s: int = 0
     preflight_timeout_s: int = 60  # before the first step every rank must answer within this (names the missing)
     log_every: int = 1
     wandb: bool = True  # offline unless the user set WANDB_MODE
@@ -134,6 +137,7 @@ def validate(cfg: RunConfig, where: str) -> RunConfig:
     _positive(cfg, where, ["steps", "micro_batch", "grad_accum", "dist_timeout_s", "preflight_timeout_s", "log_every",
                            "data.seq_len", "optim.lr", "checkpoint.every", "checkpoint.keep_last"])
     _positive(cfg, where, ["optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "checkpoint.keep_every", "max_steps",
+                           "dist_init_timeout_s",
                            "data.heldout_every", "data.heldout_batches", "optim.min_lr_ratio"], zero_ok=True)
     for comp, scale in cfg.optim.lr_scale.items():
         if comp not in COMPONENTS:

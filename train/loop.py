@@ -1,13 +1,19 @@
 """The model's side of train/pretrain.py's loop: one optimizer step, the held-out pass, the non-finite policy.
 
 `Run` is the run's live state, which the phases of train/pretrain.py build up and hand on. Everything here works on
-this rank alone and returns this rank's sums: the collectives (one all-reduce per step, the held-out reduction) stay
-in train/pretrain.py. DeepSpeed is reached only through train.parallel.engine, imported when a step runs.
+this rank alone and returns this rank's sums: the collectives (one all-reduce per step, the metrics and held-out
+reductions at log time) stay in train/pretrain.py. DeepSpeed is reached only through train.parallel.engine,
+imported when a step runs.
+
+No host-device synchronisation on the step's path: the losses and token counts per modality are summed on the
+device into a fixed-size (2, len(MODALITIES)) float64 tensor (masked sums, no boolean indexing, whose result
+shape depends on the data), and reach the host only when the loop reads its per-step flags or logs
+(tests/test_host_syncs.py counts them in a real run). Masked sums over a fixed shape also keep the order of
+additions fixed on a GPU, where atomic adds (index_add_) would not.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from logging import Logger
 from typing import Any
@@ -47,28 +53,38 @@ class Run:
 
 
 def token_losses(run: Run, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> per-target-token losses and their modalities (next-token targets only, IGNORE_INDEX removed)."""
+    """-> per next-token losses, 0 at IGNORE_INDEX targets, and the targets' modality index, IGNORE_INDEX where no
+    loss is taken; both (B, T - 1) on the device."""
     dev = lambda x: x.to(run.d.device, non_blocking=True)
     labels = dev(b.labels)
     per_tok = run.engine(dev(b.input_ids), pixel_values=[dev(x) for x in b.pixel_values],
                          audio_values=[dev(x) for x in b.audio_values], position_ids=dev(b.position_ids),
                          doc_ids=dev(b.doc_ids), labels=labels)  # (B, T - 1): the fused head, no logits
-    keep = labels[:, 1:] != IGNORE_INDEX
-    return per_tok[keep], dev(b.modality[:, 1:])[keep]
+    mods = dev(b.modality[:, 1:]).masked_fill(labels[:, 1:] == IGNORE_INDEX, IGNORE_INDEX)  # (B, T - 1)
+    return per_tok, mods
 
 
-def train_step(run: Run, batches: list[Batch]) -> tuple[list[float], dict[str, int]]:
+def modality_sums(losses: torch.Tensor, mods: torch.Tensor) -> torch.Tensor:
+    """-> (2, len(MODALITIES)) float64: the loss sum and the token count of each modality (IGNORE_INDEX: none)."""
+    which = mods.unsqueeze(0) == torch.arange(len(MODALITIES), device=mods.device).view(-1, 1, 1)  # (M, B, T - 1)
+    return torch.stack([torch.where(which, losses.detach().double(), 0.0).sum(dim=(1, 2)),
+                        which.sum(dim=(1, 2), dtype=torch.float64)])
+
+
+def train_step(run: Run, batches: list[Batch]) -> tuple[torch.Tensor, dict[str, int]]:
     """One optimizer step over this rank's micro-batches: forward, backward, the gradient checks when due, the update.
-    -> this rank's (loss sum, tokens) per modality, and its training FLOPs by modality (model/flops.py)."""
+    -> this rank's (loss sum, tokens) per modality as a (2, len(MODALITIES)) float64 tensor on the device, and its
+    training FLOPs by modality (model/flops.py, from the host batch)."""
     from train.parallel import engine as eng
 
     engine, step = run.engine, run.step
-    sums = [0.0] * (2 * len(MODALITIES))  # (loss sum, tokens) per modality
+    sums = torch.zeros(2, len(MODALITIES), dtype=torch.float64, device=run.d.device)
     flops = dict.fromkeys(MODALITIES, 0)
     grad_due = guards.grad_checks_due(run.grad_pending, guards.media_in_step(batches, run.d.device)) if run.grad_pending else []
     for i, b in enumerate(batches):
         losses, mods = token_losses(run, b)
-        loss = losses.mean()
+        # the mean over the targets that count (OmniModel.mean_loss), without compacting them first
+        loss = losses.sum() / (mods != IGNORE_INDEX).sum().clamp(min=1)
         engine.backward(loss)
         if grad_due and i == len(batches) - 1:  # the accumulation boundary: full gradients, before the update
             norms = eng.check_gradients(engine, grad_due, step + 1)
@@ -77,40 +93,36 @@ def train_step(run: Run, batches: list[Batch]) -> tuple[list[float], dict[str, i
                          ", ".join(f"{c} {v:.3g}" for c, v in norms.items()),
                          f"; waiting for their input: {', '.join(run.grad_pending)}" if run.grad_pending else "")
         engine.step()
-        for m in range(len(MODALITIES)):
-            sel = mods == m
-            sums[2 * m] += float(losses[sel].detach().sum())
-            sums[2 * m + 1] += int(sel.sum())
+        sums += modality_sums(losses, mods)
         for m, f in batch_flops(run.model_cfg, run.cfg.data.seq_len, b.input_ids, b.pixel_values, b.audio_values).items():
             flops[m] += f
-    if run.grad_order is not None:
-        guards.check_grad_order(run.grad_order, step + 1)
     return sums, flops
 
 
 @torch.no_grad()
-def heldout_sums(run: Run) -> list[float]:
-    """This rank's [loss sum, tokens] over its held-out micro-batches, the model in eval mode meanwhile."""
+def heldout_sums(run: Run) -> torch.Tensor:
+    """This rank's [loss sum, tokens] over its held-out micro-batches, float64 on the device; the model in eval mode
+    meanwhile."""
     run.engine.eval()
-    total, n = 0.0, 0
+    sums = torch.zeros(2, len(MODALITIES), dtype=torch.float64, device=run.d.device)
     for b in run.heldout:
-        losses, _ = token_losses(run, b)
-        total, n = total + float(losses.sum()), n + losses.numel()
+        sums += modality_sums(*token_losses(run, b))
     run.engine.train()
-    return [total, n]
+    return sums.sum(dim=1)
 
 
-def check_nonfinite(run: Run, loss: float) -> None:
-    """ZeRO skipped the update of a non-finite step: count it; stop after max_nonfinite in a row, or at once where
-    on_nonfinite=stop or ZeRO-0 (which cannot skip an update)."""
+def check_nonfinite(run: Run, nonfinite: bool) -> None:
+    """After a step whose loss was not finite on some rank (`nonfinite`, from the loop's per-step flags), which ZeRO's
+    overflow check skipped: count it; stop after max_nonfinite in a row, or at once where on_nonfinite=stop or
+    ZeRO-0 (which cannot skip an update)."""
     from train.parallel import engine as eng
 
     cfg, step = run.cfg, run.step
-    if math.isfinite(loss):
+    if not nonfinite:
         run.nonfinite_run = 0
         return
     run.nonfinite_run, run.nonfinite_total = run.nonfinite_run + 1, run.nonfinite_total + 1
-    msg = (f"step {step}: non-finite loss ({loss}); DeepSpeed skipped the update "
+    msg = (f"step {step}: non-finite loss; DeepSpeed skipped the update "
            f"(skipped so far: {run.engine.skipped_steps}, {run.nonfinite_run} in a row)")
     run.log.warning(msg)
     if cfg.on_nonfinite == "stop" or run.nonfinite_run >= cfg.max_nonfinite or eng.zero_stage(run.ds) == 0:

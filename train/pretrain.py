@@ -7,7 +7,8 @@ DeepSpeed config (`configure`), data (`build_data`), the parent's DeepSpeed stat
 (`build_engine`), resume (`restore`), provenance, RNG and metrics (`start_records`); then `fit`, the loop: one
 optimizer step (`train.loop.train_step`), the non-finite policy (`train.loop.check_nonfinite`), `log_step` with
 `heldout_loss`, `save_checkpoint`; and `finish`. The phases hand on one `train.loop.Run`, the run's live state.
-Every collective of the loop is here (one all-reduce per step); DeepSpeed only through train.parallel.engine.
+Every collective of the loop is here (one all-reduce per step, `guards.agree_after_step`, and the metrics' at log time), through
+train/parallel/collectives.py; DeepSpeed only through train.parallel.engine.
 
 Notable choices:
 - Resume is exact at the same world size: DeepSpeed restores weights, optimizer, LR schedule and step count;
@@ -44,7 +45,7 @@ from train.config import load_run_config
 from train.data.pipeline import MODALITIES, Batch, TrainLoader, heldout_batches
 from train.loop import Run, check_nonfinite, heldout_sums, train_step
 from train.metrics import Metrics, device_peak, peak_memory_bytes
-from train.parallel import guards
+from train.parallel import collectives, guards
 from train.parallel.launch import format_rank_table, preflight, rank_info, run_local, setup_logging, write_status
 from train.provenance.record import Recorder
 from train.provenance.tripwire import Tripwire
@@ -83,7 +84,7 @@ def seed_everything(seed: int, *salt) -> None:
 def train(cfg, resume: bool = False, resume_from: str | None = None) -> int:
     from train.parallel import engine as eng
 
-    d = eng.compute_init(cfg.dist_timeout_s)
+    d = eng.compute_init(cfg.dist_timeout_s, cfg.dist_init_timeout_s or None)
     run_dir = cfg.path
     log = setup_logging(run_dir, d.rank)
     write_status(run_dir, d.rank, "running")
@@ -261,25 +262,24 @@ def fit(run: Run, stop: dict) -> str:
     """Steps until cfg.last_step, a checkpoint every checkpoint.every; a SIGTERM: a checkpoint, then "stopped"."""
     from train.parallel import engine as eng
 
-    cfg, rec, K = run.cfg, run.rec, 2 * len(MODALITIES)
+    cfg, rec = run.cfg, run.rec
     while run.step < cfg.last_step:
         t0 = time.perf_counter()
         sums, flops = train_step(run, run.loader.next_step())
+        # the step's one host read: a non-finite loss must be known before the next step (the policy may stop the
+        # run), and SIGTERM may reach ranks at different steps; the metrics wait for the log interval
+        stopping, nonfinite = guards.agree_after_step(bool(stop["signal"]), ~torch.isfinite(sums[0]).all(),
+                                                      run.grad_order, run.step + 1)
         run.step += 1
         lr = eng.schedule_lr(run.engine)
         rec.record_step(run.step, run.loader.last_step_ranges, lr)
         run.segment.append([run.step, run.loader.last_step_ranges])
         if run.step % rec.weights_every == 0:
             rec.record_weights(run.step, eng.named_fp32_tensors(run.engine))
-        # one collective per step: loss sums, FLOPs, the stop flag (SIGTERM may reach ranks at different times)
-        *sums, stopping = all_sum([*sums, *flops.values(), 1.0 if stop["signal"] else 0.0], run.d.device)
-        sums, flops = sums[:K], dict(zip(flops, sums[K:]))
-        loss_sum, n_tok = sum(sums[0::2]), sum(sums[1::2])
-        loss = loss_sum / max(n_tok, 1)
-        check_nonfinite(run, loss)
+        check_nonfinite(run, nonfinite)
         dt = time.perf_counter() - t0
         if run.step % cfg.log_every == 0 or run.step == cfg.last_step:
-            log_step(run, loss, lr, sums, flops, dt)
+            log_step(run, lr, sums, flops, dt)
         run.metrics.advance()
         if stopping:
             run.log.info("SIGTERM: saving a checkpoint at step %d and stopping", run.step)
@@ -291,21 +291,24 @@ def fit(run: Run, stop: dict) -> str:
     return finish(run, stop)
 
 
-def all_sum(values: list[float], device: torch.device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
+def all_sum(t: torch.Tensor) -> list[float]:
+    """Sum `t` across ranks (float64) and bring it to the host: a log-time reduction, never on the step's path."""
+    return collectives.all_reduce(t.to(torch.float64)).tolist()
 
 
-def log_step(run: Run, loss: float, lr: float, sums: list[float], flops: dict[str, float], dt: float) -> None:
-    """The metrics row of the step just taken (from the global sums), with the held-out loss when due."""
+def log_step(run: Run, lr: float, sums: torch.Tensor, flops: dict[str, float], dt: float) -> None:
+    """The metrics row of the step just taken, with the held-out loss when due: one all-reduce of this rank's loss
+    sums and token counts per modality (`sums`, on the device) and FLOPs, the only host read of them."""
     cfg, d, engine, step = run.cfg, run.d, run.engine, run.step
-    row = {"loss": loss, "lr": lr, "grad_norm": engine.get_global_grad_norm(), "step_time_s": dt,
-           "tokens_per_s": cfg.micro_batch * cfg.grad_accum * d.world_size * cfg.data.seq_len / dt,
+    M = len(MODALITIES)
+    host = all_sum(torch.cat([sums.flatten(), torch.tensor(list(flops.values()), dtype=torch.float64).to(sums.device)]))
+    loss_sums, tokens, flops = host[:M], host[M:2 * M], dict(zip(flops, host[2 * M:]))
+    row = {"loss": sum(loss_sums) / max(sum(tokens), 1), "lr": lr, "grad_norm": engine.get_global_grad_norm(),
+           "step_time_s": dt, "tokens_per_s": cfg.micro_batch * cfg.grad_accum * d.world_size * cfg.data.seq_len / dt,
            "mfu": sum(flops.values()) / (dt * run.peak * d.world_size), "mfu_peak_flops": run.peak * d.world_size,
            "peak_memory_mb": peak_memory_bytes(d.device) / 2**20,
            "skipped_steps": engine.skipped_steps, "nonfinite_steps": run.nonfinite_total}
-    row |= {f"loss_{m}": sums[2 * i] / sums[2 * i + 1] for i, m in enumerate(MODALITIES) if sums[2 * i + 1]}
+    row |= {f"loss_{m}": loss_sums[i] / tokens[i] for i, m in enumerate(MODALITIES) if tokens[i]}
     row |= {f"flops_{m}": f for m, f in flops.items()}  # what the MFU numerator is made of
     if run.heldout and (step % cfg.data.heldout_every == 0 or step == cfg.last_step):
         row["heldout_loss"] = heldout_loss(run)
@@ -319,7 +322,7 @@ def heldout_loss(run: Run) -> float | None:
     """The mean token loss over every rank's held-out micro-batches."""
     if not run.heldout:
         return None
-    total, n = all_sum(heldout_sums(run), run.d.device)
+    total, n = all_sum(heldout_sums(run))
     return total / max(n, 1)
 
 

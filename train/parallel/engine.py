@@ -6,7 +6,11 @@ Notable choices:
   torchrun, the deepspeed launcher and `accelerate launch` all export RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; with
   none of them a single process runs as rank 0 of 1.
 - `default_pg_timeout` is set before init: the timeout given to `init_distributed` reaches only the world group,
-  and ZeRO's own groups would otherwise wait 30 minutes on a stuck peer.
+  and ZeRO's own groups would otherwise wait 30 minutes on a stuck peer. The world group is joined under its own,
+  longer timeout (`dist_init_timeout_s`: ranks that import slowly from a shared filesystem arrive minutes apart),
+  then set to the training one.
+- The GPU is LOCAL_RANK modulo the visible GPUs (`pick_device`): right both when every task sees the node's GPUs
+  and when a launcher gives each task one.
 - DeepSpeed JIT-builds its shared-memory all-reduce op (~55 s) on every init; training never uses it (it serves
   inference), so the builder is replaced by a no-op before init.
 - The optimizer is torch's fused AdamW (no C++ build; one pass over memory per step, where the for-loop kernels
@@ -24,7 +28,7 @@ Notable choices:
   do nothing (DeepSpeed #2650), and this way the step-0 bytes equal a plain construction.
 - ZeRO-3 gathers a module's parameters on every call, so every rank must make the same module calls: the model
   runs each encoder exactly once per forward whatever the media (tests/test_model.py, test_train_distributed.py).
-  ZeRO-2 reduces gradients in the order they become ready: `guards.check_grad_order` stops a run whose ranks differ.
+  ZeRO-2 reduces gradients in the order they become ready: `guards.agree_after_step` stops a run whose ranks differ.
 - `check_gradients` stops a run in which a component meant to train got an exactly-zero gradient (a frozen encoder:
   LLaVA #1537), at the first step whose global batch holds its input (text side: step 1). `safe_get_full_grad`
   gathers every parameter, so it runs on those few steps only. `optim.lr_scale` becomes AdamW param groups, each
@@ -78,23 +82,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def compute_init(timeout_s: int = 300) -> Dist:
-    """Join (or create) the process group and pick the device. Call once, before building the model."""
+def pick_device(local_rank: int, visible_gpus: int) -> torch.device:
+    """This rank's device: GPU LOCAL_RANK modulo the GPUs this process sees, else the CPU. A launcher that gives each
+    task its own GPU (SLURM `--gpus-per-task=1`, a CUDA_VISIBLE_DEVICES per task) leaves LOCAL_RANK at 0..N-1 while
+    the process sees only cuda:0; one that shows every task all of the node's GPUs gives GPU LOCAL_RANK."""
+    return torch.device("cuda", local_rank % visible_gpus) if visible_gpus else torch.device("cpu")
+
+
+def compute_init(timeout_s: int = 300, init_timeout_s: int | None = None) -> Dist:
+    """Join (or create) the process group and pick the device. Call once, before building the model. Every rank
+    must reach the process group within `init_timeout_s` (default: `timeout_s`): at scale some ranks finish
+    importing far later than others. From then on every collective, ZeRO's groups' too, fails after `timeout_s`."""
     if "RANK" not in os.environ:  # no launcher: one process, rank 0 of 1
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        device, backend = torch.device("cuda", local), "nccl"
+    device = pick_device(local, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device, backend = torch.device("cpu"), "gloo"
+    backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)
     # reaches the groups ZeRO creates without a timeout (torch's default is 30 min; NCCL groups read their own)
     dist.distributed_c10d.default_pg_timeout = dist.distributed_c10d.default_pg_nccl_timeout = timeout
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # module, not the re-exported `torch` name
     if device.type == "cpu":
         zero.fp64_grad_norm_without_copies()
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout, verbose=False)
+    init_timeout = datetime.timedelta(seconds=init_timeout_s or timeout_s)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=init_timeout, verbose=False)
+    if init_timeout != timeout:
+        dist.distributed_c10d._set_pg_timeout(timeout)  # the world group, once every rank has joined it
     return Dist(rank, world, local, device)
 
 

@@ -4,9 +4,11 @@ Notable choices:
 - N processes are started through torchrun (`python -m torch.distributed.run --standalone`), so a local run and
   a cluster run go through the same launcher code; torchrun with `--max-restarts 0` stops the survivors about a
   second after a rank dies.
-- Every rank writes `logs/rank{r}.log` and a status file `logs/rank{r}.json` (pid, host, state, error). After
-  the run the launcher reads them: a rank still "running" when everything stopped died without a word (a signal,
-  the OOM killer), and the message names it and its log. The exit code is non-zero whenever any rank failed
+- Every rank writes `logs/rank{r}.log` and a status file `logs/rank{r}.json` (pid, host, state, error), and torchrun
+  tees its stderr into `logs/torchrun/`. After the run the launcher reads them: a rank still "running" when
+  everything stopped died without a word (a signal, the OOM killer), unless its peers timed out waiting for it
+  (gloo's errors, NCCL's watchdog messages on stderr: then it is named as the stuck rank), and the message names
+  it and its log. The exit code is non-zero whenever any rank failed
   (field lessons: pdsh returned 0 when nodes failed; an OOM was reported as success).
 - Before the first step every rank passes `preflight` (a monitored barrier naming absent ranks, then an
   all-reduce on the training device, within `preflight_timeout_s`) and rank 0 logs a table of every rank's host,
@@ -21,6 +23,8 @@ import datetime
 import json
 import logging
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -33,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from train.atomic import atomic_write
+from train.parallel import collectives
 
 FINAL_STATES = ("done", "stopped")  # finished all steps / saved and stopped on SIGTERM
 
@@ -78,24 +83,58 @@ def setup_logging(run_dir: Path, rank: int) -> logging.Logger:
     return log
 
 
+# NCCL's watchdog aborts the process on a collective timeout (C++ std::abort: no Python handler runs, the status file
+# still says "running"), so its words are read from the rank's stderr, which torchrun tees into logs/torchrun/.
+# Formats from PyTorch's torch/csrc/distributed/c10d/ProcessGroupNCCL.cpp: WorkNCCL::checkTimeout logs
+#   "<prefix>Watchdog caught collective operation timeout: WorkNCCL(SeqNum=412, OpType=ALLREDUCE, ...) ran for
+#    300012 milliseconds before timing out." on each rank that waited;
+# HeartbeatMonitor::getNCCLWatchdogTimeoutErrorMsg logs "<prefix>Received a dump signal due to a collective timeout
+#   from rank 0 and we will try our best to dump the debug info. Last enqueued NCCL work: 411, last completed NCCL
+#   work: 411." on the others whose threads still run (the flight recorder's dump signal).
+NCCL_TIMEOUT = re.compile(r"Watchdog caught collective operation timeout: WorkNCCL\(SeqNum=(\d+), OpType=(\w+).*?\) "
+                          r"ran for (\d+) milliseconds")
+NCCL_LAST_WORK = re.compile(r"Last enqueued NCCL work: (\d+), last completed NCCL work: (\d+)")
+
+
+def torchrun_stderr(run_dir: Path, rank: int) -> str:
+    """What rank `rank` wrote to stderr (C++ messages included) as torchrun's `--tee` kept it under logs/torchrun/
+    (`<run id>/attempt_<n>/<local rank>/stderr.log`; the local launcher runs one node, where local rank is rank)."""
+    files = sorted((run_dir / "logs" / "torchrun").glob(f"*/attempt_*/{rank}/stderr.log"), key=lambda p: p.stat().st_mtime)
+    return files[-1].read_text(errors="replace")[-1_000_000:] if files else ""
+
+
+def nccl_timeout(text: str) -> str | None:
+    """The collective that NCCL's watchdog timed out in `text`, in words, or None."""
+    m = NCCL_TIMEOUT.search(text)
+    return f"{m[2]} (SeqNum={m[1]}) after {int(m[3]) / 1000:.0f} s" if m else None
+
+
 def explain_failure(run_dir: Path, nproc: int) -> list[str]:
     """One line per rank that did not finish, the likely cause first: ranks that never reported an end (killed, or
-    stuck while their peers timed out waiting for them), then failed ranks in the order they failed (the first
-    error is usually the cause, later ones its echo in the peers)."""
+    stuck while their peers timed out waiting for them), then ranks NCCL's watchdog aborted while they waited, then
+    failed ranks in the order they failed (the first error is usually the cause, later ones its echo in the peers)."""
     statuses = read_statuses(run_dir)
     failed = sorted((s for s in statuses.values() if s["state"] == "failed"), key=lambda s: s["time"])
+    stderr = {r: torchrun_stderr(run_dir, r) for r in range(nproc)}
+    waited = {r: w for r in range(nproc) if (w := nccl_timeout(stderr[r]))}
     # gloo words its timeouts by code path: "Timed out waiting ... for recv", "Application timeout caused pair closure"
-    peers_timed_out = any(w in s.get("error", "").lower() for s in failed for w in ("timed out", "timeout"))
-    silent = []
+    peers_timed_out = bool(waited) or any(w in s.get("error", "").lower() for s in failed for w in ("timed out", "timeout"))
+    silent, aborted = [], []
     for r in range(nproc):
         s = statuses.get(r)
         log = run_dir / "logs" / f"rank{r}.log"
         if s is None:
             silent.append(f"rank {r} never started (see {log} and the launcher output above)")
+        elif s["state"] == "running" and r in waited:
+            aborted.append(f"rank {r} (pid {s['pid']} on {s['host']}) was aborted by NCCL's watchdog: its collective "
+                           f"{waited[r]} waited for a peer longer than dist_timeout_s. Its log: {log}")
         elif s["state"] == "running" and peers_timed_out:
+            where = f" in {next(iter(waited.values()))}" if waited else ""
+            last = NCCL_LAST_WORK.search(stderr[r])
+            last = f"; its last NCCL work enqueued: SeqNum={last[1]}" if last else ""
             silent.append(f"rank {r} (pid {s['pid']} on {s['host']}) stopped responding: its peers timed out waiting "
-                          f"for it (dist_timeout_s, or preflight_timeout_s before the first step) and it never reported "
-                          f"an error: stuck (stopped, deadlocked) or killed. Its log: {log}")
+                          f"for it{where} (dist_timeout_s, or preflight_timeout_s before the first step) and it never "
+                          f"reported an error{last}: stuck (stopped, deadlocked) or killed. Its log: {log}")
         elif s["state"] == "running":
             silent.append(f"rank {r} (pid {s['pid']} on {s['host']}) died without reporting an error: killed by a "
                           f"signal or the out-of-memory killer? Its log: {log}")
@@ -103,15 +142,17 @@ def explain_failure(run_dir: Path, nproc: int) -> list[str]:
     for i, s in enumerate(failed):
         first = " first" if i == 0 and len(failed) > 1 else ""
         lines.append(f"rank {s['rank']} failed{first}: {s.get('error', '?')} (log: {run_dir / 'logs'}/rank{s['rank']}.log)")
-    return silent + lines
+    return silent + aborted + lines
 
 
 def run_local(nproc: int, argv: list[str], run_dir: Path) -> int:
     """Run `omniscratch train ARGV` as `nproc` ranks on this machine. -> exit code (non-zero if any rank failed)."""
     for p in (run_dir / "logs").glob("rank*.json"):
         p.unlink()  # statuses of a previous attempt would mislead the post-mortem
+    shutil.rmtree(run_dir / "logs" / "torchrun", ignore_errors=True)  # and so would its stderr
+    # --tee 2: every rank's stderr also into logs/torchrun/, where the post-mortem finds NCCL's watchdog messages
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "--max-restarts=0", "-m", "train.cli", "train", *argv]
+           "--max-restarts=0", f"--log-dir={run_dir / 'logs' / 'torchrun'}", "--tee=2", "-m", "train.cli", "train", *argv]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")  # numerics depend on threads per rank; torchrun's default, made explicit
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
@@ -159,8 +200,8 @@ def preflight(d, timeout_s: int, info: dict) -> list[dict]:
     side = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
     try:
         dist.monitored_barrier(group=side, timeout=timeout, wait_all_ranks=True)
-        x = torch.ones(1, device=d.device)
-        if not dist.all_reduce(x, async_op=True).wait(timeout=timeout) or int(x.item()) != d.world_size:
+        x = collectives.all_reduce(torch.ones(1, device=d.device), timeout=timeout)
+        if int(x.item()) != d.world_size:
             raise RuntimeError(f"all-reduce of ones over {d.world_size} ranks gave {x.item()}")
     except RuntimeError as e:
         raise RuntimeError(f"preflight timed out: not every rank answered within preflight_timeout_s={timeout_s}s: "
