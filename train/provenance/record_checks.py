@@ -91,3 +91,24 @@ def check_licences(rep: Report, rec: dict, allowed, reviewed) -> None:
     rep.add("licences", f"{len(rec['environment']['packages'])} packages", not bad,
             "all on the allow-list" if not bad else "; ".join(f"{p['name']} {p['version']}: {p['licence']}" for p in bad))
 
+
+def declare(rep: Report, rec: dict) -> None:
+    """The certificate's statements that no check establishes, as `declared` rows: shown, never vouched for."""
+    code, env, chain = rec["code"], rec["environment"], rec["chain"]
+    diff = f"uncommitted diff sha256 {code['diff_digest'][:16]}" if code.get("dirty") else "no uncommitted diff"
+    rep.declare("code", f"commit {code.get('commit') or 'unknown'}, {diff}")
+    hw = env["hardware"]
+    rep.declare("hardware", f"{hw.get('processor')}, {hw.get('cpu_count')} CPUs, accelerators "
+                f"{', '.join(hw.get('accelerators') or []) or 'none'}; world size {env.get('world_size')}, "
+                f"{env.get('nodes')} node(s); python {env.get('python')}, torch {env.get('torch')}")
+    rep.declare("packages", f"{len(env['packages'])} packages with versions and licences")
+    steps = [s for link in chain for s in link["steps"]]
+    if steps:
+        lrs = [s[2] for s in steps]
+        rep.declare("data ranges", f"sample index ranges of {len(steps)} steps, e.g. step {steps[0][0]}: {steps[0][1]}")
+        rep.declare("learning rates", f"{min(lrs):.3g} to {max(lrs):.3g} over {len(steps)} steps; optimizer "
+                    f"{chain[-1]['optimizer'].get('name')}")
+    sizes = ", ".join(f"link {i}: {sum(u['relative'] for u in link['update'].values()):.3g}" for i, link in enumerate(chain))
+    rep.declare("update sizes", f"relative, summed over components: {sizes} (never used by the verifier)")
+    events = rec["tripwire"]["events"]
+    rep.declare("tripwire log", f"{len(events)} foreign weight load(s) recorded by the trainer's own process")

@@ -1,11 +1,17 @@
-"""`omniscratch verify CKPT --public-key KEY [--replay K] [--json]`: check a checkpoint's provenance certificate.
+"""`omniscratch verify CKPT --public-key KEY [--replay K|all] [--replay-seed S] [--tolerance X] [--json]`: check a
+checkpoint's provenance certificate.
 
-Checks (a failure names the file or component and the reason): the signature (model-signing); every file's digest
-against the signature and the certificate; model.safetensors' tensors; the lineage chain back to init (and any kept
-older checkpoint); init reproducibility (step 0 rebuilt from config and seed, per-component Merkle roots); tokenizer
-and data-manifest digests; dependency licences against an allow-list; an empty tripwire log; with --replay K, K
-segments re-executed by the trainer (train/provenance/replay.py). Output: a table, CERTIFICATE.md (per component: parameters,
-share, init root, steps trained, distance from init, verdict) and, with --json, the same as one JSON object.
+The trainer holds the signing key and can run any code, so every field of provenance.json is a claim until checked.
+Established here (a failure names the file or component and the reason): the signature (model-signing: who signed);
+every file's digest against the signature and the certificate; model.safetensors' tensor digests; completeness (the
+weights file holds exactly the model of the certified config, every component in every map of the record, run seed
+= init seed; train/provenance/completeness.py); the lineage chain's hash links back to init (and any kept older
+checkpoint); step 0 rebuilt from config and seed, per component; tokenizer and data-manifest digests; with --replay,
+segments chosen by the verifier's seed re-executed (train/provenance/replay.py). Checked only for consistency with
+what the trainer declared: licences of the declared package list, the trainer's own tripwire log. Declared and shown
+as such: code, hardware, packages, data ranges, learning rates, update sizes. Output (report.py): a table, one
+`VERDICT:` line, CERTIFICATE.md and, with --json, the same as one JSON object. A component is "from scratch"
+unqualified only when its init rebuilds and every step to these weights was replayed (or --accept-sampled).
 
 Notable choices:
 - Every byte is read once: each file streams through BLAKE3 in parallel (train/provenance/hashing.py); model.safetensors,
@@ -20,8 +26,10 @@ Notable choices:
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import secrets
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,6 +41,7 @@ from model.components import COMPONENTS, component_of
 from model.config import ModelConfig, from_dict
 from model.init import sampler
 from train.provenance import record_checks
+from train.provenance.completeness import check_completeness
 from train.provenance.digest import component_roots, differing_components, name_list
 from train.provenance.hashing import (
     SafetensorsFile,
@@ -46,14 +55,20 @@ from train.provenance.hashing import (
 )
 from train.provenance.record import RECORD, SCHEMA, digest_of, rebuild_init
 from train.provenance.record_checks import ALLOWED_LICENCES, REVIEWED, licence_ok  # noqa: F401 - part of this module's interface
-from train.provenance.report import Report, certificate_md, table
+from train.provenance.report import Report, certificate_md, qualify, table, verdict
 from train.provenance.signing import SIGNATURE, signed_manifest
 
 
-def verify(folder, public_key, *, replay: int = 0, allowed=ALLOWED_LICENCES, reviewed=REVIEWED,
-           allow_derived: bool = False, data_dir=None) -> Report:
+def verify(folder, public_key, *, replay: int | str = 0, replay_seed: int | None = None, tolerance: float | None = None,
+           accept_sampled: bool = False, allowed=ALLOWED_LICENCES, reviewed=REVIEWED, allow_derived: bool = False,
+           data_dir=None) -> Report:
+    """replay: K segments or "all"; replay_seed: the verifier's seed for choosing them (None: fresh randomness);
+    tolerance: None (bit-identical) or X (see replay.py); accept_sampled: a sampled replay suffices for "from
+    scratch"."""
     folder = Path(folder)
     rep = Report(folder)
+    rep.accept_sampled = accept_sampled
+    replay = dict(k=replay, seed=secrets.randbits(63) if replay_seed is None else replay_seed, tolerance=tolerance)
     weights = SafetensorsFile(folder / "model.safetensors")  # mapped once; unreadable: its checks say why
     try:
         with ThreadPoolExecutor(1) as pool:  # step 0 is rebuilt while the files hash: it needs only config and seed
@@ -110,21 +125,34 @@ def _verify(rep, folder, public_key, early, weights, replay, allowed, reviewed, 
         rep.add("ranks", RECORD, False, f"could not be checked: {type(e).__name__}: {e}")
     if not any(c["check"] == "files" for c in rep.checks):
         rep.add("files", f"{len(actual)} files", True, "digests match the signature and the certificate")
+    step0 = []  # the step-0 rebuild, once, for completeness and init
+
+    def rebuilt():
+        if not step0:
+            step0.append(_step0(rec, weights, early))
+        return step0[0]
     # Each check is guarded: on tampered files a parser may raise; a check that cannot run has failed.
     for check, run in (("tensors", lambda: _check_tensors(rep, rec, weights)),
+                       ("completeness", lambda: check_completeness(
+                           rep, rec, weights.header, {n: d["shape"] for n, d in rebuilt()[0].items()})),
                        ("config", lambda: record_checks.check_configs(rep, folder, rec)),
                        ("digests", lambda: record_checks.check_inputs(rep, folder, rec, actual, data_dir)),
                        ("lineage", lambda: record_checks.check_lineage(rep, folder, rec, certified)),
-                       ("init", lambda: _check_init(rep, rec, weights, allow_derived, early)),
-                       ("licences", lambda: record_checks.check_licences(rep, rec, allowed, reviewed))):
+                       ("init", lambda: _check_init(rep, rec, allow_derived, *rebuilt())),
+                       ("licences", lambda: record_checks.check_licences(rep, rec, allowed, reviewed)),
+                       ("declared", lambda: record_checks.declare(rep, rec))):
         try:
             run()
         except Exception as e:  # noqa: BLE001 - any crash on the inputs is a verification failure, named
             rep.add(check, "-", False, f"could not be checked: {type(e).__name__}: {e}")
-    if replay:
+    if replay["k"]:
         from train.provenance.replay import replay as replay_segments  # runs the trainer: imported only when asked for
 
-        replay_segments(rep, folder, rec, replay)
+        try:
+            replay_segments(rep, folder, rec, **replay)
+        except Exception as e:  # noqa: BLE001 - a replay that cannot run on these inputs has failed, named
+            rep.add("replay", "-", False, f"could not be run: {type(e).__name__}: {e}")
+    qualify(rep)
 
 
 def _check_layout(rep: Report, names: list[str], rec: dict) -> None:
@@ -198,22 +226,29 @@ def rebuild_step0(rec: dict, weights: SafetensorsFile) -> tuple[str, dict, dict]
     return digest_of(inputs), tensors, distance
 
 
-def _check_init(rep: Report, rec: dict, weights: SafetensorsFile, allow_derived: bool, early=None) -> None:
-    """Init reproducibility per component, and the component table: steps trained, distance from init, verdict."""
+def _step0(rec: dict, weights: SafetensorsFile, early=None) -> tuple[dict, dict]:
+    """The early rebuild's (tensors, distance) when it was made from what the record says now, else a new one."""
     init = rec["init"]
     key, tensors, distance = early.result() if early is not None and early.exception() is None else ("", {}, {})
     if key != digest_of([rec["config"]["model"], init["seed"], {n: d["dtype"] for n, d in init["tensors"].items()}]):
         key, tensors, distance = rebuild_step0(rec, weights)  # the record changed, or the early start failed
+    return tensors, distance
+
+
+def _check_init(rep: Report, rec: dict, allow_derived: bool, tensors: dict, distance: dict) -> None:
+    """Init reproducibility per component of the model built from the certified config, and the component table:
+    parameters (the model's), steps trained (declared), distance from init (informational), verdict."""
+    init = rec["init"]
     rebuilt, differ = component_roots(tensors), differing_components(init["tensors"], tensors)
     claimed, here = component_roots(init["tensors"]), sampler()
-    total = sum(r["params"] for r in rec["weights"].values())
+    total = sum(r["params"] for r in rebuilt.values())
     for c in COMPONENTS:
-        if c not in rec["weights"]:
+        if c not in rebuilt:  # not in the model; one the certificate lacks is named by the completeness check
             continue
-        w = rec["weights"][c]
+        params = rebuilt[c]["params"]
         steps = sum(link["end_step"] - link["start_step"] for link in rec["chain"]
                     if link["update"].get(c, {}).get("norm", 0.0) > 0)
-        row = {"component": c, "params": w["params"], "share": w["params"] / total,
+        row = {"component": c, "params": params, "share": params / total,
                "init_root": init["components"].get(c, {}).get("root"), "steps_trained": steps,
                "distance_from_init": distance.get(c)}
         if claimed.get(c) != init["components"].get(c):
@@ -239,6 +274,8 @@ def _check_init(rep: Report, rec: dict, weights: SafetensorsFile, allow_derived:
             else:  # honest, but never updated: an lr scale of 0, or frozen
                 row["verdict"] = "not trained" if row["verdict"] == "from scratch" else "derived, not trained"
                 why += "; never updated since (not trained)"
+        if row["verdict"] != "from scratch":  # its path is decided by replay coverage (report.qualify)
+            row["basis"] = why
         rep.components.append(row)
         rep.add("init", c, ok, why)
 
@@ -248,12 +285,31 @@ def _check_init(rep: Report, rec: dict, weights: SafetensorsFile, allow_derived:
 def add_arguments(parser) -> None:
     parser.add_argument("checkpoint", help="checkpoint folder (runs/NAME/checkpoints/step_NNNNNN)")
     parser.add_argument("--public-key", required=True, help="the signer's public key (PEM)")
-    parser.add_argument("--replay", type=int, default=0, metavar="K", help="re-execute K recorded segments")
+    parser.add_argument("--replay", type=_segments, default=0, metavar="K|all",
+                        help="re-execute K lineage segments chosen by --replay-seed, or all of them; fewer "
+                             "replayable segments than asked for is a failure")
+    parser.add_argument("--replay-seed", type=int, metavar="S",
+                        help="the verifier's seed for choosing the segments (default: fresh randomness, printed)")
+    parser.add_argument("--tolerance", type=float, metavar="X",
+                        help="accept a replay that is not bit-identical when, per component, its distance from the "
+                             "claimed weights is at most X times the segment's update as measured between the "
+                             "checkpoints at its two ends (e.g. 0.01 across hardware kinds); default: bit-identical")
+    parser.add_argument("--accept-sampled", action="store_true",
+                        help="certify \"from scratch\" on a sampled replay (default: only when every step from init "
+                             "to these weights was replayed)")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     parser.add_argument("--out", help="CERTIFICATE.md path or folder (default: the run folder)")
     parser.add_argument("--licences", help="YAML with `allow: [..]` licence names and `reviewed: {package: licence}`")
     parser.add_argument("--allow-derived", action="store_true", help="accept components certified 'derived'")
     parser.add_argument("--data-dir", help="also check that this data folder's manifest is the one the run used")
+
+
+def _segments(text: str) -> int | str:
+    if text == "all":
+        return text
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number of segments nor 'all'")
+    return int(text)
 
 
 def main(args) -> int:
@@ -265,12 +321,16 @@ def main(args) -> int:
     if not folder.is_dir():
         print(f"omniscratch verify: {folder}: no such checkpoint folder", file=sys.stderr)
         return 2
-    rep = verify(folder, args.public_key, replay=args.replay, allowed=allowed, reviewed=reviewed,
+    seed = secrets.randbits(63) if args.replay_seed is None else args.replay_seed
+    if args.replay and not args.json:
+        print(f"replay seed: {seed} (repeat with --replay-seed {seed})", flush=True)
+    rep = verify(folder, args.public_key, replay=args.replay, replay_seed=seed, tolerance=args.tolerance,
+                 accept_sampled=args.accept_sampled, allowed=allowed, reviewed=reviewed,
                  allow_derived=args.allow_derived, data_dir=args.data_dir)
     out = Path(args.out or (folder.parent.parent if folder.parent.name == "checkpoints" else folder.parent))
     out = out / "CERTIFICATE.md" if out.is_dir() else out
     out.write_text(certificate_md(rep))
-    print(json.dumps(rep.to_dict()) if args.json else table(rep) + f"\n\ncertificate: {out}")
+    print(json.dumps(rep.to_dict()) if args.json else table(rep) + f"\n\ncertificate: {out}\n{verdict(rep)}")
     for f in rep.failures:
         print(f"FAIL {f['check']} {f['subject']}: {f['reason']}", file=sys.stderr)
     return 1 if rep.failures else 0
