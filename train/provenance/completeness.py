@@ -46,12 +46,12 @@ def check_completeness(rep: Report, rec: dict, header: dict[str, tuple], model: 
     extra = sorted(n for n in header if n not in model)
     shape = [n for n in model if n in header and list(header[n][1]) != list(model[n])]
     dtype = [n for n in model if n in header and header[n][0] != WEIGHTS_DTYPE]
-    for names, why in ((missing, "missing from model.safetensors"), (extra, "in model.safetensors but not in the model"),
-                       (shape, "of another shape than the model's"), (dtype, f"not stored as {WEIGHTS_DTYPE}")):
+    model_of = "the model built from the certified config"
+    for names, why in ((missing, f"of {model_of} missing"), (extra, f"that {model_of} does not have"),
+                       (shape, f"of another shape than in {model_of}"), (dtype, f"not stored as {WEIGHTS_DTYPE}")):
         if names:
-            comps = sorted({_component(n) for n in names})
-            rep.add("completeness", "model.safetensors", False,
-                    f"{len(names)} tensor(s) {why} built from the certified config (components {', '.join(comps)}): "
+            comps = ", ".join(sorted({_component(n) for n in names}))
+            rep.add("completeness", "model.safetensors", False, f"{len(names)} tensor(s) {why} (components {comps}): "
                     f"{name_list(names)}")
     components = [c for c in COMPONENTS if any(component_of(n) == c for n in model)]
     maps = component_maps(rec)
