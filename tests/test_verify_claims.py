@@ -13,10 +13,12 @@ import shutil
 
 import pytest
 import torch
-from distributed.train_env import cli
+from distributed.train_env import TEST_MODEL, cli
 from safetensors.torch import load_file, save_file
 from verify_runs import failures, honest_run, recertify, relink
 
+from model import OmniModel, init_weights
+from model.config import ModelConfig, from_dict
 from train.provenance.digest import digest_of
 from train.provenance.record import RECORD
 from train.provenance.signing import sign_checkpoint
@@ -116,3 +118,23 @@ def test_weights_file_must_hold_exactly_the_model(run, copy):
          "have (components vision_encoder): vision.extra.weight"),
         ("completeness", "model.safetensors", "1 tensor(s) not stored as F32 (components vision_projector): "
          "vision_proj.mlp.fc1.bias")], found
+
+
+def test_audit_inside_verify_is_stated_relative_to_its_references(run, tmp_path):
+    """`verify --audit-reference`: another model's weights are independent references; the run's own earlier
+    checkpoint is one the last checkpoint derives from."""
+    folder, other = run[0] / "step_000006", OmniModel(from_dict(ModelConfig, TEST_MODEL, "TEST_MODEL"))
+    init_weights(other, 99)
+    save_file({k: v.detach().contiguous() for k, v in other.state_dict().items()}, tmp_path / "other.safetensors")
+    res = cli("verify", str(folder), "--public-key", str(run[2]), "--audit-reference", str(tmp_path / "other.safetensors"),
+              "--out", str(tmp_path / "CERT.md"))
+    rows = [line for line in res.stdout.splitlines() if line.startswith("audit ")]
+    assert len(rows) == 6 and all("PASS   independent of the 1 reference file(s): other.safetensors (relative to "
+                                  "these references only)" in line for line in rows), rows
+    assert "audit: independent of the references given" in res.stdout.splitlines()[-1]
+    assert "6 component(s) independent of the references the verifier gave" in (tmp_path / "CERT.md").read_text()
+    res = cli("verify", str(folder), "--public-key", str(run[2]), "--audit-reference",
+              str(run[0] / "step_000004" / "model.safetensors"), "--out", str(tmp_path / "CERT.md"), check=False)
+    assert res.returncode == 1
+    assert res.stdout.splitlines()[-1].startswith("VERDICT: FAILED: audit embeddings: derived: ")
+    assert "vision_encoder" in [line.split()[1] for line in res.stdout.splitlines() if " FAIL   derived: " in line]

@@ -111,9 +111,10 @@ def compare(claimed: Path, replayed: Path, start_weights, tolerance: float | Non
 
 
 def replay_segment(rec: dict, index: int, start: Path | None, end: Path, tolerance: float | None = None,
-                   timeout: float = 1800, work: Path | None = None) -> tuple[bool, str]:
+                   timeout: float = 1800, work: Path | None = None, allow_derived: bool = False) -> tuple[bool, str]:
     """Re-execute link `index` from `start` (None: init) and compare with `end`; -> (ok, reason). The replay's own
-    checkpoint is left under `work` when given (for the next link to resume from)."""
+    checkpoint is left under `work` when given (for the next link to resume from). `allow_derived` is the verifier's,
+    never the run config's: a config that lets the replay load foreign weights would reproduce them."""
     link = rec["chain"][index]
     if {c: r["root"] for c, r in component_roots(safetensors_digests(end / "model.safetensors")).items()} != \
             link["weights"]:
@@ -126,7 +127,8 @@ def replay_segment(rec: dict, index: int, start: Path | None, end: Path, toleran
         run_dir = Path(work or tmp) / f"link_{index}"
         cmd = [sys.executable, "-m", "train.cli", "train", "--config", str(end / "run_config.json"),
                f"run_dir={run_dir}", f"max_steps={link['end_step']}", "wandb=false", "sign_key=",
-               f"checkpoint.every={link['end_step']}", "checkpoint.keep_last=1"]
+               f"checkpoint.every={link['end_step']}", "checkpoint.keep_last=1",
+               f"allow_derived={'true' if allow_derived else 'false'}"]
         cmd += ["--resume-from", str(start)] if start is not None else []
         world = link.get("world_size", 1)
         cmd += ["--nproc-per-node", str(world)] if world > 1 else []
@@ -140,7 +142,8 @@ def replay_segment(rec: dict, index: int, start: Path | None, end: Path, toleran
                        lambda: read_weights(first) if first is not None else init_weights_of(rec), tolerance)
 
 
-def replay(rep, folder: Path, rec: dict, k: int | str, seed: int, tolerance: float | None = None) -> None:
+def replay(rep, folder: Path, rec: dict, k: int | str, seed: int, tolerance: float | None = None,
+           allow_derived: bool = False) -> None:
     """Replay k chosen links (k="all": every link) and add one `replay` row per link, a `coverage` row and
     `rep.coverage`. Coverage short of what was asked for is a failure."""
     chain = rec["chain"]
@@ -162,7 +165,7 @@ def replay(rep, folder: Path, rec: dict, k: int | str, seed: int, tolerance: flo
             link = chain[i]
             start = done.get(i - 1, start)
             origin = "init" if i == 0 else f"the replay of link {i - 1}" if i - 1 in done else f"kept {start.name}"
-            ok, why = replay_segment(rec, i, start, end, tolerance, work=Path(work))
+            ok, why = replay_segment(rec, i, start, end, tolerance, work=Path(work), allow_derived=allow_derived)
             if why == "bit-identical":
                 done[i] = Path(work) / f"link_{i}" / "checkpoints" / f"step_{link['end_step']:06d}"
             rep.add("replay", f"link {i} (steps {link['start_step']}-{link['end_step']})", ok, f"{why}; from {origin}")

@@ -87,8 +87,19 @@ def verdict(rep: Report) -> str:
     for r in rep.components:
         counts[r["verdict"]] = counts.get(r["verdict"], 0) + 1
     basis, _ = path_basis(rep)
-    return (f"VERDICT: VERIFIED: signature, files, completeness and step-0 rebuild checked; {basis}; components: "
-            f"{'; '.join(f'{n} {v}' for v, n in counts.items()) or 'none'}")
+    audited = "; audit: independent of the references given" if any(c["check"] == "audit" for c in rep.checks) else ""
+    return (f"VERDICT: VERIFIED: signature, files, completeness and step-0 rebuild checked; {basis}{audited}; "
+            f"components: {'; '.join(f'{n} {v}' for v, n in counts.items()) or 'none'}")
+
+
+def _audit_line(rep: Report) -> list[str]:
+    rows = [c for c in rep.checks if c["check"] == "audit"]
+    if not rows:
+        return ["- **Audit**: not run (`--audit-reference PATH ...` compares the weights with reference models)."]
+    derived = [c["subject"] for c in rows if c["status"] != "PASS"]
+    return [f"- **Audit** (weight similarity): {len(rows) - len(derived)} component(s) independent of the references "
+            f"the verifier gave, {len(derived)} not ({', '.join(derived) or 'none'}); relative to those references "
+            "only: it says nothing about models that were not given."]
 
 
 def table(rep: Report) -> str:
@@ -151,6 +162,7 @@ def certificate_md(rep: Report) -> str:
            f"- **The path from init to these weights**: {basis}.",
            "- **Declared only** (the trainer's statements, listed below, not checked): code commit and diff, "
            "hardware, packages and licences, data ranges, learning rates, update sizes, the tripwire log.",
+           *_audit_line(rep),
            "- **Distance from init** (||w - w0|| / ||w0||, w0 rebuilt from config and seed) is informational: it "
            "proves nothing about how the weights got there.", "",
            "## Components", "",

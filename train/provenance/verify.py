@@ -48,10 +48,6 @@ from train.provenance.hashing import (
     cpus,
     folder_files,
     hash_files,
-    layout_problems,
-    rank_files,
-    rank_patterns,
-    safe_path,
 )
 from train.provenance.record import RECORD, SCHEMA, digest_of, rebuild_init
 from train.provenance.record_checks import ALLOWED_LICENCES, REVIEWED, licence_ok  # noqa: F401 - part of this module's interface
@@ -61,10 +57,11 @@ from train.provenance.signing import SIGNATURE, signed_manifest
 
 def verify(folder, public_key, *, replay: int | str = 0, replay_seed: int | None = None, tolerance: float | None = None,
            accept_sampled: bool = False, allowed=ALLOWED_LICENCES, reviewed=REVIEWED, allow_derived: bool = False,
-           data_dir=None) -> Report:
+           data_dir=None, audit=None) -> Report:
     """replay: K segments or "all"; replay_seed: the verifier's seed for choosing them (None: fresh randomness);
     tolerance: None (bit-identical) or X (see replay.py); accept_sampled: a sampled replay suffices for "from
-    scratch"."""
+    scratch"; audit: `audit(folder) -> result` of train/audit/compare.py's run_audit against the verifier's
+    references, passed in by the command line (the audit sits above provenance and is composed there)."""
     folder = Path(folder)
     rep = Report(folder)
     rep.accept_sampled = accept_sampled
@@ -73,13 +70,13 @@ def verify(folder, public_key, *, replay: int | str = 0, replay_seed: int | None
     try:
         with ThreadPoolExecutor(1) as pool:  # step 0 is rebuilt while the files hash: it needs only config and seed
             early = pool.submit(lambda: rebuild_step0(json.loads((folder / RECORD).read_text()), weights))
-            _verify(rep, folder, public_key, early, weights, replay, allowed, reviewed, allow_derived, data_dir)
+            _verify(rep, folder, public_key, early, weights, replay, allowed, reviewed, allow_derived, data_dir, audit)
     finally:
         weights.close()
     return rep
 
 
-def _verify(rep, folder, public_key, early, weights, replay, allowed, reviewed, allow_derived, data_dir) -> None:
+def _verify(rep, folder, public_key, early, weights, replay, allowed, reviewed, allow_derived, data_dir, audit) -> None:
     try:
         signed = signed_manifest(folder, public_key)
         rep.add("signature", SIGNATURE, True, f"valid for {Path(public_key).name}")
@@ -111,7 +108,7 @@ def _verify(rep, folder, public_key, early, weights, replay, allowed, reviewed, 
         rep.add("certificate", RECORD, False, f"unreadable: {e}")
         return
     for name in sorted(set(certified) | (set(actual) - {RECORD})):
-        if not _inside(folder, name):
+        if not record_checks.inside(folder, name):
             rep.add("files", name, False, "listed in the certificate with a path outside the checkpoint folder")
         elif name not in actual:
             rep.add("files", name, False, "listed in the certificate but missing")
@@ -120,7 +117,7 @@ def _verify(rep, folder, public_key, early, weights, replay, allowed, reviewed, 
         elif certified[name] != actual[name]:
             rep.add("files", name, False, "digest differs from the certificate")
     try:
-        _check_layout(rep, sorted(set(actual) | set(certified)), rec)
+        record_checks.check_layout(rep, sorted(set(actual) | set(certified)), rec)
     except Exception as e:  # noqa: BLE001 - a record too malformed to read its layout claims fails, named
         rep.add("ranks", RECORD, False, f"could not be checked: {type(e).__name__}: {e}")
     if not any(c["check"] == "files" for c in rep.checks):
@@ -140,7 +137,8 @@ def _verify(rep, folder, public_key, early, weights, replay, allowed, reviewed, 
                        ("lineage", lambda: record_checks.check_lineage(rep, folder, rec, certified)),
                        ("init", lambda: _check_init(rep, rec, allow_derived, *rebuilt())),
                        ("licences", lambda: record_checks.check_licences(rep, rec, allowed, reviewed)),
-                       ("declared", lambda: record_checks.declare(rep, rec))):
+                       ("declared", lambda: record_checks.declare(rep, rec)),
+                       ("audit", lambda: audit and record_checks.audit_rows(rep, audit(folder)))):
         try:
             run()
         except Exception as e:  # noqa: BLE001 - any crash on the inputs is a verification failure, named
@@ -149,45 +147,10 @@ def _verify(rep, folder, public_key, early, weights, replay, allowed, reviewed, 
         from train.provenance.replay import replay as replay_segments  # runs the trainer: imported only when asked for
 
         try:
-            replay_segments(rep, folder, rec, **replay)
+            replay_segments(rep, folder, rec, **replay, allow_derived=allow_derived)
         except Exception as e:  # noqa: BLE001 - a replay that cannot run on these inputs has failed, named
             rep.add("replay", "-", False, f"could not be run: {type(e).__name__}: {e}")
     qualify(rep)
-
-
-def _check_layout(rep: Report, names: list[str], rec: dict) -> None:
-    """The layout rule: top-level weights always (the verifier's own rule); per-rank files under ds/ when the record
-    says which they are (`files.rank_files`, a claim) and the world size. Never a silent pass: a per-rank check that
-    could not run is a SKIP row saying why, one that cannot run on what the record claims is a FAIL."""
-    world, claim = (rec.get("chain") or [{}])[-1].get("world_size"), rec["files"].get("rank_files")
-    try:
-        patterns = rank_patterns(claim) if claim is not None else None
-        if patterns is not None and not (type(world) is int and world >= 1):
-            raise ValueError(f"world_size {world!r} of the last lineage link is not a positive integer")
-    except ValueError as e:
-        rep.add("ranks", RECORD, False, f"{e}: the per-rank layout cannot be checked")
-        patterns = None
-    own = layout_problems(names)
-    found = layout_problems(names, world, patterns) if patterns else own
-    for name, why in found:
-        rep.add("files", name, False, why)
-    per_rank = rank_files(names, patterns) if patterns else {}
-    shown = ", ".join(p.pattern for p in patterns or ())
-    if claim is None:
-        rep.add("ranks", "ds/", None, "not checked: the certificate records no per-rank file patterns (files.rank_files)")
-    elif per_rank:
-        bad = len(found) - len(own)
-        rep.add("ranks", f"{len(per_rank)} per-rank files", not bad, f"{bad} named in the files rows" if bad else
-                f"every rank 0-{world - 1} has its files ({shown})")
-    elif patterns:
-        rep.add("ranks", "ds/", None, f"not checked: no file under ds/ matches the recorded per-rank patterns ({shown})")
-
-
-def _inside(folder: Path, name: str) -> bool:
-    try:
-        return bool(safe_path(folder, name))
-    except ValueError:
-        return False
 
 
 def _check_tensors(rep: Report, rec: dict, weights: SafetensorsFile) -> None:
@@ -302,6 +265,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--licences", help="YAML with `allow: [..]` licence names and `reviewed: {package: licence}`")
     parser.add_argument("--allow-derived", action="store_true", help="accept components certified 'derived'")
     parser.add_argument("--data-dir", help="also check that this data folder's manifest is the one the run used")
+    parser.add_argument("--audit-reference", nargs="+", default=[], metavar="PATH",
+                        help="also run the weight-similarity audit against these reference models (omniscratch audit)")
+    parser.add_argument("--audit-null", nargs="*", default=[], metavar="PATH",
+                        help="models known to be independent, for the audit's null distribution")
 
 
 def _segments(text: str) -> int | str:
@@ -321,12 +288,17 @@ def main(args) -> int:
     if not folder.is_dir():
         print(f"omniscratch verify: {folder}: no such checkpoint folder", file=sys.stderr)
         return 2
+    audit = getattr(args, "audit", None)  # set by train/cli.py, which may import the audit
+    if args.audit_reference and audit is None:
+        print("omniscratch verify: --audit-reference needs the audit, composed by the `omniscratch` command",
+              file=sys.stderr)
+        return 2
     seed = secrets.randbits(63) if args.replay_seed is None else args.replay_seed
     if args.replay and not args.json:
         print(f"replay seed: {seed} (repeat with --replay-seed {seed})", flush=True)
     rep = verify(folder, args.public_key, replay=args.replay, replay_seed=seed, tolerance=args.tolerance,
                  accept_sampled=args.accept_sampled, allowed=allowed, reviewed=reviewed,
-                 allow_derived=args.allow_derived, data_dir=args.data_dir)
+                 allow_derived=args.allow_derived, data_dir=args.data_dir, audit=audit)
     out = Path(args.out or (folder.parent.parent if folder.parent.name == "checkpoints" else folder.parent))
     out = out / "CERTIFICATE.md" if out.is_dir() else out
     out.write_text(certificate_md(rep))
