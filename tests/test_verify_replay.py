@@ -83,6 +83,18 @@ def test_asking_more_than_is_replayable_fails_before_any_replay(run, copy):
     assert [f["subject"] for f in rep.failures] == ["coverage"] and "asked for 4 segment(s) of 3" in rep.failures[0]["reason"]
 
 
+def test_a_kept_end_point_that_does_not_verify_is_not_replayed(run, copy):
+    rec = json.loads((copy / RECORD).read_text())
+    cands, _ = replayable(copy, rec)
+    seed = next(s for s in range(100) if [c[0] for c in choose(cands, 1, s)] == [1])  # link 1: steps 2-4
+    state = copy.parent / "step_000004" / "data_state.json"
+    state.write_text(state.read_text().replace('"step": 4', '"step": 4 '))
+    rep = verify(copy, run[2], replay=1, replay_seed=seed)
+    assert [(f["subject"], f["reason"]) for f in rep.failures] == [
+        ("link 1 (steps 2-4)", "kept end point does not verify: step_000004: files differ from its signature or its "
+         "record: data_state.json; from kept step_000002")]
+
+
 def test_only_the_verifiers_tolerance_accepts_a_difference(copy, tmp_path):
     """Tolerance is measured against the segment's update between the kept checkpoints' weights, never the update
     sizes the certificate declares; without --tolerance any difference fails."""

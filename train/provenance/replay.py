@@ -17,6 +17,8 @@ Notable choices:
   within X times the segment's update measured by the verifier itself between the weights at the segment's two ends
   (the start checkpoint's model.safetensors, or step 0 rebuilt from config and seed). A forged end point is as far
   from the replay as the forgery; an honest one is orders of magnitude closer than the update.
+- A kept checkpoint used as an end point (the start of a link whose predecessor was not replayed, or the end of
+  one) is verified first: its signature with the verifier's key, every file against it and its own record.
 - Consecutive links replay in sequence: when link i-1 replayed bit-identically, link i resumes from the replay's own
   checkpoint, not from the kept one, so a run of replayed links from init rests on nothing the trainer wrote but the
   data and configs.
@@ -39,8 +41,9 @@ import torch
 
 from train.checkpoint import read_weights
 from train.provenance.digest import component_roots, digest_bytes, update_sizes
-from train.provenance.hashing import safetensors_digests
+from train.provenance.hashing import folder_files, hash_files, safetensors_digests
 from train.provenance.record import RECORD, digest_of, init_digest, rebuild_init
+from train.provenance.signing import SIGNATURE, signed_manifest
 
 
 def fresh_seed() -> int:
@@ -75,6 +78,22 @@ def replayable(folder: Path, rec: dict) -> tuple[list[tuple[int, Path | None, Pa
         else:
             missing.append({"link": i, "steps": f"{link['start_step']}-{link['end_step']}", "why": why})
     return out, missing
+
+
+def endpoint_problem(folder: Path, public_key) -> str | None:
+    """Why a kept checkpoint used as a replay end point cannot be trusted as the trainer's (None when it can): its
+    signature with the verifier's key, and every file against that signature and its own record."""
+    try:
+        signed = signed_manifest(folder, public_key)
+    except ValueError as e:
+        return str(e)
+    actual = hash_files(folder, folder_files(folder, exclude={SIGNATURE}))
+    certified = json.loads((folder / RECORD).read_text())["files"]["digests"]
+    bad = sorted(n for n in set(signed) | set(actual) | set(certified) if n != RECORD and not
+                 signed.get(n) == actual.get(n) == certified.get(n))
+    if bad or signed.get(RECORD) != actual.get(RECORD):
+        return f"{folder.name}: files differ from its signature or its record: {', '.join(bad or [RECORD])}"
+    return None
 
 
 def choose(cands: list, k: int, seed: int) -> list:
@@ -143,7 +162,7 @@ def replay_segment(rec: dict, index: int, start: Path | None, end: Path, toleran
 
 
 def replay(rep, folder: Path, rec: dict, k: int | str, seed: int, tolerance: float | None = None,
-           allow_derived: bool = False) -> None:
+           allow_derived: bool = False, public_key=None) -> None:
     """Replay k chosen links (k="all": every link) and add one `replay` row per link, a `coverage` row and
     `rep.coverage`. Coverage short of what was asked for is a failure."""
     chain = rec["chain"]
@@ -165,7 +184,12 @@ def replay(rep, folder: Path, rec: dict, k: int | str, seed: int, tolerance: flo
             link = chain[i]
             start = done.get(i - 1, start)
             origin = "init" if i == 0 else f"the replay of link {i - 1}" if i - 1 in done else f"kept {start.name}"
-            ok, why = replay_segment(rec, i, start, end, tolerance, work=Path(work), allow_derived=allow_derived)
+            kept = [f for f in (start if origin.startswith("kept") else None, end if end != folder else None) if f]
+            problems = [p for p in (endpoint_problem(f, public_key) for f in kept) if p] if public_key else []
+            if problems:  # a tampered end point is no evidence either way: failed, not replayed
+                ok, why = False, "kept end point does not verify: " + "; ".join(problems)
+            else:
+                ok, why = replay_segment(rec, i, start, end, tolerance, work=Path(work), allow_derived=allow_derived)
             if why == "bit-identical":
                 done[i] = Path(work) / f"link_{i}" / "checkpoints" / f"step_{link['end_step']:06d}"
             rep.add("replay", f"link {i} (steps {link['start_step']}-{link['end_step']})", ok, f"{why}; from {origin}")
