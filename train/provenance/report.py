@@ -92,6 +92,15 @@ def verdict(rep: Report) -> str:
             f"components: {'; '.join(f'{n} {v}' for v, n in counts.items()) or 'none'}")
 
 
+def _signature_line(rep: Report) -> str:
+    sig = next((c for c in rep.checks if c["check"] == "signature"), None)
+    if sig is None or sig["status"] != "PASS":
+        return f"- **The signature** did not verify: {sig['reason'] if sig else 'not checked'}."
+    return ("- **The signature** says who signed: the holder of the private key of the public key the verifier gave "
+            f"({sig['reason'].removeprefix('valid for ')}). It does not say how the weights were made: the signer is "
+            "the trainer, who could have written anything into the record before signing.")
+
+
 def _audit_line(rep: Report) -> list[str]:
     rows = [c for c in rep.checks if c["check"] == "audit"]
     if not rows:
@@ -152,14 +161,12 @@ def certificate_md(rep: Report) -> str:
            f"**Verdict: {'VERIFIED' if ok else 'FAILED'}** ({len(rep.checks)} checks, {len(rep.failures)} failed)", "",
            f"`{verdict(rep)}`", "",
            "## What this certificate means", "",
-           "- **The signature** says who signed: the holder of the private key matching the public key given to the "
-           "verifier. It does not say how the weights were made: the signer is the trainer, who could have written "
-           "anything into the record before signing.",
-           "- **Established by the verifier**: every file's digest against the signature and the record; the "
+           _signature_line(rep),
+           "- **Checked by the verifier** (results below): every file's digest against the signature and the record; the "
            "weights file holds exactly the tensors of the model built from the certified config; step 0 rebuilt "
            "from config and seed, per component; the lineage's hash links" +
            (f"; replay: {basis}." if rep.coverage else "; no segment was replayed."),
-           f"- **The path from init to these weights**: {basis}.",
+           f"- **What was replayed**: {basis}.",
            "- **Declared only** (the trainer's statements, listed below, not checked): code commit and diff, "
            "hardware, packages and licences, data ranges, learning rates, update sizes, the tripwire log.",
            *_audit_line(rep),
