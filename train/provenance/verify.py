@@ -130,11 +130,11 @@ def _verify(rep, folder, public_key, early, weights, replay, allowed, reviewed, 
         return step0[0]
     # Each check is guarded: on tampered files a parser may raise; a check that cannot run has failed.
     for check, run in (("tensors", lambda: _check_tensors(rep, rec, weights)),
-                       ("completeness", lambda: check_completeness(
-                           rep, rec, weights.header, {n: d["shape"] for n, d in rebuilt()[0].items()})),
                        ("config", lambda: record_checks.check_configs(rep, folder, rec)),
                        ("digests", lambda: record_checks.check_inputs(rep, folder, rec, actual, data_dir)),
                        ("lineage", lambda: record_checks.check_lineage(rep, folder, rec, certified)),
+                       ("completeness", lambda: check_completeness(  # waits for the rebuild: after the quick ones
+                           rep, rec, weights.header, {n: d["shape"] for n, d in rebuilt()[0].items()})),
                        ("init", lambda: _check_init(rep, rec, allow_derived, *rebuilt())),
                        ("licences", lambda: record_checks.check_licences(rep, rec, allowed, reviewed)),
                        ("declared", lambda: record_checks.declare(rep, rec)),
