@@ -256,7 +256,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tolerance", type=float, metavar="X",
                         help="accept a replay that is not bit-identical when, per component, its distance from the "
                              "claimed weights is at most X times the segment's update as measured between the "
-                             "checkpoints at its two ends (e.g. 0.01 across hardware kinds); default: bit-identical")
+                             "checkpoints at its two ends (for replays on other hardware); default: bit-identical")
     parser.add_argument("--accept-sampled", action="store_true",
                         help="certify \"from scratch\" on a sampled replay (default: only when every step from init "
                              "to these weights was replayed)")
@@ -287,6 +287,9 @@ def main(args) -> int:
     folder = Path(args.checkpoint)
     if not folder.is_dir():
         print(f"omniscratch verify: {folder}: no such checkpoint folder", file=sys.stderr)
+        return 2
+    if args.tolerance is not None and not args.tolerance >= 0:
+        print(f"omniscratch verify: --tolerance {args.tolerance} must be a number >= 0", file=sys.stderr)
         return 2
     audit = getattr(args, "audit", None)  # set by train/cli.py, which may import the audit
     if args.audit_reference and audit is None:
