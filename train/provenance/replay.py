@@ -176,7 +176,8 @@ def replay(rep, folder: Path, rec: dict, k: int | str, seed: int, tolerance: flo
     shown = "; ".join(f"link {u['link']} (steps {u['steps']}): {u['why']}" for u in missing)
     if len(chosen) < asked:  # the verdict is FAILED whatever a partial replay finds: no hours spent on it
         rep.add("replay", "coverage", False, f"asked for {asked} segment(s) of {len(chain)}, {len(chosen)} "
-                f"replayable, so none replayed (ask for at most {len(chosen)})" + (f"; not replayable: {shown}" if shown else ""))
+                f"replayable, so none replayed" + (f" (ask for at most {len(chosen)})" if chosen else "")
+                + (f"; not replayable: {shown}" if shown else ""))
         return
     done: dict[int, Path] = {}  # link -> the replay's own checkpoint, when it matched bit for bit
     with tempfile.TemporaryDirectory(prefix="omniscratch-replays-") as work:

@@ -214,7 +214,9 @@ def _check_init(rep: Report, rec: dict, allow_derived: bool, tensors: dict, dist
         row = {"component": c, "params": params, "share": params / total,
                "init_root": init["components"].get(c, {}).get("root"), "steps_trained": steps,
                "distance_from_init": distance.get(c)}
-        if claimed.get(c) != init["components"].get(c):
+        if c not in claimed:
+            row["verdict"], ok, why = "FAIL", False, "the init record lists none of its tensors: its step 0 is not certified"
+        elif claimed.get(c) != init["components"].get(c):
             row["verdict"], ok, why = "FAIL", False, "init root does not match the init tensor list"
         elif c in rec["derived"]:  # declared wins: a load after step 0 leaves the init root intact
             row["verdict"], ok = "derived", allow_derived
