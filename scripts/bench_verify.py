@@ -57,7 +57,7 @@ def make_checkpoint(root: Path, width: int, key: Path) -> Path:
     init_weights(model, 0)
     root.mkdir(parents=True)
     (root / "tokenizer.json").write_text('{"model": "bpe"}')
-    rec = Recorder(root, run_config={"name": root.name}, model_cfg=cfg, seed=0, tokenizer_path=root / "tokenizer.json")
+    rec = Recorder(root, run_config={"name": root.name, "seed": 0}, model_cfg=cfg, seed=0, tokenizer_path=root / "tokenizer.json")
     rec.record_init(model.named_parameters())
     with torch.no_grad():
         for p in model.parameters():
@@ -67,7 +67,7 @@ def make_checkpoint(root: Path, width: int, key: Path) -> Path:
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     torch.save({"fp32": sd, "exp_avg": {k: torch.randn_like(v) for k, v in sd.items()},
                 "exp_avg_sq": {k: torch.rand_like(v) for k, v in sd.items()}}, tmp / "ds" / "optim_states.pt")
-    ckpt.write_files(tmp, weights=sd, model_config=cfg.to_dict(), run_config={"name": root.name},
+    ckpt.write_files(tmp, weights=sd, model_config=cfg.to_dict(), run_config={"name": root.name, "seed": 0},
                      tokenizer=root / "tokenizer.json", data_state={"step": 1})
     folder = ckpt.commit(tmp, rec.checkpoint_record(tmp, 1, optimizer={"name": "adamw"}))
     sign_checkpoint(folder, key)

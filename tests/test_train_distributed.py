@@ -448,7 +448,7 @@ def test_zero3_honest_run_verifies_and_checked_every_gradient(ws, zero3_run, tmp
     res = cli("verify", str(folder), "--public-key", str(pub), "--json", "--out", str(tmp_path / "CERT.md"))
     report = json.loads(res.stdout)
     assert report["ok"], report["failures"]
-    assert [(r["verdict"], r["steps_trained"]) for r in report["components"]] == [("from scratch", 6)] * 6
+    assert [(r["verdict"], r["steps_trained"]) for r in report["components"]] == [("scratch init, path declared", 6)] * 6
     checked = grad_checked(zero3_run)
     assert sorted(c for cs in checked.values() for c in cs) == sorted(r["component"] for r in report["components"])
     assert {"embeddings", "text_decoder"} <= set(checked[1])  # the text side at step 1
@@ -497,7 +497,7 @@ def test_lr_scale_zero_component_is_certified_not_trained(ws, tmp_path):
     assert rows["audio_encoder"]["distance_from_init"] == 0.0
     for c, r in rows.items():
         if c != "audio_encoder":
-            assert (r["verdict"], r["steps_trained"]) == ("from scratch", 4) and r["distance_from_init"] > 0, c
+            assert (r["verdict"], r["steps_trained"]) == ("scratch init, path declared", 4) and r["distance_from_init"] > 0, c
     assert "| audio_encoder |" in (md := (tmp_path / "CERT.md").read_text()) and "| 0 | 0 | not trained |" in md
     checked = [c for cs in grad_checked(run).values() for c in cs]
     assert "audio_encoder" not in checked and "audio_projector" in checked  # frozen on purpose: not checked

@@ -62,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"omniscratch {argv[0]}", description=help_)
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
+    if argv[0] == "verify" and args.audit_reference:  # the audit sits above provenance in the layers: composed here
+        from train.audit.compare import run_audit
+
+        args.audit = lambda folder: run_audit(str(folder), args.audit_reference, args.audit_null)
     return int(module.main(args) or 0)
 
 

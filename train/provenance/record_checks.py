@@ -1,7 +1,8 @@
 """The certificate's checks that need no weights, each adding PASS/FAIL rows to a Report: the configs, the tokenizer and
 data-manifest digests, the SLSA statement, the tripwire log, the lineage chain back to init (and any kept older
-checkpoint), and dependency licences against an allow-list. verify.py runs them once the file digests are compared;
-each may raise on tampered input, which verify reports as a failed check.
+checkpoint), dependency licences against an allow-list, and the per-rank file layout; and the certificate's
+statements that no check establishes, listed as declared (`declare`). verify.py runs them once the file digests are
+compared; each may raise on tampered input, which verify reports as a failed check.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from train.provenance.hashing import hash_files
+from train.provenance.hashing import hash_files, layout_problems, rank_files, rank_patterns, safe_path
 from train.provenance.record import DATA_MANIFEST, RECORD, SLSA, digest_of, init_digest
 from train.provenance.report import Report
 
@@ -91,3 +92,70 @@ def check_licences(rep: Report, rec: dict, allowed, reviewed) -> None:
     rep.add("licences", f"{len(rec['environment']['packages'])} packages", not bad,
             "all on the allow-list" if not bad else "; ".join(f"{p['name']} {p['version']}: {p['licence']}" for p in bad))
 
+
+def declare(rep: Report, rec: dict) -> None:
+    """The certificate's statements that no check establishes, as `declared` rows: shown, never vouched for."""
+    code, env, chain = rec["code"], rec["environment"], rec["chain"]
+    diff = f"uncommitted diff sha256 {code['diff_digest'][:16]}" if code.get("dirty") else "no uncommitted diff"
+    rep.declare("code", f"commit {code.get('commit') or 'unknown'}, {diff}")
+    hw = env["hardware"]
+    rep.declare("hardware", f"{hw.get('processor')}, {hw.get('cpu_count')} CPUs, accelerators "
+                f"{', '.join(hw.get('accelerators') or []) or 'none'}; world size {env.get('world_size')}, "
+                f"{env.get('nodes')} node(s); python {env.get('python')}, torch {env.get('torch')}")
+    rep.declare("packages", f"{len(env['packages'])} packages with versions and licences")
+    steps = [s for link in chain for s in link["steps"]]
+    if steps:
+        lrs = [s[2] for s in steps]
+        rep.declare("data ranges", f"sample index ranges of {len(steps)} steps, e.g. step {steps[0][0]}: {steps[0][1]}")
+        rep.declare("learning rates", f"{min(lrs):.3g} to {max(lrs):.3g} over {len(steps)} steps; optimizer "
+                    f"{chain[-1]['optimizer'].get('name')}")
+    sizes = ", ".join(f"link {i}: {sum(u['relative'] for u in link['update'].values()):.3g}" for i, link in enumerate(chain))
+    rep.declare("update sizes", f"relative, summed over components: {sizes} (never used by the verifier)")
+    events = rec["tripwire"]["events"]
+    rep.declare("tripwire log", f"{len(events)} foreign weight load(s) recorded by the trainer's own process")
+
+def check_layout(rep: Report, names: list[str], rec: dict) -> None:
+    """The layout rule: top-level weights always (the verifier's own rule); per-rank files under ds/ when the record
+    says which they are (`files.rank_files`, a claim) and the world size. Never a silent pass: a per-rank check that
+    could not run is a SKIP row saying why, one that cannot run on what the record claims is a FAIL."""
+    world, claim = (rec.get("chain") or [{}])[-1].get("world_size"), rec["files"].get("rank_files")
+    try:
+        patterns = rank_patterns(claim) if claim is not None else None
+        if patterns is not None and not (type(world) is int and world >= 1):
+            raise ValueError(f"world_size {world!r} of the last lineage link is not a positive integer")
+    except ValueError as e:
+        rep.add("ranks", RECORD, False, f"{e}: the per-rank layout cannot be checked")
+        patterns = None
+    own = layout_problems(names)
+    found = layout_problems(names, world, patterns) if patterns else own
+    for name, why in found:
+        rep.add("files", name, False, why)
+    per_rank = rank_files(names, patterns) if patterns else {}
+    shown = ", ".join(p.pattern for p in patterns or ())
+    if claim is None:
+        rep.add("ranks", "ds/", None, "not checked: the certificate records no per-rank file patterns (files.rank_files)")
+    elif per_rank:
+        bad = len(found) - len(own)
+        rep.add("ranks", f"{len(per_rank)} per-rank files", not bad, f"{bad} named in the files rows" if bad else
+                f"every rank 0-{world - 1} has its files ({shown})")
+    elif patterns:
+        rep.add("ranks", "ds/", None, f"not checked: no file under ds/ matches the recorded per-rank patterns ({shown})")
+
+
+def inside(folder: Path, name: str) -> bool:
+    try:
+        return bool(safe_path(folder, name))
+    except ValueError:
+        return False
+
+def audit_rows(rep: Report, result: dict) -> None:
+    """The audit's verdict per component, stated relative to the references the verifier gave: "independent" says
+    only that none of those references matches."""
+    refs = result["references"]
+    against = f"{len(refs)} reference file(s): {', '.join(Path(r).name for r in refs[:4])}" + (" ..." if len(refs) > 4 else "")
+    for c, r in result["components"].items():
+        if r["verdict"] == "independent":
+            rep.add("audit", c, True, f"independent of the {against} (relative to these references only)")
+        else:
+            rep.add("audit", c, False, f"derived: {r['evidence_count']} matrix match(es) with the {against}, e.g. "
+                    f"{', '.join(Path(t).name for t in r['reference_tensors'][:3])}")

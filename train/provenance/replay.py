@@ -1,18 +1,29 @@
-"""Replay of recorded training segments (Proof-of-Learning style), for `omniscratch verify --replay K`.
+"""Replay of recorded training segments (Proof-of-Learning style), for `omniscratch verify --replay K|all`.
 
 A segment is one link of the lineage chain: from a kept checkpoint (or from init) to the next kept checkpoint.
 It is re-executed with the trainer's own resume path, in a subprocess, exactly as a user would run it:
 
     omniscratch train --config END/run_config.json [--resume-from START] run_dir=TMP max_steps=END_STEP wandb=false
 
-and the weights it ends with are compared with the checkpoint after the segment. On the same hardware and world
-size they must be bit-identical (the trainer's resume is exact there). Otherwise reduction order differs, so the
-replayed weights must lie within `tolerance` x the segment's own recorded update size of the claimed ones: a
-forged end point is as far away as the update itself, an honest one orders of magnitude closer.
+and the weights it ends with are compared with the checkpoint after the segment.
 
-Which segments: half the largest updates (where a substitution would have to hide, as Proof-of-Learning verifiers
-choose) and the rest at random, seeded by the checkpoint's chain digest so that a verifier's choice is repeatable
-but not known to the trainer in advance.
+Notable choices:
+- The verifier chooses, the trainer cannot foresee: the segments are a uniform sample, seeded by `--replay-seed`
+  (default: fresh randomness from `secrets`, printed so the run can be repeated), of every replayable link. A
+  choice seeded by anything in the certificate, or weighted by its update sizes, is one the trainer computes in
+  advance; the certificate's update sizes are never read here.
+- Bit-identical by default: the trainer's resume is exact on the same hardware and world size. Only the verifier's
+  `tolerance` X relaxes it, never the certificate's hardware: then the replayed weights must lie, per component,
+  within X times the segment's update measured by the verifier itself between the weights at the segment's two ends
+  (the start checkpoint's model.safetensors, or step 0 rebuilt from config and seed). A forged end point is as far
+  from the replay as the forgery; an honest one is orders of magnitude closer than the update.
+- A kept checkpoint used as an end point (the start of a link whose predecessor was not replayed, or the end of
+  one) is verified first: its signature with the verifier's key, every file against it and its own record.
+- Consecutive links replay in sequence: when link i-1 replayed bit-identically, link i resumes from the replay's own
+  checkpoint, not from the kept one, so a run of replayed links from init rests on nothing the trainer wrote but the
+  data and configs.
+- Coverage is reported: links and steps replayed, and why each other link is not replayable. Fewer replayable
+  segments than asked for is a failure, found before any replay runs.
 """
 
 from __future__ import annotations
@@ -20,15 +31,23 @@ from __future__ import annotations
 import json
 import os
 import random
+import secrets
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 from train.checkpoint import read_weights
-from train.provenance.digest import digest_bytes, update_sizes
-from train.provenance.hashing import safetensors_digests
-from train.provenance.record import RECORD, digest_of, hardware, init_digest
+from train.provenance.digest import component_roots, digest_bytes, update_sizes
+from train.provenance.hashing import folder_files, hash_files, safetensors_digests
+from train.provenance.record import RECORD, digest_of, init_digest, rebuild_init
+from train.provenance.signing import SIGNATURE, signed_manifest
+
+
+def fresh_seed() -> int:
+    return secrets.randbits(63)
 
 
 def _kept(ckroot: Path, step: int) -> Path | None:
@@ -36,73 +55,148 @@ def _kept(ckroot: Path, step: int) -> Path | None:
     return p if (p / RECORD).is_file() else None
 
 
-def candidates(folder: Path, rec: dict) -> list[tuple[int, Path | None, Path]]:
-    """(link index, start folder or None for init, end folder) of every link whose two ends are at hand and agree."""
-    out = []
-    chain = rec["chain"]
+def replayable(folder: Path, rec: dict) -> tuple[list[tuple[int, Path | None, Path]], list[dict]]:
+    """-> ([(link index, start folder or None for init, end folder)] of every link whose two ends are at hand and
+    agree with the chain, [{"link", "steps", "why"}] for every other link)."""
+    out, missing, chain = [], [], rec["chain"]
     for i, link in enumerate(chain):
         end = folder if i == len(chain) - 1 else _kept(folder.parent, link["end_step"])
         start = None if link["start_step"] == 0 else _kept(folder.parent, link["start_step"])
-        if end is None or (link["start_step"] and start is None):
-            continue
-        if start is not None and digest_of(json.loads((start / RECORD).read_text())["chain"][-1]) != link["parent"]:
-            continue
-        if start is None and link["parent"] != init_digest(rec["init"]):
-            continue
-        out.append((i, start, end))
+        why = None
+        if end is None:
+            why = f"checkpoint step_{link['end_step']:06d} (its end) is not kept"
+        elif link["start_step"] and start is None:
+            why = f"checkpoint step_{link['start_step']:06d} (its start) is not kept"
+        elif start is not None and digest_of(json.loads((start / RECORD).read_text())["chain"][-1]) != link["parent"]:
+            why = f"kept {start.name} is not this chain's link {i - 1}"
+        elif start is None and link["parent"] != init_digest(rec["init"]):
+            why = "its parent is not the init record"
+        elif end != folder and digest_of(json.loads((end / RECORD).read_text())["chain"][-1]) != digest_of(link):
+            why = f"kept {end.name} is not this chain's link {i}"
+        if why is None:
+            out.append((i, start, end))
+        else:
+            missing.append({"link": i, "steps": f"{link['start_step']}-{link['end_step']}", "why": why})
+    return out, missing
+
+
+def endpoint_problem(folder: Path, public_key) -> str | None:
+    """Why a kept checkpoint used as a replay end point cannot be trusted as the trainer's (None when it can): its
+    signature with the verifier's key, and every file against that signature and its own record."""
+    try:
+        signed = signed_manifest(folder, public_key)
+    except ValueError as e:
+        return str(e)
+    actual = hash_files(folder, folder_files(folder, exclude={SIGNATURE}))
+    certified = json.loads((folder / RECORD).read_text())["files"]["digests"]
+    bad = sorted(n for n in set(signed) | set(actual) | set(certified) if n != RECORD and not
+                 signed.get(n) == actual.get(n) == certified.get(n))
+    if bad or signed.get(RECORD) != actual.get(RECORD):
+        return f"{folder.name}: files differ from its signature or its record: {', '.join(bad or [RECORD])}"
+    return None
+
+
+def choose(cands: list, k: int, seed: int) -> list:
+    """A uniform sample of k candidates (all when k >= their number) by the verifier's seed, in chain order."""
+    return sorted(random.Random(seed).sample(cands, min(k, len(cands))), key=lambda c: c[0])
+
+
+def init_weights_of(rec: dict) -> dict[str, torch.Tensor]:
+    """Step 0 in fp32, rebuilt from the record's model config and seed (for the update of link 0)."""
+    from model.config import ModelConfig, from_dict
+
+    cfg = from_dict(ModelConfig, rec["config"]["model"], RECORD, "config.model.").validate(RECORD)
+    out: dict[str, torch.Tensor] = {}
+    rebuild_init(cfg, rec["init"]["seed"], visit=lambda n, t: out.__setitem__(n, t.clone()))
     return out
 
 
-def choose(cands: list, rec: dict, k: int) -> list:
-    size = lambda c: sum(u["relative"] for u in rec["chain"][c[0]]["update"].values())  # noqa: E731
-    by_size = sorted(cands, key=size, reverse=True)
-    top = by_size[: (k + 1) // 2]
-    rest = [c for c in cands if c not in top]
-    rng = random.Random(digest_of(rec["chain"][-1]))
-    return sorted(top + rng.sample(rest, min(k - len(top), len(rest))), key=lambda c: c[0])
+def compare(claimed: Path, replayed: Path, start_weights, tolerance: float | None) -> tuple[bool, str]:
+    """The replayed end weights against the claimed ones. `start_weights()`: the weights at the segment's start (only
+    called in tolerance mode, to measure the segment's update)."""
+    if safetensors_digests(claimed) == safetensors_digests(replayed):
+        return True, "bit-identical"
+    end, again = read_weights(claimed), read_weights(replayed)
+    dist = update_sizes(end, again)
+    update = update_sizes(start_weights(), end)
+    ratio = {c: dist[c]["norm"] / max(update.get(c, {}).get("norm", 0.0), 1e-30) for c in dist}
+    worst = max(ratio, key=ratio.get)
+    where = (f"{worst}: distance {dist[worst]['norm']:.3g} = {ratio[worst]:.2g} x the segment's update measured "
+             f"from the checkpoints")
+    if tolerance is None:
+        return False, f"not bit-identical ({where}); only the verifier's --tolerance accepts a difference"
+    ok = ratio[worst] <= tolerance
+    return ok, f"{'within' if ok else 'beyond'} tolerance {tolerance} x update ({where})"
 
 
-def replay_segment(rec: dict, index: int, start: Path | None, end: Path, tolerance: float = 0.1,
-                   timeout: float = 1800) -> tuple[bool, str]:
-    """Re-execute link `index`; -> (ok, reason)."""
+def replay_segment(rec: dict, index: int, start: Path | None, end: Path, tolerance: float | None = None,
+                   timeout: float = 1800, work: Path | None = None, allow_derived: bool = False) -> tuple[bool, str]:
+    """Re-execute link `index` from `start` (None: init) and compare with `end`; -> (ok, reason). The replay's own
+    checkpoint is left under `work` when given (for the next link to resume from). `allow_derived` is the verifier's,
+    never the run config's: a config that lets the replay load foreign weights would reproduce them."""
     link = rec["chain"][index]
-    run_cfg = rec["config"]["run"]
-    manifest = Path(run_cfg["data"]["dir"]) / "manifest.json"
+    if {c: r["root"] for c, r in component_roots(safetensors_digests(end / "model.safetensors")).items()} != \
+            link["weights"]:
+        return False, f"{end.name}/model.safetensors is not the weights link {index} ends with"
+    manifest = Path(rec["config"]["run"]["data"]["dir"]) / "manifest.json"
     if rec["data"]["digest"] and (not manifest.is_file() or
                                   digest_bytes(manifest.read_bytes()) != rec["data"]["digest"]):
         return False, f"data manifest {manifest} is missing or is not the one the run used; replay needs the run's data"
     with tempfile.TemporaryDirectory(prefix="omniscratch-replay-") as tmp:
+        run_dir = Path(work or tmp) / f"link_{index}"
         cmd = [sys.executable, "-m", "train.cli", "train", "--config", str(end / "run_config.json"),
-               f"run_dir={tmp}/run", f"max_steps={link['end_step']}", "wandb=false", "sign_key=",
-               f"checkpoint.every={link['end_step']}", "checkpoint.keep_last=1"]
+               f"run_dir={run_dir}", f"max_steps={link['end_step']}", "wandb=false", "sign_key=",
+               f"checkpoint.every={link['end_step']}", "checkpoint.keep_last=1",
+               f"allow_derived={'true' if allow_derived else 'false'}"]
         cmd += ["--resume-from", str(start)] if start is not None else []
         world = link.get("world_size", 1)
         cmd += ["--nproc-per-node", str(world)] if world > 1 else []
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=dict(os.environ, WANDB_MODE="offline"))
-        out = Path(tmp) / "run" / "checkpoints" / f"step_{link['end_step']:06d}" / "model.safetensors"
+        out = run_dir / "checkpoints" / f"step_{link['end_step']:06d}" / "model.safetensors"
         if res.returncode or not out.is_file():
             tail = (res.stdout + res.stderr).strip().splitlines()[-3:]
             return False, f"replay run failed (exit {res.returncode}): {' | '.join(tail)}"
-        claimed, replayed = safetensors_digests(end / "model.safetensors"), safetensors_digests(out)
-        if claimed == replayed:
-            return True, "bit-identical"
-        same_setup = rec["environment"]["hardware"] == hardware()
-        dist = update_sizes(read_weights(end / "model.safetensors"), read_weights(out))
-    worst = max(dist, key=lambda c: dist[c]["norm"] / max(link["update"].get(c, {}).get("norm", 0.0), 1e-30))
-    ratio = dist[worst]["norm"] / max(link["update"].get(worst, {}).get("norm", 0.0), 1e-30)
-    where = f"{worst}: distance {dist[worst]['norm']:.3g} = {ratio:.2g} x the segment's update"
-    if same_setup:
-        return False, f"not bit-identical on the same hardware and world size ({where})"
-    return ratio <= tolerance, f"{'within' if ratio <= tolerance else 'beyond'} {tolerance} x update ({where})"
+        first = start / "model.safetensors" if start is not None else None
+        return compare(end / "model.safetensors", out,
+                       lambda: read_weights(first) if first is not None else init_weights_of(rec), tolerance)
 
 
-def replay(rep, folder: Path, rec: dict, k: int) -> None:
-    """Add one `replay` row per chosen segment to the verification report."""
-    cands = candidates(folder, rec)
-    if not cands:
-        rep.add("replay", "segments", False, "no segment has both ends kept; keep checkpoints to allow replay")
+def replay(rep, folder: Path, rec: dict, k: int | str, seed: int, tolerance: float | None = None,
+           allow_derived: bool = False, public_key=None) -> None:
+    """Replay k chosen links (k="all": every link) and add one `replay` row per link, a `coverage` row and
+    `rep.coverage`. Coverage short of what was asked for is a failure."""
+    chain = rec["chain"]
+    cands, missing = replayable(folder, rec)
+    asked = len(chain) if k == "all" else int(k)
+    chosen = choose(cands, asked, seed)
+    cov = {"asked": asked, "seed": seed, "tolerance": tolerance, "links": len(chain),
+           "steps": sum(link["end_step"] - link["start_step"] for link in chain), "replayed": [], "failed": [],
+           "steps_replayed": 0, "not_replayable": missing, "from_kept": []}
+    rep.coverage = cov
+    shown = "; ".join(f"link {u['link']} (steps {u['steps']}): {u['why']}" for u in missing)
+    if len(chosen) < asked:  # the verdict is FAILED whatever a partial replay finds: no hours spent on it
+        rep.add("replay", "coverage", False, f"asked for {asked} segment(s) of {len(chain)}, {len(chosen)} "
+                f"replayable, so none replayed" + (f" (ask for at most {len(chosen)})" if chosen else "")
+                + (f"; not replayable: {shown}" if shown else ""))
         return
-    for i, start, end in choose(cands, rec, k):
-        link = rec["chain"][i]
-        ok, why = replay_segment(rec, i, start, end)
-        rep.add("replay", f"link {i} (steps {link['start_step']}-{link['end_step']})", ok, why)
+    done: dict[int, Path] = {}  # link -> the replay's own checkpoint, when it matched bit for bit
+    with tempfile.TemporaryDirectory(prefix="omniscratch-replays-") as work:
+        for i, start, end in chosen:
+            link = chain[i]
+            start = done.get(i - 1, start)
+            origin = "init" if i == 0 else f"the replay of link {i - 1}" if i - 1 in done else f"kept {start.name}"
+            kept = [f for f in (start if origin.startswith("kept") else None, end if end != folder else None) if f]
+            problems = [p for p in (endpoint_problem(f, public_key) for f in kept) if p] if public_key else []
+            if problems:  # a tampered end point is no evidence either way: failed, not replayed
+                ok, why = False, "kept end point does not verify: " + "; ".join(problems)
+            else:
+                ok, why = replay_segment(rec, i, start, end, tolerance, work=Path(work), allow_derived=allow_derived)
+            if why == "bit-identical":
+                done[i] = Path(work) / f"link_{i}" / "checkpoints" / f"step_{link['end_step']:06d}"
+            rep.add("replay", f"link {i} (steps {link['start_step']}-{link['end_step']})", ok, f"{why}; from {origin}")
+            cov["replayed" if ok else "failed"].append(i)
+            cov["steps_replayed"] += (link["end_step"] - link["start_step"]) if ok else 0
+            if origin.startswith("kept"):  # rests on a resume state the trainer wrote, not bound to its weights here
+                cov["from_kept"].append(i)
+    rep.add("replay", "coverage", True, f"{len(chosen)} of {len(chain)} links replayed as asked (seed {seed})"
+            + (f"; not replayable: {shown}" if shown else ""))

@@ -1,11 +1,17 @@
-"""`omniscratch verify CKPT --public-key KEY [--replay K] [--json]`: check a checkpoint's provenance certificate.
+"""`omniscratch verify CKPT --public-key KEY [--replay K|all] [--replay-seed S] [--tolerance X] [--json]`: check a
+checkpoint's provenance certificate.
 
-Checks (a failure names the file or component and the reason): the signature (model-signing); every file's digest
-against the signature and the certificate; model.safetensors' tensors; the lineage chain back to init (and any kept
-older checkpoint); init reproducibility (step 0 rebuilt from config and seed, per-component Merkle roots); tokenizer
-and data-manifest digests; dependency licences against an allow-list; an empty tripwire log; with --replay K, K
-segments re-executed by the trainer (train/provenance/replay.py). Output: a table, CERTIFICATE.md (per component: parameters,
-share, init root, steps trained, distance from init, verdict) and, with --json, the same as one JSON object.
+The trainer holds the signing key and can run any code, so every field of provenance.json is a claim until checked.
+Established here (a failure names the file or component and the reason): the signature (model-signing: who signed);
+every file's digest against the signature and the certificate; model.safetensors' tensor digests; completeness (the
+weights file holds exactly the model of the certified config, every component in every map of the record, run seed
+= init seed; train/provenance/completeness.py); the lineage chain's hash links back to init (and any kept older
+checkpoint); step 0 rebuilt from config and seed, per component; tokenizer and data-manifest digests; with --replay,
+segments chosen by the verifier's seed re-executed (train/provenance/replay.py). Checked only for consistency with
+what the trainer declared: licences of the declared package list, the trainer's own tripwire log. Declared and shown
+as such: code, hardware, packages, data ranges, learning rates, update sizes. Output (report.py): a table, one
+`VERDICT:` line, CERTIFICATE.md and, with --json, the same as one JSON object. A component is "from scratch"
+unqualified only when its init rebuilds and every step to these weights was replayed (or --accept-sampled).
 
 Notable choices:
 - Every byte is read once: each file streams through BLAKE3 in parallel (train/provenance/hashing.py); model.safetensors,
@@ -20,8 +26,10 @@ Notable choices:
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import secrets
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,38 +41,42 @@ from model.components import COMPONENTS, component_of
 from model.config import ModelConfig, from_dict
 from model.init import sampler
 from train.provenance import record_checks
+from train.provenance.completeness import check_completeness
 from train.provenance.digest import component_roots, differing_components, name_list
 from train.provenance.hashing import (
     SafetensorsFile,
     cpus,
     folder_files,
     hash_files,
-    layout_problems,
-    rank_files,
-    rank_patterns,
-    safe_path,
 )
 from train.provenance.record import RECORD, SCHEMA, digest_of, rebuild_init
 from train.provenance.record_checks import ALLOWED_LICENCES, REVIEWED, licence_ok  # noqa: F401 - part of this module's interface
-from train.provenance.report import Report, certificate_md, table
+from train.provenance.report import Report, certificate_md, qualify, table, verdict
 from train.provenance.signing import SIGNATURE, signed_manifest
 
 
-def verify(folder, public_key, *, replay: int = 0, allowed=ALLOWED_LICENCES, reviewed=REVIEWED,
-           allow_derived: bool = False, data_dir=None) -> Report:
+def verify(folder, public_key, *, replay: int | str = 0, replay_seed: int | None = None, tolerance: float | None = None,
+           accept_sampled: bool = False, allowed=ALLOWED_LICENCES, reviewed=REVIEWED, allow_derived: bool = False,
+           data_dir=None, audit=None) -> Report:
+    """replay: K segments or "all"; replay_seed: the verifier's seed for choosing them (None: fresh randomness);
+    tolerance: None (bit-identical) or X (see replay.py); accept_sampled: a sampled replay suffices for "from
+    scratch"; audit: `audit(folder) -> result` of train/audit/compare.py's run_audit against the verifier's
+    references, passed in by the command line (the audit sits above provenance and is composed there)."""
     folder = Path(folder)
     rep = Report(folder)
+    rep.accept_sampled = accept_sampled
+    replay = dict(k=replay, seed=secrets.randbits(63) if replay_seed is None else replay_seed, tolerance=tolerance)
     weights = SafetensorsFile(folder / "model.safetensors")  # mapped once; unreadable: its checks say why
     try:
         with ThreadPoolExecutor(1) as pool:  # step 0 is rebuilt while the files hash: it needs only config and seed
             early = pool.submit(lambda: rebuild_step0(json.loads((folder / RECORD).read_text()), weights))
-            _verify(rep, folder, public_key, early, weights, replay, allowed, reviewed, allow_derived, data_dir)
+            _verify(rep, folder, public_key, early, weights, replay, allowed, reviewed, allow_derived, data_dir, audit)
     finally:
         weights.close()
     return rep
 
 
-def _verify(rep, folder, public_key, early, weights, replay, allowed, reviewed, allow_derived, data_dir) -> None:
+def _verify(rep, folder, public_key, early, weights, replay, allowed, reviewed, allow_derived, data_dir, audit) -> None:
     try:
         signed = signed_manifest(folder, public_key)
         rep.add("signature", SIGNATURE, True, f"valid for {Path(public_key).name}")
@@ -96,7 +108,7 @@ def _verify(rep, folder, public_key, early, weights, replay, allowed, reviewed, 
         rep.add("certificate", RECORD, False, f"unreadable: {e}")
         return
     for name in sorted(set(certified) | (set(actual) - {RECORD})):
-        if not _inside(folder, name):
+        if not record_checks.inside(folder, name):
             rep.add("files", name, False, "listed in the certificate with a path outside the checkpoint folder")
         elif name not in actual:
             rep.add("files", name, False, "listed in the certificate but missing")
@@ -105,61 +117,40 @@ def _verify(rep, folder, public_key, early, weights, replay, allowed, reviewed, 
         elif certified[name] != actual[name]:
             rep.add("files", name, False, "digest differs from the certificate")
     try:
-        _check_layout(rep, sorted(set(actual) | set(certified)), rec)
+        record_checks.check_layout(rep, sorted(set(actual) | set(certified)), rec)
     except Exception as e:  # noqa: BLE001 - a record too malformed to read its layout claims fails, named
         rep.add("ranks", RECORD, False, f"could not be checked: {type(e).__name__}: {e}")
     if not any(c["check"] == "files" for c in rep.checks):
         rep.add("files", f"{len(actual)} files", True, "digests match the signature and the certificate")
+    step0 = []  # the step-0 rebuild, once, for completeness and init
+
+    def rebuilt():
+        if not step0:
+            step0.append(_step0(rec, weights, early))
+        return step0[0]
     # Each check is guarded: on tampered files a parser may raise; a check that cannot run has failed.
     for check, run in (("tensors", lambda: _check_tensors(rep, rec, weights)),
                        ("config", lambda: record_checks.check_configs(rep, folder, rec)),
                        ("digests", lambda: record_checks.check_inputs(rep, folder, rec, actual, data_dir)),
                        ("lineage", lambda: record_checks.check_lineage(rep, folder, rec, certified)),
-                       ("init", lambda: _check_init(rep, rec, weights, allow_derived, early)),
-                       ("licences", lambda: record_checks.check_licences(rep, rec, allowed, reviewed))):
+                       ("completeness", lambda: check_completeness(  # waits for the rebuild: after the quick ones
+                           rep, rec, weights.header, {n: d["shape"] for n, d in rebuilt()[0].items()})),
+                       ("init", lambda: _check_init(rep, rec, allow_derived, *rebuilt())),
+                       ("licences", lambda: record_checks.check_licences(rep, rec, allowed, reviewed)),
+                       ("declared", lambda: record_checks.declare(rep, rec)),
+                       ("audit", lambda: audit and record_checks.audit_rows(rep, audit(folder)))):
         try:
             run()
         except Exception as e:  # noqa: BLE001 - any crash on the inputs is a verification failure, named
             rep.add(check, "-", False, f"could not be checked: {type(e).__name__}: {e}")
-    if replay:
+    if replay["k"]:
         from train.provenance.replay import replay as replay_segments  # runs the trainer: imported only when asked for
 
-        replay_segments(rep, folder, rec, replay)
-
-
-def _check_layout(rep: Report, names: list[str], rec: dict) -> None:
-    """The layout rule: top-level weights always (the verifier's own rule); per-rank files under ds/ when the record
-    says which they are (`files.rank_files`, a claim) and the world size. Never a silent pass: a per-rank check that
-    could not run is a SKIP row saying why, one that cannot run on what the record claims is a FAIL."""
-    world, claim = (rec.get("chain") or [{}])[-1].get("world_size"), rec["files"].get("rank_files")
-    try:
-        patterns = rank_patterns(claim) if claim is not None else None
-        if patterns is not None and not (type(world) is int and world >= 1):
-            raise ValueError(f"world_size {world!r} of the last lineage link is not a positive integer")
-    except ValueError as e:
-        rep.add("ranks", RECORD, False, f"{e}: the per-rank layout cannot be checked")
-        patterns = None
-    own = layout_problems(names)
-    found = layout_problems(names, world, patterns) if patterns else own
-    for name, why in found:
-        rep.add("files", name, False, why)
-    per_rank = rank_files(names, patterns) if patterns else {}
-    shown = ", ".join(p.pattern for p in patterns or ())
-    if claim is None:
-        rep.add("ranks", "ds/", None, "not checked: the certificate records no per-rank file patterns (files.rank_files)")
-    elif per_rank:
-        bad = len(found) - len(own)
-        rep.add("ranks", f"{len(per_rank)} per-rank files", not bad, f"{bad} named in the files rows" if bad else
-                f"every rank 0-{world - 1} has its files ({shown})")
-    elif patterns:
-        rep.add("ranks", "ds/", None, f"not checked: no file under ds/ matches the recorded per-rank patterns ({shown})")
-
-
-def _inside(folder: Path, name: str) -> bool:
-    try:
-        return bool(safe_path(folder, name))
-    except ValueError:
-        return False
+        try:
+            replay_segments(rep, folder, rec, **replay, allow_derived=allow_derived, public_key=public_key)
+        except Exception as e:  # noqa: BLE001 - a replay that cannot run on these inputs has failed, named
+            rep.add("replay", "-", False, f"could not be run: {type(e).__name__}: {e}")
+    qualify(rep)
 
 
 def _check_tensors(rep: Report, rec: dict, weights: SafetensorsFile) -> None:
@@ -198,25 +189,34 @@ def rebuild_step0(rec: dict, weights: SafetensorsFile) -> tuple[str, dict, dict]
     return digest_of(inputs), tensors, distance
 
 
-def _check_init(rep: Report, rec: dict, weights: SafetensorsFile, allow_derived: bool, early=None) -> None:
-    """Init reproducibility per component, and the component table: steps trained, distance from init, verdict."""
+def _step0(rec: dict, weights: SafetensorsFile, early=None) -> tuple[dict, dict]:
+    """The early rebuild's (tensors, distance) when it was made from what the record says now, else a new one."""
     init = rec["init"]
     key, tensors, distance = early.result() if early is not None and early.exception() is None else ("", {}, {})
     if key != digest_of([rec["config"]["model"], init["seed"], {n: d["dtype"] for n, d in init["tensors"].items()}]):
         key, tensors, distance = rebuild_step0(rec, weights)  # the record changed, or the early start failed
+    return tensors, distance
+
+
+def _check_init(rep: Report, rec: dict, allow_derived: bool, tensors: dict, distance: dict) -> None:
+    """Init reproducibility per component of the model built from the certified config, and the component table:
+    parameters (the model's), steps trained (declared), distance from init (informational), verdict."""
+    init = rec["init"]
     rebuilt, differ = component_roots(tensors), differing_components(init["tensors"], tensors)
     claimed, here = component_roots(init["tensors"]), sampler()
-    total = sum(r["params"] for r in rec["weights"].values())
+    total = sum(r["params"] for r in rebuilt.values())
     for c in COMPONENTS:
-        if c not in rec["weights"]:
+        if c not in rebuilt:  # not in the model; one the certificate lacks is named by the completeness check
             continue
-        w = rec["weights"][c]
+        params = rebuilt[c]["params"]
         steps = sum(link["end_step"] - link["start_step"] for link in rec["chain"]
                     if link["update"].get(c, {}).get("norm", 0.0) > 0)
-        row = {"component": c, "params": w["params"], "share": w["params"] / total,
+        row = {"component": c, "params": params, "share": params / total,
                "init_root": init["components"].get(c, {}).get("root"), "steps_trained": steps,
                "distance_from_init": distance.get(c)}
-        if claimed.get(c) != init["components"].get(c):
+        if c not in claimed:
+            row["verdict"], ok, why = "FAIL", False, "the init record lists none of its tensors: its step 0 is not certified"
+        elif claimed.get(c) != init["components"].get(c):
             row["verdict"], ok, why = "FAIL", False, "init root does not match the init tensor list"
         elif c in rec["derived"]:  # declared wins: a load after step 0 leaves the init root intact
             row["verdict"], ok = "derived", allow_derived
@@ -239,6 +239,8 @@ def _check_init(rep: Report, rec: dict, weights: SafetensorsFile, allow_derived:
             else:  # honest, but never updated: an lr scale of 0, or frozen
                 row["verdict"] = "not trained" if row["verdict"] == "from scratch" else "derived, not trained"
                 why += "; never updated since (not trained)"
+        if row["verdict"] != "from scratch":  # its path is decided by replay coverage (report.qualify)
+            row["basis"] = why
         rep.components.append(row)
         rep.add("init", c, ok, why)
 
@@ -248,12 +250,35 @@ def _check_init(rep: Report, rec: dict, weights: SafetensorsFile, allow_derived:
 def add_arguments(parser) -> None:
     parser.add_argument("checkpoint", help="checkpoint folder (runs/NAME/checkpoints/step_NNNNNN)")
     parser.add_argument("--public-key", required=True, help="the signer's public key (PEM)")
-    parser.add_argument("--replay", type=int, default=0, metavar="K", help="re-execute K recorded segments")
+    parser.add_argument("--replay", type=_segments, default=0, metavar="K|all",
+                        help="re-execute K lineage segments chosen by --replay-seed, or all of them; fewer "
+                             "replayable segments than asked for is a failure")
+    parser.add_argument("--replay-seed", type=int, metavar="S",
+                        help="the verifier's seed for choosing the segments (default: fresh randomness, printed)")
+    parser.add_argument("--tolerance", type=float, metavar="X",
+                        help="accept a replay that is not bit-identical when, per component, its distance from the "
+                             "claimed weights is at most X times the segment's update as measured between the "
+                             "checkpoints at its two ends (for replays on other hardware); default: bit-identical")
+    parser.add_argument("--accept-sampled", action="store_true",
+                        help="certify \"from scratch\" on a sampled replay (default: only when every step from init "
+                             "to these weights was replayed)")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     parser.add_argument("--out", help="CERTIFICATE.md path or folder (default: the run folder)")
     parser.add_argument("--licences", help="YAML with `allow: [..]` licence names and `reviewed: {package: licence}`")
     parser.add_argument("--allow-derived", action="store_true", help="accept components certified 'derived'")
     parser.add_argument("--data-dir", help="also check that this data folder's manifest is the one the run used")
+    parser.add_argument("--audit-reference", nargs="+", default=[], metavar="PATH",
+                        help="also run the weight-similarity audit against these reference models (omniscratch audit)")
+    parser.add_argument("--audit-null", nargs="*", default=[], metavar="PATH",
+                        help="models known to be independent, for the audit's null distribution")
+
+
+def _segments(text: str) -> int | str:
+    if text == "all":
+        return text
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number of segments nor 'all'")
+    return int(text)
 
 
 def main(args) -> int:
@@ -265,12 +290,24 @@ def main(args) -> int:
     if not folder.is_dir():
         print(f"omniscratch verify: {folder}: no such checkpoint folder", file=sys.stderr)
         return 2
-    rep = verify(folder, args.public_key, replay=args.replay, allowed=allowed, reviewed=reviewed,
-                 allow_derived=args.allow_derived, data_dir=args.data_dir)
+    if args.tolerance is not None and not args.tolerance >= 0:
+        print(f"omniscratch verify: --tolerance {args.tolerance} must be a number >= 0", file=sys.stderr)
+        return 2
+    audit = getattr(args, "audit", None)  # set by train/cli.py, which may import the audit
+    if args.audit_reference and audit is None:
+        print("omniscratch verify: --audit-reference needs the audit, composed by the `omniscratch` command",
+              file=sys.stderr)
+        return 2
+    seed = secrets.randbits(63) if args.replay_seed is None else args.replay_seed
+    if args.replay and not args.json:
+        print(f"replay seed: {seed} (repeat with --replay-seed {seed})", flush=True)
+    rep = verify(folder, args.public_key, replay=args.replay, replay_seed=seed, tolerance=args.tolerance,
+                 accept_sampled=args.accept_sampled, allowed=allowed, reviewed=reviewed,
+                 allow_derived=args.allow_derived, data_dir=args.data_dir, audit=audit)
     out = Path(args.out or (folder.parent.parent if folder.parent.name == "checkpoints" else folder.parent))
     out = out / "CERTIFICATE.md" if out.is_dir() else out
     out.write_text(certificate_md(rep))
-    print(json.dumps(rep.to_dict()) if args.json else table(rep) + f"\n\ncertificate: {out}")
+    print(json.dumps(rep.to_dict()) if args.json else table(rep) + f"\n\ncertificate: {out}\n{verdict(rep)}")
     for f in rep.failures:
         print(f"FAIL {f['check']} {f['subject']}: {f['reason']}", file=sys.stderr)
     return 1 if rep.failures else 0
