@@ -78,7 +78,8 @@ def main() -> None:
         for i in range(args.train_steps + 1):
             b = batches[i % len(batches)]
             t0 = time.perf_counter()
-            losses = model(b.input_ids, b.pixel_values, b.audio_values, b.position_ids, b.doc_ids, labels=b.labels)
+            losses = model(b.input_ids, b.pixel_values, b.audio_values, b.position_ids, b.doc_ids, labels=b.labels,
+                           doc_lens=b.doc_lens)
             OmniModel.mean_loss(losses, b.labels).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

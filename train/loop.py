@@ -59,7 +59,7 @@ def token_losses(run: Run, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     labels = dev(b.labels)
     per_tok = run.engine(dev(b.input_ids), pixel_values=[dev(x) for x in b.pixel_values],
                          audio_values=[dev(x) for x in b.audio_values], position_ids=dev(b.position_ids),
-                         doc_ids=dev(b.doc_ids), labels=labels)  # (B, T - 1): the fused head, no logits
+                         doc_ids=dev(b.doc_ids), doc_lens=b.doc_lens, labels=labels)  # (B, T - 1): fused head, no logits
     mods = dev(b.modality[:, 1:]).masked_fill(labels[:, 1:] == IGNORE_INDEX, IGNORE_INDEX)  # (B, T - 1)
     return per_tok, mods
 

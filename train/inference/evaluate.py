@@ -87,7 +87,8 @@ def heldout_losses(model, cfg, data_dir: Path, tokenizer_path: Path, seq_len: in
         dev = lambda x: x.to(device)
         per_tok = model(dev(b.input_ids), pixel_values=[dev(x) for x in b.pixel_values],
                         audio_values=[dev(x) for x in b.audio_values], position_ids=dev(b.position_ids),
-                        doc_ids=dev(b.doc_ids), labels=dev(b.labels)).cpu()  # (B, T - 1), as training computes it
+                        doc_ids=dev(b.doc_ids), doc_lens=b.doc_lens,
+                        labels=dev(b.labels)).cpu()  # (B, T - 1), as training computes it
         keep = b.labels[:, 1:] != IGNORE_INDEX
         mod = b.modality[:, 1:][keep]
         sums += torch.zeros_like(sums).index_add_(0, mod, per_tok[keep].double())
