@@ -70,6 +70,8 @@ class RunConfig:
     max_steps: int = 0  # stop after this step without changing the schedule (replay of a segment); 0: steps
     precision: str = "auto"
     activation_checkpointing: bool = False
+    # torch.compile each decoder block (train/parallel/engine.py compile_decoder_blocks); ZeRO-1/2 only
+    compile: bool = False
     on_nonfinite: str = "skip"  # a non-finite loss: skip the step and count it, or stop
     max_nonfinite: int = 20  # with "skip": stop after this many skipped steps in a row
     dist_timeout_s: int = 300  # every collective, ZeRO's own groups included, fails after this (a stuck peer)

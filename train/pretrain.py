@@ -202,7 +202,7 @@ def build_engine(run: Run) -> None:
     from train.parallel import engine as eng
 
     cfg, o = run.cfg, run.cfg.optim
-    model = eng.build_model(run.model_cfg, cfg.seed, run.ds, cfg.activation_checkpointing)
+    model = eng.build_model(run.model_cfg, cfg.seed, run.ds, cfg.activation_checkpointing, cfg.compile)
     run.engine = engine = eng.initialize(model, run.ds, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                          weight_decay=o.weight_decay, warmup=o.warmup_steps, total_steps=cfg.steps,
                                          min_lr_ratio=o.min_lr_ratio, lr_scale=o.lr_scale)

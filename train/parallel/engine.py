@@ -178,8 +178,13 @@ def optimizer_offloaded(ds: dict) -> bool:
     return ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") not in ("none", None)
 
 
-def build_model(cfg: ModelConfig, seed: int, ds: dict, activation_checkpointing: bool = False) -> OmniModel:
-    """Seeded model; under ZeRO-3 born partitioned and filled per tensor, bytes equal to a plain construction."""
+def build_model(cfg: ModelConfig, seed: int, ds: dict, activation_checkpointing: bool = False,
+                compile_blocks: bool = False) -> OmniModel:
+    """Seeded model; under ZeRO-3 born partitioned and filled per tensor, bytes equal to a plain construction.
+    `compile_blocks`: see `compile_decoder_blocks`."""
+    if compile_blocks and zero_stage(ds) >= 3:
+        raise ValueError("compile: true is not supported with ZeRO-3 (its per-module parameter gathers run in hooks "
+                         "around each block, untested under torch.compile); use ZeRO-1/2 or compile: false")
     if zero_stage(ds) < 3:
         model = OmniModel(cfg)
         init_weights(model, seed)
@@ -199,7 +204,19 @@ def build_model(cfg: ModelConfig, seed: int, ds: dict, activation_checkpointing:
                             q.data.copy_(init_tensor(n, q.ds_shape, seed, cfg))  # generated in fp32, cast on copy
                 chunk, size = [], 0
     model.set_activation_checkpointing(activation_checkpointing)
+    if compile_blocks:
+        compile_decoder_blocks(model)
     return model
+
+
+def compile_decoder_blocks(model: OmniModel) -> None:
+    """torch.compile each decoder block in place (`Module.compile`, torchtitan's per-block choice): one compiled
+    graph serves every layer (same code, parameters as inputs), compile time stays that of one block, and parameter
+    names are unchanged (no `_orig_mod.` prefix), so checkpoints, init and the component map do not see it. The
+    encoders stay eager: their items' shapes change every batch and mixed shapes attend per item with host-side
+    lengths, which would recompile per batch. Activation checkpointing wraps the compiled block."""
+    for block in model.text.layers:
+        block.compile()
 
 
 def full_numel(p: torch.nn.Parameter) -> int:
