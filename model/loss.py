@@ -79,9 +79,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         hc, wc, tgt, keep, lse = ctx.saved_tensors
         scale = torch.where(keep, grad_loss.float(), 0.0)  # d(total)/d(row loss); 0 on ignored rows
         # softmax * |scale| = exp(logits - (lse - log|scale|)): one subtraction and one exp per chunk; a row of scale 0
-        # (ignored target) becomes exp(-inf) = 0. Training's scales are positive (a mean); others get their sign after.
+        # (ignored target) becomes exp(-inf) = 0. Training's scales are positive (a mean); others get their sign after,
+        # always: asking whether any scale is negative would wait for the device on every backward (x 1.0 is exact).
         shift = lse - scale.abs().log()
-        sign = scale.sign()[:, None] if bool((scale < 0).any()) else None
+        sign = scale.sign()[:, None]
         grad_h = torch.empty_like(hc)
         head_grad = ctx.needs_input_grad[1]  # False for a frozen head: no (V, D) accumulator at all
         grad_w = torch.zeros(wc.shape, device=wc.device, dtype=torch.float32) if head_grad else None
@@ -93,8 +94,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 n = g.shape[0]
                 rows = slice(s, s + n)
                 g.sub_(shift[rows, None]).exp_()
-                if sign is not None:
-                    g.mul_(sign[rows])
+                g.mul_(sign[rows])
                 g[torch.arange(n, device=g.device), tgt[rows]] -= scale[rows]  # - one_hot(target) * scale, in fp32
                 if g.dtype != wc.dtype:
                     g = chunks.low[:n].copy_(g)  # back to the matmul dtype

@@ -2,7 +2,9 @@
 
 Fusion: media placeholders in the token stream (<|image|>, <|video|>, <|audio|>) are replaced by encoder
 outputs. Item i occupies exactly `model.media.vision_tokens(...)` or `audio_tokens(...)` consecutive
-placeholders, in row-major order of appearance; a mismatch raises an error that names the item. Images and
+placeholders, in row-major order of appearance; a mismatch raises an error that names the item where the ids are
+on the host (`check_spans`; on an accelerator the check would wait for the device every step, and the data
+pipeline sizes placeholders with model.media). Placement reads nothing back from the device (`_place`). Images and
 videos share the vision encoder (an image is a 2-frame clip). The loss is on text tokens only: the labels
 carry IGNORE_INDEX on placeholders, markers and padding.
 
@@ -36,6 +38,29 @@ def _counts(items, ndim: int, count, kind: str) -> list[int]:
         except ValueError as e:
             raise ValueError(f"{kind} item {i} (shape {tuple(x.shape)}): {e}") from None
     return out
+
+
+def check_spans(is_slot: torch.Tensor, counts: list[int], kind: str) -> None:
+    """Raise a ValueError naming the item unless the placeholders (`is_slot`, (B, T) bool on the host) form one run
+    of exactly counts[i] consecutive positions per item, in row-major order. Reads every value: host tensors only."""
+    n_slots = int(is_slot.sum())
+    if n_slots != sum(counts):
+        raise ValueError(
+            f"{kind}: the batch has {n_slots} placeholder tokens but its {len(counts)} item(s) produce "
+            f"{sum(counts)} tokens (per item: {counts}); the data pipeline must use model.media to size placeholders"
+        )
+    if not counts:
+        return
+    # consecutive runs of placeholders, row-major: each run must be exactly one item
+    flat = is_slot.flatten().to(torch.int8)
+    edges = torch.diff(torch.cat([flat.new_zeros(1), flat, flat.new_zeros(1)]))
+    runs = ((edges == -1).nonzero() - (edges == 1).nonzero()).flatten().tolist()
+    if runs != list(counts):
+        bad = next((i for i, (r, c) in enumerate(zip(runs, counts)) if r != c), min(len(runs), len(counts)))
+        raise ValueError(
+            f"{kind} item {bad}: expected {counts[bad] if bad < len(counts) else '?'} consecutive placeholders, "
+            f"found runs {runs[: bad + 2]}... (items must be separated by their start/end markers)"
+        )
 
 
 class OmniModel(nn.Module):
@@ -72,32 +97,22 @@ class OmniModel(nn.Module):
         return torch.zeros(v.temporal_patch, 3, side, side, device=device)
 
     # ---- fusion ---------------------------------------------------------------------------------------
-    def _scatter(self, h, input_ids, feats, counts, token_ids, kind):
-        """Write the items' tokens into their placeholder positions, checking every item's span."""
+    def _place(self, h, input_ids, feats, counts, token_ids, kind):
+        """Write the items' tokens into their placeholder positions. The number of placeholders is known on the host
+        (sum of the items' counts, from their shapes), so their positions come from `nonzero_static` of that size and
+        the tokens go in by `index_copy`: no read of the ids, on any device (`nonzero` and boolean-mask indexing each
+        wait for the device to learn an output size). The spans are checked where the ids are on the host."""
         is_slot = torch.zeros_like(input_ids, dtype=torch.bool)
         for t in token_ids:
             is_slot |= input_ids == t
-        n_slots = int(is_slot.sum())
-        if n_slots != sum(counts):
-            raise ValueError(
-                f"{kind}: the batch has {n_slots} placeholder tokens but its {len(counts)} item(s) produce "
-                f"{sum(counts)} tokens (per item: {counts}); the data pipeline must use model.media to size placeholders"
-            )
+        if input_ids.device.type == "cpu":
+            check_spans(is_slot, counts, kind)
         if not counts:
             return h
-        # consecutive runs of placeholders, row-major: each run must be exactly one item
-        flat = is_slot.flatten().to(torch.int8)
-        edges = torch.diff(torch.cat([flat.new_zeros(1), flat, flat.new_zeros(1)]))
-        runs = ((edges == -1).nonzero() - (edges == 1).nonzero()).flatten().tolist()
-        if runs != list(counts):
-            bad = next((i for i, (r, c) in enumerate(zip(runs, counts)) if r != c), min(len(runs), len(counts)))
-            raise ValueError(
-                f"{kind} item {bad}: expected {counts[bad] if bad < len(counts) else '?'} consecutive placeholders, "
-                f"found runs {runs[: bad + 2]}... (items must be separated by their start/end markers)"
-            )
-        h = h.clone()
-        h[is_slot] = torch.cat(feats).to(h.dtype)
-        return h
+        B, T, D = h.shape
+        # a mismatch the check did not see (ids on an accelerator) pads with an index past the end: an indexing error
+        slots = torch.nonzero_static(is_slot.flatten(), size=sum(counts), fill_value=B * T)[:, 0]  # (n,)
+        return h.reshape(B * T, D).index_copy(0, slots, torch.cat(feats).to(h.dtype)).view(B, T, D)
 
     def embed_inputs(self, input_ids, pixel_values=(), audio_values=(), dummy: bool = True):
         """(B, T) ids + media -> (B, T, D) input embeddings with media tokens in place. `dummy`: run an absent
@@ -116,8 +131,8 @@ class OmniModel(nn.Module):
             afeats = self.encode_audio(audio_values)
         elif dummy:
             unused = unused + self.encode_audio([h.new_zeros(self.cfg.audio.n_fft, dtype=torch.float32)])[0].sum() * 0.0
-        h = self._scatter(h, input_ids, vfeats, vcounts, (IMAGE_ID, VIDEO_ID), "vision")
-        h = self._scatter(h, input_ids, afeats, acounts, (AUDIO_ID,), "audio")
+        h = self._place(h, input_ids, vfeats, vcounts, (IMAGE_ID, VIDEO_ID), "vision")
+        h = self._place(h, input_ids, afeats, acounts, (AUDIO_ID,), "audio")
         return h + unused.to(h.dtype)
 
     def forward(self, input_ids, pixel_values=(), audio_values=(), position_ids=None, doc_ids=None,

@@ -188,6 +188,11 @@ class TextDecoder(nn.Module):
             if start + T > self.cfg.max_seq_len:
                 raise ValueError(f"position {start + T - 1} is beyond the context of {self.cfg.max_seq_len} tokens")
             position_ids = torch.arange(start, start + T, device=h.device).expand(B, T)
+        elif doc_lens is not None:
+            # packed rows restart positions at each document (Batch), so the longest document bounds them: a host check
+            longest = max(max(row) for row in doc_lens)
+            if longest > self.cfg.max_seq_len:
+                raise ValueError(f"a document of {longest} tokens is beyond the context of {self.cfg.max_seq_len} tokens")
         elif position_ids.device.type == "cpu" and position_ids.max() >= self.cfg.max_seq_len:
             # checked only where it is free: reading positions back from an accelerator would wait for it every step
             raise ValueError(f"position {int(position_ids.max())} is beyond the context of {self.cfg.max_seq_len} tokens")

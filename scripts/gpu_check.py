@@ -9,7 +9,8 @@ engine as training builds it (the run config's ZeRO JSON, precision and activati
 rank), synthetic packed rows of 4 documents each with an image and an audio clip in the first row, then
 - MFU over the timed steps (after warm-up) against train/metrics.py's datasheet peak, with the attention path taken;
 - host syncs per step: CUDA's sync debug mode ("warn") counted over two more steps, and on every device the host
-  reads of tensor values (.item, .tolist, bool/int/float of a tensor, nonzero, boolean indexing) by origin;
+  reads of tensor values (.item, .tolist, bool/int/float of a tensor, nonzero, boolean-mask indexing, backward
+  included) by origin, as tests/test_model_syncs.py counts them;
 - peak memory (allocator peak on GPU, process peak RSS on CPU);
 - the save path's time on one rank: DeepSpeed's save, then the consolidated fp32 weights (engine.write_fp32_weights);
   both block the training rank, so the blocked time is their sum.
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -50,7 +52,8 @@ from train.parallel import engine as eng  # noqa: E402
 IMG_START, IMG_END = SPECIAL_TOKENS.index("<|image_start|>"), SPECIAL_TOKENS.index("<|image_end|>")
 AUD_START, AUD_END = SPECIAL_TOKENS.index("<|audio_start|>"), SPECIAL_TOKENS.index("<|audio_end|>")
 DOCS_PER_ROW = 4
-READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "nonzero", "masked_select", "cpu", "numpy"}
+PY_READS = {"tolist", "numpy", "__array__"}
+OP_READS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal"}
 TORCH_DIR = os.path.dirname(torch.__file__) + "/"
 
 
@@ -142,43 +145,61 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-class CountReads(TorchFunctionMode):
-    """Host reads of tensor values, keyed by the first file outside torch that made them (model/, deepspeed, ...)."""
+def _origin() -> str:
+    """The first file outside torch on the stack, as "model", "train", "deepspeed" or "other"; the model's span check,
+    which runs only where the ids are on the host (a dry run), as "model/check_spans"."""
+    f = sys._getframe(2)
+    while f is not None and (f.f_code.co_filename.startswith(TORCH_DIR) or f.f_code.co_filename == __file__):
+        f = f.f_back
+    if f is None:
+        return "autograd"
+    name = f.f_code.co_filename
+    if "/deepspeed/" in name:
+        return "deepspeed"
+    rel = name[len(str(ROOT)) + 1 :] if name.startswith(str(ROOT)) else name
+    if rel.startswith("model/"):
+        return "model/check_spans" if f.f_code.co_name == "check_spans" else "model"
+    return "train" if rel.startswith("train/") else "other"
 
-    def __init__(self):
+
+class PyReads(TorchFunctionMode):
+    """Python-level reads of tensor values that reach no operator: .tolist(), .numpy()."""
+
+    def __init__(self, calls: collections.Counter):
         super().__init__()
-        self.calls = collections.Counter()
+        self.calls = calls
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", "")
-        if name == "__getitem__" and any(isinstance(a, torch.Tensor) and a.dtype == torch.bool for a in args[1:]):
-            name = "bool-index"
-        if name in READS or name == "bool-index":
-            self.calls[self._origin()] += 1
+        if getattr(func, "__name__", "") in PY_READS:
+            self.calls[_origin()] += 1
         return func(*args, **(kwargs or {}))
 
-    @staticmethod
-    def _origin() -> str:
-        f = sys._getframe(2)
-        while f is not None and (f.f_code.co_filename.startswith(TORCH_DIR) or f.f_code.co_filename == __file__):
-            f = f.f_back
-        name = f.f_code.co_filename if f is not None else "?"
-        if "/deepspeed/" in name:
-            return "deepspeed"
-        rel = name[len(str(ROOT)) + 1 :] if name.startswith(str(ROOT)) else name
-        return rel.split("/")[0] if rel.startswith(("model/", "train/")) else "other"
+
+class OpReads(TorchDispatchMode):
+    """Operators that read values back (every .item/bool/int/float is `_local_scalar_dense`), backward included."""
+
+    def __init__(self, calls: collections.Counter):
+        super().__init__()
+        self.calls = calls
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[-1]
+        indices = args[1] if name in ("index", "index_put", "index_put_") and len(args) > 1 else ()
+        if name in OP_READS or any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or ()):
+            self.calls[_origin()] += 1
+        return func(*args, **(kwargs or {}))
 
 
 def host_syncs(engine, batches: list[dict], device) -> dict:
     """Per step over `batches`: CUDA sync-debug warnings (GPU only) and host reads by origin (every device)."""
-    counter = CountReads()
+    calls = collections.Counter()
     cuda_syncs = None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if device.type == "cuda":
             torch.cuda.set_sync_debug_mode("warn")
         try:
-            with counter:
+            with PyReads(calls), OpReads(calls):
                 for b in batches:
                     step(engine, b, device)
         finally:
@@ -187,7 +208,7 @@ def host_syncs(engine, batches: list[dict], device) -> dict:
                 cuda_syncs = sum("synchroniz" in str(w.message) for w in caught)
     n = len(batches)
     return {"cuda_sync_warnings_per_step": None if cuda_syncs is None else cuda_syncs / n,
-            "host_reads_per_step": {k: v / n for k, v in sorted(counter.calls.items())}}
+            "host_reads_per_step": {k: v / n for k, v in sorted(calls.items())}}
 
 
 def timed_save(engine, device) -> dict:

@@ -32,7 +32,8 @@ def test_dry_run_prints_one_json_line_with_sane_values():
         assert m["peak_memory_gib"] > 0
         assert m["cuda_sync_warnings_per_step"] is None  # CUDA's sync debug mode: GPU only
         reads = m["host_reads_per_step"]
-        assert set(reads) <= {"model", "train", "deepspeed", "other"}
+        assert set(reads) <= {"model", "model/check_spans", "train", "deepspeed", "other", "autograd"}, reads
+        assert reads.get("model", 0) == 0, reads  # the model reads nothing back but its host-side span check
         ck = m["checkpoint"]
         assert ck["bytes"] > 4 * m["params"]  # at least the fp32 weights
         assert 0 < ck["deepspeed_save_s"] <= ck["save_s"] and ck["blocked_s"] == ck["save_s"]
