@@ -17,13 +17,14 @@ import collections
 import os
 import sys
 
+import pytest
 import torch
 from test_model import MICRO, build, mixed_batch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from model import omni
-from model.config import IMAGE_ID, VIDEO_ID
+from model.config import VIDEO_ID
 
 TORCH = os.path.dirname(torch.__file__) + "/"
 PY_READS = {"tolist", "numpy", "__array__"}
@@ -133,10 +134,18 @@ def test_the_host_check_still_names_a_mismatched_item():
     ids, _, pix, aud = mixed_batch()
     ids = ids.clone()
     row, col = (ids == VIDEO_ID).nonzero()[0].tolist()
-    ids[row, col] = IMAGE_ID + 100 if MICRO.text.vocab_size > IMAGE_ID + 100 else 20  # one video placeholder fewer
+    ids[row, col] = 20  # a text token: one video placeholder fewer than the video produces
     try:
         model(ids, pixel_values=pix, audio_values=aud)
     except ValueError as e:
         assert "vision" in str(e) and "placeholder" in str(e), e
     else:
         raise AssertionError("a missing placeholder went unnoticed")
+
+
+def test_a_document_longer_than_the_context_is_refused_from_the_host_lengths():
+    model = build()
+    T = MICRO.text.max_seq_len + 4
+    ids = torch.full((1, T), 20)
+    with pytest.raises(ValueError, match="beyond the context"):
+        model(ids, position_ids=torch.arange(T)[None], doc_lens=[[T]])
