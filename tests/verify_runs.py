@@ -74,3 +74,23 @@ def foreign_vision(folder: Path, seed: int = 99) -> None:
     sd = load_file(folder / "model.safetensors")
     sd |= {k: v.detach().contiguous() for k, v in other.state_dict().items() if k.startswith("vision.")}
     save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def inject(folder: Path, tensors: dict) -> None:
+    """Write `tensors` into the checkpoint's resume state too, as a trainer continuing from injected weights would:
+    the fp32 partitions of its DeepSpeed state (the honest run's layout: ZeRO-3, one rank, so each group's flat
+    partition is its parameters in order)."""
+    import torch
+
+    (model,) = (folder / "ds").glob("zero_pp_rank_0_*model_states.pt")
+    (optim,) = (folder / "ds").glob("*zero_pp_rank_0_*optim_states.pt")
+    shapes = torch.load(model, map_location="cpu", weights_only=False)["param_shapes"]  # our own test files
+    state = torch.load(optim, map_location="cpu", weights_only=False)
+    for group, flat in zip(shapes, state["optimizer_state_dict"]["fp32_flat_groups"]):
+        offset = 0
+        for name, shape in group.items():
+            if name in tensors:
+                with torch.no_grad():
+                    flat[offset:offset + shape.numel()] = tensors[name].reshape(-1)
+            offset += shape.numel()
+    torch.save(state, optim)
