@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 from distributed.train_env import cli
-from verify_runs import honest_run, recertify
+from verify_runs import failures, honest_run, recertify
 
 from train import checkpoint as ckpt
 from train.provenance.record import RECORD
 from train.provenance.replay import choose, replayable
+from train.provenance.verify import verify
 from train.provenance.witness import resume_state_problems
 
 
@@ -84,3 +85,23 @@ def test_a_resume_state_with_other_weights_fails_naming_the_checkpoint_before_an
     rows = [line for line in res.stdout.splitlines() if line.startswith("replay") and "link 2 (steps 4-6)" in line]
     assert len(rows) == 1 and want in rows[0] and rows[0].endswith("; from kept step_000004"), res.stdout
     assert res.stdout.splitlines()[-1].startswith("VERDICT: FAILED: replay link 2 (steps 4-6): " + want)
+
+
+def test_the_release_form_verifies_without_its_witness_bundle(run, tmp_path):
+    """`export --format omni --without-resume-state`: weights, configs, tokenizer, certificate, signature, data
+    manifest and no ds/. It verifies; replay from it is reported unavailable, not as missing files."""
+    release = tmp_path / "release"
+    cli("export", str(run[0] / "step_000006"), "--format", "omni", "--without-resume-state", "--out", str(release))
+    assert not (release / "ds").exists()
+    res = cli("verify", str(release), "--public-key", str(run[2]), "--json")
+    rep = json.loads(res.stdout)
+    assert [(c["subject"], c["status"]) for c in rep["checks"] if c["check"] == "witness"] == [("ds/", "SKIP")]
+    assert not rep["failures"] and rep["verdict"].startswith("VERDICT: VERIFIED"), rep["verdict"]
+    skip = next(c for c in rep["checks"] if c["check"] == "witness")
+    assert "not present (release form)" in skip["reason"] and "replay from this checkpoint is unavailable" in skip["reason"]
+    bundle = run[0] / "step_000006" / "ds"  # the witness bundle put back beside it: bound, checked, and so is a change
+    shutil.copytree(bundle, release / "ds")
+    assert not verify(release, run[2]).failures
+    (release / "ds" / "rng_rank0.pt").write_bytes(b"other")
+    assert failures(verify(release, run[2])) == [
+        ("files", "ds/rng_rank0.pt", "digest differs from the certificate's witness manifest")]

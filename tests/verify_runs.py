@@ -16,7 +16,7 @@ from model import OmniModel, init_weights
 from model.config import ModelConfig, from_dict
 from train.provenance.digest import component_roots
 from train.provenance.hashing import folder_files, hash_files, safetensors_digests
-from train.provenance.record import RECORD, SLSA, digest_of, init_digest
+from train.provenance.record import RECORD, SLSA, digest_of, init_digest, split_witness
 from train.provenance.signing import SIGNATURE, init_keys, sign_checkpoint
 
 _RUNS: dict[str, tuple] = {}
@@ -55,8 +55,10 @@ def recertify(folder: Path, key, edit=None, relink_chain: bool = True) -> None:
     slsa = json.loads((folder / SLSA).read_text())
     slsa["subject"][0]["digest"]["blake3"] = hash_files(folder, ["model.safetensors"])["model.safetensors"]
     (folder / SLSA).write_text(json.dumps(slsa))
-    files = hash_files(folder, folder_files(folder, exclude={RECORD, SIGNATURE}))
+    files, witness = split_witness(hash_files(folder, folder_files(folder, exclude={RECORD, SIGNATURE})))
     rec["files"]["digests"] = files
+    rec["files"]["witness"] = {"digest": digest_of(witness), "digests": witness}
+    rec["chain"][-1]["witness"] = digest_of(witness)
     rec["tensors"] = safetensors_digests(folder / "model.safetensors")
     rec["weights"] = component_roots(rec["tensors"])
     rec["chain"][-1]["files"] = digest_of(files)

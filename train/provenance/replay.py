@@ -44,7 +44,7 @@ import torch
 from train.checkpoint import read_weights
 from train.provenance.digest import component_roots, digest_bytes, update_sizes
 from train.provenance.hashing import folder_files, hash_files, safetensors_digests
-from train.provenance.record import RECORD, digest_of, init_digest, rebuild_init
+from train.provenance.record import RECORD, digest_of, init_digest, rebuild_init, split_witness
 from train.provenance.signing import SIGNATURE, signed_manifest
 
 
@@ -69,6 +69,8 @@ def replayable(folder: Path, rec: dict) -> tuple[list[tuple[int, Path | None, Pa
             why = f"checkpoint step_{link['end_step']:06d} (its end) is not kept"
         elif link["start_step"] and start is None:
             why = f"checkpoint step_{link['start_step']:06d} (its start) is not kept"
+        elif start is not None and not (start / "ds").is_dir():
+            why = f"kept {start.name} has no witness bundle (ds/, its resume state): a release form"
         elif start is not None and digest_of(json.loads((start / RECORD).read_text())["chain"][-1]) != link["parent"]:
             why = f"kept {start.name} is not this chain's link {i - 1}"
         elif start is None and link["parent"] != init_digest(rec["init"]):
@@ -89,12 +91,16 @@ def endpoint_problem(folder: Path, public_key) -> str | None:
         signed = signed_manifest(folder, public_key)
     except ValueError as e:
         return str(e)
-    actual = hash_files(folder, folder_files(folder, exclude={SIGNATURE}))
-    certified = json.loads((folder / RECORD).read_text())["files"]["digests"]
+    actual, witness = split_witness(hash_files(folder, folder_files(folder, exclude={SIGNATURE})))
+    files = json.loads((folder / RECORD).read_text())["files"]
+    certified, bound = files["digests"], files.get("witness", {}).get("digests", {})
     bad = sorted(n for n in set(signed) | set(actual) | set(certified) if n != RECORD and not
                  signed.get(n) == actual.get(n) == certified.get(n))
+    bad += sorted(n for n in set(witness) | set(bound) if witness.get(n) != bound.get(n))
     if bad or signed.get(RECORD) != actual.get(RECORD):
         return f"{folder.name}: files differ from its signature or its record: {', '.join(bad or [RECORD])}"
+    if files.get("witness", {}).get("digest") != digest_of(bound):
+        return f"{folder.name}: its witness manifest does not match the digest its record binds"
     return None
 
 
