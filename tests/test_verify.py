@@ -96,6 +96,8 @@ def test_one_flipped_byte_in_each_kind_of_file(run, copy):
         found = failures(verify(copy, run[2]))
         if name == SIGNATURE:
             assert found and found[0][0] == "signature", (name, found)
+        elif name.startswith("ds/"):  # the witness bundle: bound by the signed certificate, not signed itself
+            assert found == [("files", name, "digest differs from the certificate's witness manifest")], found
         else:
             assert ("files", name, "digest differs from the signed digest (file changed after signing)") in found, found
         (copy / name).write_bytes(pristine[name])
@@ -198,17 +200,17 @@ def test_paths_outside_the_folder_are_refused_by_verify(run, copy):
 
 def test_symlinks_are_refused_by_verify(run, copy, tmp_path):
     """A signed file replaced by a symlink to identical bytes elsewhere, and a symlinked ds/ folder, both fail."""
-    name, outside = "ds/rng_rank0.pt", tmp_path / "elsewhere"
+    name, outside = "tokenizer.json", tmp_path / "elsewhere"
     outside.mkdir()
-    shutil.copyfile(copy / name, outside / "rng_rank0.pt")
+    shutil.copyfile(copy / name, outside / name)
     (copy / name).unlink()
-    (copy / name).symlink_to(outside / "rng_rank0.pt")  # same digest: only the link itself gives it away
+    (copy / name).symlink_to(outside / name)  # same digest: only the link itself gives it away
     found = failures(verify(copy, run[2]))
     assert ("files", str(copy), f"{copy}: '{name}' is a symlink or special file; checkpoints hold only regular "
             "files") in found, found
     assert any(f[0] == "signature" and f"path '{name}' resolves outside" in f[2] for f in found), found
     (copy / name).unlink()
-    shutil.copyfile(outside / "rng_rank0.pt", copy / name)
+    shutil.copyfile(outside / name, copy / name)
     assert not verify(copy, run[2]).failures
     shutil.move(copy / "ds", outside / "ds")
     (copy / "ds").symlink_to(outside / "ds")
@@ -246,17 +248,15 @@ def test_reordered_rank_shards_are_named(run2, copy2):
     for a, b in (names[:2], names[2:]):  # rank 0's file holds rank 1's bytes and the other way round
         (copy2 / a).rename(copy2 / "swap"), (copy2 / b).rename(copy2 / a), (copy2 / "swap").rename(copy2 / b)
     found = failures(verify(copy2, run2[2]))
-    for name in names:
-        assert ("files", name, "digest differs from the signed digest (file changed after signing)") in found, found
-        assert ("files", name, "digest differs from the certificate") in found
+    for name in names:  # ds/ is the witness bundle: bound by the signed certificate's manifest
+        assert ("files", name, "digest differs from the certificate's witness manifest") in found, found
 
 
 def test_missing_rank_shard_is_named_even_when_recertified(run2, copy2):
     name = shard(copy2, 1)
     (copy2 / name).unlink()
     found = failures(verify(copy2, run2[2]))
-    assert ("files", name, "signed but missing from the folder") in found
-    assert ("files", name, "listed in the certificate but missing") in found
+    assert ("files", name, "missing from the witness bundle") in found, found
     recertify(copy2, run2[1])  # a key holder re-certifies and re-signs the folder without it
     assert ("files", name, "missing: rank 1's shard (ranks [0] have theirs, world size 2)") in failures(
         verify(copy2, run2[2]))
@@ -267,9 +267,9 @@ def test_extra_shards_are_named_even_when_recertified(run2, copy2):
     shutil.copyfile(copy2 / shard(copy2, 1), copy2 / extra[0])
     shutil.copyfile(copy2 / "model.safetensors", copy2 / extra[1])
     found = failures(verify(copy2, run2[2]))
-    for name in extra:
-        assert ("files", name, "present but not covered by the signature") in found
-        assert ("files", name, "present but not listed in the certificate") in found
+    assert ("files", extra[0], "not in the certificate's witness manifest") in found, found
+    assert ("files", extra[1], "present but not covered by the signature") in found
+    assert ("files", extra[1], "present but not listed in the certificate") in found
     recertify(copy2, run2[1])  # now signed and certified: the checkpoint layout still names both
     found = failures(verify(copy2, run2[2]))
     assert ("files", extra[0], "shard of rank 2, but the run that wrote this checkpoint had world size 2 (ranks 0-1)") \

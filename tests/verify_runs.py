@@ -16,7 +16,7 @@ from model import OmniModel, init_weights
 from model.config import ModelConfig, from_dict
 from train.provenance.digest import component_roots
 from train.provenance.hashing import folder_files, hash_files, safetensors_digests
-from train.provenance.record import RECORD, SLSA, digest_of, init_digest
+from train.provenance.record import RECORD, SLSA, digest_of, init_digest, split_witness
 from train.provenance.signing import SIGNATURE, init_keys, sign_checkpoint
 
 _RUNS: dict[str, tuple] = {}
@@ -55,8 +55,10 @@ def recertify(folder: Path, key, edit=None, relink_chain: bool = True) -> None:
     slsa = json.loads((folder / SLSA).read_text())
     slsa["subject"][0]["digest"]["blake3"] = hash_files(folder, ["model.safetensors"])["model.safetensors"]
     (folder / SLSA).write_text(json.dumps(slsa))
-    files = hash_files(folder, folder_files(folder, exclude={RECORD, SIGNATURE}))
+    files, witness = split_witness(hash_files(folder, folder_files(folder, exclude={RECORD, SIGNATURE})))
     rec["files"]["digests"] = files
+    rec["files"]["witness"] = {"digest": digest_of(witness), "digests": witness}
+    rec["chain"][-1]["witness"] = digest_of(witness)
     rec["tensors"] = safetensors_digests(folder / "model.safetensors")
     rec["weights"] = component_roots(rec["tensors"])
     rec["chain"][-1]["files"] = digest_of(files)
@@ -74,3 +76,23 @@ def foreign_vision(folder: Path, seed: int = 99) -> None:
     sd = load_file(folder / "model.safetensors")
     sd |= {k: v.detach().contiguous() for k, v in other.state_dict().items() if k.startswith("vision.")}
     save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def inject(folder: Path, tensors: dict) -> None:
+    """Write `tensors` into the checkpoint's resume state too, as a trainer continuing from injected weights would:
+    the fp32 partitions of its DeepSpeed state (the honest run's layout: ZeRO-3, one rank, so each group's flat
+    partition is its parameters in order)."""
+    import torch
+
+    (model,) = (folder / "ds").glob("zero_pp_rank_0_*model_states.pt")
+    (optim,) = (folder / "ds").glob("*zero_pp_rank_0_*optim_states.pt")
+    shapes = torch.load(model, map_location="cpu", weights_only=False)["param_shapes"]  # our own test files
+    state = torch.load(optim, map_location="cpu", weights_only=False)
+    for group, flat in zip(shapes, state["optimizer_state_dict"]["fp32_flat_groups"]):
+        offset = 0
+        for name, shape in group.items():
+            if name in tensors:
+                with torch.no_grad():
+                    flat[offset:offset + shape.numel()] = tensors[name].reshape(-1)
+            offset += shape.numel()
+    torch.save(state, optim)

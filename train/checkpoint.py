@@ -231,12 +231,21 @@ def read_json(path: Path) -> dict:
 
 # ---- retention ----------------------------------------------------------------------------------------------
 
-def retain(root: Path, keep_last: int, keep_every: int) -> list[Path]:
-    """Rank 0, after a commit: delete committed checkpoints that are neither among the last `keep_last` nor at a
-    multiple of `keep_every`, and leftovers of interrupted saves. Never deletes what `latest` names."""
+def retain(root: Path, keep_last: int, keep_every: int, witness_every: int = 0) -> list[Path]:
+    """Rank 0, after a commit: delete committed checkpoints that are neither among the last `keep_last`, nor at a
+    multiple of `keep_every`, nor a replay witness, and leftovers of interrupted saves. A witness is the checkpoint at
+    a multiple of `witness_every` and the one it resumed from (its data_state.json's `parent`): replay re-executes the
+    segment between the two, so one without the other is no witness. Never deletes what `latest` names."""
     done = complete_checkpoints(root)
     keep = set(done[-keep_last:])
     keep |= {p for p in done if keep_every and step_of(p) % keep_every == 0}
+    for p in done:
+        if witness_every and step_of(p) % witness_every == 0:
+            keep.add(p)
+            state = p / "data_state.json"
+            parent = read_json(state).get("parent") if state.is_file() else None
+            if parent:
+                keep.add(root / parent)
     latest = read_latest(root)
     if latest is not None:
         keep.add(latest)

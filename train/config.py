@@ -54,6 +54,12 @@ class CheckpointConfig:
     every: int = 100  # steps between checkpoints; one is also written at the end and on SIGTERM
     keep_last: int = 2  # retention: the last K ...
     keep_every: int = 0  # ... and every M-th step (0: none), e.g. 1000 keeps step 1000, 2000, ...
+    # Replay witnesses (`verify --replay`): the checkpoint at every W-th step is kept together with the one it resumed
+    # from, so that the segment between them can be re-executed by a verifier; W = `every` keeps every checkpoint and
+    # makes every step replayable. 0: none (only keep_last/keep_every). The cost is a whole checkpoint per witness:
+    # fp32 weights (4 B per parameter) plus DeepSpeed's state, ~12-16 B per parameter for AdamW under ZeRO (fp32
+    # master 4 + moments 8, + the bf16 module copy 2 in bf16), so ~16-20 B per parameter: ~130 GB per witness at 7B.
+    witness_every: int = 0
     export: bool = True  # consolidated model.safetensors beside the DeepSpeed state (for evaluation)
 
 
@@ -138,7 +144,8 @@ def _positive(cfg, where: str, names: list[str], zero_ok: bool = False) -> None:
 def validate(cfg: RunConfig, where: str) -> RunConfig:
     _positive(cfg, where, ["steps", "micro_batch", "grad_accum", "dist_timeout_s", "preflight_timeout_s", "log_every",
                            "data.seq_len", "optim.lr", "checkpoint.every", "checkpoint.keep_last"])
-    _positive(cfg, where, ["optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "checkpoint.keep_every", "max_steps",
+    _positive(cfg, where, ["optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "checkpoint.keep_every",
+                           "checkpoint.witness_every", "max_steps",
                            "dist_init_timeout_s",
                            "data.heldout_every", "data.heldout_batches", "optim.min_lr_ratio"], zero_ok=True)
     for comp, scale in cfg.optim.lr_scale.items():

@@ -355,7 +355,7 @@ def save_checkpoint(run: Run) -> Path | None:
             "schedule": f"linear warmup {o.warmup_steps} steps, cosine to {o.min_lr_ratio} x lr at step {cfg.steps}"})
         final = ckpt.commit(tmp, record)  # provenance.json last = the commit marker
         ckpt.write_latest(root, final)
-        ckpt.retain(root, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
+        ckpt.retain(root, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every, cfg.checkpoint.witness_every)
         run.metrics.plot()
         run.metrics.write(f"step {step}: checkpoint {final}")
         if cfg.sign_key:

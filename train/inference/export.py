@@ -10,10 +10,11 @@ transformers and compare logits. The encoders are not part of it (Llama has no p
 `--format omni` writes the whole omnimodal model as a self-contained folder that `train.inference.load.load_checkpoint`
 loads: a byte-identical copy of every file of the checkpoint folder (weights, configs, tokenizer, data state,
 provenance.json, slsa_provenance.json, data_manifest.json, model.sig when signed, the DeepSpeed state ds/),
-nothing added and nothing rewritten. The certificate and the signature cover every file of the folder, so
-`omniscratch verify EXPORT --public-key KEY` passes on the export exactly as on the checkpoint (tested).
-`--without-resume-state` leaves out ds/ (optimizer state, ~3x the weights) for a smaller folder that still
-loads; verify then reports each ds/ file as "listed in the certificate but missing": that is the truth.
+nothing added and nothing rewritten, so `omniscratch verify EXPORT --public-key KEY` passes on the export exactly
+as on the checkpoint (tested). `--without-resume-state` writes the release form: ds/ (the resume state: optimizer,
+RNG, DeepSpeed shards, ~3x the weights) is the witness bundle, which the signature does not cover and the signed
+certificate binds by the digest of its manifest (train/provenance/record.py split_witness); the release verifies
+on its own, and verify reports replay from it as unavailable (tests/test_witness.py).
 
 Mapping (ours -> HF Llama), the places where conversions usually go wrong:
 - RoPE: we rotate consecutive pairs of each head's dims (Meta's layout), HF Llama rotates halves; the q/k rows of
@@ -198,7 +199,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="hf: text decoder as LlamaForCausalLM; omni: the whole model, certificate included")
     parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     parser.add_argument("--without-resume-state", action="store_true",
-                        help="omni: leave out the DeepSpeed state ds/ (smaller; verify then reports its files missing)")
+                        help="omni: the release form, without the DeepSpeed state ds/ (verifies; replay unavailable)")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -44,9 +44,10 @@ from train.provenance import digest
 from train.provenance.digest import component_roots, differing_components, digest_bytes, digest_of, tensor_digests, update_sizes
 from train.provenance.hashing import SafetensorsFile, cpus, folder_files, hash_files, rank_patterns
 
-SCHEMA = "omniscratch.provenance/v1"
+SCHEMA = "omniscratch.provenance/v2"  # v2: the resume state ds/ is a witness bundle apart from the release files
 RECORD, SLSA, SIGNATURE, DATA_MANIFEST = "provenance.json", "slsa_provenance.json", "model.sig", "data_manifest.json"
 UNHASHED = {RECORD, SIGNATURE}  # the record cannot hash itself; the signature is made after it
+WITNESS = "ds/"  # the resume state: a witness bundle, needed only for replay (split_witness)
 # Imported by our own code but declared by none of pyproject's dependencies (each comes in through one of them), so
 # named here to stay in the record whatever the dependencies pull in.
 UNDECLARED_ROOTS = ("packaging", "pyarrow", "cryptography")
@@ -336,7 +337,8 @@ class Recorder:
         derived = {**derived, **self.init["derived"]}
         write_slsa(folder / SLSA, self, files, derived)
         files[SLSA] = hash_files(folder, [SLSA])[SLSA]
-        link["files"] = digest_of(files)
+        files, witness = split_witness(files)
+        link["files"], link["witness"] = digest_of(files), digest_of(witness)
         chain = self.chain + [link]
         record = {
             "schema": SCHEMA, "run": self.run, "step": int(step),
@@ -348,10 +350,22 @@ class Recorder:
             "data": {"manifest": DATA_MANIFEST if self.data_digest else None, "digest": self.data_digest},
             "tripwire": {"events": events, "allow_derived": bool(self.tripwire and self.tripwire.allow_derived)},
             "claim": "derived" if derived else "from_scratch", "derived": derived,
-            "files": {"algorithm": "blake3", "digests": files, **({"rank_files": list(rank_files)} if rank_files else {})},
+            "files": {"algorithm": "blake3", "digests": files,
+                      "witness": {"digest": digest_of(witness), "digests": witness},
+                      **({"rank_files": list(rank_files)} if rank_files else {})},
         }
         self.chain, self._steps, self._weights_log = chain, [], []
         return record
+
+
+def split_witness(files: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """{path: digest} -> (the release files, the witness bundle under ds/). The release (weights, configs, tokenizer,
+    data manifest, certificate, signature) verifies on its own; the witness bundle (DeepSpeed state, RNG files) is
+    bound by the digest of its manifest, `files.witness` in the record and `witness` in each lineage link, and
+    needed only to replay from the checkpoint. The signature covers the release files alone, so that a release
+    without ds/ verifies and a save does not hash the optimizer shards a second time for the signature."""
+    return ({n: d for n, d in files.items() if not n.startswith(WITNESS)},
+            {n: d for n, d in files.items() if n.startswith(WITNESS)})
 
 
 def write_slsa(path: Path, rec: Recorder, files: dict[str, str], derived: dict) -> None:

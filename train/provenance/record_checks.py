@@ -72,8 +72,10 @@ def check_lineage(rep: Report, folder: Path, rec: dict, certified: dict) -> None
     if last is None or last["end_step"] != rec["step"]:
         rep.add("lineage", "chain", False, f"does not end at this checkpoint's step {rec['step']}")
         return
-    if last["files"] != digest_of(certified) or last["weights"] != {c: r["root"] for c, r in rec["weights"].items()}:
-        rep.add("lineage", f"link {len(chain) - 1}", False, "does not describe this checkpoint's files and weights")
+    if last["files"] != digest_of(certified) or last["weights"] != {c: r["root"] for c, r in rec["weights"].items()} \
+            or last.get("witness") != rec["files"].get("witness", {}).get("digest"):
+        rep.add("lineage", f"link {len(chain) - 1}", False,
+                "does not describe this checkpoint's files, witness bundle and weights")
         return
     kept = 0
     for other in sorted(folder.parent.glob("step_*")):
@@ -140,6 +142,27 @@ def check_layout(rep: Report, names: list[str], rec: dict) -> None:
                 f"every rank 0-{world - 1} has its files ({shown})")
     elif patterns:
         rep.add("ranks", "ds/", None, f"not checked: no file under ds/ matches the recorded per-rank patterns ({shown})")
+
+
+def check_witness(rep: Report, rec: dict, witness: dict[str, str]) -> None:
+    """The resume state ds/ against the manifest the record binds (files.witness); absent, as in a release, it is
+    not a failure: replay from this checkpoint is unavailable, and the row says so."""
+    claim = rec["files"].get("witness")
+    if not isinstance(claim, dict) or digest_of(claim.get("digests")) != claim.get("digest"):
+        rep.add("witness", "ds/", False, "the certificate binds no witness manifest (files.witness), or its digest "
+                "does not match its list")
+        return
+    if not witness:
+        rep.add("witness", "ds/", None, f"not present (release form): {len(claim['digests'])} resume-state file(s) "
+                "bound by the certificate; replay from this checkpoint is unavailable")
+        return
+    bad = sorted(n for n in set(witness) | set(claim["digests"]) if witness.get(n) != claim["digests"].get(n))
+    for name in bad:
+        rep.add("files", name, False, "missing from the witness bundle" if name not in witness else
+                "not in the certificate's witness manifest" if name not in claim["digests"] else
+                "digest differs from the certificate's witness manifest")
+    if not bad:
+        rep.add("witness", "ds/", True, f"{len(witness)} resume-state files match the certificate's witness manifest")
 
 
 def inside(folder: Path, name: str) -> bool:

@@ -17,8 +17,10 @@ Notable choices:
   within X times the segment's update measured by the verifier itself between the weights at the segment's two ends
   (the start checkpoint's model.safetensors, or step 0 rebuilt from config and seed). A forged end point is as far
   from the replay as the forgery; an honest one is orders of magnitude closer than the update.
-- A kept checkpoint used as an end point (the start of a link whose predecessor was not replayed, or the end of
-  one) is verified first: its signature with the verifier's key, every file against it and its own record.
+- Every kept checkpoint at an end of a chosen link is verified before any replay runs: its signature with the
+  verifier's key, every file against it and its own record, and its resume state bound to its weights (the fp32
+  weights in its DeepSpeed state equal its model.safetensors bit for bit: witness.py). One that fails fails its
+  links, and no other link is replayed: a trainer who published a lying checkpoint gets no hours of replay.
 - Consecutive links replay in sequence: when link i-1 replayed bit-identically, link i resumes from the replay's own
   checkpoint, not from the kept one, so a run of replayed links from init rests on nothing the trainer wrote but the
   data and configs.
@@ -42,7 +44,7 @@ import torch
 from train.checkpoint import read_weights
 from train.provenance.digest import component_roots, digest_bytes, update_sizes
 from train.provenance.hashing import folder_files, hash_files, safetensors_digests
-from train.provenance.record import RECORD, digest_of, init_digest, rebuild_init
+from train.provenance.record import RECORD, digest_of, init_digest, rebuild_init, split_witness
 from train.provenance.signing import SIGNATURE, signed_manifest
 
 
@@ -67,6 +69,8 @@ def replayable(folder: Path, rec: dict) -> tuple[list[tuple[int, Path | None, Pa
             why = f"checkpoint step_{link['end_step']:06d} (its end) is not kept"
         elif link["start_step"] and start is None:
             why = f"checkpoint step_{link['start_step']:06d} (its start) is not kept"
+        elif start is not None and not (start / "ds").is_dir():
+            why = f"kept {start.name} has no witness bundle (ds/, its resume state): a release form"
         elif start is not None and digest_of(json.loads((start / RECORD).read_text())["chain"][-1]) != link["parent"]:
             why = f"kept {start.name} is not this chain's link {i - 1}"
         elif start is None and link["parent"] != init_digest(rec["init"]):
@@ -87,13 +91,29 @@ def endpoint_problem(folder: Path, public_key) -> str | None:
         signed = signed_manifest(folder, public_key)
     except ValueError as e:
         return str(e)
-    actual = hash_files(folder, folder_files(folder, exclude={SIGNATURE}))
-    certified = json.loads((folder / RECORD).read_text())["files"]["digests"]
+    actual, witness = split_witness(hash_files(folder, folder_files(folder, exclude={SIGNATURE})))
+    files = json.loads((folder / RECORD).read_text())["files"]
+    certified, bound = files["digests"], files.get("witness", {}).get("digests", {})
     bad = sorted(n for n in set(signed) | set(actual) | set(certified) if n != RECORD and not
                  signed.get(n) == actual.get(n) == certified.get(n))
+    bad += sorted(n for n in set(witness) | set(bound) if witness.get(n) != bound.get(n))
     if bad or signed.get(RECORD) != actual.get(RECORD):
         return f"{folder.name}: files differ from its signature or its record: {', '.join(bad or [RECORD])}"
+    if files.get("witness", {}).get("digest") != digest_of(bound):
+        return f"{folder.name}: its witness manifest does not match the digest its record binds"
     return None
+
+
+def kept_problems(folder: Path, chosen: list, public_key) -> dict[Path, str]:
+    """Kept checkpoint -> why it cannot be trusted as the trainer's, for each end of a chosen link other than the
+    verified checkpoint itself: its signature and files (endpoint_problem), then its resume state bound to its
+    weights (witness.py), all checked before any replay runs."""
+    from train.provenance.witness import resume_state_problems
+
+    kept = sorted({f for _, start, end in chosen for f in (start, end) if f is not None and f != folder})
+    bad = {f: p for f in kept if public_key and (p := endpoint_problem(f, public_key))}
+    bound = resume_state_problems([f for f in kept if f not in bad])
+    return bad | {f: f"{f.name}: {p}" for f, p in bound.items() if p}
 
 
 def choose(cands: list, k: int, seed: int) -> list:
@@ -179,16 +199,18 @@ def replay(rep, folder: Path, rec: dict, k: int | str, seed: int, tolerance: flo
                 f"replayable, so none replayed" + (f" (ask for at most {len(chosen)})" if chosen else "")
                 + (f"; not replayable: {shown}" if shown else ""))
         return
+    bad = kept_problems(folder, chosen, public_key)  # every kept end point, before any replay runs
     done: dict[int, Path] = {}  # link -> the replay's own checkpoint, when it matched bit for bit
     with tempfile.TemporaryDirectory(prefix="omniscratch-replays-") as work:
         for i, start, end in chosen:
             link = chain[i]
             start = done.get(i - 1, start)
             origin = "init" if i == 0 else f"the replay of link {i - 1}" if i - 1 in done else f"kept {start.name}"
-            kept = [f for f in (start if origin.startswith("kept") else None, end if end != folder else None) if f]
-            problems = [p for p in (endpoint_problem(f, public_key) for f in kept) if p] if public_key else []
+            problems = [bad[f] for f in (start, end) if f in bad]
             if problems:  # a tampered end point is no evidence either way: failed, not replayed
                 ok, why = False, "kept end point does not verify: " + "; ".join(problems)
+            elif bad:  # the trainer published a checkpoint that lies: no replay is spent on its other segments
+                ok, why = False, "not replayed: a kept end point of another segment does not verify"
             else:
                 ok, why = replay_segment(rec, i, start, end, tolerance, work=Path(work), allow_derived=allow_derived)
             if why == "bit-identical":
@@ -196,7 +218,7 @@ def replay(rep, folder: Path, rec: dict, k: int | str, seed: int, tolerance: flo
             rep.add("replay", f"link {i} (steps {link['start_step']}-{link['end_step']})", ok, f"{why}; from {origin}")
             cov["replayed" if ok else "failed"].append(i)
             cov["steps_replayed"] += (link["end_step"] - link["start_step"]) if ok else 0
-            if origin.startswith("kept"):  # rests on a resume state the trainer wrote, not bound to its weights here
+            if origin.startswith("kept"):  # its optimizer moments are the trainer's: only its weights are bound
                 cov["from_kept"].append(i)
     rep.add("replay", "coverage", True, f"{len(chosen)} of {len(chain)} links replayed as asked (seed {seed})"
             + (f"; not replayable: {shown}" if shown else ""))

@@ -56,8 +56,8 @@ def path_basis(rep: Report) -> tuple[str, bool]:
     if len(cov["replayed"]) == cov["links"]:
         if not cov["from_kept"]:
             return f"every step replayed from init ({cov['steps']} steps, links {cov['links']} of {cov['links']})", True
-        return (f"every link replayed, but links {_links(cov['from_kept'])} from kept checkpoints' resume state, which "
-                f"is not bound to their weights", False)
+        return (f"every link replayed, but links {_links(cov['from_kept'])} from kept checkpoints' resume state, whose "
+                f"weights are bound to model.safetensors but whose optimizer moments are the trainer's", False)
     return (f"{cov['steps_replayed']} of {cov['steps']} steps replayed (links {len(cov['replayed'])} of "
             f"{cov['links']}); the rest declared, not replayed", False)
 

@@ -36,7 +36,7 @@ PRIVATE, PUBLIC = "signing.key", "signing.pub"
 
 def hashing_config() -> hashing.Config:
     return (hashing.Config().use_file_serialization(hashing_algorithm=ALGORITHM)
-            .set_ignored_paths(paths=[SIGNATURE], ignore_git_paths=False))
+            .set_ignored_paths(paths=[SIGNATURE, "ds"], ignore_git_paths=False))  # ds/: bound by the record instead
 
 
 def init_keys(out: Path, force: bool = False) -> tuple[Path, Path]:
@@ -60,7 +60,8 @@ def init_keys(out: Path, force: bool = False) -> tuple[Path, Path]:
 
 
 def sign_checkpoint(folder, private_key, password: str | None = None) -> Path:
-    """Sign every file of `folder` (except the signature) into `folder/model.sig`; returns its path."""
+    """Sign every release file of `folder` into `folder/model.sig` (not ds/, the witness bundle that the signed
+    provenance.json binds by digest: record.split_witness); returns its path."""
     folder = Path(folder)
     with atomic_path(folder / SIGNATURE, directory=folder.parent) as tmp:
         (signing.Config().use_elliptic_key_signer(private_key=Path(private_key), password=password)

@@ -3,7 +3,9 @@ checkpoint's provenance certificate.
 
 The trainer holds the signing key and can run any code, so every field of provenance.json is a claim until checked.
 Established here (a failure names the file or component and the reason): the signature (model-signing: who signed);
-every file's digest against the signature and the certificate; model.safetensors' tensor digests; completeness (the
+every release file's digest against the signature and the certificate, and the witness bundle ds/ (the resume state,
+needed only for replay; absent from a release, which then verifies with replay reported unavailable) against the
+manifest the certificate binds; model.safetensors' tensor digests; completeness (the
 weights file holds exactly the model of the certified config, every component in every map of the record, run seed
 = init seed; train/provenance/completeness.py); the lineage chain's hash links back to init (and any kept older
 checkpoint); step 0 rebuilt from config and seed, per component; tokenizer and data-manifest digests; with --replay,
@@ -49,7 +51,7 @@ from train.provenance.hashing import (
     folder_files,
     hash_files,
 )
-from train.provenance.record import RECORD, SCHEMA, digest_of, rebuild_init
+from train.provenance.record import RECORD, SCHEMA, digest_of, rebuild_init, split_witness
 from train.provenance.record_checks import ALLOWED_LICENCES, REVIEWED, licence_ok  # noqa: F401 - part of this module's interface
 from train.provenance.report import Report, certificate_md, qualify, table, verdict
 from train.provenance.signing import SIGNATURE, signed_manifest
@@ -88,7 +90,7 @@ def _verify(rep, folder, public_key, early, weights, replay, allowed, reviewed, 
     except ValueError as e:
         rep.add("files", str(folder), False, str(e))
         return
-    actual = hash_files(folder, present, weights=weights)
+    actual, witness = split_witness(hash_files(folder, present, weights=weights))
     if signed is not None:
         for name in sorted(set(signed) | set(actual)):
             if name not in actual:
@@ -116,8 +118,10 @@ def _verify(rep, folder, public_key, early, weights, replay, allowed, reviewed, 
             rep.add("files", name, False, "present but not listed in the certificate")
         elif certified[name] != actual[name]:
             rep.add("files", name, False, "digest differs from the certificate")
+    record_checks.check_witness(rep, rec, witness)
     try:
-        record_checks.check_layout(rep, sorted(set(actual) | set(certified)), rec)
+        record_checks.check_layout(rep, sorted(set(actual) | set(certified) | set(witness)
+                                               | set(rec["files"].get("witness", {}).get("digests", {}))), rec)
     except Exception as e:  # noqa: BLE001 - a record too malformed to read its layout claims fails, named
         rep.add("ranks", RECORD, False, f"could not be checked: {type(e).__name__}: {e}")
     if not any(c["check"] == "files" for c in rep.checks):

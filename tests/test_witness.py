@@ -1,0 +1,107 @@
+"""Replay witnesses: retention keeps the checkpoints a verifier's replay needs (`checkpoint.witness_every`), and a
+kept checkpoint's resume state must hold the weights its model.safetensors holds before replay starts from it.
+
+    OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q tests/test_witness.py
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from distributed.train_env import cli
+from verify_runs import failures, honest_run, recertify
+
+from train import checkpoint as ckpt
+from train.provenance.record import RECORD
+from train.provenance.replay import choose, replayable
+from train.provenance.verify import verify
+from train.provenance.witness import resume_state_problems
+
+
+def _save(root: Path, step: int, parent: str | None) -> Path:
+    tmp = ckpt.begin(root, step)
+    (tmp / "data_state.json").write_text(json.dumps({"step": step, "parent": parent}))
+    final = ckpt.commit(tmp, {"step": step})
+    ckpt.write_latest(root, final)
+    return final
+
+
+def test_retention_keeps_each_witness_with_the_checkpoint_it_resumed_from(tmp_path):
+    """Saved every 3 steps (and at 16, as on SIGTERM), a witness every 9: step 9 stays with step 6 and step 18 with
+    step 16, the checkpoint each resumed from (its `parent`, not a step count), whatever keep_last says."""
+    root, parent = tmp_path / "checkpoints", None
+    for step in (3, 6, 9, 12, 15, 16, 18):
+        parent = _save(root, step, parent).name
+        ckpt.retain(root, keep_last=1, keep_every=0, witness_every=9)
+    assert [p.name for p in ckpt.complete_checkpoints(root)] == ["step_000006", "step_000009", "step_000016",
+                                                                 "step_000018"]
+    ckpt.retain(root, keep_last=1, keep_every=0)  # without the rule, only the latest is left
+    assert [p.name for p in ckpt.complete_checkpoints(root)] == ["step_000018"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return honest_run(tmp_path_factory)
+
+
+@pytest.fixture
+def copy(run, tmp_path):
+    shutil.copytree(run[0], tmp_path / "checkpoints")
+    return tmp_path / "checkpoints" / "step_000006"
+
+
+def test_honest_kept_checkpoints_hold_their_weights_in_their_resume_state(copy):
+    """ZeRO-3: the fp32 partitions DeepSpeed resumes from, reassembled, are model.safetensors to the bit."""
+    kept = [copy.parent / "step_000002", copy.parent / "step_000004"]
+    assert resume_state_problems(kept) == {f: None for f in kept}
+
+
+def test_a_resume_state_with_other_weights_fails_naming_the_checkpoint_before_any_replay(run, copy):
+    """The trainer edits the fp32 partition of step_000004's DeepSpeed state (the weights a replay of link 2 would
+    start from) and re-signs it and the chain after it: files and signatures verify, its resume state is caught, and no
+    replay runs."""
+    kept = copy.parent / "step_000004"
+    (shard,) = (kept / "ds").glob("*zero_pp_rank_0_*optim_states.pt")
+    state = torch.load(shard, map_location="cpu", weights_only=False)  # our own test file
+    flat = state["optimizer_state_dict"]["fp32_flat_groups"][0]
+    with torch.no_grad():
+        flat[:64] += 1e-3  # the first parameter's first values: a resume would start from other weights
+    torch.save(state, shard)
+    recertify(kept, run[1])  # its link now names other files: the later checkpoint is re-certified on that chain
+    chain = json.loads((kept / RECORD).read_text())["chain"]
+    recertify(copy, run[1], edit=lambda r: r["chain"].__setitem__(slice(0, len(chain)), chain))
+    rec = json.loads((copy / RECORD).read_text())
+    cands, _ = replayable(copy, rec)
+    seed = next(s for s in range(100) if [c[0] for c in choose(cands, 1, s)] == [2])  # link 2: steps 4-6
+    res = cli("verify", str(copy), "--public-key", str(run[2]), "--replay", "1", "--replay-seed", str(seed),
+              check=False)
+    assert res.returncode == 1, res.stdout
+    want = ("kept end point does not verify: step_000004: its DeepSpeed state (the resume state replay starts from) "
+            "holds other weights than its model.safetensors: 1 tensor(s), ")
+    rows = [line for line in res.stdout.splitlines() if line.startswith("replay") and "link 2 (steps 4-6)" in line]
+    assert len(rows) == 1 and want in rows[0] and rows[0].endswith("; from kept step_000004"), res.stdout
+    assert res.stdout.splitlines()[-1].startswith("VERDICT: FAILED: replay link 2 (steps 4-6): " + want)
+
+
+def test_the_release_form_verifies_without_its_witness_bundle(run, tmp_path):
+    """`export --format omni --without-resume-state`: weights, configs, tokenizer, certificate, signature, data
+    manifest and no ds/. It verifies; replay from it is reported unavailable, not as missing files."""
+    release = tmp_path / "release"
+    cli("export", str(run[0] / "step_000006"), "--format", "omni", "--without-resume-state", "--out", str(release))
+    assert not (release / "ds").exists()
+    res = cli("verify", str(release), "--public-key", str(run[2]), "--json")
+    rep = json.loads(res.stdout)
+    assert [(c["subject"], c["status"]) for c in rep["checks"] if c["check"] == "witness"] == [("ds/", "SKIP")]
+    assert not rep["failures"] and rep["verdict"].startswith("VERDICT: VERIFIED"), rep["verdict"]
+    skip = next(c for c in rep["checks"] if c["check"] == "witness")
+    assert "not present (release form)" in skip["reason"] and "replay from this checkpoint is unavailable" in skip["reason"]
+    bundle = run[0] / "step_000006" / "ds"  # the witness bundle put back beside it: bound, checked, and so is a change
+    shutil.copytree(bundle, release / "ds")
+    assert not verify(release, run[2]).failures
+    (release / "ds" / "rng_rank0.pt").write_bytes(b"other")
+    assert failures(verify(release, run[2])) == [
+        ("files", "ds/rng_rank0.pt", "digest differs from the certificate's witness manifest")]
