@@ -15,13 +15,13 @@ Notable choices:
   optimizer settings, per-component update sizes, weight digests every K steps, the component roots at the end and
   the digest of the checkpoint's file list. Each link names its parent's digest (link 0 names the init record), and
   every checkpoint carries the whole chain, so pruning old checkpoints never breaks verification.
-- Update sizes are measured against the previous checkpoint's weights kept on rank 0's CPU (one fp32 copy): a
-  borrowed component that stayed frozen shows an update of exactly zero.
+- Update sizes are measured against the segment's start read one tensor at a time (train/provenance/segment.py:
+  the previous checkpoint's file, or step 0 rebuilt), never a held copy: a borrowed component that stayed frozen
+  shows an update of exactly zero.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -30,7 +30,6 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
@@ -43,6 +42,7 @@ from model.init import sampler
 from train.provenance import digest
 from train.provenance.digest import component_roots, differing_components, digest_bytes, digest_of, tensor_digests, update_sizes
 from train.provenance.hashing import SafetensorsFile, cpus, folder_files, hash_files, rank_patterns
+from train.provenance.segment import MappedWeights, StepZero, segment_start
 
 SCHEMA = "omniscratch.provenance/v2"  # v2: the resume state ds/ is a witness bundle apart from the release files
 RECORD, SLSA, SIGNATURE, DATA_MANIFEST = "provenance.json", "slsa_provenance.json", "model.sig", "data_manifest.json"
@@ -175,64 +175,6 @@ def rebuild_init(model_cfg, seed: int, dtypes: dict[str, str] | None = None, vis
     return {n: out[n] for n, _ in shapes}
 
 
-# ---- the weights at a segment's start, read one tensor at a time -----------------------------------------------------
-
-_BY_CODE = {code: dtype for dtype, code in digest.DTYPES.items()}
-
-
-class _Mapped(Mapping):
-    """A mapped .safetensors file as a read-only {name: fp32 tensor}, each tensor read when asked for."""
-
-    def __init__(self, f: SafetensorsFile):
-        self.f = f
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        t = self.f.tensor(name)
-        if t is None:
-            raise KeyError(name)
-        return t.float()
-
-    def __iter__(self):
-        return iter(self.f.header)
-
-    def __len__(self) -> int:
-        return len(self.f.header)
-
-
-class _StepZero(Mapping):
-    """The step-0 weights as {name: fp32 tensor}: rebuilt from (config, seed) tensor by tensor when asked for, in the
-    recorded dtype, except the derived components' tensors, which no rebuild gives and which are kept."""
-
-    def __init__(self, model_cfg, seed: int, digests: dict[str, dict], kept: dict[str, torch.Tensor]):
-        self.cfg, self.seed, self.kept = model_cfg, seed, {n: t.float() for n, t in kept.items()}
-        self.shapes = {n: (d["shape"], d["dtype"]) for n, d in digests.items()}
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        if name in self.kept:
-            return self.kept[name]
-        shape, code = self.shapes[name]
-        return init_tensor(name, shape, self.seed, self.cfg).to(_BY_CODE[code]).float()  # as recorded
-
-    def __iter__(self):
-        return iter(self.shapes)
-
-    def __len__(self) -> int:
-        return len(self.shapes)
-
-
-@contextlib.contextmanager
-def _segment_start(prev: Path | _StepZero):
-    """The weights the open segment started from: step 0, or the weights file of the checkpoint it continues."""
-    if isinstance(prev, _StepZero):
-        yield prev
-        return
-    with SafetensorsFile(prev) as f:
-        if f.error is not None:
-            raise ValueError(f"{prev}: the weights this segment started from cannot be read ({f.error}); update sizes "
-                             f"need them: keep a live run's latest checkpoint in place") from None
-        yield _Mapped(f)
-
-
 # ---- the recorder ---------------------------------------------------------------------------------------------------
 
 class Recorder:
@@ -289,7 +231,7 @@ class Recorder:
         self.init = {"seed": self.seed, "scheme": INIT_SCHEME, "sampler": sampler(), "tensors": real,
                      "components": component_roots(real),
                      "derived": {c: declared[c] for c in differ}}
-        self._prev = _StepZero(self.model_cfg, self.seed, real, {n: t for n, t in kept.items() if component_of(n) in differ})
+        self._prev = StepZero(self.model_cfg, self.seed, real, {n: t for n, t in kept.items() if component_of(n) in differ})
 
     def record_step(self, step: int, sample_ranges, lr: float) -> None:
         if self.rank == 0:
@@ -323,8 +265,8 @@ class Recorder:
         with SafetensorsFile(folder / "model.safetensors") as weights:
             files = hash_files(folder, folder_files(folder, exclude=UNHASHED | {SLSA}), weights=weights)
             tensors = weights.digests
-            with _segment_start(self._prev) as before:
-                update = update_sizes(before, _Mapped(weights))
+            with segment_start(self._prev) as before:
+                update = update_sizes(before, MappedWeights(weights))
         self._prev = folder.with_name(folder.name.removesuffix(".tmp")) / "model.safetensors"  # after the commit
         roots = component_roots(tensors)
         start = self.chain[-1]["end_step"] if self.chain else 0
