@@ -62,6 +62,9 @@ def test_replay_all_fails_naming_the_link_of_the_injection(run, copy):
     assert "FAIL   not bit-identical (vision_encoder: distance" in rows[1], rows  # the replay's honest step 4
     assert rows[2].endswith("PASS   bit-identical; from kept step_000004"), rows  # after it, honest training
     assert out[-1].startswith("VERDICT: FAILED: replay link 1 (steps 2-4): not bit-identical (vision_encoder"), out[-1]
+    table = {line.split()[0]: line for line in out if line.split() and line.split()[0] in ("vision_encoder", "text_decoder")}
+    assert "FAIL" in table["vision_encoder"] and "replay of link 1 (steps 2-4) did not reproduce" in table["vision_encoder"]
+    assert "FAIL" not in table["text_decoder"], table  # its weights replayed bit-identically
 
 
 def test_with_the_injection_deleted_coverage_is_partial_and_never_unqualified(run, copy, tmp_path):

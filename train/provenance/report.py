@@ -67,8 +67,16 @@ def qualify(rep: Report) -> None:
     only when every step from init to these weights was replayed, or the verifier accepted sampled coverage."""
     basis, full = path_basis(rep)
     sampled = bool(rep.coverage and rep.coverage["replayed"])
+    failed = [c for c in rep.checks if c["check"] == "replay" and c["status"] == "FAIL" and c["subject"] != "coverage"]
     for row in rep.components:
         if row["verdict"] != "from scratch":  # FAIL, derived, not trained: their basis is set where decided
+            continue
+        # a replay that did not reproduce: the components it names, or every one when it names none
+        named = [c for c in failed if row["component"] in c["reason"]]
+        against = named or [c for c in failed if not any(r["component"] in c["reason"] for r in rep.components)]
+        if against:
+            row["verdict"] = "FAIL"
+            row["basis"] = f"init verified; the replay of {against[0]['subject']} did not reproduce these weights"
             continue
         row["basis"] = f"init verified; {basis}"
         if full or (sampled and rep.accept_sampled):
