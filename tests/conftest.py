@@ -1,6 +1,7 @@
 """Shared test fixtures. Run the suite with `make test` (or `.venv/bin/python -m pytest -q tests`)."""
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -19,3 +20,19 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 @pytest.fixture(scope="session")
 def root() -> Path:
     return ROOT
+
+
+@pytest.fixture(scope="session")
+def honest(tmp_path_factory):
+    """-> (checkpoints folder of an honest signed run, private key, public key, attacker's private key): trained once
+    per session (tests/verify_runs.py) for the verify tests, which attack private copies of it."""
+    from verify_runs import honest_run
+
+    return honest_run(tmp_path_factory.mktemp("verify"))
+
+
+@pytest.fixture
+def honest_copy(honest, tmp_path):
+    """A private copy of the honest run's checkpoints; -> its last checkpoint folder."""
+    shutil.copytree(honest[0], tmp_path / "checkpoints")
+    return tmp_path / "checkpoints" / "step_000006"

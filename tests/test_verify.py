@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from distributed.train_env import ROOT, TEST_MODEL, cli, env, make_workspace
-from verify_runs import failures, foreign_vision, honest_run, recertify
+from verify_runs import failures, foreign_vision, recertify
 
 from model import OmniModel, init_weights
 from model.config import ModelConfig, from_dict
@@ -32,23 +32,9 @@ from train.provenance.signing import SIGNATURE, init_keys, sign_checkpoint
 from train.provenance.verify import verify
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """-> (checkpoints folder of an honest signed run, private key, public key, attacker's private key)."""
-    return honest_run(tmp_path_factory)
-
-
-@pytest.fixture
-def copy(run, tmp_path):
-    """A private copy of the run's checkpoints; -> its last checkpoint folder."""
-    dst = tmp_path / "checkpoints"
-    shutil.copytree(run[0], dst)
-    return dst / "step_000006"
-
-
-def test_honest_run_verifies(run, tmp_path):
-    folder = run[0] / "step_000006"
-    res = cli("verify", str(folder), "--public-key", str(run[2]), "--json", "--out", str(tmp_path / "CERT.md"))
+def test_honest_run_verifies(honest, tmp_path):
+    folder = honest[0] / "step_000006"
+    res = cli("verify", str(folder), "--public-key", str(honest[2]), "--json", "--out", str(tmp_path / "CERT.md"))
     report = json.loads(res.stdout)
     assert report["ok"] and not report["failures"]
     assert {c["check"] for c in report["checks"]} >= {"signature", "files", "tensors", "lineage", "init", "tokenizer",
@@ -65,12 +51,12 @@ def test_honest_run_verifies(run, tmp_path):
     assert "VERIFIED" in md and "| vision_encoder |" in md and "distance from init" in md.lower()
 
 
-def test_another_cpu_sampler_is_named_not_called_foreign(run, tmp_path):
+def test_another_cpu_sampler_is_named_not_called_foreign(honest, tmp_path):
     """torch's CPU normal sampler gives other init bytes without AVX2 (ARM runs that scalar kernel); forced here with
     ATEN_CPU_CAPABILITY=default. The honest run cannot be rebuilt there: verify must say why, per component, and not
     call it 'not trained from scratch'."""
-    folder = run[0] / "step_000006"
-    res = subprocess.run([sys.executable, "-m", "train.cli", "verify", str(folder), "--public-key", str(run[2]),
+    folder = honest[0] / "step_000006"
+    res = subprocess.run([sys.executable, "-m", "train.cli", "verify", str(folder), "--public-key", str(honest[2]),
                           "--json", "--out", str(tmp_path / "CERT.md")], cwd=ROOT, capture_output=True, text=True,
                          timeout=300, env=dict(env(), ATEN_CPU_CAPABILITY="default"))
     report = json.loads(res.stdout)
@@ -83,71 +69,72 @@ def test_another_cpu_sampler_is_named_not_called_foreign(run, tmp_path):
     assert {f["check"] for f in report["failures"]} == {"init"}  # everything else still verifies
 
 
-def test_one_flipped_byte_in_each_kind_of_file(run, copy):
-    names = folder_files(copy)
+def test_one_flipped_byte_in_each_kind_of_file(honest, honest_copy):
+    names = folder_files(honest_copy)
     assert {"model.safetensors", "provenance.json", "slsa_provenance.json", "tokenizer.json", "model.sig"} <= set(names)
     # DeepSpeed prefixes optimizer shards with "bf16_" when training in bf16 (precision=auto on AMX CPUs)
     assert any(n.startswith("ds/") and n.endswith("zero_pp_rank_0_mp_rank_00_optim_states.pt") for n in names), names
-    pristine = {n: (copy / n).read_bytes() for n in names}
+    pristine = {n: (honest_copy / n).read_bytes() for n in names}
     for name in names:
         data = bytearray(pristine[name])
         data[len(data) // 2] ^= 0x01
-        (copy / name).write_bytes(bytes(data))
-        found = failures(verify(copy, run[2]))
+        (honest_copy / name).write_bytes(bytes(data))
+        found = failures(verify(honest_copy, honest[2]))
         if name == SIGNATURE:
             assert found and found[0][0] == "signature", (name, found)
         elif name.startswith("ds/"):  # the witness bundle: bound by the signed certificate, not signed itself
             assert found == [("files", name, "digest differs from the certificate's witness manifest")], found
         else:
             assert ("files", name, "digest differs from the signed digest (file changed after signing)") in found, found
-        (copy / name).write_bytes(pristine[name])
-    assert not verify(copy, run[2]).failures
+        (honest_copy / name).write_bytes(pristine[name])
+    assert not verify(honest_copy, honest[2]).failures
 
 
-def test_renamed_files_are_caught_by_name(run, copy):
-    a, b = copy / "ds" / "zero_pp_rank_0_mp_rank_00_model_states.pt", copy / "ds" / "rng_rank0.pt"
-    a.rename(copy / "tmp"), b.rename(a), (copy / "tmp").rename(b)
-    subjects = {f[1] for f in failures(verify(copy, run[2]))}
+def test_renamed_files_are_caught_by_name(honest, honest_copy):
+    a, b = honest_copy / "ds" / "zero_pp_rank_0_mp_rank_00_model_states.pt", honest_copy / "ds" / "rng_rank0.pt"
+    a.rename(honest_copy / "tmp"), b.rename(a), (honest_copy / "tmp").rename(b)
+    subjects = {f[1] for f in failures(verify(honest_copy, honest[2]))}
     assert {"ds/zero_pp_rank_0_mp_rank_00_model_states.pt", "ds/rng_rank0.pt"} <= subjects
 
 
-def test_vision_swap_resigned_by_attacker_fails_the_signature(run, copy):
-    foreign_vision(copy)
-    sign_checkpoint(copy, run[3])  # the attacker's own key
-    found = failures(verify(copy, run[2]))
+def test_vision_swap_resigned_by_attacker_fails_the_signature(honest, honest_copy):
+    foreign_vision(honest_copy)
+    sign_checkpoint(honest_copy, honest[3])  # the attacker's own key
+    found = failures(verify(honest_copy, honest[2]))
     assert found[0][0] == "signature" and "Key mismatch" in found[0][2]
 
 
-def test_vision_swap_with_right_key_but_old_certificate_fails_the_digests(run, copy):
-    foreign_vision(copy)
-    sign_checkpoint(copy, run[1])
-    found = failures(verify(copy, run[2]))
+def test_vision_swap_with_right_key_but_old_certificate_fails_the_digests(honest, honest_copy):
+    foreign_vision(honest_copy)
+    sign_checkpoint(honest_copy, honest[1])
+    found = failures(verify(honest_copy, honest[2]))
     assert ("files", "model.safetensors", "digest differs from the certificate") in found
     assert ("tensors", "vision_encoder", "component Merkle root differs from the certificate") in found
     assert not any(f[0] == "signature" for f in found)
 
 
-def test_edited_certificate(run, copy):
-    rec = json.loads((copy / RECORD).read_text())
+def test_edited_certificate(honest, honest_copy):
+    rec = json.loads((honest_copy / RECORD).read_text())
     rec["init"]["seed"] = 1  # unsigned edit: the signature names the file
-    (copy / RECORD).write_text(json.dumps(rec))
+    (honest_copy / RECORD).write_text(json.dumps(rec))
     assert ("files", RECORD, "digest differs from the signed digest (file changed after signing)") in failures(
-        verify(copy, run[2]))
-    recertify(copy, run[1])  # signed edit: step 0 no longer rebuilds from the claimed seed
-    found = failures(verify(copy, run[2]))
+        verify(honest_copy, honest[2]))
+    recertify(honest_copy, honest[1])  # signed edit: step 0 no longer rebuilds from the claimed seed
+    found = failures(verify(honest_copy, honest[2]))
     assert [f[1] for f in found if f[0] == "init"] == ["embeddings", "text_decoder", "vision_encoder",
                                                        "vision_projector", "audio_encoder", "audio_projector"]
 
 
-def test_removed_chain_link(run, copy):
-    recertify(copy, run[1], edit=lambda r: r["chain"].pop(1), relink_chain=False)
+def test_removed_chain_link(honest, honest_copy):
+    recertify(honest_copy, honest[1], edit=lambda r: r["chain"].pop(1), relink_chain=False)
     assert ("lineage", "link 1 (steps 4-6)", "names a parent that is not the previous link (link 0): a link is missing "
-            "or altered") in failures(verify(copy, run[2]))
-    recertify(copy, run[1], relink_chain=True)  # parents re-linked: the step gap remains
-    assert ("lineage", "link 1 (steps 4-6)", "steps do not continue from step 2 one by one") in failures(verify(copy, run[2]))
+            "or altered") in failures(verify(honest_copy, honest[2]))
+    recertify(honest_copy, honest[1], relink_chain=True)  # parents re-linked: the step gap remains
+    assert ("lineage", "link 1 (steps 4-6)", "steps do not continue from step 2 one by one") in failures(
+        verify(honest_copy, honest[2]))
 
 
-def test_foreign_weights_claiming_from_scratch(run, copy):
+def test_foreign_weights_claiming_from_scratch(honest, honest_copy):
     """A run whose vision encoder started from another model's weights, with a consistent certificate, re-signed."""
     other = OmniModel(from_dict(ModelConfig, TEST_MODEL, "TEST_MODEL"))
     init_weights(other, 99)
@@ -157,25 +144,26 @@ def test_foreign_weights_claiming_from_scratch(run, copy):
         rec["init"]["tensors"] |= foreign
         rec["init"]["components"] = component_roots(rec["init"]["tensors"])
         assert rec["claim"] == "from_scratch" and rec["derived"] == {}
-    recertify(copy, run[1], edit=claim_from_scratch)
-    found = failures(verify(copy, run[2]))
+    recertify(honest_copy, honest[1], edit=claim_from_scratch)
+    found = failures(verify(honest_copy, honest[2]))
     why = [f[2] for f in found if f[:2] == ("init", "vision_encoder")]
     assert why and why[0].startswith("init root does not match a rebuild from config and seed: not trained from "
                                      "scratch (tensors: vision."), found  # names the tensors that differ
     assert not any(f[0] == "init" and f[1] != "vision_encoder" for f in found)
 
 
-def test_kept_checkpoint_that_disagrees_with_the_chain(run, copy):
-    older = copy.parent / "step_000004" / RECORD
+def test_kept_checkpoint_that_disagrees_with_the_chain(honest, honest_copy):
+    older = honest_copy.parent / "step_000004" / RECORD
     rec = json.loads(older.read_text())
     rec["chain"][-1]["steps"][0][1] = [[0, 1]]  # it claims other data for step 3 than the newer chain does
     older.write_text(json.dumps(rec))
-    assert ("lineage", "step_000004", "kept checkpoint disagrees with link 1 of this chain") in failures(verify(copy, run[2]))
+    assert ("lineage", "step_000004", "kept checkpoint disagrees with link 1 of this chain") in failures(
+        verify(honest_copy, honest[2]))
 
 
 # ---- paths outside the folder, symlinks, renamed / reordered / missing / extra weight shards ----------------
 
-def test_paths_outside_the_folder_are_refused_by_verify(run, copy):
+def test_paths_outside_the_folder_are_refused_by_verify(honest, honest_copy):
     """In the signature's manifest (model-signing PR #647) and in the certificate's file list, '../x' and absolute
     paths fail, named, even when a key holder signed them; no such file is opened."""
     from model_signing import manifest as msm
@@ -186,36 +174,36 @@ def test_paths_outside_the_folder_are_refused_by_verify(run, copy):
     for name in bad:
         items = [msm.FileManifestItem(path=Path(name), digest=Digest("blake3", b"\0" * 32))]
         ser = msm._FileSerialization("blake3", False, frozenset({Path(SIGNATURE)}))
-        sign_ec_key.Signer(Path(run[1])).sign(signing.Payload(msm.Manifest("m", items, ser))).write(copy / SIGNATURE)
-        found = failures(verify(copy, run[2]))
+        sign_ec_key.Signer(Path(honest[1])).sign(signing.Payload(msm.Manifest("m", items, ser))).write(honest_copy / SIGNATURE)
+        found = failures(verify(honest_copy, honest[2]))
         assert found[0][:2] == ("signature", SIGNATURE) and f"path '{name}' is not a plain relative path" in found[0][2]
-    rec = json.loads((copy / RECORD).read_text())
+    rec = json.loads((honest_copy / RECORD).read_text())
     rec["files"]["digests"] |= dict.fromkeys(bad, "00" * 32)
-    (copy / RECORD).write_text(json.dumps(rec))
-    sign_checkpoint(copy, run[1])
-    found = failures(verify(copy, run[2]))
+    (honest_copy / RECORD).write_text(json.dumps(rec))
+    sign_checkpoint(honest_copy, honest[1])
+    found = failures(verify(honest_copy, honest[2]))
     for name in bad:
         assert ("files", name, "listed in the certificate with a path outside the checkpoint folder") in found, found
 
 
-def test_symlinks_are_refused_by_verify(run, copy, tmp_path):
+def test_symlinks_are_refused_by_verify(honest, honest_copy, tmp_path):
     """A signed file replaced by a symlink to identical bytes elsewhere, and a symlinked ds/ folder, both fail."""
     name, outside = "tokenizer.json", tmp_path / "elsewhere"
     outside.mkdir()
-    shutil.copyfile(copy / name, outside / name)
-    (copy / name).unlink()
-    (copy / name).symlink_to(outside / name)  # same digest: only the link itself gives it away
-    found = failures(verify(copy, run[2]))
-    assert ("files", str(copy), f"{copy}: '{name}' is a symlink or special file; checkpoints hold only regular "
+    shutil.copyfile(honest_copy / name, outside / name)
+    (honest_copy / name).unlink()
+    (honest_copy / name).symlink_to(outside / name)  # same digest: only the link itself gives it away
+    found = failures(verify(honest_copy, honest[2]))
+    assert ("files", str(honest_copy), f"{honest_copy}: '{name}' is a symlink or special file; checkpoints hold only regular "
             "files") in found, found
     assert any(f[0] == "signature" and f"path '{name}' resolves outside" in f[2] for f in found), found
-    (copy / name).unlink()
-    shutil.copyfile(outside / name, copy / name)
-    assert not verify(copy, run[2]).failures
-    shutil.move(copy / "ds", outside / "ds")
-    (copy / "ds").symlink_to(outside / "ds")
-    assert ("files", str(copy), f"{copy}: 'ds' is a symlink; checkpoints hold only regular files") in failures(
-        verify(copy, run[2]))
+    (honest_copy / name).unlink()
+    shutil.copyfile(outside / name, honest_copy / name)
+    assert not verify(honest_copy, honest[2]).failures
+    shutil.move(honest_copy / "ds", outside / "ds")
+    (honest_copy / "ds").symlink_to(outside / "ds")
+    assert ("files", str(honest_copy), f"{honest_copy}: 'ds' is a symlink; checkpoints hold only regular files") in failures(
+        verify(honest_copy, honest[2]))
 
 
 @pytest.fixture(scope="module")
@@ -278,10 +266,10 @@ def test_extra_shards_are_named_even_when_recertified(run2, copy2):
             "alone") in found
 
 
-def test_a_record_without_rank_file_patterns_is_reported_unchecked(run, copy):
+def test_a_record_without_rank_file_patterns_is_reported_unchecked(honest, honest_copy):
     """Which ds/ files are per-rank is the trainer's claim (files.rank_files in provenance.json): a certificate
     without it is not failed, but its per-rank layout is reported as not checked, never as passed."""
-    recertify(copy, run[1], edit=lambda r: r["files"].pop("rank_files", None))
-    rep = verify(copy, run[2])
+    recertify(honest_copy, honest[1], edit=lambda r: r["files"].pop("rank_files", None))
+    rep = verify(honest_copy, honest[2])
     assert not rep.failures, rep.failures
     assert [(c["subject"], c["status"]) for c in rep.checks if c["check"] == "ranks"] == [("ds/", "SKIP")]

@@ -11,11 +11,10 @@ from __future__ import annotations
 import json
 import shutil
 
-import pytest
 import torch
 from distributed.train_env import TEST_MODEL, cli
 from safetensors.torch import load_file, save_file
-from verify_runs import failures, honest_run, recertify, relink
+from verify_runs import failures, recertify, relink
 
 from model import OmniModel, init_weights
 from model.config import ModelConfig, from_dict
@@ -25,20 +24,9 @@ from train.provenance.signing import sign_checkpoint
 from train.provenance.verify import verify
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return honest_run(tmp_path_factory)
-
-
-@pytest.fixture
-def copy(run, tmp_path):
-    shutil.copytree(run[0], tmp_path / "checkpoints")
-    return tmp_path / "checkpoints" / "step_000006"
-
-
-def test_honest_output_separates_checked_from_declared(run, tmp_path):
-    folder = run[0] / "step_000006"
-    res = cli("verify", str(folder), "--public-key", str(run[2]), "--out", str(tmp_path / "CERT.md"))
+def test_honest_output_separates_checked_from_declared(honest, tmp_path):
+    folder = honest[0] / "step_000006"
+    res = cli("verify", str(folder), "--public-key", str(honest[2]), "--out", str(tmp_path / "CERT.md"))
     out = res.stdout
     assert out.splitlines()[-1] == ("VERDICT: VERIFIED: signature, files, completeness and step-0 rebuild checked; "
                                     "path to these weights declared, not replayed; components: 6 scratch init, path "
@@ -49,7 +37,7 @@ def test_honest_output_separates_checked_from_declared(run, tmp_path):
     assert "completeness" in out[established:on_claims] and "licences" in out[on_claims:declared]
     for item in ("code", "hardware", "packages", "data ranges", "learning rates", "update sizes", "tripwire log"):
         assert f"\n  {item} " in out[declared:], item
-    report = json.loads(cli("verify", str(folder), "--public-key", str(run[2]), "--json", "--out",
+    report = json.loads(cli("verify", str(folder), "--public-key", str(honest[2]), "--json", "--out",
                             str(tmp_path / "CERT.md")).stdout)
     checked = {c["check"] for c in report["checked"]}
     assert {"signature", "files", "tensors", "completeness", "init", "lineage"} <= checked
@@ -65,19 +53,19 @@ def test_honest_output_separates_checked_from_declared(run, tmp_path):
         assert said in opening, said
 
 
-def test_a_component_dropped_from_the_certificate_fails_naming_it(run, copy):
+def test_a_component_dropped_from_the_certificate_fails_naming_it(honest, honest_copy):
     """The weights file still holds the audio encoder; a certificate re-signed without it in any map (older
     checkpoints pruned, as they would contradict it) must not certify the rest and quietly renormalise the shares."""
-    rec = json.loads((copy / RECORD).read_text())
+    rec = json.loads((honest_copy / RECORD).read_text())
     for m in (rec["weights"], rec["init"]["components"], *(link[k] for link in rec["chain"] for k in ("update", "weights"))):
         m.pop("audio_encoder")
     rec["init"]["tensors"] = {n: d for n, d in rec["init"]["tensors"].items() if not n.startswith("audio.")}
     relink(rec)
-    (copy / RECORD).write_text(json.dumps(rec))
-    sign_checkpoint(copy, run[1])
+    (honest_copy / RECORD).write_text(json.dumps(rec))
+    sign_checkpoint(honest_copy, honest[1])
     for older in ("step_000002", "step_000004"):
-        shutil.rmtree(copy.parent / older)
-    rep = verify(copy, run[2])
+        shutil.rmtree(honest_copy.parent / older)
+    rep = verify(honest_copy, honest[2])
     found = failures(rep)
     assert found[0] == ("completeness", "audio_encoder", "component of the model absent from the certificate's "
                         "weights, init.components, chain[0].update, chain[0].weights and 4 more: the certificate does "
@@ -88,29 +76,29 @@ def test_a_component_dropped_from_the_certificate_fails_naming_it(run, copy):
     assert rep.to_dict()["verdict"].startswith("VERDICT: FAILED: completeness audio_encoder: component of the model")
 
 
-def test_run_seed_other_than_the_init_seed_fails(run, copy):
+def test_run_seed_other_than_the_init_seed_fails(honest, honest_copy):
     def reseed(rec):
         rec["config"]["run"]["seed"] = 8
         rec["config"]["run_digest"] = digest_of(rec["config"]["run"])
-        (copy / "run_config.json").write_text(json.dumps(rec["config"]["run"]))
-    recertify(copy, run[1], edit=reseed)
-    assert failures(verify(copy, run[2])) == [("completeness", "seed", "the run config's seed 8 is not the init "
+        (honest_copy / "run_config.json").write_text(json.dumps(rec["config"]["run"]))
+    recertify(honest_copy, honest[1], edit=reseed)
+    assert failures(verify(honest_copy, honest[2])) == [("completeness", "seed", "the run config's seed 8 is not the init "
                                                                        "record's seed 7")]
-    recertify(copy, run[1], edit=lambda r: r["config"].update(run_digest="0" * 64))
+    recertify(honest_copy, honest[1], edit=lambda r: r["config"].update(run_digest="0" * 64))
     assert ("completeness", "config.run_digest", "is not the digest of the certified run config") in failures(
-        verify(copy, run[2]))
+        verify(honest_copy, honest[2]))
 
 
-def test_weights_file_must_hold_exactly_the_model(run, copy):
+def test_weights_file_must_hold_exactly_the_model(honest, honest_copy):
     """An extra tensor, a missing one and one in another dtype, each named, though the certificate is rewritten
     around the file and re-signed."""
-    sd = load_file(copy / "model.safetensors")
+    sd = load_file(honest_copy / "model.safetensors")
     sd["vision.extra.weight"] = torch.zeros(4, 4)
     del sd["audio_proj.mlp.fc2.bias"]
     sd["vision_proj.mlp.fc1.bias"] = sd["vision_proj.mlp.fc1.bias"].half()
-    save_file(sd, copy / "model.safetensors", metadata={"format": "pt"})
-    recertify(copy, run[1])
-    found = [f for f in failures(verify(copy, run[2])) if f[0] == "completeness"]
+    save_file(sd, honest_copy / "model.safetensors", metadata={"format": "pt"})
+    recertify(honest_copy, honest[1])
+    found = [f for f in failures(verify(honest_copy, honest[2])) if f[0] == "completeness"]
     assert found == [
         ("completeness", "model.safetensors", "1 tensor(s) of the model built from the certified config missing "
          "(components audio_projector): audio_proj.mlp.fc2.bias"),
@@ -120,21 +108,21 @@ def test_weights_file_must_hold_exactly_the_model(run, copy):
          "vision_proj.mlp.fc1.bias")], found
 
 
-def test_audit_inside_verify_is_stated_relative_to_its_references(run, tmp_path):
+def test_audit_inside_verify_is_stated_relative_to_its_references(honest, tmp_path):
     """`verify --audit-reference`: another model's weights are independent references; the run's own earlier
     checkpoint is one the last checkpoint derives from."""
-    folder, other = run[0] / "step_000006", OmniModel(from_dict(ModelConfig, TEST_MODEL, "TEST_MODEL"))
+    folder, other = honest[0] / "step_000006", OmniModel(from_dict(ModelConfig, TEST_MODEL, "TEST_MODEL"))
     init_weights(other, 99)
     save_file({k: v.detach().contiguous() for k, v in other.state_dict().items()}, tmp_path / "other.safetensors")
-    res = cli("verify", str(folder), "--public-key", str(run[2]), "--audit-reference", str(tmp_path / "other.safetensors"),
+    res = cli("verify", str(folder), "--public-key", str(honest[2]), "--audit-reference", str(tmp_path / "other.safetensors"),
               "--out", str(tmp_path / "CERT.md"))
     rows = [line for line in res.stdout.splitlines() if line.startswith("audit ")]
     assert len(rows) == 6 and all("PASS   independent of the 1 reference file(s): other.safetensors (relative to "
                                   "these references only)" in line for line in rows), rows
     assert "audit: independent of the references given" in res.stdout.splitlines()[-1]
     assert "6 component(s) independent of the references the verifier gave" in (tmp_path / "CERT.md").read_text()
-    res = cli("verify", str(folder), "--public-key", str(run[2]), "--audit-reference",
-              str(run[0] / "step_000004" / "model.safetensors"), "--out", str(tmp_path / "CERT.md"), check=False)
+    res = cli("verify", str(folder), "--public-key", str(honest[2]), "--audit-reference",
+              str(honest[0] / "step_000004" / "model.safetensors"), "--out", str(tmp_path / "CERT.md"), check=False)
     assert res.returncode == 1
     assert res.stdout.splitlines()[-1].startswith("VERDICT: FAILED: audit embeddings: derived: ")
     assert "vision_encoder" in [line.split()[1] for line in res.stdout.splitlines() if " FAIL   derived: " in line]

@@ -16,27 +16,22 @@ import shutil
 import pytest
 from distributed.train_env import cli
 from safetensors.torch import load_file
-from verify_runs import foreign_vision, honest_run, inject, recertify
+from verify_runs import foreign_vision, inject, recertify
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return honest_run(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def injected(run, tmp_path_factory):
+def injected(honest, tmp_path_factory):
     """-> the attacker's step_000006, beside its step_000002 and the injected step_000004."""
     base = tmp_path_factory.mktemp("injected")
     root = base / "checkpoints"
     for name in ("step_000002", "step_000004"):
-        shutil.copytree(run[0] / name, root / name)
+        shutil.copytree(honest[0] / name, root / name)
     at = root / "step_000004"
     foreign_vision(at)
     inject(at, {n: t for n, t in load_file(at / "model.safetensors").items() if n.startswith("vision.")})
-    recertify(at, run[1])
+    recertify(at, honest[1])
     cli("train", "--config", str(at / "run_config.json"), "--resume-from", str(at), f"run_dir={base / 'cont'}",
-        f"sign_key={run[1]}", "wandb=false")
+        f"sign_key={honest[1]}", "wandb=false")
     shutil.copytree(base / "cont" / "checkpoints" / "step_000006", root / "step_000006")
     return root / "step_000006"
 
@@ -51,9 +46,9 @@ def unqualified_from_scratch(text: str) -> list[str]:
     return [line for line in text.splitlines() if re.search(r"(?<!not trained )from scratch(?! \(sampled)", line)]
 
 
-def test_replay_all_fails_naming_the_link_of_the_injection(run, copy):
-    assert cli("verify", str(copy), "--public-key", str(run[2])).returncode == 0  # every static check passes
-    res = cli("verify", str(copy), "--public-key", str(run[2]), "--replay", "all", "--replay-seed", "3",
+def test_replay_all_fails_naming_the_link_of_the_injection(honest, copy):
+    assert cli("verify", str(copy), "--public-key", str(honest[2])).returncode == 0  # every static check passes
+    res = cli("verify", str(copy), "--public-key", str(honest[2]), "--replay", "all", "--replay-seed", "3",
               check=False, timeout=900)
     out = res.stdout.splitlines()
     assert res.returncode == 1, res.stdout
@@ -67,22 +62,22 @@ def test_replay_all_fails_naming_the_link_of_the_injection(run, copy):
     assert "FAIL" not in table["text_decoder"], table  # its weights replayed bit-identically
 
 
-def test_with_the_injection_deleted_coverage_is_partial_and_never_unqualified(run, copy, tmp_path):
+def test_with_the_injection_deleted_coverage_is_partial_and_never_unqualified(honest, copy, tmp_path):
     shutil.rmtree(copy.parent / "step_000004")
-    res = cli("verify", str(copy), "--public-key", str(run[2]), "--replay", "all", "--replay-seed", "3", check=False)
+    res = cli("verify", str(copy), "--public-key", str(honest[2]), "--replay", "all", "--replay-seed", "3", check=False)
     assert res.returncode == 1, res.stdout
     assert res.stdout.splitlines()[-1] == (
         "VERDICT: FAILED: replay coverage: asked for 3 segment(s) of 3, 1 replayable, so none replayed (ask for at "
         "most 1); not replayable: link 1 (steps 2-4): checkpoint step_000004 (its end) is not kept; link 2 (steps "
         "4-6): checkpoint step_000004 (its start) is not kept")
-    res = cli("verify", str(copy), "--public-key", str(run[2]), "--replay", "1", "--replay-seed", "3",
+    res = cli("verify", str(copy), "--public-key", str(honest[2]), "--replay", "1", "--replay-seed", "3",
               "--out", str(tmp_path / "CERT.md"), "--json", timeout=900)
     rep = json.loads(res.stdout)
     assert rep["replay"]["replayed"] == [0] and [u["link"] for u in rep["replay"]["not_replayable"]] == [1, 2]
     assert {c["verdict"] for c in rep["components"]} == {"scratch init, path sampled"}
     assert {c["basis"] for c in rep["components"]} == {
         "init verified; 2 of 6 steps replayed (links 1 of 3); the rest declared, not replayed"}
-    res = cli("verify", str(copy), "--public-key", str(run[2]), "--replay", "1", "--replay-seed", "3", timeout=900)
+    res = cli("verify", str(copy), "--public-key", str(honest[2]), "--replay", "1", "--replay-seed", "3", timeout=900)
     assert res.stdout.splitlines()[-1].startswith("VERDICT: VERIFIED: signature, files, completeness and step-0 "
                                                   "rebuild checked; 2 of 6 steps replayed (links 1 of 3); the rest "
                                                   "declared, not replayed"), res.stdout

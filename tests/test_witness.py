@@ -10,10 +10,9 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
 import torch
 from distributed.train_env import cli
-from verify_runs import failures, honest_run, recertify
+from verify_runs import failures, recertify
 
 from train import checkpoint as ckpt
 from train.provenance.record import RECORD
@@ -43,41 +42,30 @@ def test_retention_keeps_each_witness_with_the_checkpoint_it_resumed_from(tmp_pa
     assert [p.name for p in ckpt.complete_checkpoints(root)] == ["step_000018"]
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return honest_run(tmp_path_factory)
-
-
-@pytest.fixture
-def copy(run, tmp_path):
-    shutil.copytree(run[0], tmp_path / "checkpoints")
-    return tmp_path / "checkpoints" / "step_000006"
-
-
-def test_honest_kept_checkpoints_hold_their_weights_in_their_resume_state(copy):
+def test_honest_kept_checkpoints_hold_their_weights_in_their_resume_state(honest_copy):
     """ZeRO-3: the fp32 partitions DeepSpeed resumes from, reassembled, are model.safetensors to the bit."""
-    kept = [copy.parent / "step_000002", copy.parent / "step_000004"]
+    kept = [honest_copy.parent / "step_000002", honest_copy.parent / "step_000004"]
     assert resume_state_problems(kept) == {f: None for f in kept}
 
 
-def test_a_resume_state_with_other_weights_fails_naming_the_checkpoint_before_any_replay(run, copy):
+def test_a_resume_state_with_other_weights_fails_naming_the_checkpoint_before_any_replay(honest, honest_copy):
     """The trainer edits the fp32 partition of step_000004's DeepSpeed state (the weights a replay of link 2 would
     start from) and re-signs it and the chain after it: files and signatures verify, its resume state is caught, and no
     replay runs."""
-    kept = copy.parent / "step_000004"
+    kept = honest_copy.parent / "step_000004"
     (shard,) = (kept / "ds").glob("*zero_pp_rank_0_*optim_states.pt")
     state = torch.load(shard, map_location="cpu", weights_only=False)  # our own test file
     flat = state["optimizer_state_dict"]["fp32_flat_groups"][0]
     with torch.no_grad():
         flat[:64] += 1e-3  # the first parameter's first values: a resume would start from other weights
     torch.save(state, shard)
-    recertify(kept, run[1])  # its link now names other files: the later checkpoint is re-certified on that chain
+    recertify(kept, honest[1])  # its link now names other files: the later checkpoint is re-certified on that chain
     chain = json.loads((kept / RECORD).read_text())["chain"]
-    recertify(copy, run[1], edit=lambda r: r["chain"].__setitem__(slice(0, len(chain)), chain))
-    rec = json.loads((copy / RECORD).read_text())
-    cands, _ = replayable(copy, rec)
+    recertify(honest_copy, honest[1], edit=lambda r: r["chain"].__setitem__(slice(0, len(chain)), chain))
+    rec = json.loads((honest_copy / RECORD).read_text())
+    cands, _ = replayable(honest_copy, rec)
     seed = next(s for s in range(100) if [c[0] for c in choose(cands, 1, s)] == [2])  # link 2: steps 4-6
-    res = cli("verify", str(copy), "--public-key", str(run[2]), "--replay", "1", "--replay-seed", str(seed),
+    res = cli("verify", str(honest_copy), "--public-key", str(honest[2]), "--replay", "1", "--replay-seed", str(seed),
               check=False)
     assert res.returncode == 1, res.stdout
     want = ("kept end point does not verify: step_000004: its DeepSpeed state (the resume state replay starts from) "
@@ -87,21 +75,21 @@ def test_a_resume_state_with_other_weights_fails_naming_the_checkpoint_before_an
     assert res.stdout.splitlines()[-1].startswith("VERDICT: FAILED: replay link 2 (steps 4-6): " + want)
 
 
-def test_the_release_form_verifies_without_its_witness_bundle(run, tmp_path):
+def test_the_release_form_verifies_without_its_witness_bundle(honest, tmp_path):
     """`export --format omni --without-resume-state`: weights, configs, tokenizer, certificate, signature, data
     manifest and no ds/. It verifies; replay from it is reported unavailable, not as missing files."""
     release = tmp_path / "release"
-    cli("export", str(run[0] / "step_000006"), "--format", "omni", "--without-resume-state", "--out", str(release))
+    cli("export", str(honest[0] / "step_000006"), "--format", "omni", "--without-resume-state", "--out", str(release))
     assert not (release / "ds").exists()
-    res = cli("verify", str(release), "--public-key", str(run[2]), "--json")
+    res = cli("verify", str(release), "--public-key", str(honest[2]), "--json")
     rep = json.loads(res.stdout)
     assert [(c["subject"], c["status"]) for c in rep["checks"] if c["check"] == "witness"] == [("ds/", "SKIP")]
     assert not rep["failures"] and rep["verdict"].startswith("VERDICT: VERIFIED"), rep["verdict"]
     skip = next(c for c in rep["checks"] if c["check"] == "witness")
     assert "not present (release form)" in skip["reason"] and "replay from this checkpoint is unavailable" in skip["reason"]
-    bundle = run[0] / "step_000006" / "ds"  # the witness bundle put back beside it: bound, checked, and so is a change
+    bundle = honest[0] / "step_000006" / "ds"  # the witness bundle put back beside it: bound, checked, and so is a change
     shutil.copytree(bundle, release / "ds")
-    assert not verify(release, run[2]).failures
+    assert not verify(release, honest[2]).failures
     (release / "ds" / "rng_rank0.pt").write_bytes(b"other")
-    assert failures(verify(release, run[2])) == [
+    assert failures(verify(release, honest[2])) == [
         ("files", "ds/rng_rank0.pt", "digest differs from the certificate's witness manifest")]

@@ -1,7 +1,7 @@
 """The honest signed run that the verify tests attack, trained once per session, and what an attacker does to it.
 
-Not a test module: tests/test_verify.py and tests/test_verify_*.py take `honest_run` through their own `run`
-fixture, so that one run (6 steps, checkpoints every 2, ZeRO-3, signed) serves them all.
+Not a test module: tests/conftest.py's session fixtures `honest` and `honest_copy` train it once, so that one run
+(6 steps, checkpoints every 2, ZeRO-3, signed) serves tests/test_verify.py, test_verify_*.py and test_witness.py.
 """
 
 from __future__ import annotations
@@ -19,20 +19,16 @@ from train.provenance.hashing import folder_files, hash_files, safetensors_diges
 from train.provenance.record import RECORD, SLSA, digest_of, init_digest, split_witness
 from train.provenance.signing import SIGNATURE, init_keys, sign_checkpoint
 
-_RUNS: dict[str, tuple] = {}
 
-
-def honest_run(tmp_path_factory) -> tuple[Path, Path, Path, Path]:
-    """-> (checkpoints folder of an honest signed run, private key, public key, attacker's private key)."""
-    if "honest" not in _RUNS:
-        base = tmp_path_factory.mktemp("verify")
-        priv, pub = init_keys(base / "keys")
-        evil, _ = init_keys(base / "attacker")
-        cfg = make_workspace(base, run_dir=str(base / "run"), sign_key=str(priv),
-                             deepspeed=str(ROOT / "configs/deepspeed/zero3.json"))
-        cli("train", "--config", str(cfg))
-        _RUNS["honest"] = (base / "run" / "checkpoints", priv, pub, evil)
-    return _RUNS["honest"]
+def honest_run(base: Path) -> tuple[Path, Path, Path, Path]:
+    """Train it under `base`; -> (checkpoints folder of an honest signed run, private key, public key, attacker's
+    private key). tests/conftest.py's session fixture `honest` calls it once."""
+    priv, pub = init_keys(base / "keys")
+    evil, _ = init_keys(base / "attacker")
+    cfg = make_workspace(base, run_dir=str(base / "run"), sign_key=str(priv),
+                         deepspeed=str(ROOT / "configs/deepspeed/zero3.json"))
+    cli("train", "--config", str(cfg))
+    return base / "run" / "checkpoints", priv, pub, evil
 
 
 def failures(rep) -> list[tuple[str, str, str]]:
