@@ -26,12 +26,33 @@ NONFINITE = ("skip", "stop")
 
 
 @dataclass(frozen=True)
+class SourceConfig:
+    """One entry of `data.sources` (formats and schema: docs/DATA.md)."""
+
+    path: str  # a file, a folder or a glob: jsonl, parquet, arrow, a save_to_disk folder, WebDataset-style .tar shards
+    licence: str = ""  # required: what the certificate records for every sample of this source (SPDX id or a statement)
+    # per-document sampling ratio: each epoch holds every document of the source `weight` times (2: twice, 0.5: a
+    # seeded half), so two sources mix as weight_a * docs_a : weight_b * docs_b, the same for any world size
+    weight: float = 1.0
+    name: str = ""  # shown by `data which` and the manifest; empty: the file or folder name
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    dir: str = "data/builtin"  # corpus written by `omniscratch data`
+    dir: str = "data/builtin"  # corpus written by `omniscratch data`; the only source when `sources` is empty
     tokenizer: str = "data/tokenizer.json"  # written by `omniscratch tokenizer`
     seq_len: int = 256
     heldout_every: int = 20  # held-out loss every N steps on a fixed set of held-out rows (0: never)
     heldout_batches: int = 2
+    # your own data, each with its licence; when set, these are the training sources and `dir` is read only for
+    # its held-out split (if it exists)
+    sources: list[SourceConfig] = field(default_factory=list)
+    # vision tokens one image or video frame may take after the merge (patch_size * merge px squares); larger
+    # images are downscaled with their aspect kept, never rejected. 0: half of seq_len, so a caption still fits
+    max_image_patches: int = 0
+    # audio longer than this is cropped to its first max_audio_s seconds (a whole clip would overflow seq_len:
+    # 1 s at 16 kHz is 25 tokens); 0: as long as fits half of seq_len
+    max_audio_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -147,7 +168,8 @@ def validate(cfg: RunConfig, where: str) -> RunConfig:
     _positive(cfg, where, ["optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "checkpoint.keep_every",
                            "checkpoint.witness_every", "max_steps",
                            "dist_init_timeout_s",
-                           "data.heldout_every", "data.heldout_batches", "optim.min_lr_ratio"], zero_ok=True)
+                           "data.heldout_every", "data.heldout_batches", "data.max_image_patches", "data.max_audio_s",
+                           "optim.min_lr_ratio"], zero_ok=True)
     for comp, scale in cfg.optim.lr_scale.items():
         if comp not in COMPONENTS:
             raise ValueError(f"{where}: key 'optim.lr_scale.{comp}': no component named '{comp}' "
@@ -157,6 +179,7 @@ def validate(cfg: RunConfig, where: str) -> RunConfig:
                              f"(0 freezes the component)")
     if cfg.max_steps > cfg.steps:
         raise ValueError(f"{where}: key 'max_steps'={cfg.max_steps} exceeds 'steps'={cfg.steps} (the schedule length)")
+    validate_sources(cfg.data, where)
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"{where}: key 'precision'={cfg.precision!r} must be one of {', '.join(PRECISIONS)}")
     if cfg.on_nonfinite not in NONFINITE:
@@ -168,6 +191,20 @@ def validate(cfg: RunConfig, where: str) -> RunConfig:
             raise ValueError(f"{where}: key '{key}': file {getattr(cfg, key)} not found "
                              f"(paths are relative to the working directory)")
     return cfg
+
+
+def validate_sources(data: DataConfig, where: str) -> None:
+    for i, src in enumerate(data.sources):
+        key = f"data.sources[{i}]"
+        if not src.path.strip():
+            raise ValueError(f"{where}: key '{key}.path' is empty: name a file, folder or glob of your data")
+        if not src.licence.strip():
+            raise ValueError(f"{where}: data source {src.path} ({key}) declares no licence: add `licence: <SPDX id or "
+                             f"statement>` under it, e.g. `licence: CC-BY-4.0`; a run only reads data whose licence "
+                             f"is declared")
+        if not 0 < src.weight < float("inf"):
+            raise ValueError(f"{where}: key '{key}.weight'={src.weight} must be a finite number > 0 (the per-document "
+                             f"sampling ratio; drop the source to leave it out)")
 
 
 def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
