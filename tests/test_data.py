@@ -295,5 +295,5 @@ def test_saved_dataset_folders_and_arrow_files_are_sources(corpus, tmp_path):
         b = L.next_step()[0]
         assert not L.rejects and len(b.pixel_values) == 1 and b.sample_ids == [0, 1]
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="this folder holds none \(it is empty\)"):
+    with pytest.raises(ValueError, match=r"this folder holds none \(it is empty\)"):
         TrainLoader([Source(str(tmp_path / "empty"), licence="CC0-1.0")], corpus["tok"], CFG, SEQ, 1, 1, cache_dir=tmp_path / "c")
