@@ -44,7 +44,7 @@ from train import checkpoint as ckpt
 from train.atomic import atomic_write
 from train.config import load_run_config
 from train.data.pipeline import MODALITIES, Batch, TrainLoader, heldout_batches
-from train.data.sources import media_policy, run_manifest, sources_of
+from train.data.sources import check_source, media_policy, run_manifest, sources_of
 from train.loop import Run, check_nonfinite, heldout_sums, train_step
 from train.metrics import Metrics, device_peak, peak_memory_bytes
 from train.parallel import collectives, guards
@@ -65,6 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     try:
         cfg = load_run_config(args.config, args.overrides)
+        for src in sources_of(cfg.data) if cfg.data.sources else []:
+            check_source(src)  # before any rank starts: a wrong path or format is a one-line error, not a crash
     except ValueError as e:
         print(f"omniscratch train: {e}", file=sys.stderr)
         return 2

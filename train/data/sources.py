@@ -178,6 +178,13 @@ def declared_licence(src: Source) -> str:
     return str(licence)
 
 
+def check_source(src: Source) -> None:
+    """The cheap checks of a source, before any work: a declared licence, a path that exists, a known format, no
+    empty file. ValueError naming the source and what to write."""
+    declared_licence(src)
+    source_format(src.path)
+
+
 def manifest_entry(src: Source) -> dict:
     """The run-manifest record of a source: name, path, format, sha256, licence, weight and files."""
     licence = declared_licence(src)  # first: no work on a source the run may not read
