@@ -175,6 +175,25 @@ def test_bad_sources_are_one_line_errors_that_say_what_to_do(tmp_path):
     assert "none.jsonl is empty" in err
 
 
+def test_source_keys_are_validated_with_the_key_named(tmp_path):
+    from train.config import load_run_config
+
+    cfg = {"name": "x", "model": str(ROOT / "configs/model/tiny.yaml"), "steps": 2, "micro_batch": 1,
+           "deepspeed": str(ROOT / "configs/deepspeed/zero2.json"),
+           "data": {"sources": [{"path": "a.jsonl", "licence": "CC0-1.0"}]}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    assert load_run_config(tmp_path / "run.yaml").data.sources[0].weight == 1.0
+    for override, said in (("data.max_reject_fraction=2", "'data.max_reject_fraction'=2.0 must be in [0, 1]"),):
+        with pytest.raises(ValueError, match=re.escape(said)):
+            load_run_config(tmp_path / "run.yaml", [override])
+    for entry, said in (({"path": "a.jsonl", "licence": "CC0-1.0", "weight": 0}, "'data.sources[0].weight'=0"),
+                        ({"path": "a.jsonl", "licnece": "CC0-1.0"}, "unknown key 'data.sources[0].licnece'"),
+                        ({"path": " ", "licence": "CC0-1.0"}, "'data.sources[0].path' is empty")):
+        (tmp_path / "run.yaml").write_text(yaml.safe_dump({**cfg, "data": {"sources": [entry]}}))
+        with pytest.raises(ValueError, match=re.escape(said)):
+            load_run_config(tmp_path / "run.yaml")
+
+
 # ---- rejects and the media policy, on the loader -------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
