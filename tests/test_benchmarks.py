@@ -48,7 +48,8 @@ def test_bench_scaling(small_model):
 
 def test_bench_verify():
     r = last_json("bench_verify.py", "--sizes", "64", "--repeat", "1")  # it asserts that each verification passed
-    assert finite(r["verify_vs_read"], r["cold_verify_vs_read"], r["warm_floor_vs_read"]) and r["verify_vs_read"] > 0
+    assert finite(r["verify_vs_read"], r["cold_verify_vs_read"], r["warm_floor_vs_read"], r["warm_verify_vs_floor"])
+    assert r["verify_vs_read"] > 0 and set(r["goals"]) == {"cold_verify_vs_read", "warm_verify_vs_floor"}
 
 
 def test_bench_model(small_model):
