@@ -104,14 +104,7 @@ class Arena:
         self.probes = probe_items()
         self.rng = secrets.SystemRandom()
         db.register_models(engine, {c.cert: c.label for c in contestants})
-        self.reconcile()
-
-    def reconcile(self) -> int:
-        """Append to the log the votes committed after its last line (a server killed between the two writes)."""
-        logged = self.log.read()
-        missing = db.all_votes(self.engine, after=logged[-1]["seq"] if logged else 0)
-        self.log.append(missing)
-        return len(missing)
+        db.reconcile(engine, log)
 
     # ---- battles ----------------------------------------------------------------------------------------------
     def open_battle(self, voter: str, prompt: str, media: Media | None, probe: str | None) -> Battle:

@@ -19,7 +19,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
-from .chain import GENESIS, vote_hash
+from .chain import GENESIS, Log, vote_hash
 
 metadata = sa.MetaData()
 models = sa.Table("models", metadata, sa.Column("cert", sa.String(64), primary_key=True),
@@ -133,3 +133,11 @@ def head(engine: sa.Engine) -> tuple[int, str]:
     with engine.connect() as conn:
         r = conn.execute(sa.select(chain_head).where(chain_head.c.id == 1)).first()
     return (r.seq, r.hash) if r else (0, GENESIS)
+
+
+def reconcile(engine: sa.Engine, log: Log) -> int:
+    """Append to the log the votes committed after its last line (a server stopped between the two writes)."""
+    logged = log.read()
+    missing = all_votes(engine, after=logged[-1]["seq"] if logged else 0)
+    log.append(missing)
+    return len(missing)

@@ -84,6 +84,8 @@ def check_upload(data: bytes) -> Media:
         img = img.convert("RGB").resize((IMAGE_SIDE, IMAGE_SIDE))
     except Rejected:
         raise
+    except Image.DecompressionBombError:  # PIL's own guard, at open, for canvases far over ours
+        raise Rejected(f"the image declares a huge canvas; the limit is {MAX_IMAGE_PIXELS // 1_000_000} megapixels") from None
     except Exception as e:  # PIL raises many types for a damaged file
         raise Rejected(f"the image cannot be decoded: {type(e).__name__}") from None
     buf = io.BytesIO()

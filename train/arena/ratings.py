@@ -92,8 +92,10 @@ def tabulate(votes: list[dict], certs: list[str], voter_cap: int | None) -> tupl
     return counts, position
 
 
-def leader_robustness(counts: np.ndarray, D: np.ndarray, theta: np.ndarray, max_steps: int = 5000) -> int | None:
-    """Fewest votes (greedy) whose removal puts another checkpoint first; None if removing any number does not."""
+def leader_robustness(counts: np.ndarray, D: np.ndarray, theta: np.ndarray,
+                      max_steps: int = 5000) -> tuple[int | None, np.ndarray]:
+    """(fewest votes whose removal puts another checkpoint first, found greedily, or None if no removal up to
+    `max_steps` does; the counts left after those removals)."""
     leader = int(theta.argmax())
     counts, removed = counts.copy(), 0
     while counts.sum() > 0 and removed < max_steps:
@@ -105,8 +107,8 @@ def leader_robustness(counts: np.ndarray, D: np.ndarray, theta: np.ndarray, max_
         best = int(margin.argmin())
         counts, theta, removed = trial[best], thetas[best], removed + 1
         if margin[best] < 0:
-            return removed
-    return None
+            return removed, counts
+    return None, counts
 
 
 def rate(votes: list[dict], labels: dict[str, str], voter_cap: int | None = 50, rounds: int = 1000,
@@ -136,7 +138,7 @@ def rate(votes: list[dict], labels: dict[str, str], voter_cap: int | None = 50, 
             wins[j, i] = 1 - wins[i, j]
     decisive = position["left"] + position["right"]
     p_bias = binomtest(position["left"], decisive, 0.5).pvalue if decisive else None
-    robust = leader_robustness(counts, D, theta) if counts.sum() else None
+    robust = leader_robustness(counts, D, theta)[0] if counts.sum() else None
     names = [labels[certs[k]] for k in order]
     return {
         "votes_counted": int(counts.sum()), "voter_cap": voter_cap, "dropped_by_cap": position["dropped_by_cap"],
