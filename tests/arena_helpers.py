@@ -118,7 +118,7 @@ def play(c: httpx.Client, prompt: str = "A red circle", choice: str = "left", fi
             raise RuntimeError(state["error"])
         if all(state["done"]):
             break
-        time.sleep(0.05)
+        time.sleep(0.1)
     r = c.post(f"/api/battles/{bid}/vote", json={"choice": choice})
     r.raise_for_status()
     return r.json() | {"battle": bid, "state": state}
