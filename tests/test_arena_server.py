@@ -182,3 +182,29 @@ def test_verify_votes_finds_deleted_and_edited_votes_and_ratings_count_them(cont
     assert "seq 2: its content does not match its hash (edited)" in tampered("UPDATE votes SET choice='left' WHERE seq=2")
     assert "expected seq 2 (a vote before it was deleted)" in tampered("DELETE FROM votes WHERE seq=2")
     assert "log seq 4: the vote is missing" in tampered("DELETE FROM votes WHERE seq=4")
+
+
+def test_pairs_are_uniform_and_sides_fair():
+    import random
+
+    from train.arena.app import draw_pair
+
+    rng = random.Random(0)
+    draws = [draw_pair(rng, 4) for _ in range(12000)]
+    pairs = {}
+    for (i, j), flip in draws:
+        assert i != j and flip == (i > j)
+        pairs[tuple(sorted((i, j)))] = pairs.get(tuple(sorted((i, j))), 0) + 1
+    assert len(pairs) == 6 and all(1800 < c < 2200 for c in pairs.values())  # 2000 each expected; sd ~41
+    assert 5700 < sum(flip for _, flip in draws) < 6300
+
+
+def test_bad_command_lines_give_one_line_errors(contestants, tmp_path, capsys):
+    root, cs = contestants
+    assert cli.main(["arena", "ratings", "--out", str(tmp_path / "none")]) == 2
+    assert cli.main(["arena", "verify-votes", "--db", "postgresql://nobody@/x?host=/nonexistent"]) == 2
+    ckpt = str(root / "runs" / "tiny" / "checkpoints" / "step_000001")
+    assert cli.main(["arena", "serve", "--checkpoint", ckpt, "--checkpoint", ckpt, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and "no vote database" in err[0] and "cannot open the database" in err[1]
+    assert "the same certificate" in err[2]

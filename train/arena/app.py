@@ -73,6 +73,12 @@ class Battle:
     created: float = field(default_factory=time.monotonic)
 
 
+def draw_pair(rng, n: int) -> tuple[tuple[int, int], bool]:
+    """((left, right), flipped): uniform over ordered pairs, i.e. a uniform unordered pair and a fair side."""
+    i, j = rng.sample(range(n), 2)
+    return (i, j), i > j
+
+
 class Window:
     """At most `limit` events per key in any 60 s."""
 
@@ -108,9 +114,7 @@ class Arena:
 
     # ---- battles ----------------------------------------------------------------------------------------------
     def open_battle(self, voter: str, prompt: str, media: Media | None, probe: str | None) -> Battle:
-        n = len(self.contestants)
-        i, j = self.rng.sample(range(n), 2)  # uniform over ordered pairs = uniform pair, fair side
-        flip = i > j
+        (i, j), flip = draw_pair(self.rng, len(self.contestants))
         battle = Battle(secrets.token_urlsafe(16), voter, (i, j), flip, prompt, media, probe)
         self._expire()
         self.battles[battle.id] = battle
