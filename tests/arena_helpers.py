@@ -122,3 +122,20 @@ def play(c: httpx.Client, prompt: str = "A red circle", choice: str = "left", fi
     r = c.post(f"/api/battles/{bid}/vote", json={"choice": choice})
     r.raise_for_status()
     return r.json() | {"battle": bid, "state": state}
+
+
+def wait(c: httpx.Client, bid: str) -> dict:
+    """The battle's state once both answers are complete (or it failed)."""
+    for _ in range(600):
+        state = c.get(f"/api/battles/{bid}").json()
+        if all(state["done"]) or state["error"]:
+            return state
+        time.sleep(0.02)
+    raise AssertionError("the battle was not answered")
+
+
+def battle(c: httpx.Client, prompt="A red circle", **kw) -> tuple[str, dict]:
+    """Open a battle (Starlette's TestClient is an httpx.Client) and wait for it; -> (id, state)."""
+    r = c.post("/api/battles", data={"prompt": prompt, **kw.pop("data", {})}, **kw)
+    assert r.status_code == 200, r.text
+    return r.json()["id"], wait(c, r.json()["id"])

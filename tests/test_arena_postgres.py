@@ -19,9 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from arena_helpers import tiny_checkpoints
+from arena_helpers import battle, tiny_checkpoints
 from starlette.testclient import TestClient
-from test_arena_server import battle
 
 from train import cli
 from train.arena import db

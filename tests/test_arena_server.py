@@ -13,11 +13,10 @@ import json
 import shutil
 import sqlite3
 import struct
-import time
 import zlib
 
 import pytest
-from arena_helpers import tiny_checkpoints
+from arena_helpers import battle, tiny_checkpoints
 from PIL import Image
 from starlette.testclient import TestClient
 
@@ -52,21 +51,6 @@ def voter(app: TestClient) -> TestClient:
     c = TestClient(app.app)  # a new cookie jar: another voter, on the same address
     c.get("/").raise_for_status()
     return c
-
-
-def wait(c: TestClient, bid: str) -> dict:
-    for _ in range(600):
-        state = c.get(f"/api/battles/{bid}").json()
-        if all(state["done"]) or state["error"]:
-            return state
-        time.sleep(0.02)
-    raise AssertionError("the battle was not answered")
-
-
-def battle(c: TestClient, prompt="A red circle", **kw) -> tuple[str, dict]:
-    r = c.post("/api/battles", data={"prompt": prompt, **kw.pop("data", {})}, **kw)
-    assert r.status_code == 200, r.text
-    return r.json()["id"], wait(c, r.json()["id"])
 
 
 @pytest.fixture(scope="module")
