@@ -13,8 +13,10 @@ import json
 import shutil
 import sqlite3
 import struct
+import wave
 import zlib
 
+import numpy as np
 import pytest
 from arena_helpers import battle, tiny_checkpoints
 from PIL import Image
@@ -25,6 +27,14 @@ from train.arena import db
 from train.arena.app import Arena, Limits, build_app
 from train.arena.chain import Log
 from train.arena.contestants import load_contestants
+
+
+def wav(n: int, rate: int = 16000) -> bytes:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(rate)
+        w.writeframes((3000 * np.sin(np.arange(n) * 0.2)).astype("<i2").tobytes())
+    return buf.getvalue()
 
 
 def png(color="red", size=40) -> bytes:
@@ -98,6 +108,11 @@ def test_uploads_are_checked_by_content_and_size(arena):
     assert c.post(f"/api/battles/{bid}/vote", json={"choice": "left"}).status_code == 200
     row = [r for r in db.all_votes(a.engine) if r["battle_id"] == bid][0]
     assert row["media_kind"] == "image" and len(row["media_digest"]) == 64
+    bid, _ = battle(c, files={"file": ("tone.png", wav(1600), "image/png")})  # a WAV named as a PNG is audio
+    assert c.post(f"/api/battles/{bid}/vote", json={"choice": "right"}).status_code == 200
+    assert [r["media_kind"] for r in db.all_votes(a.engine) if r["battle_id"] == bid] == ["audio"]
+    r = c.post("/api/battles", data={"prompt": "what is it?"}, files={"file": ("long.wav", wav(600_000), "audio/wav")})
+    assert r.status_code == 400 and "limit is 1 MB" in r.json()["error"]
     for name, data in (("x.png", b"<script>alert(1)</script>" + b"x" * 100), ("x.wav", b"RIFF\0\0\0\0WAVEjunk")):
         r = c.post("/api/battles", data={"prompt": "what is it?"}, files={"file": (name, data, "image/png")})
         assert r.status_code == 400 and ("neither" in r.json()["error"] or "audio" in r.json()["error"]), r.text

@@ -42,6 +42,7 @@ from .media import MAX_BODY_BYTES, Media, Rejected, check_prompt, check_upload, 
 
 STATIC = Path(__file__).parent / "static"
 COOKIE = "arena_voter"
+MAX_BATTLES = 1000  # in memory with their media (a WAV <= 1 MB, an image shrunk to a few KB): the oldest go first
 DRAIN_CAP = 64 << 20  # an over-limit body is read and dropped up to here so the client sees the answer; then cut
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' blob:; media-src 'self' blob:; "
        "object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
@@ -89,6 +90,9 @@ class Window:
     def allow(self, key: str, limit: int) -> bool:
         now = time.monotonic()
         with self.lock:
+            if len(self.events) > 100_000:  # fresh cookies cost nothing: forget keys idle for a minute
+                for k in [k for k, q in self.events.items() if not q or now - q[-1] > 60]:
+                    del self.events[k]
             q = self.events[key]
             while q and now - q[0] > 60:
                 q.popleft()
@@ -136,6 +140,8 @@ class Arena:
         now = time.monotonic()
         for k in [k for k, b in self.battles.items() if now - b.created > 3600]:
             del self.battles[k]
+        while len(self.battles) >= MAX_BATTLES:  # dicts keep insertion order: the first is the oldest
+            del self.battles[next(iter(self.battles))]
 
     def pending(self, voter: str) -> int:
         return sum(1 for b in self.battles.values() if b.voter == voter and not all(b.done) and not b.error)

@@ -22,7 +22,7 @@ from train.provenance.digest import digest_bytes
 
 MAX_PROMPT_CHARS = 2000  # a question about one image or clip; longer text would not fit the tiny models' context anyway
 MAX_IMAGE_BYTES = 4 << 20
-MAX_AUDIO_BYTES = 4 << 20  # 2 min of 16 kHz 16-bit mono
+MAX_AUDIO_BYTES = 1 << 20  # 32 s of 16 kHz 16-bit mono: more than the models' context holds (0.32 s -> 9 tokens)
 MAX_BODY_BYTES = 5 << 20  # the largest form: one file at its limit plus the text
 MAX_IMAGE_PIXELS = 16_000_000
 IMAGE_SIDE = IMAGE_SIZE
