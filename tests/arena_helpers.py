@@ -139,3 +139,39 @@ def battle(c: httpx.Client, prompt="A red circle", **kw) -> tuple[str, dict]:
     r = c.post("/api/battles", data={"prompt": prompt, **kw.pop("data", {})}, **kw)
     assert r.status_code == 200, r.text
     return r.json()["id"], wait(c, r.json()["id"])
+
+
+class ThreadServer:
+    """The arena app under uvicorn in a thread of the test process, on a free loopback port: a real HTTP server
+    without a second process's start-up (torch and the models are already imported and loaded here)."""
+
+    def __init__(self, checkpoints: list[Path], out: Path, max_new_tokens: int = 8):
+        import threading
+
+        import uvicorn
+
+        from train.arena import db
+        from train.arena.app import Arena, Limits, build_app
+        from train.arena.chain import Log
+        from train.arena.contestants import load_contestants
+
+        out.mkdir(parents=True, exist_ok=True)
+        arena = Arena(load_contestants([str(c) for c in checkpoints]), db.connect(db.url_for(None, out)),
+                      Log(out / "votes.log.jsonl"), Limits(), max_new_tokens=max_new_tokens)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(build_app(arena), host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the arena server thread did not start")
+            time.sleep(0.05)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(10)

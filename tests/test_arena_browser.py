@@ -1,6 +1,7 @@
-"""The arena page in headless Chromium (Playwright for Python driving Debian's /usr/bin/chromium) against a real
-`omniscratch arena serve`: a text prompt and an image prompt, a vote and the reveal; a second vote on a battle is
-refused; a 50 MB upload and a script in a prompt or an answer are handled; a half-answered battle shows progress.
+"""The arena page in headless Chromium (Playwright for Python driving Debian's /usr/bin/chromium) against the arena
+app under uvicorn on loopback (in a thread; tests/test_arena_load.py runs the `arena serve` process itself): a text
+prompt and an image prompt, a vote and the reveal; a second vote on a battle is refused; a 50 MB upload and a script
+in a prompt or an answer are handled; a half-answered battle shows progress.
 Screenshots go to the test's tmp folder (printed).
 
 Needs Debian's chromium: `make test` installs it (apt-get, as root); otherwise `apt-get install chromium`.
@@ -13,7 +14,7 @@ import io
 from pathlib import Path
 
 import pytest
-from arena_helpers import Server, tiny_checkpoints
+from arena_helpers import ThreadServer, tiny_checkpoints
 from PIL import Image
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -25,7 +26,7 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("browser")
     checkpoints = tiny_checkpoints(root)
-    with Server(checkpoints, root / "arena", "--max-new-tokens", "8") as server:
+    with ThreadServer(checkpoints, root / "arena") as server:
         yield server, checkpoints
 
 
