@@ -25,7 +25,7 @@ from starlette.testclient import TestClient
 from train import cli
 from train.arena import db
 from train.arena.app import Arena, Limits, build_app
-from train.arena.chain import Log
+from train.arena.chain import Log, vote_hash
 from train.arena.contestants import load_contestants
 
 
@@ -169,11 +169,20 @@ def test_verify_votes_finds_deleted_and_edited_votes_and_ratings_count_them(cont
     result = json.loads(capsys.readouterr().out.split("\n", 1)[1])
     assert result["votes_counted"] == 4 and (out / "ratings.png").stat().st_size > 0
 
-    def tampered(sql: str) -> str:
+    def rewrite(con) -> None:  # an editor who recomputes every hash from the edited vote on: only the log tells
+        con.execute("UPDATE votes SET choice='right' WHERE seq=1")
+        con.row_factory = sqlite3.Row
+        prev = "0" * 64
+        for row in [dict(r) for r in con.execute("SELECT * FROM votes ORDER BY seq")]:
+            h = vote_hash(row | {"flip": bool(row["flip"])}, prev)
+            con.execute("UPDATE votes SET prev_hash=?, hash=? WHERE seq=?", (prev, h, row["seq"]))
+            prev = h
+
+    def tampered(sql) -> str:
         copy = tmp_path / f"copy{len(list(tmp_path.iterdir()))}"
         shutil.copytree(out, copy)
         with sqlite3.connect(copy / "votes.sqlite") as con:
-            con.execute(sql)
+            con.execute(sql) if isinstance(sql, str) else sql(con)
         capsys.readouterr()
         assert cli.main(["arena", "verify-votes", "--out", str(copy)]) == 1
         return capsys.readouterr().out
@@ -181,6 +190,8 @@ def test_verify_votes_finds_deleted_and_edited_votes_and_ratings_count_them(cont
     assert "seq 2: its content does not match its hash (edited)" in tampered("UPDATE votes SET choice='left' WHERE seq=2")
     assert "expected seq 2 (a vote before it was deleted)" in tampered("DELETE FROM votes WHERE seq=2")
     assert "log seq 4: the vote is missing" in tampered("DELETE FROM votes WHERE seq=4")
+    found = tampered(rewrite)
+    assert "log seq 1: the database's vote has another hash" in found and "content does not match" not in found
 
 
 def test_pairs_are_uniform_and_sides_fair():
