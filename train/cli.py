@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     "eval": ("train.inference.evaluate", "held-out loss and probe accuracy of a checkpoint"),
     "generate": ("train.inference.generate", "generate text from a checkpoint"),
     "export": ("train.inference.export", "export a checkpoint (Hugging Face format)"),
+    "arena": ("train.arena.cli", "blind side-by-side rating page, Bradley-Terry ratings, vote-log check"),
 }
 
 
