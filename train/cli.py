@@ -2,6 +2,12 @@
 
 Each subcommand's module defines `add_arguments(parser)` and `main(args) -> int`. Modules are
 imported only when their subcommand runs, so `omniscratch audit` never pays for importing DeepSpeed.
+
+Notable choices:
+- One error path: a user's mistake anywhere below is a `UsageError` (model/config.py), printed here as one line
+  `omniscratch COMMAND: <what, and the fix>` with exit code 2, by rank 0 only under a launcher (every rank meets
+  the same mistake; one line, not one per rank). Any other exception keeps its traceback.
+- Help shows every option's default (`HelpFormatter`), subcommands' own subparsers included.
 """
 
 from __future__ import annotations
@@ -10,6 +16,9 @@ import argparse
 import importlib
 import os
 import sys
+from importlib import metadata
+
+from model.config import UsageError
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
@@ -24,6 +33,35 @@ SUBCOMMANDS = {
     "generate": ("train.inference.generate", "generate text from a checkpoint"),
     "export": ("train.inference.export", "export a checkpoint (Hugging Face format)"),
 }
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to an option's help unless the help already says it or there is nothing to say
+    (no default, a flag that is off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        d = action.default
+        if "default" in text.lower() or d is None or d is False or d == [] or d is argparse.SUPPRESS:
+            return text
+        if action.option_strings or action.nargs in ("?", "*"):
+            return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+        return text
+
+
+class Parser(argparse.ArgumentParser):
+    """ArgumentParser with `HelpFormatter`; subparsers are made of the parent's class, so they get it too."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def version() -> str:
+    try:
+        return metadata.version("omniscratch")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def _take_local_rank(argv: list[str]) -> list[str]:
@@ -44,7 +82,8 @@ def _take_local_rank(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = _take_local_rank(sys.argv[1:] if argv is None else argv)
-    top = argparse.ArgumentParser(prog="omniscratch", description="Pretrain an omnimodal model from scratch, with provenance.")
+    top = Parser(prog="omniscratch", description="Pretrain an omnimodal model from scratch, with provenance.")
+    top.add_argument("--version", action="version", version=f"omniscratch {version()}")
     sub = top.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_) in SUBCOMMANDS.items():
         sub.add_parser(name, help=help_, add_help=False)
@@ -59,14 +98,20 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"omniscratch {argv[0]}: not available in this version", file=sys.stderr)
         return 2
-    parser = argparse.ArgumentParser(prog=f"omniscratch {argv[0]}", description=help_)
+    parser = Parser(prog=f"omniscratch {argv[0]}", description=help_)
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
     if argv[0] == "verify" and args.audit_reference:  # the audit sits above provenance in the layers: composed here
         from train.audit.compare import run_audit
 
         args.audit = lambda folder: run_audit(str(folder), args.audit_reference, args.audit_null)
-    return int(module.main(args) or 0)
+    try:
+        return int(module.main(args) or 0)
+    except UsageError as e:
+        # under a launcher every rank meets the same mistake: rank 0 says it, or `run_local` (it sets the variable)
+        if os.environ.get("RANK", "0") == "0" and not os.environ.get("OMNISCRATCH_LOCAL_LAUNCHER"):
+            print(f"omniscratch {argv[0]}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Notable choices:
 - One frozen dataclass per concern (data, optimizer, checkpoints, faults), nested as in the YAML; validation
-  reuses `model.config.from_dict`, so an unknown key, a missing key or a wrong type is a ValueError naming the
+  reuses `model.config.from_dict`, so an unknown key, a missing key or a wrong type is a UsageError naming the
   file and the dotted key.
 - Overrides are parsed as YAML scalars (`optim.lr=3e-4`, `wandb=false`) and applied to the raw mapping before
   validation, so an override is checked exactly like the file; a bad override names itself.
@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from model.components import COMPONENTS
-from model.config import from_dict, load_yaml
+from model.config import UsageError, from_dict, load_yaml
 
 PRECISIONS = ("auto", "bf16", "fp32")  # auto: bf16 where the device computes it natively, else fp32
 NONFINITE = ("skip", "stop")
@@ -112,7 +112,7 @@ def parse_overrides(items: list[str]) -> dict:
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"override '{item}': expected key=value, e.g. optim.lr=3e-4")
+            raise UsageError(f"override '{item}': expected key=value, e.g. optim.lr=3e-4")
         value = yaml.safe_load(raw) if raw else ""
         node = out
         *parents, leaf = key.split(".")
@@ -138,7 +138,7 @@ def _positive(cfg, where: str, names: list[str], zero_ok: bool = False) -> None:
         for part in dotted.split("."):
             obj = getattr(obj, part)
         if obj < 0 or (obj == 0 and not zero_ok):
-            raise ValueError(f"{where}: key '{dotted}'={obj} must be {'non-negative' if zero_ok else 'positive'}")
+            raise UsageError(f"{where}: key '{dotted}'={obj} must be {'non-negative' if zero_ok else 'positive'}")
 
 
 def validate(cfg: RunConfig, where: str) -> RunConfig:
@@ -150,22 +150,22 @@ def validate(cfg: RunConfig, where: str) -> RunConfig:
                            "data.heldout_every", "data.heldout_batches", "optim.min_lr_ratio"], zero_ok=True)
     for comp, scale in cfg.optim.lr_scale.items():
         if comp not in COMPONENTS:
-            raise ValueError(f"{where}: key 'optim.lr_scale.{comp}': no component named '{comp}' "
+            raise UsageError(f"{where}: key 'optim.lr_scale.{comp}': no component named '{comp}' "
                              f"(valid: {', '.join(COMPONENTS)})")
         if not scale >= 0 or scale == float("inf"):
-            raise ValueError(f"{where}: key 'optim.lr_scale.{comp}'={scale} must be a finite number >= 0 "
+            raise UsageError(f"{where}: key 'optim.lr_scale.{comp}'={scale} must be a finite number >= 0 "
                              f"(0 freezes the component)")
     if cfg.max_steps > cfg.steps:
-        raise ValueError(f"{where}: key 'max_steps'={cfg.max_steps} exceeds 'steps'={cfg.steps} (the schedule length)")
+        raise UsageError(f"{where}: key 'max_steps'={cfg.max_steps} exceeds 'steps'={cfg.steps} (the schedule length)")
     if cfg.precision not in PRECISIONS:
-        raise ValueError(f"{where}: key 'precision'={cfg.precision!r} must be one of {', '.join(PRECISIONS)}")
+        raise UsageError(f"{where}: key 'precision'={cfg.precision!r} must be one of {', '.join(PRECISIONS)}")
     if cfg.on_nonfinite not in NONFINITE:
-        raise ValueError(f"{where}: key 'on_nonfinite'={cfg.on_nonfinite!r} must be one of {', '.join(NONFINITE)}")
+        raise UsageError(f"{where}: key 'on_nonfinite'={cfg.on_nonfinite!r} must be one of {', '.join(NONFINITE)}")
     if not cfg.name or "/" in cfg.name:
-        raise ValueError(f"{where}: key 'name'={cfg.name!r} must be a non-empty folder name")
+        raise UsageError(f"{where}: key 'name'={cfg.name!r} must be a non-empty folder name")
     for key in ("model", "deepspeed"):
         if not Path(getattr(cfg, key)).is_file():
-            raise ValueError(f"{where}: key '{key}': file {getattr(cfg, key)} not found "
+            raise UsageError(f"{where}: key '{key}': file {getattr(cfg, key)} not found "
                              f"(paths are relative to the working directory)")
     return cfg
 
@@ -175,7 +175,7 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     where = str(path)
     data = load_yaml(path)
     if not isinstance(data, dict):
-        raise ValueError(f"{where}: top level must be a mapping")
+        raise UsageError(f"{where}: top level must be a mapping")
     if overrides:
         data = _merge(data, parse_overrides(list(overrides)))
         where = f"{path} (with overrides {' '.join(overrides)})"

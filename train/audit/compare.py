@@ -32,12 +32,13 @@ from train.audit.weights import Entry, checkpoint_entries, checkpoint_file, full
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("ckpt", help="checkpoint folder (with model.safetensors) or a .safetensors file")
+    p.add_argument("checkpoint", help="checkpoint folder, runs/NAME for its latest committed checkpoint, or a "
+                                      ".safetensors file")
     p.add_argument("--reference", nargs="+", required=True, metavar="PATH",
                    help="reference models: safetensors or torch files, or folders of them (searched recursively)")
     p.add_argument("--null", nargs="*", default=[], metavar="PATH",
                    help="models known to be independent of the checkpoint: they widen the null distribution")
-    p.add_argument("--alpha", type=float, default=0.01, help="family-wise error rate after Bonferroni (default 0.01)")
+    p.add_argument("--alpha", type=float, default=0.01, help="family-wise error rate after Bonferroni")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object instead of a table")
     p.add_argument("--out", type=Path, help="folder for audit.json and similarity.png")
 
@@ -246,7 +247,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"omniscratch audit: --alpha {args.alpha} must be between 0 and 1 (e.g. 0.01)", file=sys.stderr)
         return 2
     try:
-        result = run_audit(args.ckpt, args.reference, args.null, args.alpha)
+        result = run_audit(args.checkpoint, args.reference, args.null, args.alpha)
     except ValueError as e:
         print(f"omniscratch audit: {e}", file=sys.stderr)
         return 2

@@ -10,6 +10,8 @@ Notable choices:
   (gloo's errors, NCCL's watchdog messages on stderr: then it is named as the stuck rank), and the message names
   it and its log. The exit code is non-zero whenever any rank failed
   (field lessons: pdsh returned 0 when nodes failed; an OOM was reported as success).
+- A user's mistake met by the ranks (a UsageError, status `usage`) is one line and exit code 2, as before start-up:
+  torchrun's own report of a failed child is held back then (`_relay_stderr`), the ranks' lines never are.
 - Before the first step every rank passes `preflight` (a monitored barrier naming absent ranks, then an
   all-reduce on the training device, within `preflight_timeout_s`) and rank 0 logs a table of every rank's host,
   device, threads, dtype and library versions.
@@ -29,6 +31,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from importlib import metadata
 from pathlib import Path
@@ -39,6 +42,7 @@ import torch.distributed as dist
 from train.atomic import atomic_write
 from train.parallel import collectives
 
+LAUNCHED = "OMNISCRATCH_LOCAL_LAUNCHER"  # set in the ranks' environment by `run_local`
 FINAL_STATES = ("done", "stopped")  # finished all steps / saved and stopped on SIGTERM
 
 
@@ -145,6 +149,22 @@ def explain_failure(run_dir: Path, nproc: int) -> list[str]:
     return silent + aborted + lines
 
 
+def _usage_failure(run_dir: Path) -> dict | None:
+    """The first rank status that reports a usage error (the user's mistake), or None."""
+    usage = [s for s in read_statuses(run_dir).values() if s["state"] == "failed" and s.get("usage")]
+    return min(usage, key=lambda s: s["time"]) if usage else None
+
+
+def _relay_stderr(pipe, run_dir: Path) -> None:
+    """torchrun's stderr to ours, line by line: the ranks' lines (`[defaultN]:`, from --tee) always; torchrun's own
+    (its agent's log, the ChildFailedError report) unless a rank failed on a usage error, whose one line
+    `run_local` prints instead of forty lines about a child process."""
+    for line in iter(pipe.readline, b""):
+        if line.startswith(b"[default") or _usage_failure(run_dir) is None:
+            sys.stderr.buffer.write(line)
+            sys.stderr.buffer.flush()
+
+
 def run_local(nproc: int, argv: list[str], run_dir: Path) -> int:
     """Run `omniscratch train ARGV` as `nproc` ranks on this machine. -> exit code (non-zero if any rank failed)."""
     for p in (run_dir / "logs").glob("rank*.json"):
@@ -155,7 +175,10 @@ def run_local(nproc: int, argv: list[str], run_dir: Path) -> int:
            "--max-restarts=0", f"--log-dir={run_dir / 'logs' / 'torchrun'}", "--tee=2", "-m", "train.cli", "train", *argv]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")  # numerics depend on threads per rank; torchrun's default, made explicit
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    env[LAUNCHED] = "1"  # the ranks leave their one-line usage errors to this launcher (train/cli.py)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stderr=subprocess.PIPE)
+    relay = threading.Thread(target=_relay_stderr, args=(proc.stderr, run_dir), daemon=True)
+    relay.start()
 
     def forward(signum, _frame):
         for s in read_statuses(run_dir).values():
@@ -168,12 +191,17 @@ def run_local(nproc: int, argv: list[str], run_dir: Path) -> int:
     old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         rc = proc.wait()
+        relay.join(timeout=10)
     finally:
         for sig, h in old.items():
             signal.signal(sig, h)
     problems = explain_failure(run_dir, nproc)
     if rc == 0 and not problems:
         return 0
+    usage = _usage_failure(run_dir)
+    if usage:  # the user's mistake, met by the ranks after start-up: its one line, once
+        print(f"omniscratch train: {usage['error']}", file=sys.stderr)
+        return 2
     print(f"omniscratch train: the run failed (torchrun exit code {rc}).", file=sys.stderr)
     for line in problems:
         print(f"  {line}", file=sys.stderr)
