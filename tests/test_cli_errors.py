@@ -53,6 +53,8 @@ def workspace(base: Path) -> None:
     (base / "done" / "checkpoints" / "step_000002").mkdir(parents=True)  # a committed checkpoint: its marker
     (base / "done" / "checkpoints" / "step_000002" / "provenance.json").write_text("{}")
     (base / "key.pub").write_text("not a key, but a file")
+    (base / "keys").mkdir()
+    (base / "keys" / "signing.key").write_text("a key pair made earlier")
 
 
 W = "run.yaml (with overrides"
@@ -94,6 +96,13 @@ MISTAKES = [
     (["verify", "runs/nope", "--public-key", "key.pub"],
      "omniscratch verify: runs/nope: no such checkpoint or run folder; pass runs/NAME or "
      "runs/NAME/checkpoints/step_NNNNNN"),
+    (["keys", "init", "--out", "keys"], "omniscratch keys: keys/signing.key exists; pass --force to replace the key pair"),
+    (["keys", "sign", "done", "--key", "nokey.pem"],
+     "omniscratch keys: --key nokey.pem: no such file; pass the private key written by `omniscratch keys init`"),
+    (["tokenizer", "train", "--corpus", "nodata", "--out", "t"],
+     "omniscratch tokenizer: --corpus nodata: folder not found; create one with `omniscratch data generate --out nodata`"),
+    (["tokenizer", "train", "--corpus", "data", "--out", "t"],
+     "omniscratch tokenizer: --corpus data: no .parquet or .jsonl files with a `text` column"),
     (["eval", "runs/nope"], "omniscratch eval: runs/nope: no such run or checkpoint folder"),
     (["generate", "runs/nope", "--prompt", "hi"], "omniscratch generate: runs/nope: no such run or checkpoint folder"),
     (["audit", "runs/nope", "--reference", "key.pub"],

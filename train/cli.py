@@ -26,13 +26,20 @@ SUBCOMMANDS = {
     "data": ("train.data.corpus", "generate the built-in omnimodal corpus; `data which`: the samples that trained a step"),
     "tokenizer": ("tokenizer.cli", "train the byte-level BPE tokenizer"),
     "train": ("train.pretrain", "pretrain with DeepSpeed"),
-    "keys": ("train.provenance.signing", "create a signing key pair"),
+    "keys": ("train.provenance.signing", "`keys init`: create a signing key pair; `keys sign`: sign a checkpoint"),
     "verify": ("train.provenance.verify", "verify a checkpoint's provenance certificate"),
     "audit": ("train.audit.compare", "weight-similarity audit against reference models"),
     "eval": ("train.inference.evaluate", "held-out loss and probe accuracy of a checkpoint"),
     "generate": ("train.inference.generate", "generate text from a checkpoint"),
-    "export": ("train.inference.export", "export a checkpoint (Hugging Face format)"),
+    "export": ("train.inference.export", "export a checkpoint: the text decoder for Hugging Face, or the whole model "
+                                         "with its certificate (--format)"),
 }
+
+
+def _shows_default(action: argparse.Action) -> bool:
+    d = action.default
+    return (bool(action.option_strings) or action.nargs in ("?", "*")) and not (
+        d is None or d is False or d == [] or d is argparse.SUPPRESS or action.help == argparse.SUPPRESS)
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -41,20 +48,24 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        d = action.default
-        if "default" in text.lower() or d is None or d is False or d == [] or d is argparse.SUPPRESS:
+        if "default" in text.lower() or not _shows_default(action):
             return text
-        if action.option_strings or action.nargs in ("?", "*"):
-            return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
-        return text
+        return f"{text} (default: %(default)s)"
 
 
 class Parser(argparse.ArgumentParser):
-    """ArgumentParser with `HelpFormatter`; subparsers are made of the parent's class, so they get it too."""
+    """ArgumentParser with `HelpFormatter`; subparsers are made of the parent's class, so they get it too. An option
+    with a default and no help gets a help line that shows the default (argparse prints none for it otherwise)."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        if action.help is None and _shows_default(action):
+            action.help = "(default: %(default)s)"
+        return action
 
 
 def version() -> str:
@@ -108,8 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.main(args) or 0)
     except UsageError as e:
-        # under a launcher every rank meets the same mistake: rank 0 says it, or `run_local` (it sets the variable)
-        if os.environ.get("RANK", "0") == "0" and not os.environ.get("OMNISCRATCH_LOCAL_LAUNCHER"):
+        if os.environ.get("RANK", "0") == "0":  # under a launcher every rank meets the same mistake: rank 0 says it
             print(f"omniscratch {argv[0]}: {e}", file=sys.stderr)
         return 2
 

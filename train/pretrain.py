@@ -284,7 +284,8 @@ def start_records(run: Run, tripwire: Tripwire, start: Path | None, same_world: 
         seed_everything(cfg.seed, "resume", run.step, d.rank)
     run.peak, peak_note = device_peak(d.device, precision)
     run.metrics = Metrics(cfg.path, enabled=d.is_main, total_steps=cfg.last_step, start_step=run.step,
-                          config=cfg.to_dict(), use_wandb=cfg.wandb, wandb_project=cfg.wandb_project, name=cfg.name)
+                          config=cfg.to_dict(), use_wandb=cfg.wandb, wandb_project=cfg.wandb_project, name=cfg.name,
+                          file_log=run.log.getChild("file"))
     run.metrics.write(f"MFU denominator: {peak_note} x {d.world_size} rank(s)")
 
 

@@ -228,17 +228,19 @@ def write_heatmap(r: dict, path: Path) -> None:
 
     h = r["heatmap"]
     z = torch.tensor(h["z"] or [[0.0]])
-    fig, ax = plt.subplots(figsize=(3 + 0.25 * z.shape[1], 2 + 0.22 * z.shape[0]))
+    files = {c.split(": ", 1)[0] for c in h["cols"] if ": " in c}
+    cols = [c.split(": ", 1)[-1] for c in h["cols"]] if len(files) == 1 else h["cols"]  # one file: named once, below
+    fig, ax = plt.subplots(figsize=(max(6.0, 3 + 0.25 * z.shape[1]), max(4.0, 2 + 0.22 * z.shape[0])))
     im = ax.imshow(z.clamp(0, 50).numpy(), cmap="magma", aspect="auto", vmin=0)
-    ax.set_xticks(range(len(h["cols"])), h["cols"], rotation=90, fontsize=6)
-    ax.set_yticks(range(len(h["rows"])), h["rows"], fontsize=6)
-    ax.set_xlabel("reference (file: layer)")
-    ax.set_ylabel("checkpoint (component.layer)")
+    ax.set_xticks(range(len(cols)), cols, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(h["rows"])), h["rows"], fontsize=7)
+    ax.set_xlabel(f"reference layer ({next(iter(files))})" if len(files) == 1 else "reference (file: layer)", fontsize=8)
+    ax.set_ylabel("checkpoint (component.layer)", fontsize=8)
     fig.colorbar(im, label="best z-score (clipped at 50)")
-    ax.set_title("weight similarity, layer by layer", fontsize=9)
-    fig.tight_layout()
+    name = "/".join(Path(r.get("checkpoint", "")).parts[-4:-1]) or "checkpoint"
+    ax.set_title(f"weight similarity of {name}, layer by layer", fontsize=9)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120)
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")  # "tight": the rotated tick labels inside the image
     plt.close(fig)
 
 

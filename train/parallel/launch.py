@@ -42,7 +42,6 @@ import torch.distributed as dist
 from train.atomic import atomic_write
 from train.parallel import collectives
 
-LAUNCHED = "OMNISCRATCH_LOCAL_LAUNCHER"  # set in the ranks' environment by `run_local`
 FINAL_STATES = ("done", "stopped")  # finished all steps / saved and stopped on SIGTERM
 
 
@@ -70,7 +69,7 @@ def read_statuses(run_dir: Path) -> dict[int, dict]:
 
 
 def setup_logging(run_dir: Path, rank: int) -> logging.Logger:
-    """Each rank logs to its own file; rank 0 also to stderr."""
+    """Each rank logs to its own file; rank 0 also to stderr. `log.getChild("file")` writes to the file alone."""
     log = logging.getLogger("omniscratch")
     log.setLevel(logging.INFO)
     log.handlers.clear()
@@ -84,6 +83,9 @@ def setup_logging(run_dir: Path, rank: int) -> logging.Logger:
         sh = logging.StreamHandler(sys.stderr)
         sh.setFormatter(fmt)
         log.addHandler(sh)
+    file_only = log.getChild("file")  # what the console shows otherwise (progress, metrics), into the file only
+    file_only.handlers[:] = [fh]
+    file_only.propagate = False
     return log
 
 
@@ -156,11 +158,12 @@ def _usage_failure(run_dir: Path) -> dict | None:
 
 
 def _relay_stderr(pipe, run_dir: Path) -> None:
-    """torchrun's stderr to ours, line by line: the ranks' lines (`[defaultN]:`, from --tee) always; torchrun's own
-    (its agent's log, the ChildFailedError report) unless a rank failed on a usage error, whose one line
-    `run_local` prints instead of forty lines about a child process."""
+    """torchrun's stderr to ours, line by line, unless a rank failed on a usage error: then `run_local` prints its one
+    line, and neither rank 0's copy of it (`[default0]:omniscratch train: ...`, kept in logs/torchrun/) nor torchrun's
+    own forty lines about a failed child process reach the console. The ranks' other lines (`[defaultN]:`) always do."""
     for line in iter(pipe.readline, b""):
-        if line.startswith(b"[default") or _usage_failure(run_dir) is None:
+        rank_line = line.startswith(b"[default")
+        if (rank_line and b"]:omniscratch train: " not in line) or _usage_failure(run_dir) is None:
             sys.stderr.buffer.write(line)
             sys.stderr.buffer.flush()
 
@@ -175,7 +178,6 @@ def run_local(nproc: int, argv: list[str], run_dir: Path) -> int:
            "--max-restarts=0", f"--log-dir={run_dir / 'logs' / 'torchrun'}", "--tee=2", "-m", "train.cli", "train", *argv]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")  # numerics depend on threads per rank; torchrun's default, made explicit
-    env[LAUNCHED] = "1"  # the ranks leave their one-line usage errors to this launcher (train/cli.py)
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stderr=subprocess.PIPE)
     relay = threading.Thread(target=_relay_stderr, args=(proc.stderr, run_dir), daemon=True)
     relay.start()
