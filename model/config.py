@@ -37,15 +37,15 @@ class UsageError(ValueError):
 
 @dataclass(frozen=True)
 class TextConfig:
-    vocab_size: int = 4096
-    dim: int = 192
-    n_layers: int = 4
-    n_heads: int = 6
+    vocab_size: int = 4096  # embedding rows; the tokenizer's vocabulary must fit (`omniscratch tokenizer train --vocab-size`)
+    dim: int = 192  # decoder width
+    n_layers: int = 4  # decoder blocks
+    n_heads: int = 6  # query heads; dim / n_heads is the head dim, even for rotary positions
     n_kv_heads: int = 2  # grouped-query attention: n_heads / n_kv_heads queries share one K/V head
     ffn_dim: int = 512  # SwiGLU hidden width; ~8/3 * dim keeps params equal to a 4*dim GELU MLP
-    max_seq_len: int = 512
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+    max_seq_len: int = 512  # longest position the decoder accepts (a longer packed document is an error)
+    rope_theta: float = 10000.0  # rotary base frequency
+    norm_eps: float = 1e-5  # RMSNorm epsilon
     tie_embeddings: bool = True  # at tiny sizes the embedding is a large share; tying halves it
 
     def validate(self, where: str) -> None:
@@ -65,12 +65,12 @@ class VisionConfig:
     patch_size: int = 4  # spatial patch side in pixels; small patches give a from-scratch ViT locality
     temporal_patch: int = 2  # frames per patch; an image is a clip of 2 identical frames
     merge: int = 2  # the projector merges merge x merge neighbouring patches into one decoder token
-    dim: int = 128
-    n_layers: int = 3
-    n_heads: int = 4
-    ffn_dim: int = 384
-    norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
+    dim: int = 128  # encoder width
+    n_layers: int = 3  # encoder blocks
+    n_heads: int = 4  # attention heads; the head dim must be even and >= 6 (3D rotary)
+    ffn_dim: int = 384  # MLP hidden width
+    norm_eps: float = 1e-6  # LayerNorm epsilon
+    rope_theta: float = 10000.0  # rotary base frequency (time, height, width)
 
     def validate(self, where: str) -> None:
         _positive(self, where, "patch_size", "temporal_patch", "merge", "dim", "n_layers", "n_heads", "ffn_dim")
@@ -84,16 +84,16 @@ class VisionConfig:
 
 @dataclass(frozen=True)
 class AudioConfig:
-    sample_rate: int = 16000
+    sample_rate: int = 16000  # Hz of the waveforms the mel front-end expects
     n_fft: int = 400  # 25 ms window at 16 kHz, as in speech front-ends
     hop_length: int = 160  # 10 ms hop: 100 mel frames per second
-    n_mels: int = 64
-    dim: int = 128
-    n_layers: int = 2
-    n_heads: int = 4
-    ffn_dim: int = 384
-    norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
+    n_mels: int = 64  # mel bins per frame (at most n_fft / 2 + 1)
+    dim: int = 128  # encoder width
+    n_layers: int = 2  # encoder blocks
+    n_heads: int = 4  # attention heads; the head dim must be even (rotary)
+    ffn_dim: int = 384  # MLP hidden width
+    norm_eps: float = 1e-6  # LayerNorm epsilon
+    rope_theta: float = 10000.0  # rotary base frequency
 
     def validate(self, where: str) -> None:
         _positive(self, where, "sample_rate", "n_fft", "hop_length", "n_mels", "dim", "n_layers", "n_heads", "ffn_dim")
@@ -106,7 +106,7 @@ class AudioConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "tiny"
+    name: str = "tiny"  # a label, shown by `omniscratch model` and kept in every checkpoint's model_config.json
     text: TextConfig = field(default_factory=TextConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
