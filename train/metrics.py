@@ -177,6 +177,7 @@ class Metrics:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
 
         rows = [json.loads(ln) for ln in self.path.read_text().splitlines() if ln]
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -188,6 +189,8 @@ class Metrics:
         ax.set_xlabel("step")
         ax.set_ylabel("cross-entropy (nats)")
         ax.set_yscale("log")
+        for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):  # 4.5, not 4.5 x 10^0
+            axis(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.set_title(f"run {self.name}: training loss", fontsize=10)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)

@@ -249,6 +249,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"omniscratch audit: --alpha {args.alpha} must be between 0 and 1 (e.g. 0.01)", file=sys.stderr)
         return 2
     try:
+        weights = checkpoint_file(args.checkpoint)  # a wrong path: its one line, and no progress line before it
+        print(f"omniscratch audit: comparing {weights} with {', '.join(args.reference)} ...", file=sys.stderr, flush=True)
         result = run_audit(args.checkpoint, args.reference, args.null, args.alpha)
     except ValueError as e:
         print(f"omniscratch audit: {e}", file=sys.stderr)
