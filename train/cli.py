@@ -18,8 +18,6 @@ import os
 import sys
 from importlib import metadata
 
-from model.config import UsageError
-
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
     "model": ("model.info", "describe a model config: components, parameter counts, FLOPs"),
@@ -116,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         from train.audit.compare import run_audit
 
         args.audit = lambda folder: run_audit(str(folder), args.audit_reference, args.audit_null)
+    from model.config import UsageError  # here: importing `model` imports torch, which --help and --version need not
+
     try:
         return int(module.main(args) or 0)
     except UsageError as e:
