@@ -155,3 +155,37 @@ def test_a_mistake_met_inside_the_ranks_is_one_line_through_the_launcher(tmp_pat
     assert "data" in own[0] and "Traceback" not in err, err[-3000:]
     status = yaml.safe_load((tmp_path / "runs" / "r" / "logs" / "rank0.json").read_text())
     assert status["state"] == "failed" and status["usage"] is True and status["error"] in own[0]
+
+
+def test_version_and_defaults_in_every_help(capsys):
+    """`--version`; an option's default in its help line, in subcommands' own subparsers too."""
+    from train.cli import main, version
+
+    for argv, shown in ([["--version"], f"omniscratch {version()}"],
+                        [["eval", "--help"], "--probe-items PROBE_ITEMS held-out probe items per task (default: 100)"],
+                        [["tokenizer", "train", "--help"], "(default: 4096)"],
+                        [["train", "--help"], "(default: 0)"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        out = " ".join(capsys.readouterr().out.split())  # as wrapped for any terminal width
+        assert e.value.code == 0 and shown in out, out
+
+
+def test_one_spelling_for_the_data_folder_and_runs_name_for_verify(tmp_path):
+    """eval takes --data-dir like every other command (the old --data still works, unlisted); verify, like eval,
+    generate, export and audit, takes runs/NAME for its latest committed checkpoint."""
+    from train.cli import Parser
+    from train.inference import evaluate
+    from train.provenance.verify import checkpoint_folder
+
+    p = Parser()
+    evaluate.add_arguments(p)
+    assert p.parse_args(["c", "--data-dir", "d"]).data_dir == p.parse_args(["c", "--data", "d"]).data_dir == "d"
+    assert "--data-dir" in p.format_help() and "--data " not in p.format_help()
+    root = tmp_path / "runs" / "r" / "checkpoints"
+    for step in ("step_000002", "step_000004"):
+        (root / step).mkdir(parents=True)
+        (root / step / "provenance.json").write_text("{}")
+    (root / "latest").write_text("step_000004\n")
+    assert checkpoint_folder(str(tmp_path / "runs" / "r")) == root / "step_000004"
+    assert checkpoint_folder(str(root / "step_000002")) == root / "step_000002"
