@@ -199,8 +199,6 @@ def build_data(cfg, d, model_cfg: ModelConfig) -> tuple[TrainLoader, list[Batch]
     def checked():  # the pipeline's ValueErrors are about the user's data (naming the file, row and fix)
         try:
             return data_loaders()
-        except UsageError:
-            raise
         except ValueError as e:
             raise UsageError(str(e)) from None
 
