@@ -36,6 +36,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_record import add_record_argument, finish  # noqa: E402 - scripts/bench_record.py, beside this script
+
 from model import OmniModel, init_weights  # noqa: E402
 from model.config import AudioConfig, ModelConfig, TextConfig, VisionConfig  # noqa: E402
 from train import checkpoint as ckpt  # noqa: E402
@@ -137,6 +139,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="64,128,256,384", help="model widths")
     ap.add_argument("--repeat", type=int, default=5)
+    add_record_argument(ap)
     args = ap.parse_args()
     rows, loads = [], [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory(prefix="bench-verify-") as tmp:
@@ -178,10 +181,9 @@ def main() -> None:
             "cold_integrity_vs_read", "rebuild_vs_read", "warm_floor_vs_read", "warm_verify_vs_floor",
             "rebuild_params_per_s", "rng_1thread_s")
     goals = {"cold_verify_vs_read": 1.5, "warm_verify_vs_floor": 1.3}
-    print(json.dumps({"bench": "verify", **{k: round(last[k], 4) for k in keys}, "goals": goals,
-                      "goal_met": all(last[k] <= g for k, g in goals.items()),
-                      "machine": machine() | {"loadavg_1min": max(loads)},
-                      "rows": rows}))
+    finish({"bench": "verify", **{k: round(last[k], 4) for k in keys}, "goals": goals,
+            "goal_met": all(last[k] <= g for k, g in goals.items()),
+            "machine": machine() | {"loadavg_1min": max(loads)}, "rows": rows}, args.record)
 
 
 if __name__ == "__main__":
