@@ -14,9 +14,11 @@ alignment that is noise runs no sub-block test); `--subclone` plants what makes 
 token embedding is the reference's with its residual channels permuted (rows beyond the reference's vocabulary
 random), and text layer 1's MLP down projection is cut from reference layer 2's, its rows by the same channel
 permutation and its columns a permuted subset of the reference's neurons, noised; then `embeddings` and
-`text_decoder` come out derived, the latter by a sub-block pair. `--no-subblock` times the audit without it.
-Goals: 1B vs 1B in <= 120 s on 2 cores (sub-block search on); time growing no worse than linearly in the number of candidate pairs
-(`series_time_ratio_over_pairs_ratio` <= 1). The last line is one JSON object with `seconds_1b_vs_1b`.
+`text_decoder` come out derived, the latter by a sub-block pair. `--no-subblock` times the audit without it; with it
+on, each point also times the same files without it, in the same run (`subblock_time_ratio`). Goals: 1B vs 1B in <=
+120 s on 2 cores (sub-block search on); time growing no worse than linearly in the number of candidate pairs
+(`series_time_ratio_over_pairs_ratio` <= 1).
+The last line is one JSON object with `seconds_1b_vs_1b`.
 """
 
 from __future__ import annotations
@@ -120,11 +122,16 @@ def point(size: str, work: Path, ref_layers: int | None = None, subclone: bool =
     t0 = time.perf_counter()
     result = run_audit(str(work / "model.safetensors"), [str(work / "ref")], use_subblock=subblock)  # no certificate
     seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()  # the same files without the sub-block search, in the same run: its share of the time
+    off = run_audit(str(work / "model.safetensors"), [str(work / "ref")], use_subblock=False) if subblock else None
+    seconds_off = time.perf_counter() - t0
     derived = sorted(c for c, v in result["components"].items() if v["verdict"] == "derived")
     row = {"size": size, "ref_layers": ref_layers or layers, "ckpt_params": n_ckpt, "ref_params": n_ref,
            "pairs": result["pairs"], "tests": result["tests"], "subblock": subblock, "subclone": subclone,
            "subblock_pairs": result["subblock_pairs"],
-           "seconds": round(seconds, 2), "us_per_pair": round(1e6 * seconds / max(result["pairs"], 1), 1),
+           "seconds": round(seconds, 2), "seconds_without_subblock": round(seconds_off, 2) if off else None,
+           "subblock_time_ratio": round(seconds / seconds_off, 2) if off else None,
+           "us_per_pair": round(1e6 * seconds / max(result["pairs"], 1), 1),
            "derived": derived, "write_seconds": round(written, 1)}
     print(json.dumps(row), flush=True)
     return row

@@ -87,6 +87,9 @@ def test_subcloned_pruned_reordered_vision_encoder_is_derived_layer_by_layer(mod
         assert lv["best"]["reference"].split(":")[-1].startswith(f"vision.blocks.{src}."), lv
     ev = [e for e in r["components"]["vision_encoder"]["evidence"] if e["orientation"].startswith("sub-block")]
     assert ev and all(len(e["reference_residual_channels"]) == 16 and e["reference_hidden_units"] for e in ev)
+    # an independently trained model of R's widths as a --null model, searched the same way: the cut stays derived
+    with_null = compare.run_audit(models["S"], [models["R"]], nulls=[models["R2"]])
+    assert with_null["components"]["vision_encoder"]["layer_verdicts"]["1"]["verdict"] == "derived", verdicts(with_null)
     # without the sub-block search no layer of the encoder is found (only its patch stem, a one-sided slice)
     plain = compare.run_audit(models["S"], [models["R"]], use_subblock=False)
     assert all(lv["verdict"] == "independent" for lv in plain["components"]["vision_encoder"]["layer_verdicts"].values())
