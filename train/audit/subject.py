@@ -82,19 +82,18 @@ def _ours(entries: list[Entry]) -> bool:
 def subject_entries(path: str, components: str | Path | None = None) -> tuple[str, str, dict[str, list[Entry]]]:
     """(what was read, how components were assigned, tensors grouped by component)."""
     p = Path(path)
-    if components is None and _is_checkpoint(p):
-        file = ckpt.resolve(p) / ckpt.WEIGHTS
-        return str(file), "omniscratch component map", _group(read_file(file), component_of)
-    files = reference_files([path])
+    if _is_checkpoint(p):  # its weights file only: optimizer shards under ds/ are no part of the model
+        files = [ckpt.resolve(p) / ckpt.WEIGHTS]
+        label = str(files[0])
+    else:
+        files, label = reference_files([path]), str(p)
     entries = [e for f in files for e in read_file(f)]
     if components is not None:
         rules = read_rules(Path(components))
-        how = f"name patterns of {components}"
-    elif len(files) == 1 and files[0].suffix == ".safetensors" and _ours(entries):
+        return label, f"name patterns of {components}", _group(entries, lambda n: component_by_rules(n, rules))
+    if len(files) == 1 and files[0].suffix == ".safetensors" and _ours(entries):
         return str(files[0]), "omniscratch component map", _group(entries, component_of)
-    else:
-        rules, how = RULES, "module-name rules (Hugging Face layouts)"
-    return str(p), how, _group(entries, lambda n: component_by_rules(n, rules))
+    return label, "module-name rules (Hugging Face layouts)", _group(entries, component_by_rules)
 
 
 def _group(entries: list[Entry], comp_of) -> dict[str, list[Entry]]:
