@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from model.components import component_of
+from model.components import COMPONENTS, component_of
 from train import checkpoint as ckpt
 from train.audit.weights import Entry, read_file, reference_files
 
@@ -90,14 +90,17 @@ def subject_entries(path: str, components: str | Path | None = None) -> tuple[st
     entries = [e for f in files for e in read_file(f)]
     if components is not None:
         rules = read_rules(Path(components))
-        return label, f"name patterns of {components}", _group(entries, lambda n: component_by_rules(n, rules))
+        return label, f"name patterns of {components}", _group(entries, lambda n: component_by_rules(n, rules),
+                                                                [c for _, c in rules])
     if len(files) == 1 and files[0].suffix == ".safetensors" and _ours(entries):
-        return str(files[0]), "omniscratch component map", _group(entries, component_of)
-    return label, "module-name rules (Hugging Face layouts)", _group(entries, component_by_rules)
+        return str(files[0]), "omniscratch component map", _group(entries, component_of, COMPONENTS)
+    return label, "module-name rules (Hugging Face layouts)", _group(entries, component_by_rules, [c for _, c in RULES])
 
 
-def _group(entries: list[Entry], comp_of) -> dict[str, list[Entry]]:
+def _group(entries: list[Entry], comp_of, order) -> dict[str, list[Entry]]:
+    """Tensors by component, components in `order` (the map's or the rules'), unknown names after them."""
     groups: dict[str, list[Entry]] = {}
     for e in entries:
         groups.setdefault(comp_of(e.name), []).append(e)
-    return groups
+    rank = {c: i for i, c in enumerate(dict.fromkeys(order))}
+    return dict(sorted(groups.items(), key=lambda kv: rank.get(kv[0], len(rank))))
