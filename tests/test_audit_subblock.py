@@ -1,6 +1,6 @@
 """The audit's sub-block search and any-model subjects, on tiny models trained on the CPU.
 
-Run: `OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q tests/test_audit_subblock.py` (under a minute on 2 cores).
+Run: `OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q tests/test_audit_subblock.py` (about a minute on 2 cores).
 
 One module fixture trains a reference R twice as wide as the test models of tests/test_audit.py (vision 96 wide
 with 8 heads, 256 MLP neurons and 3 layers; text and audio 2x too) for 40 steps, and an independent R2 of R's widths
@@ -141,3 +141,24 @@ def test_hugging_face_layout_folder_as_subject(models, tmp_path, capsys):
     assert cli_main(["audit", folder, "--reference", models["R"], "--components", str(mapping)]) == 2
     err = capsys.readouterr().err
     assert str(mapping) in err and "entry 1" in err and "not a regular expression" in err, err
+
+
+def test_module_name_rules_of_common_layouts():
+    from train.audit.subject import component_by_rules
+
+    expected = {
+        "model.vision_tower.vision_model.encoder.layers.3.self_attn.q_proj.weight": "vision_encoder",  # LLaVA, SigLIP
+        "visual.blocks.7.mlp.fc1.weight": "vision_encoder",  # Qwen2-VL
+        "visual.merger.mlp.0.weight": "vision_projector",
+        "vision_model.encoder.layers.0.mlp.fc1.weight": "vision_encoder",  # CLIP
+        "multi_modal_projector.linear_1.weight": "vision_projector",
+        "audio_tower.layers.2.fc1.weight": "audio_encoder",  # Qwen2-Audio
+        "model.encoder.layers.1.self_attn.k_proj.weight": "audio_encoder",  # Whisper
+        "language_model.model.layers.5.mlp.down_proj.weight": "text_decoder",
+        "model.layers.0.self_attn.o_proj.weight": "text_decoder",  # Llama / Qwen
+        "language_model.model.embed_tokens.weight": "embeddings",
+        "lm_head.weight": "lm_head",
+        "model.norm.weight": "text_decoder",
+        "some.unknown.tensor": "other",
+    }
+    assert {n: component_by_rules(n) for n in expected} == expected
