@@ -55,6 +55,31 @@ def subclone(wide: dict[str, torch.Tensor], g: torch.Generator) -> dict[str, tor
     return out
 
 
+def subclone_text(wide: dict[str, torch.Tensor], g: torch.Generator) -> dict[str, torch.Tensor]:
+    """CFG's embedding and text decoder cut out of WIDE's the same way (query heads follow their kept kv heads), the
+    two layers swapped."""
+    dr, hd, ffn = WIDE.text.dim, WIDE.text.dim // WIDE.text.n_heads, WIDE.text.ffn_dim
+    res = torch.randperm(dr, generator=g)[: CFG.text.dim]
+    group = WIDE.text.n_heads // WIDE.text.n_kv_heads
+
+    def dims(heads):
+        return (heads[:, None] * hd + torch.arange(hd)).flatten()
+
+    out = {"embed.weight": wide["embed.weight"][:, res], "text.norm.weight": wide["text.norm.weight"][res]}
+    for i, src in enumerate((1, 0)):
+        w = {k.split(f"text.layers.{src}.")[1]: v for k, v in wide.items() if k.startswith(f"text.layers.{src}.")}
+        kv = torch.randperm(WIDE.text.n_kv_heads, generator=g)[: CFG.text.n_kv_heads]
+        q = dims((kv[:, None] * group + torch.arange(group)).flatten())
+        mlp = torch.randperm(ffn, generator=g)[: CFG.text.ffn_dim]
+        cut = {"attn_norm.weight": w["attn_norm.weight"][res], "mlp_norm.weight": w["mlp_norm.weight"][res],
+               "attn.wq.weight": w["attn.wq.weight"][q][:, res], "attn.wk.weight": w["attn.wk.weight"][dims(kv)][:, res],
+               "attn.wv.weight": w["attn.wv.weight"][dims(kv)][:, res], "attn.wo.weight": w["attn.wo.weight"][res][:, q],
+               "mlp.w13.weight": w["mlp.w13.weight"][torch.cat([mlp, mlp + ffn])][:, res],
+               "mlp.w2.weight": w["mlp.w2.weight"][res][:, mlp]}
+        out |= {f"text.layers.{i}.{k}": v for k, v in cut.items()}
+    return out
+
+
 def wide(seed: int) -> OmniModel:
     model = OmniModel(WIDE)
     init_weights(model, seed)
@@ -68,8 +93,12 @@ def models(tmp_path_factory):
     s = fresh(23)
     s.vision.load_state_dict(subclone(r.state_dict(), torch.Generator().manual_seed(24)))
     train(s, 50, seed=25)
+    t = fresh(27)
+    t.load_state_dict(subclone_text(r.state_dict(), torch.Generator().manual_seed(28)), strict=False)
+    train(t, 50, seed=29)
     return {"R": save(r, d / "r.safetensors"), "R2": save(r2, d / "r2.safetensors"), "S": save(s, d / "s.safetensors"),
-            "fresh": save(fresh(26), d / "fresh.safetensors"), "subject": s}
+            "fresh": save(fresh(26), d / "fresh.safetensors"), "subject": s,
+            "T": save(t, d / "t.safetensors")}
 
 
 def verdicts(result) -> dict[str, str]:
@@ -93,6 +122,17 @@ def test_subcloned_pruned_reordered_vision_encoder_is_derived_layer_by_layer(mod
     # without the sub-block search no layer of the encoder is found (only its patch stem, a one-sided slice)
     plain = compare.run_audit(models["S"], [models["R"]], use_subblock=False)
     assert all(lv["verdict"] == "independent" for lv in plain["components"]["vision_encoder"]["layer_verdicts"].values())
+
+
+def test_subcloned_text_decoder_is_derived_through_the_embedding_anchor(models):
+    """The text decoder has no data-side stem of its own: its residual channels are aligned by the token embedding."""
+    r = compare.run_audit(models["T"], [models["R"]])
+    v = verdicts(r)
+    assert v["text_decoder"] == v["embeddings"] == "derived", v
+    assert all(x == "independent" for c, x in v.items() if c not in ("text_decoder", "embeddings")), v
+    for i, src in enumerate((1, 0)):
+        lv = r["components"]["text_decoder"]["layer_verdicts"][str(i)]
+        assert lv["verdict"] == "derived" and lv["reference_layers"] == [str(src)], lv
 
 
 @pytest.mark.parametrize("subject,reference", [("fresh", "R"), ("R2", "R"), ("S", "R2")])
