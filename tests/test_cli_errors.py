@@ -106,7 +106,7 @@ MISTAKES = [
     (["eval", "runs/nope"], "omniscratch eval: runs/nope: no such run or checkpoint folder"),
     (["generate", "runs/nope", "--prompt", "hi"], "omniscratch generate: runs/nope: no such run or checkpoint folder"),
     (["audit", "runs/nope", "--reference", "key.pub"],
-     "omniscratch audit: runs/nope: expected a checkpoint folder holding model.safetensors, or a .safetensors file"),
+     "omniscratch audit: runs/nope: no such checkpoint, model folder or weight file"),
     # the local launcher checks before it starts ranks: one line, not one traceback per rank
     (["train", "--config", "run.yaml", "data.dir=nodata", "--nproc-per-node", "2"],
      f"omniscratch train: {W} data.dir=nodata): key 'data.dir': folder nodata not found: write the built-in corpus "

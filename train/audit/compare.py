@@ -1,14 +1,19 @@
-"""`omniscratch audit CKPT --reference PATH [PATH ...]`: which components of a checkpoint derive from other models.
+"""`omniscratch audit SUBJECT --reference PATH [PATH ...]`: which components of a model derive from other models.
 
-Every tensor of the checkpoint is compared, name-agnostically, with every reference tensor of a compatible
-shape: the same shape, the transposed shape, or a slice (one axis equal, the other up to 8 times it or within
-2x: fused q/k/v or gate/up projections, tensor-parallel shards, resized vocabularies). Reading is in
-`train/audit/weights.py`, statistics and their calibration in `train/audit/stats.py`. A component is *derived* when
-at least one of its matrices (2-D or more) matches a reference tensor beyond every null (random inits, a
-permutation of the reference, and the independently trained models given with `--null`) after Bonferroni
-correction over all tests, or is byte-identical to one. 1-D tensors are reported as supporting evidence only.
+The subject is an omniscratch checkpoint (components from its own map) or any model folder or weight file (components
+from module-name rules or `--components FILE`: `train/audit/subject.py`). Every tensor of it is compared, name-
+agnostically, with every reference tensor of a compatible shape: the same shape, the transposed shape, or a slice (one
+axis equal, the other up to 8 times it or within 2x: fused q/k/v or gate/up projections, tensor-parallel shards,
+resized vocabularies). Reading is in `train/audit/weights.py`, statistics and their calibration in
+`train/audit/stats.py`. A component is *derived* when at least one of its matrices (2-D or more) matches a reference
+tensor beyond every null (random inits, a permutation of the reference, and the independently trained models given
+with `--null`) after Bonferroni correction over all tests, or is byte-identical to one. 1-D tensors are reported as
+supporting evidence only. The sub-block search (`train/audit/subblock.py`, on unless `--no-subblock`) adds the tests
+for matrices whose rows and columns are both (permuted) subsets of a reference matrix's: subcloned or width-pruned
+components.
 
-Outputs: a terminal table; `--json` prints one object with `components` (each with `verdict` and `evidence`);
+Outputs: a terminal table; `--json` prints one object with `components` (each with `verdict`, `evidence` and
+`layer_verdicts`: per subject layer, its verdict and best reference tensor and layer);
 `--out DIR` writes `audit.json` and `similarity.png` (layer-by-layer heatmap of the best z-score).
 Exit status: 0 all independent, 1 some component derived, 2 unusable input.
 """
@@ -27,18 +32,24 @@ from statistics import NormalDist
 import torch
 
 from train.atomic import atomic_path, atomic_write
-from train.audit import stats
-from train.audit.weights import Entry, checkpoint_entries, checkpoint_file, full_tensor, read_file, reference_files
+from train.audit import stats, subblock
+from train.audit.subject import subject_entries
+from train.audit.weights import Entry, full_tensor, read_file, reference_files
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="checkpoint folder, runs/NAME for its latest committed checkpoint, or a "
-                                      ".safetensors file")
+    p.add_argument("checkpoint", help="the audited model: an omniscratch checkpoint, runs/NAME for its latest committed "
+                   "checkpoint, or any model folder or weight file (safetensors or torch files)")
     p.add_argument("--reference", nargs="+", required=True, metavar="PATH",
                    help="reference models: safetensors or torch files, or folders of them (searched recursively)")
     p.add_argument("--null", nargs="*", default=[], metavar="PATH",
                    help="models known to be independent of the checkpoint: they widen the null distribution")
-    p.add_argument("--alpha", type=float, default=0.01, help="family-wise error rate after Bonferroni")
+    p.add_argument("--components", type=Path, metavar="FILE",
+                   help="JSON or YAML object of tensor-name patterns (regular expressions) to components, first match "
+                   "wins; default: our checkpoints' own map, Hugging Face module names for other models")
+    p.add_argument("--no-subblock", dest="subblock", action="store_false",
+                   help="skip the sub-block search (subcloned or width-pruned matrices)")
+    p.add_argument("--alpha", type=float, default=0.01, help="family-wise error rate after Bonferroni (default 0.01)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object instead of a table")
     p.add_argument("--out", type=Path, help="folder for audit.json and similarity.png")
 
@@ -107,7 +118,7 @@ def _confirm(p: dict, key: str, trained: dict, n_tests: int, alpha: float) -> bo
     """A significant test must also beat the permutation null and the independently trained models."""
     v = p["stats"][key]
     if "perm" not in p:
-        p["perm"] = stats.permutation_null(p["a"].sketch, p["sb"])
+        p["perm"] = p["perm_fn"]() if "perm_fn" in p else stats.permutation_null(p["a"].sketch, p["sb"])
     if stats.corrected(stats.p_value(key, p["perm"].z(key, v)), n_tests) >= alpha:
         return False
     samples = trained.get(key, [])
@@ -124,7 +135,7 @@ def _pair_json(p: dict) -> dict:
             "orientation": p["orientation"], **{k: round(v, 5) for k, v in p["stats"].items()},
             "cosine_informative": len(a.sketch.shape) == 2, "z": {k: round(v, 2) for k, v in p["z"].items()},
             "p_corrected": {k: float(f"{v:.3g}") for k, v in p["p"].items()}, "significant": p["significant"],
-            "identical": p["identical"]}
+            "identical": p["identical"], **(p["detail_fn"]() if "detail_fn" in p else {})}
 
 
 def _ref_group(b: Entry) -> str:
@@ -132,43 +143,79 @@ def _ref_group(b: Entry) -> str:
     return f"{Path(b.file).name}:{m.group(1) if m else '(unlayered)'}"
 
 
-def run_audit(ckpt: str, references: list[str], nulls: list[str] = (), alpha: float = 0.01) -> dict:
-    t0 = time.perf_counter()
-    comps = checkpoint_entries(ckpt)
-    refs = [e for f in reference_files(references) for e in read_file(f)]
-    null_refs = [e for f in reference_files(list(nulls)) for e in read_file(f)] if nulls else []
-    rnull = stats.RandomInitNull()
+def _whole_matrix_pairs(comps: dict[str, list[Entry]], refs: list[Entry], rnull: stats.RandomInitNull) -> list[dict]:
     pairs = []
     for comp, entries in comps.items():
         for a, b, o, sb, st in compare(entries, refs):
             nm = rnull.model(a.sketch.shape, sb.shape)
             pairs.append({"component": comp, "a": a, "b": b, "orientation": o, "sb": sb, "stats": st,
                           "null": nm, "z": {k: nm.z(k, v) for k, v in st.items() if k != "cosine"}})
+    return pairs
+
+
+def _judge(pairs: list[dict], comps: dict, null_refs: list[Entry], use_subblock: bool, alpha: float) -> int:
+    """Corrected p-values, identity and confirmation of every pair; returns the number of tests."""
     n_tests = sum(len(p["z"]) for p in pairs)
     trained: dict[str, dict[str, list[float]]] = {}
+    trained_sub: dict[str, dict[str, list[float]]] | None = None
     for p in pairs:
         p["p"] = {k: stats.corrected(stats.p_value(k, z), n_tests) for k, z in p["z"].items()}
-        p["identical"] = (p["stats"]["pearson"] > 0.999 and stats.identical_block(p["a"].sketch, p["sb"])  # cheap test first
-                          and _identical(p["a"], p["b"], p["orientation"]))
+        p["identical"] = (p["stats"].get("pearson", 0.0) > 0.999 and stats.identical_block(p["a"].sketch, p["sb"])
+                          and _identical(p["a"], p["b"], p["orientation"]))  # cheap tests first
         candidates = [k for k, v in p["p"].items() if v < alpha]
-        if candidates and null_refs and p["a"].name not in trained:
+        if candidates and null_refs and "sb" in p and p["a"].name not in trained:
             trained[p["a"].name] = {}
             for *_, st in compare([p["a"]], null_refs):
                 for k, v in st.items():
                     trained[p["a"].name].setdefault(k, []).append(v)
-        p["significant"] = [k for k in candidates if _confirm(p, k, trained.get(p["a"].name, {}), n_tests, alpha)]
-    result = {"checkpoint": str(checkpoint_file(ckpt)), "references": sorted({e.file for e in refs}),
-              "null_models": sorted({e.file for e in null_refs}), "alpha": alpha, "pairs": len(pairs),
-              "tests": n_tests, "components": {}}
+        if candidates and null_refs and "sb" not in p and trained_sub is None:  # the --null models, searched once
+            trained_sub = {}
+            for q in (subblock.search(comps, null_refs, subblock.Nulls(), -math.inf) if use_subblock else ()):
+                for k, v in q["stats"].items():
+                    trained_sub.setdefault(q["a"].name, {}).setdefault(k, []).append(v)
+        samples = {**trained.get(p["a"].name, {}), **(trained_sub or {}).get(p["a"].name, {})}
+        p["significant"] = [k for k in candidates if _confirm(p, k, samples, n_tests, alpha)]
+    return n_tests
+
+
+def _layer_verdicts(entries: list[Entry], evidence: list[dict]) -> dict:
+    """Per subject layer: derived when a matrix of it is evidence, with the strongest match and its reference layer."""
+    out = {}
+    for layer in sorted({e.layer for e in entries if e.layer}, key=int):
+        mine = [p for p in evidence if p["a"].layer == layer]
+        best = mine[0] if mine else None
+        out[layer] = {"verdict": "derived" if mine else "independent", "evidence_count": len(mine),
+                      "reference_layers": sorted({p["b"].layer for p in mine if p["b"].layer}, key=int),
+                      "best": None if best is None else {"tensor": best["a"].name, "reference": best["b"].label,
+                                                         "orientation": best["orientation"],
+                                                         "z": round(max(best["z"].values()), 2)}}
+    return out
+
+
+def run_audit(ckpt: str, references: list[str], nulls: list[str] = (), alpha: float = 0.01,
+              components: str | Path | None = None, use_subblock: bool = True) -> dict:
+    t0 = time.perf_counter()
+    subject, how, comps = subject_entries(ckpt, components)
+    refs = [e for f in reference_files(references) for e in read_file(f)]
+    null_refs = [e for f in reference_files(list(nulls)) for e in read_file(f)] if nulls else []
+    pairs = _whole_matrix_pairs(comps, refs, stats.RandomInitNull())
+    if use_subblock:
+        pairs += subblock.search(comps, refs, subblock.Nulls())
+    n_tests = _judge(pairs, comps, null_refs, use_subblock, alpha)
+    result = {"checkpoint": subject, "components_from": how, "references": sorted({e.file for e in refs}),
+              "null_models": sorted({e.file for e in null_refs}), "alpha": alpha, "subblock_search": use_subblock,
+              "pairs": len(pairs), "subblock_pairs": sum("sb" not in p for p in pairs), "tests": n_tests,
+              "components": {}}
     for comp, entries in comps.items():
         mine = sorted((p for p in pairs if p["component"] == comp), key=lambda p: -max(p["z"].values()))
         matrices = [p for p in mine if len(p["a"].sketch.shape) == 2]
-        evidence = [p for p in matrices if p["significant"] or p["identical"]]
+        evidence = sorted((p for p in matrices if p["significant"] or p["identical"]), key=lambda p: not p["identical"])
         result["components"][comp] = {
             "verdict": "derived" if evidence else "independent",
             "params": sum(math.prod(e.shape) for e in entries),
             "evidence": [_pair_json(p) for p in evidence[:20]], "evidence_count": len(evidence),
             "layers": sorted({p["a"].layer for p in evidence if p["a"].layer}, key=int),
+            "layer_verdicts": _layer_verdicts(entries, evidence),
             "reference_tensors": sorted({p["b"].label for p in evidence})[:50],
             "supporting_1d": [_pair_json(p) for p in mine if len(p["a"].sketch.shape) == 1 and p["significant"]][:10],
             "strongest": _pair_json(matrices[0]) if matrices else None,
@@ -249,9 +296,11 @@ def main(args: argparse.Namespace) -> int:
         print(f"omniscratch audit: --alpha {args.alpha} must be between 0 and 1 (e.g. 0.01)", file=sys.stderr)
         return 2
     try:
-        weights = checkpoint_file(args.checkpoint)  # a wrong path: its one line, and no progress line before it
-        print(f"omniscratch audit: comparing {weights} with {', '.join(args.reference)} ...", file=sys.stderr, flush=True)
-        result = run_audit(args.checkpoint, args.reference, args.null, args.alpha)
+        if not Path(args.checkpoint).exists():  # a wrong path: its one line, and no progress line before it
+            raise ValueError(f"{args.checkpoint}: no such checkpoint, model folder or weight file")
+        print(f"omniscratch audit: comparing {args.checkpoint} with {', '.join(args.reference)} ...", file=sys.stderr,
+              flush=True)
+        result = run_audit(args.checkpoint, args.reference, args.null, args.alpha, args.components, args.subblock)
     except ValueError as e:
         print(f"omniscratch audit: {e}", file=sys.stderr)
         return 2

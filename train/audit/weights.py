@@ -5,16 +5,16 @@ Notable choices:
   reference folder of several GB costs a fraction of its size in I/O and memory.
 - References may be any architecture: safetensors files, or torch files (`weights_only=True`, memory-mapped
   when possible) holding nested dicts or lists of tensors; folders are searched recursively; names are kept
-  only to report evidence. Checkpoint tensors are grouped by `model.components.component_of`.
+  only to report evidence. The subject's tensors are grouped into components by `train/audit/subject.py`.
 - What counts as a weight file is train/checkpoint.py's WEIGHT_SUFFIXES; READABLE is the part of it read here. A
   weight file of another format is refused by name (convert it), never skipped: a skipped file would hide the very
   weights the audit is asked about.
-- A checkpoint folder, run folder or `checkpoints/` folder goes through `train.checkpoint.resolve` (committed only).
 - Conv kernels are viewed as (out, fan_in) matrices; integer tensors and scalars are skipped.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from model.components import COMPONENTS, component_of
 from train import checkpoint as ckpt
 from train.audit import stats
 
@@ -126,34 +125,19 @@ def reference_files(paths: list[str]) -> list[Path]:
     return files
 
 
-def checkpoint_file(path: str) -> Path:
-    """model.safetensors of the committed checkpoint a folder names (`train.checkpoint.resolve`), or a .safetensors
-    file as it is."""
-    p = Path(path)
-    if p.is_dir():
-        p = ckpt.resolve(p) / ckpt.WEIGHTS
-    if not p.is_file() or p.suffix != ".safetensors":
-        raise ValueError(f"{path}: expected a checkpoint folder holding {ckpt.WEIGHTS}, or a .safetensors file")
-    return p
-
-
-def checkpoint_entries(path: str) -> dict[str, list[Entry]]:
-    """The checkpoint's tensors grouped by component (names are OmniModel.state_dict() names)."""
-    file = checkpoint_file(path)
-    groups: dict[str, list[Entry]] = {c: [] for c in COMPONENTS}
-    for e in read_file(file):
-        try:
-            groups[component_of(e.name)].append(e)
-        except KeyError:
-            raise ValueError(f"{file}: tensor '{e.name}' belongs to no component of OmniModel; "
-                             f"audit an omniscratch checkpoint (pass other models with --reference)") from None
-    return {c: es for c, es in groups.items() if es}
-
-
 def full_tensor(e: Entry) -> torch.Tensor:
     if e.file.endswith(".safetensors"):
         with safe_open(e.file, framework="pt") as f:
             return f.get_tensor(e.name)
-    return dict(_flatten(torch.load(e.file, map_location="cpu", weights_only=True)))[e.name]
+    return _torch_file(e.file)[e.name]
+
+
+@functools.lru_cache(maxsize=1)  # the sub-block search reads a reference file's tensors one after another
+def _torch_file(file: str) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
+        obj = torch.load(file, map_location="cpu", weights_only=True)
+    return dict(_flatten(obj))
 
 
