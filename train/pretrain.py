@@ -6,7 +6,9 @@ The script reads top to bottom, one phase per function: where we start from (`re
 DeepSpeed config (`configure`), data (`build_data`), the parent's DeepSpeed state (`parent_ds`), model and engine
 (`build_engine`), resume (`restore`), provenance, RNG and metrics (`start_records`); then `fit`, the loop: one
 optimizer step (`train.loop.train_step`), the non-finite policy (`train.loop.check_nonfinite`), `log_step` with
-`heldout_loss`, `save_checkpoint`; and `finish`. The phases hand on one `train.loop.Run`, the run's live state.
+`heldout_loss`, `save_checkpoint` (the snapshot; rank 0's background save certifies and commits it, and
+`collect_save` waits for that before the next save and at the end); and `finish`. The phases hand on one
+`train.loop.Run`, the run's live state.
 Every collective of the loop is here (one all-reduce per step, `guards.agree_after_step`, and the metrics' at log time), through
 train/parallel/collectives.py; DeepSpeed only through train.parallel.engine.
 
@@ -47,7 +49,7 @@ from train.loop import Run, check_nonfinite, heldout_sums, train_step
 from train.metrics import Metrics, device_peak, peak_memory_bytes
 from train.parallel import collectives, guards
 from train.parallel.launch import format_rank_table, preflight, rank_info, run_local, setup_logging, write_status
-from train.provenance.background import Saver
+from train.provenance.background import SaveFailed, SaveJob, Saver
 from train.provenance.record import Recorder
 from train.provenance.tripwire import Tripwire
 
@@ -344,7 +346,6 @@ def save_checkpoint(run: Run) -> Path:
     rank, the streamed weights file, rank 0's metadata; rank 0 then hands the certificate, signature, commit, `latest`
     and pruning to its background save (train/provenance/background.py). -> the folder being committed."""
     from train.parallel import engine as eng
-    from train.provenance.background import SaveJob
 
     cfg, d, o, step, root = run.cfg, run.d, run.cfg.optim, run.step, run.cfg.path / "checkpoints"
     collect_save(run)  # the previous save commits first: saves commit in step order, each chaining to the last
@@ -383,8 +384,6 @@ def save_checkpoint(run: Run) -> Path:
 def collect_save(run: Run) -> None:
     """Wait for the pending save's commit (rank 0's job); every rank learns whether it failed, and all raise together
     (the others would otherwise wait for rank 0 in the next barrier until dist_timeout_s)."""
-    from train.provenance.background import SaveFailed
-
     if run.saving is None:
         return
     error = ""
