@@ -242,13 +242,11 @@ def restore(run: Run, start: Path, ds_dir: Path, parent_state: dict, tripwire: T
 
 
 def start_records(run: Run, tripwire: Tripwire, start: Path | None, same_world: bool, precision: str) -> None:
-    """Provenance (with the step-0 tensors of a new run), every rank's own RNG stream, and the metrics."""
+    """Provenance (with the step-0 tensors of a new run), every rank's own RNG stream, the metrics, rank 0's saver."""
     from train.parallel import engine as eng
 
     cfg, d, manifest = run.cfg, run.d, Path(run.cfg.data.dir) / "manifest.json"
     nodes = max(1, d.world_size // int(os.environ.get("LOCAL_WORLD_SIZE", d.world_size)))
-    if d.is_main:
-        run.saver = Saver(background=cfg.checkpoint.async_save)
     run.rec = Recorder(cfg.path, run_config=cfg.to_dict(), model_cfg=run.model_cfg, seed=cfg.seed, rank=d.rank,
                        world_size=d.world_size, nodes=nodes, tokenizer_path=cfg.data.tokenizer,
                        data_manifest_path=manifest if manifest.is_file() else None, tripwire=tripwire,
@@ -266,6 +264,8 @@ def start_records(run: Run, tripwire: Tripwire, start: Path | None, same_world: 
     run.metrics = Metrics(cfg.path, enabled=d.is_main, total_steps=cfg.last_step, start_step=run.step,
                           config=cfg.to_dict(), use_wandb=cfg.wandb, wandb_project=cfg.wandb_project, name=cfg.name)
     run.metrics.write(f"MFU denominator: {peak_note} x {d.world_size} rank(s)")
+    if d.is_main:  # last: `_train` closes it whatever happens after
+        run.saver = Saver(background=cfg.checkpoint.async_save)
 
 
 # ---- the loop ----------------------------------------------------------------------------------------------------

@@ -64,6 +64,10 @@ def finish(job: SaveJob) -> dict:
     return {"final": str(final), "chain": record["chain"]}
 
 
+def _ready() -> None:
+    """The first task: the worker has started and imported this module (and the recorder's) before any save."""
+
+
 def _quiet_worker() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -78,16 +82,21 @@ class Saver:
 
     def __init__(self, background: bool = True):
         self.background, self._pool, self._pending = background, None, None
+        if background:  # started now, so that its start-up (imports) is not paid during the first save
+            self._start().submit(_ready)
+
+    def _start(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_quiet_worker)
+        return self._pool
 
     def submit(self, job: SaveJob, fn=finish) -> None:
         """Start `fn(job)` (a module-level function: it is pickled by name into the worker) for the save in job.tmp;
         returns at once in the background, after it inline."""
         assert self._pending is None, "collect the previous save before submitting the next"
         if self.background:
-            if self._pool is None:
-                self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                                 initializer=_quiet_worker)
-            self._pending = (job.tmp, self._pool.submit(fn, job))
+            self._pending = (job.tmp, self._start().submit(fn, job))
             return
         done: Future = Future()
         try:
