@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bench_checkpoint.py [--model configs/model/tiny.yaml] [--deepspeed configs/deepspeed/zero3.json]
                                                  [--steps 8] [--every 4] [--seq 128] [--micro-batch 2]
+                                                 [--record docs/benchmarks/bench_checkpoint.md]
 
 Two real runs (`omniscratch train`, 2 ranks, gloo, signed) of one config, `checkpoint.async_save` true then false,
 each rank and the background save process carrying a probe (a sitecustomize.py on PYTHONPATH, written by this script)
@@ -35,6 +36,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_record import add_record_argument, finish  # noqa: E402 - scripts/bench_record.py, beside this script
 
 PROBE = r'''
 import json, os, sys, time
@@ -136,6 +140,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--samples", type=int, default=200, help="documents in the generated corpus")
+    add_record_argument(p)
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench_ckpt_") as tmp:
         work = Path(tmp)
@@ -164,7 +169,7 @@ def main() -> None:
         "worker_peak_over_rank_state": max(j["peak"] for j in jobs) / a["rank0_rss"],
         "hashed_over_weights": a["hashed_over_weights"],
     }
-    print(json.dumps(result))
+    finish(result, args.record)
 
 
 if __name__ == "__main__":
