@@ -46,6 +46,14 @@ def test_bench_scaling(small_model):
     assert 0 < r["zero3_memory_ws2_vs_ws1"] < 1 and 0 < r["zero2_memory_ws2_vs_ws1"] < 1  # partitioned across ranks
 
 
+def test_bench_checkpoint(small_model):
+    r = last_json("bench_checkpoint.py", "--model", str(small_model), "--steps", "1", "--every", "1", "--seq", "64",
+                  "--samples", "60")
+    assert r["saves"] == 1 and finite(r["blocked_async_over_inline"], r["blocked_over_snapshot"], r["save_s"],
+                                      r["rank_peak_over_state"], r["worker_peak_over_rank_state"])
+    assert r["hashed_over_weights"] > 1  # the weights and the resume state, each once
+
+
 def test_bench_verify(tmp_path):
     record = tmp_path / "bench_verify.md"
     r = last_json("bench_verify.py", "--sizes", "64", "--repeat", "1", "--record", str(record))  # asserts each verify passed

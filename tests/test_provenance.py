@@ -242,6 +242,23 @@ def test_signature_is_standard_model_signing_and_rejects_paths_outside(tmp_path,
         signed_manifest(folder, keys[1])
 
 
+def test_a_save_signs_with_the_certificates_digests_instead_of_hashing_again(tmp_path, keys):
+    """The background save signs with the release files' digests the certificate computed (each byte hashed once):
+    model-signing's own verifier accepts the result and it equals a plain signature; a digest handed in is signed
+    as given, so the signature did not hash that file again."""
+    import model_signing
+
+    folder = synthetic_run(tmp_path / "run", steps=(2,))[-1]
+    digests = json.loads((folder / RECORD).read_text())["files"]["digests"]
+    sign_checkpoint(folder, keys[0])
+    plain = signed_manifest(folder, keys[1])
+    sign_checkpoint(folder, keys[0], digests=digests)
+    model_signing.verifying.Config().use_elliptic_key_verifier(public_key=keys[1]).verify(folder, folder / SIGNATURE)
+    assert signed_manifest(folder, keys[1]) == plain and RECORD in plain  # provenance.json: hashed for the signature
+    sign_checkpoint(folder, keys[0], digests=digests | {"model.safetensors": "ab" * 32})
+    assert signed_manifest(folder, keys[1])["model.safetensors"] == "ab" * 32
+
+
 def test_a_derived_run_is_certified_derived(tmp_path, keys):
     donor = tmp_path / "donor.safetensors"
     save_file({k: v.detach().contiguous() for k, v in seeded_model(99).state_dict().items() if k.startswith("vision.")},

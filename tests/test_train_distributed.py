@@ -235,6 +235,47 @@ def test_a_rank_raising_mid_run_ends_it_naming_the_rank_and_error(ws, tmp_path):
         assert cells[1:3] == [str(r), str(r)] and cells[-1] == str(pids[r]) and torch.__version__ in cells, line
 
 
+def test_background_save_killed_before_commit_fails_the_run_and_resume_ignores_it(ws, reference, tmp_path):
+    """Step 4's background save is killed while it signs (provenance.json written, the folder not yet renamed): the
+    run (stopping at step 4) fails at its end naming that folder; step 2 stays `latest` and resolvable, the .tmp
+    folder is no checkpoint, and --resume ignores it (a logged line) and ends with the reference's weights bit for
+    bit."""
+    from train.checkpoint import resolve
+    from train.provenance.signing import init_keys
+
+    priv, _ = init_keys(tmp_path / "keys")
+    run, ckpts = ws / "runs" / "bgkill", ws / "runs" / "bgkill" / "checkpoints"
+    args = run_args(ws, "bgkill", f"sign_key={priv}")
+    proc = start_with_fault(tmp_path, """
+        import train.provenance.signing as signing
+        sign = signing.sign_checkpoint
+        def dying(folder, *args, **kwargs):  # runs in the background save's worker, the one process that signs
+            if folder.name == "step_000004.tmp":
+                os.kill(os.getpid(), 9)
+            return sign(folder, *args, **kwargs)
+        signing.sign_checkpoint = dying
+        """, *args, "max_steps=4", log=tmp_path / "bgkill.log")
+    try:
+        rc = proc.wait(timeout=300)
+    finally:
+        proc.kill()
+        kill_ranks(run)
+    out = (tmp_path / "bgkill.log").read_text()
+    assert rc != 0, out[-3000:]
+    assert f"checkpoint {ckpts / 'step_000004.tmp'} was not committed: the background save process died" in out, out[-3000:]
+    assert (ckpts / "latest").read_text().strip() == "step_000002" and resolve(run) == ckpts / "step_000002"
+    assert (ckpts / "step_000004.tmp" / "provenance.json").is_file() and not (ckpts / "step_000004").exists()
+    with pytest.raises(ValueError, match="an incomplete checkpoint"):
+        resolve(ckpts / "step_000004.tmp")
+
+    cli("train", *args, "--resume", "--nproc-per-node", "2")
+    assert f"--resume: ignoring {ckpts / 'step_000004.tmp'}, a save that never committed" in (
+        run / "logs" / "rank0.log").read_text()
+    assert (ckpts / "latest").read_text().strip() == "step_000006" and not (ckpts / "step_000004.tmp").exists()
+    ours, ref = load_weights(ckpts / "step_000006"), load_weights(reference / "checkpoints" / "step_000006")
+    assert [k for k in ref if not torch.equal(ours[k], ref[k])] == []
+
+
 def test_a_rank_missing_at_preflight_ends_the_run_within_preflight_timeout(ws, tmp_path):
     """Rank 1 hangs before the first step: rank 0's preflight gives up after preflight_timeout_s (5 s, not
     dist_timeout_s) and names rank 1."""

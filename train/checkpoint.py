@@ -7,8 +7,9 @@ Layout (docs/CONTRACTS.md):
     runs/NAME/checkpoints/latest         the folder name, replaced atomically
 
 Notable choices:
-- Everything is written into `step_NNNNNN.tmp/`; rank 0 writes `provenance.json` last, renames the folder, then
-  replaces `latest` (train/atomic.py, fsynced). A crash at any point leaves the previous checkpoint and `latest`
+- Everything is written into `step_NNNNNN.tmp/`; `provenance.json` is written last (then the signature), the folder
+  renamed, then `latest` replaced (train/atomic.py, fsynced); a training run does this in a background process
+  (train/provenance/background.py). A crash at any point leaves the previous checkpoint and `latest`
   valid; a folder is a checkpoint only if its name has no suffix and it holds provenance.json (OLMo-core's rule).
   DeepSpeed's own `latest` is not atomic (rank 0 writes it before the other ranks finish), so it is not written.
 - RNG state is saved per rank in files of ours: under ZeRO 0-2 DeepSpeed hands every rank rank 0's client_state.
@@ -58,6 +59,14 @@ def complete_checkpoints(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted((p for p in root.iterdir() if p.is_dir() and is_complete(p)), key=lambda p: int(p.name[5:]))
+
+
+def uncommitted(root: Path) -> list[Path]:
+    """Folders of saves that never committed (`step_NNNNNN.tmp`: interrupted, or their background job failed)."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and STEP_RE.match(p.name.removesuffix(".tmp"))
+                  and p.name.endswith(".tmp"))
 
 
 def step_of(path: Path) -> int:
@@ -165,13 +174,16 @@ def write_files(tmp: Path, *, model_config: dict, run_config: dict, tokenizer: s
     shutil.copyfile(tokenizer, tmp / "tokenizer.json")
 
 
-def commit(tmp: Path, record: dict) -> Path:
-    """Rank 0, last: write the provenance record (the commit marker) and rename the folder into place."""
+def commit(tmp: Path, record: dict, sign=None) -> Path:
+    """Last: write the provenance record (the commit marker), `sign(tmp)` if given (the signature covers the record,
+    and a checkpoint is never seen committed without it), then rename the folder into place."""
     marker = tmp / MARKER
     with open(marker, "w") as f:
         f.write(json.dumps(record, indent=2, sort_keys=True) + "\n")
         f.flush()
         os.fsync(f.fileno())
+    if sign is not None:
+        sign(tmp)
     final = tmp.with_name(tmp.name.removesuffix(".tmp"))
     if final.exists():  # an older copy of the same step (e.g. re-run after a crash that followed the rename)
         shutil.rmtree(final)
@@ -204,7 +216,7 @@ def resolve(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_dir():
         raise UsageError(f"{path}: no such run or checkpoint folder")
-    if (path / MARKER).is_file():
+    if (path / MARKER).is_file() and not path.name.endswith(".tmp"):  # a .tmp folder is signed before its rename
         return path
     for root in (path, path / "checkpoints"):
         found = read_latest(root)

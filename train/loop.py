@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from logging import Logger
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,6 +41,8 @@ class Run:
     heldout: list[Batch]  # this rank's held-out micro-batches; [] = no held-out loss
     engine: Any = None  # the DeepSpeed engine
     rec: Any = None  # train.provenance.record.Recorder
+    saver: Any = None  # train.provenance.background.Saver: rank 0's certificate, signature and commit of each save
+    saving: Path | None = None  # the folder of the save not yet committed, on every rank
     metrics: Any = None  # train.metrics.Metrics
     peak: float = 0.0  # peak FLOP/s of one rank: the MFU denominator
     step: int = 0

@@ -6,7 +6,9 @@ The script reads top to bottom, one phase per function: where we start from (`re
 DeepSpeed config (`configure`), data (`build_data`), the parent's DeepSpeed state (`parent_ds`), model and engine
 (`build_engine`), resume (`restore`), provenance, RNG and metrics (`start_records`); then `fit`, the loop: one
 optimizer step (`train.loop.train_step`), the non-finite policy (`train.loop.check_nonfinite`), `log_step` with
-`heldout_loss`, `save_checkpoint`; and `finish`. The phases hand on one `train.loop.Run`, the run's live state.
+`heldout_loss`, `save_checkpoint` (the snapshot; rank 0's background save certifies and commits it, and
+`collect_save` waits for that before the next save and at the end); and `finish`. The phases hand on one
+`train.loop.Run`, the run's live state.
 Every collective of the loop is here (one all-reduce per step, `guards.agree_after_step`, and the metrics' at log time), through
 train/parallel/collectives.py; DeepSpeed only through train.parallel.engine.
 
@@ -50,6 +52,7 @@ from train.loop import Run, check_nonfinite, heldout_sums, train_step
 from train.metrics import Metrics, device_peak, peak_memory_bytes
 from train.parallel import collectives, guards
 from train.parallel.launch import format_rank_table, preflight, rank_info, run_local, setup_logging, write_status
+from train.provenance.background import SaveFailed, SaveJob, Saver
 from train.provenance.record import Recorder
 from train.provenance.tripwire import Tripwire
 
@@ -146,7 +149,11 @@ def _train(cfg, d, log, stop, resume, resume_from) -> str:
         if start is not None:
             restore(run, start, ds_dir, parent_state, tripwire)
         start_records(run, tripwire, start, same_world, precision)
-        return fit(run, stop)
+        try:
+            return fit(run, stop)
+        finally:
+            if run.saver is not None:  # a save still running after a failure may commit: its snapshot is whole
+                run.saver.close()
 
 
 # ---- set-up ------------------------------------------------------------------------------------------------------
@@ -161,6 +168,9 @@ def resolve_start(cfg, log, resume: bool, resume_from: str | None) -> tuple[Path
             raise UsageError(f"--resume-from {start}: not a complete checkpoint (no {ckpt.MARKER})")
     elif resume:
         start = ckpt.read_latest(root)
+        for tmp in ckpt.uncommitted(root):
+            log.info("--resume: ignoring %s, a save that never committed (no %s); resuming from %s", tmp, ckpt.MARKER,
+                     start.name if start else "step 0")
         if start is None:
             log.info("--resume: no complete checkpoint under %s; starting from step 0", root)
     elif ckpt.complete_checkpoints(root):
@@ -281,7 +291,7 @@ def restore(run: Run, start: Path, ds_dir: Path, parent_state: dict, tripwire: T
 
 
 def start_records(run: Run, tripwire: Tripwire, start: Path | None, same_world: bool, precision: str) -> None:
-    """Provenance (with the step-0 tensors of a new run), every rank's own RNG stream, and the metrics."""
+    """Provenance (with the step-0 tensors of a new run), every rank's own RNG stream, the metrics, rank 0's saver."""
     from train.parallel import engine as eng
 
     cfg, d, manifest = run.cfg, run.d, data_manifest_path(run.cfg)
@@ -304,6 +314,8 @@ def start_records(run: Run, tripwire: Tripwire, start: Path | None, same_world: 
                           config=cfg.to_dict(), use_wandb=cfg.wandb, wandb_project=cfg.wandb_project, name=cfg.name,
                           file_log=run.log.getChild("file"))
     run.metrics.write(f"MFU denominator: {peak_note} x {d.world_size} rank(s)")
+    if d.is_main:  # last: `_train` closes it whatever happens after
+        run.saver = Saver(background=cfg.checkpoint.async_save)
 
 
 # ---- the loop ----------------------------------------------------------------------------------------------------
@@ -334,6 +346,7 @@ def fit(run: Run, stop: dict) -> str:
         if stopping:
             run.log.info("SIGTERM: saving a checkpoint at step %d and stopping", run.step)
             save_checkpoint(run)
+            collect_save(run)
             run.metrics.close()
             return "stopped"
         if run.step % cfg.checkpoint.every == 0 and run.step != cfg.last_step:
@@ -378,12 +391,14 @@ def heldout_loss(run: Run) -> float | None:
 
 # ---- checkpoints and the end -------------------------------------------------------------------------------------
 
-def save_checkpoint(run: Run) -> Path | None:
-    """The checkpoint of run.step, on every rank: DeepSpeed state and RNG per rank, then rank 0 writes the files, the
-    provenance record last (the commit), `latest`, and applies retention; -> the committed folder (rank 0)."""
+def save_checkpoint(run: Run) -> Path:
+    """The checkpoint of run.step. The training ranks are blocked for the snapshot alone: DeepSpeed state and RNG per
+    rank, the streamed weights file, rank 0's metadata; rank 0 then hands the certificate, signature, commit, `latest`
+    and pruning to its background save (train/provenance/background.py). -> the folder being committed."""
     from train.parallel import engine as eng
 
     cfg, d, o, step, root = run.cfg, run.d, run.cfg.optim, run.step, run.cfg.path / "checkpoints"
+    collect_save(run)  # the previous save commits first: saves commit in step order, each chaining to the last
     tmp = root / f"{ckpt.step_name(step)}.tmp"
     if d.is_main:
         ckpt.begin(root, step)
@@ -392,35 +407,58 @@ def save_checkpoint(run: Run) -> Path | None:
     eng.save(run.engine, tmp / "ds", client_state={"step": step})
     if cfg.checkpoint.export:
         eng.write_fp32_weights(run.engine, tmp / ckpt.WEIGHTS)
-    final = None
     if d.is_main:
         data_state = {"step": step, "world_size": d.world_size, "loader": run.loader.state_dict(),
                       "parent": run.parent_name, "segment": run.segment, "skipped_steps": run.engine.skipped_steps}
         ckpt.write_files(tmp, model_config=run.model_cfg.to_dict(), run_config=cfg.to_dict(),
                          tokenizer=cfg.data.tokenizer, data_state=data_state)
-        rank_files = [eng.RANK_FILE_PATTERN, ckpt.RNG_FILE_PATTERN]
-        record = run.rec.checkpoint_record(tmp, step, rank_files=rank_files, optimizer={
-            "name": "adamw", "lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps,
-            "weight_decay": o.weight_decay, "grad_clip": o.grad_clip, "lr_scale": dict(o.lr_scale),
-            "schedule": f"linear warmup {o.warmup_steps} steps, cosine to {o.min_lr_ratio} x lr at step {cfg.steps}"})
-        final = ckpt.commit(tmp, record)  # provenance.json last = the commit marker
-        ckpt.write_latest(root, final)
-        ckpt.retain(root, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every, cfg.checkpoint.witness_every)
+    dist.barrier()  # every rank's files are on disk before the background job hashes them
+    if d.is_main:
+        c = cfg.checkpoint
+        run.saver.submit(SaveJob(
+            tmp=tmp, step=step, recorder=run.rec.snapshot(), rank_files=[eng.RANK_FILE_PATTERN, ckpt.RNG_FILE_PATTERN],
+            sign_key=cfg.sign_key, keep_last=c.keep_last, keep_every=c.keep_every, witness_every=c.witness_every,
+            optimizer={"name": "adamw", "lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps,
+                       "weight_decay": o.weight_decay, "grad_clip": o.grad_clip, "lr_scale": dict(o.lr_scale),
+                       "schedule": f"linear warmup {o.warmup_steps} steps, cosine to {o.min_lr_ratio} x lr at step "
+                                   f"{cfg.steps}"}))
         run.metrics.plot()
-        run.metrics.write(f"step {step}: checkpoint {final}")
-        if cfg.sign_key:
-            from train.provenance.signing import sign_checkpoint
+        run.log.info("step %d: snapshot written to %s; certificate and commit %s", step, tmp,
+                     "in the background" if c.async_save else "inline")
+    run.saving, run.parent_name, run.segment, run.last_saved = tmp, ckpt.step_name(step), [], step
+    if not cfg.checkpoint.async_save:
+        collect_save(run)
+    return tmp.with_name(ckpt.step_name(step))
 
-            sign_checkpoint(final, cfg.sign_key)
-    dist.barrier()
-    run.parent_name, run.segment, run.last_saved = ckpt.step_name(step), [], step
-    return final
+
+def collect_save(run: Run) -> None:
+    """Wait for the pending save's commit (rank 0's job); every rank learns whether it failed, and all raise together
+    (the others would otherwise wait for rank 0 in the next barrier until dist_timeout_s)."""
+    if run.saving is None:
+        return
+    error = ""
+    if run.d.is_main:
+        try:
+            done = run.saver.collect()
+        except SaveFailed as e:
+            error = str(e)
+        else:
+            run.rec.committed(done["chain"], Path(done["final"]))
+            run.metrics.write(f"step {ckpt.step_of(Path(done['final']))}: checkpoint {done['final']}")
+    failed = collectives.all_reduce(torch.tensor([float(bool(error))], device=run.d.device)).item()
+    tmp, run.saving = run.saving, None
+    if failed:
+        raise SaveFailed(error or f"checkpoint {tmp} was not committed: rank 0's background save failed (its log says "
+                                  f"why); the previous committed checkpoint and `latest` are unchanged")
 
 
 def finish(run: Run, stop: dict) -> str:
     """The final checkpoint (unless the last step has one already), the summary; -> "done"."""
     cfg, step = run.cfg, run.step
-    final = save_checkpoint(run) if step != run.last_saved else ckpt.read_latest(cfg.path / "checkpoints")
+    if step != run.last_saved:
+        save_checkpoint(run)
+    collect_save(run)  # the run is done when its last checkpoint is committed
+    final = ckpt.read_latest(cfg.path / "checkpoints")
     if stop["signal"]:
         run.log.info("SIGTERM after the last step: the final checkpoint is written")
     if run.grad_pending:

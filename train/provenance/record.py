@@ -22,6 +22,7 @@ Notable choices:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -33,6 +34,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -244,6 +246,20 @@ class Recorder:
             return
         roots = component_roots(tensor_digests(named_tensors))
         self._weights_log.append({"step": int(step), "components": {c: r["root"] for c, r in roots.items()}})
+
+    def snapshot(self) -> Recorder:
+        """Rank 0, at a save: a picklable copy holding the open segment and the tripwire's log as of now, for the job
+        that certifies the checkpoint (train/provenance/background.py); this recorder starts the next segment at once
+        and takes the chain back with `committed` once the job is done."""
+        job = copy.copy(self)
+        if self.tripwire is not None:  # the live tripwire holds hooks; the job needs what it saw, frozen
+            job.tripwire = SimpleNamespace(**self.tripwire.to_dict())
+        self._steps, self._weights_log = [], []
+        return job
+
+    def committed(self, chain: list[dict], folder: Path) -> None:
+        """The job's result: the chain up to the checkpoint committed in `folder`, the next segment's start."""
+        self.chain, self._prev = chain, Path(folder) / "model.safetensors"
 
     def checkpoint_record(self, folder, step: int, optimizer: dict, rank_files: list[str] | None = None) -> dict:
         """Rank 0, after every other file of `folder` is written: the provenance.json content (see module doc).

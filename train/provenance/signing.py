@@ -15,7 +15,11 @@ Notable choices:
 - Verification uses model-signing's verifier for the cryptography and the manifest's own consistency (root digest
   over the resources), then compares files itself so that every difference names the file and the reason, and a
   resource path that is absolute or leaves the folder is rejected before anything is opened. The verified manifest
-  is reached through model-signing's private API, in `_verified_manifest` alone (see there why).
+  is reached through model-signing's private API, in `_verified_manifest` (see there why).
+- A save signs with the certificate's digests (`_Prehashed`, a public hashing.Config whose public `hash` returns them):
+  the weights are hashed once for both. Its one private name is model-signing's `Digest` class (no public constructor
+  for a manifest item's digest; tested range >=1.1,<1.2, pyproject.toml). A digest the certificate got wrong is no
+  forgery risk: the verifier hashes every file itself and compares it with the signed manifest.
 """
 
 from __future__ import annotations
@@ -30,14 +34,14 @@ from model.config import UsageError
 from train.atomic import atomic_path
 from train.checkpoint import resolve
 from train.provenance.digest import ALGORITHM
-from train.provenance.hashing import safe_path
+from train.provenance.hashing import folder_files, safe_path
 
 SIGNATURE = "model.sig"
 PRIVATE, PUBLIC = "signing.key", "signing.pub"
 
 
-def hashing_config() -> hashing.Config:
-    return (hashing.Config().use_file_serialization(hashing_algorithm=ALGORITHM)
+def hashing_config(base: hashing.Config | None = None) -> hashing.Config:
+    return ((base or hashing.Config()).use_file_serialization(hashing_algorithm=ALGORITHM)
             .set_ignored_paths(paths=[SIGNATURE, "ds"], ignore_git_paths=False))  # ds/: bound by the record instead
 
 
@@ -61,13 +65,40 @@ def init_keys(out: Path, force: bool = False) -> tuple[Path, Path]:
     return priv, pub
 
 
-def sign_checkpoint(folder, private_key, password: str | None = None) -> Path:
+class _Prehashed(hashing.Config):
+    """model-signing's file manifest with the digests the certificate already computed: only the files without one
+    (provenance.json, written after them) are hashed, so each byte of a save is hashed once. The manifest is named
+    `name` (a save signs `step_N.tmp` before renaming it to `step_N`, the name the signature must carry)."""
+
+    def __init__(self, digests: dict[str, str], name: str):
+        super().__init__()
+        self.digests, self.name = digests, name
+
+    def hash(self, model_path, *, files_to_hash=None) -> manifest.Manifest:
+        from model_signing._hashing.hashing import Digest  # private (see the module doc): no public constructor
+
+        folder = Path(model_path)
+        todo = [folder / n for n in folder_files(folder, exclude={SIGNATURE}) if n.split("/")[0] != "ds"
+                and n not in self.digests]
+        rest = super().hash(folder, files_to_hash=todo)  # also the serialization description a plain sign records
+        kind = manifest.SerializationType.from_args(rest.serialization_type)
+        items = [kind.new_item(rd.identifier, rd.digest) for rd in rest.resource_descriptors()]
+        items += [kind.new_item(n, Digest(ALGORITHM, bytes.fromhex(d))) for n, d in self.digests.items()
+                  if (folder / n).is_file()]
+        return manifest.Manifest(self.name, items, kind)
+
+
+def sign_checkpoint(folder, private_key, password: str | None = None, digests: dict[str, str] | None = None,
+                    name: str | None = None) -> Path:
     """Sign every release file of `folder` into `folder/model.sig` (not ds/, the witness bundle that the signed
-    provenance.json binds by digest: record.split_witness); returns its path."""
+    provenance.json binds by digest: record.split_witness); returns its path. `digests`: {relative path: BLAKE3}
+    already computed for the certificate, reused instead of hashing those files again; `name`: the manifest's name
+    (default: the folder's)."""
     folder = Path(folder)
+    config = hashing_config(_Prehashed(digests, name or folder.name) if digests is not None else None)
     with atomic_path(folder / SIGNATURE, directory=folder.parent) as tmp:
         (signing.Config().use_elliptic_key_signer(private_key=Path(private_key), password=password)
-         .set_hashing_config(hashing_config()).sign(folder, tmp))
+         .set_hashing_config(config).sign(folder, tmp))
     return folder / SIGNATURE
 
 

@@ -1,0 +1,74 @@
+"""The background save's mechanism (train/provenance/background.py), with real worker processes: the training rank
+returns from `submit` before the job is done, and a job that raises or whose process is killed is reported by
+`collect` in one line naming the checkpoint. The whole save path (certificate, signature, commit, a worker killed
+before its commit, resume) runs in tests/test_train_distributed.py; the certificate it writes is the one the verify
+tests check (tests/verify_runs.py).
+
+Run: .venv/bin/python -m pytest -q tests/test_background_save.py   (~10 s: two worker processes start)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from train.provenance.background import SaveFailed, Saver
+
+
+def gated(job) -> str:
+    """A job that cannot finish before the test opens its gate (a file): it would time out if submit waited for it."""
+    deadline = time.monotonic() + 60
+    while not job.gate.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the gate never opened: submit waited for the job")
+        time.sleep(0.01)
+    job.out.write_text("done")
+    return "result"
+
+
+def failing(job) -> None:
+    raise OSError(f"disk full while hashing {job.tmp}\nsecond line")
+
+
+def killed(job) -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_submit_returns_before_the_job_is_done_and_failures_name_the_checkpoint(tmp_path):
+    saver = Saver(background=True)
+    job = SimpleNamespace(tmp=tmp_path / "step_000002.tmp", gate=tmp_path / "gate", out=tmp_path / "out")
+    try:
+        saver.submit(job, gated)
+        assert not job.out.exists() and saver.pending == job.tmp  # back with the job still running
+        job.gate.touch()
+        assert saver.collect() == "result" and job.out.read_text() == "done"
+        assert saver.collect() is None  # nothing pending
+
+        saver.submit(SimpleNamespace(tmp=tmp_path / "step_000004.tmp"), failing)
+        with pytest.raises(SaveFailed) as e:
+            saver.collect()
+        msg = str(e.value)
+        assert msg.startswith(f"checkpoint {tmp_path / 'step_000004.tmp'} was not committed: OSError: disk full")
+        assert "\n" not in msg and "latest" in msg
+
+        saver.submit(SimpleNamespace(tmp=tmp_path / "step_000006.tmp"), killed)
+        with pytest.raises(SaveFailed, match=r"step_000006\.tmp was not committed: the background save process died"):
+            saver.collect()
+    finally:
+        saver.close()
+
+
+def test_inline_runs_the_same_job_in_this_process(tmp_path):
+    saver = Saver(background=False)
+    job = SimpleNamespace(tmp=tmp_path / "step_000002.tmp", gate=tmp_path / "gate", out=tmp_path / "out")
+    job.gate.touch()
+    saver.submit(job, gated)
+    assert job.out.read_text() == "done" and saver.collect() == "result"
+    saver.submit(SimpleNamespace(tmp=Path("step_000004.tmp")), failing)
+    with pytest.raises(SaveFailed, match="step_000004.tmp was not committed: OSError"):
+        saver.collect()
