@@ -29,7 +29,8 @@ def _components(ckpt: Path, cfg, provenance: dict) -> list[str]:
 
 def model_card(ckpt: Path, cfg, provenance: dict, probe_items: int, probe_seed: int) -> str:
     p = provenance
-    sig = p["signature"]
+    sig, run = p["signature"], p["claimed_run"] or {}
+    run = f"{run.get('name')} (id {run.get('id')}, started {run.get('started')})" if isinstance(run, dict) else run
     sig_line = (f"signed: `model.sig` ({sig['format']}), sha256 `{sig['sha256']}`, public-key hint "
                 f"`{sig['public_key_hint']}`" if sig else "**not signed**: the source checkpoint has no model.sig")
     same = p["weights_blake3"] == p["weights_digest_in_certificate"]
@@ -53,7 +54,7 @@ def model_card(ckpt: Path, cfg, provenance: dict, probe_items: int, probe_seed: 
         f"- signature: {sig_line}.",
         "- the remote code's model files are byte-identical copies of omniscratch's `model/` at export time.", "",
         "Claims of the trainer, read from its certificate (it holds its own signing key; nothing here checks them): "
-        f"the run `{p['claimed_run']}`, the step, the claim `{p['claim']}`, the components declared derived "
+        f"the run `{run}`, the step, the claim `{p['claim']}`, the components declared derived "
         f"({', '.join(p['claimed_derived_components']) or 'none'}), and every origin in the table above.", "",
         "## How to verify", "",
         "The export itself carries no certificate. Verify the source checkpoint (or its `--format omni` export, its "
