@@ -124,6 +124,6 @@ def export_hf_omni(ckpt: str | Path, out: str | Path, probe_items: int = 100, pr
                                                     "vision": cfg.to_dict()["vision"], "audio_config": cfg.to_dict()["audio"]})
         (tmp / "chat_template.jinja").write_text(CHAT_TEMPLATE)
         (tmp / "README.md").write_text(model_card(ckpt, cfg, provenance, probe_items, probe_seed))
-        write_lmms_eval(tmp / "lmms_eval", cfg, probe_items, probe_seed)
+        write_lmms_eval(tmp / "lmms_eval", Path(out) / "lmms_eval", probe_items, probe_seed)
 
     return _atomic_folder(out, write)

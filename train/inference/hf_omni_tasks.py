@@ -27,12 +27,13 @@ PLACEHOLDERS = ("<|image|>", "<|video|>", "<|audio|>")
 
 
 def task_yaml(task: str, items: Path) -> str:
+    """The task's YAML; `items` is the absolute path its items.jsonl will have once the export is in place."""
     return "\n".join([
         f"task: omniscratch_{task}",
         "dataset_path: json",
         "dataset_kwargs:",
         "  data_files:",
-        f"    test: {json.dumps(str(items.resolve()))}",
+        f"    test: {json.dumps(str(items))}",
         "test_split: test",
         "output_type: multiple_choice",
         "doc_to_visual: !function utils.doc_to_visual",
@@ -85,8 +86,9 @@ def write_items(folder: Path, task: str, n: int, seed: int) -> Path:
     return path
 
 
-def write_lmms_eval(out: Path, cfg, n_items: int, seed: int) -> None:
-    """out/plugin (the lmms-eval model package) and out/tasks (task YAMLs, utils.py, the items)."""
+def write_lmms_eval(out: Path, final: Path, n_items: int, seed: int) -> None:
+    """out/plugin (the lmms-eval model package) and out/tasks (task YAMLs, utils.py, the items); `final` is where
+    `out` will be once the export folder is renamed into place (the YAMLs name their data files by absolute path)."""
     from train.data.corpus import QUESTIONS
 
     if n_items <= 0:
@@ -97,4 +99,5 @@ def write_lmms_eval(out: Path, cfg, n_items: int, seed: int) -> None:
     shutil.copyfile(UTILS, tasks / "utils.py")
     for task in QUESTIONS:
         items = write_items(tasks, task, n_items, seed)
-        (tasks / f"omniscratch_{task}.yaml").write_text(task_yaml(task, items))
+        final_items = final.resolve() / items.relative_to(out)
+        (tasks / f"omniscratch_{task}.yaml").write_text(task_yaml(task, final_items))

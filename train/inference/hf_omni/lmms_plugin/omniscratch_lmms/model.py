@@ -1,8 +1,13 @@
 """The lmms-eval model of an omniscratch hf-omni export, loaded with transformers (trust_remote_code) alone.
 
-- loglikelihood: log p(continuation | context, media), summed over the continuation's tokens, the context and the
+- loglikelihood: -log p(continuation | context, media), summed over the continuation's tokens, the context and the
   continuation tokenised apart (as `omniscratch eval` scores a choice: the prompt, then " " + choice), plus whether
-  every continuation token is the greedy one. lmms-eval's generic Hugging Face wrapper has no loglikelihood.
+  every continuation token is the greedy one. A loss, not a log-likelihood: lmms-eval's multiple choice picks the
+  argmin of what models return (unlike lm-evaluation-harness), so the pick is omniscratch eval's argmax of log p.
+  lmms-eval's generic Hugging Face wrapper has no loglikelihood.
+- lmms-eval 0.7.3 turns every model output that is not a string into its str() (`unwrap_generation_output`), which
+  breaks multiple-choice scoring for every model; a `GenerationResult` passes through unchanged, so each
+  (loss, is_greedy) pair travels inside one (`_result`).
 - generate_until: greedy `model.generate` (the export's generation_config), cut at the first `until` string.
 - Visuals from a task's doc_to_visual: PIL images are images; a folder path, or a list of frames, is a video; a
   dict {"array", "sampling_rate"}, or a .wav path, is audio. The processor puts their placeholders first, in the
@@ -15,6 +20,11 @@ import os
 import torch
 import torch.nn.functional as F
 from lmms_eval.api.instance import Instance
+
+try:
+    from lmms_eval.api.instance import GenerationResult
+except ImportError:  # lmms-eval versions that pass model outputs through as they are
+    GenerationResult = None
 from lmms_eval.api.model import lmms
 from PIL import Image
 from tqdm import tqdm
@@ -35,6 +45,10 @@ def split_visuals(visuals) -> dict:
         else:
             raise ValueError(f"omniscratch: cannot tell what media {type(v).__name__} is")
     return {k: v or None for k, v in media.items()}
+
+
+def _result(pair: tuple[float, bool]):
+    return pair if GenerationResult is None else GenerationResult(text=pair)
 
 
 class Omniscratch(lmms):
@@ -69,8 +83,8 @@ class Omniscratch(lmms):
             n = inputs["input_ids"].shape[1]
             logp = F.log_softmax(logits[n - 1 : -1], dim=-1)  # the positions that predict the continuation
             target_ids = torch.tensor(cont, device=self._device)
-            score = float(logp.gather(1, target_ids[:, None]).sum())
-            out.append((score, bool((logp.argmax(-1) == target_ids).all())))
+            loss = -float(logp.gather(1, target_ids[:, None]).sum())
+            out.append(_result((loss, bool((logp.argmax(-1) == target_ids).all()))))
         return out
 
     @torch.no_grad()
