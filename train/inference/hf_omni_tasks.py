@@ -8,7 +8,9 @@
   PNG frames and 16-bit WAV, exactly the bytes the corpus generator makes (`train.data.corpus.make_sample` on the
   probe stream, as `probe_items` draws them), so the model sees what `omniscratch eval` feeds it. Each task is
   multiple choice, scored as omniscratch eval scores it: log p(" " + choice | prompt); `tasks/utils.py` reads the
-  files relative to itself. `dataset_kwargs.data_files` are absolute paths: export again to move the folder.
+  files relative to itself. `omniscratch_<task>_gen` asks the same items for a greedy answer (generate_until,
+  scored by whether it starts with the answer), for models that only generate. `dataset_kwargs.data_files` are
+  absolute paths: export again to move the folder.
   Run: `lmms_eval --model omniscratch --model_args pretrained=DIR --tasks omniscratch_image_color,...
   --include_path DIR/lmms_eval/tasks`.
 """
@@ -26,21 +28,24 @@ UTILS = Path(__file__).parent / "hf_omni" / "lmms_task_utils.py"
 PLACEHOLDERS = ("<|image|>", "<|video|>", "<|audio|>")
 
 
-def task_yaml(task: str, items: Path) -> str:
-    """The task's YAML; `items` is the absolute path its items.jsonl will have once the export is in place."""
+def task_yaml(task: str, items: Path, generate: bool = False) -> str:
+    """The task's YAML; `items` is the absolute path its items.jsonl will have once the export is in place.
+    `generate`: the `_gen` variant, scored on the greedy answer (for models without loglikelihood, e.g. lmms-eval's
+    generic Hugging Face wrapper)."""
+    scoring = ["output_type: generate_until", "generation_kwargs:", "  max_new_tokens: 4", '  until: ["."]',
+               "process_results: !function utils.process_gen"] if generate else [
+               "output_type: multiple_choice", "doc_to_choice: !function utils.doc_to_choice",
+               "doc_to_target: !function utils.doc_to_target", 'target_delimiter: " "']
     return "\n".join([
-        f"task: omniscratch_{task}",
+        f"task: omniscratch_{task}" + ("_gen" if generate else ""),
         "dataset_path: json",
         "dataset_kwargs:",
         "  data_files:",
         f"    test: {json.dumps(str(items))}",
         "test_split: test",
-        "output_type: multiple_choice",
         "doc_to_visual: !function utils.doc_to_visual",
         "doc_to_text: !function utils.doc_to_text",
-        "doc_to_choice: !function utils.doc_to_choice",
-        "doc_to_target: !function utils.doc_to_target",
-        'target_delimiter: " "',
+        *scoring,
         "metric_list:",
         "  - metric: acc",
         "    aggregation: mean",
@@ -101,3 +106,4 @@ def write_lmms_eval(out: Path, final: Path, n_items: int, seed: int) -> None:
         items = write_items(tasks, task, n_items, seed)
         final_items = final.resolve() / items.relative_to(out)
         (tasks / f"omniscratch_{task}.yaml").write_text(task_yaml(task, final_items))
+        (tasks / f"omniscratch_{task}_gen.yaml").write_text(task_yaml(task, final_items, generate=True))

@@ -1,14 +1,13 @@
 """lmms-eval task functions of the omniscratch probe sets (written by `omniscratch export --format hf-omni`).
 
 Items are read from the files beside this one: images as PIL images, a video as the path of its folder of frames,
-audio as {"array", "sampling_rate"} decoded from 16-bit PCM WAV as omniscratch decodes it (samples / 32768).
+audio as the path of its WAV file (lmms-eval's chat tasks take a .wav path for audio, a folder for video; the model's
+processor decodes the WAV as omniscratch does). Multiple-choice tasks score by log-likelihood; the `_gen` tasks score
+a greedy answer with `process_gen`.
 """
 
-import io
-import wave
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 HERE = Path(__file__).resolve().parent
@@ -19,11 +18,7 @@ def doc_to_visual(doc):
     if doc["video"]:
         out.append(str(HERE / doc["video"]))
     if doc["audio"]:
-        with wave.open(io.BytesIO((HERE / doc["audio"]).read_bytes())) as w:
-            rate, channels = w.getframerate(), w.getnchannels()
-            raw = w.readframes(w.getnframes())
-        x = np.frombuffer(raw, dtype="<i2").reshape(-1, channels).mean(axis=1) / 32768.0
-        out.append({"array": x.astype(np.float32), "sampling_rate": rate})
+        out.append(str(HERE / doc["audio"]))
     return out
 
 
@@ -37,3 +32,13 @@ def doc_to_choice(doc):
 
 def doc_to_target(doc):
     return doc["choices"].index(doc["answer"])
+
+
+def answer_matches(response: str, answer: str) -> bool:
+    """The generated text starts with the answer as whole words (" top left." matches "top left")."""
+    text = response.strip().lower()
+    return text.startswith(answer) and (len(text) == len(answer) or not text[len(answer)].isalnum())
+
+
+def process_gen(doc, results):
+    return {"acc": float(answer_matches(results[0], doc["answer"]))}

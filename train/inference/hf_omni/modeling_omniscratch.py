@@ -89,10 +89,8 @@ class OmniscratchForCausalLM(PreTrainedModel, GenerationMixin):
             if isinstance(module, (TextDecoder, VisionEncoder, AudioEncoder)):
                 with torch.device("cpu"):
                     fresh = type(module)(dataclasses.replace(module.cfg, n_layers=0))
-                for name in fresh._non_persistent_buffers_set:
-                    old = module._buffers[name]
-                    device = old.device if old.device.type != "meta" else self.embed.weight.device
-                    module._buffers[name] = fresh._buffers[name].to(device=device, dtype=old.dtype)
+                for name in fresh._non_persistent_buffers_set:  # in the weights' dtype, as OmniModel.to(dtype) casts them
+                    module._buffers[name] = fresh._buffers[name].to(self.embed.weight.device, self.embed.weight.dtype)
                 if isinstance(module, VisionEncoder):
                     module.rope_freqs = fresh.rope_freqs
         self._derived_ready = True
