@@ -32,8 +32,8 @@ def task_yaml(task: str, items: Path, generate: bool = False) -> str:
     """The task's YAML; `items` is the absolute path its items.jsonl will have once the export is in place.
     `generate`: the `_gen` variant, scored on the greedy answer (for models without loglikelihood, e.g. lmms-eval's
     generic Hugging Face wrapper)."""
-    scoring = ["output_type: generate_until", "generation_kwargs:", "  max_new_tokens: 4", '  until: ["."]',
-               "process_results: !function utils.process_gen"] if generate else [
+    scoring = ["output_type: generate_until", "doc_to_target: answer", "generation_kwargs:", "  max_new_tokens: 4",
+               '  until: ["."]', "process_results: !function utils.process_gen"] if generate else [
                "output_type: multiple_choice", "doc_to_choice: !function utils.doc_to_choice",
                "doc_to_target: !function utils.doc_to_target", 'target_delimiter: " "']
     return "\n".join([
