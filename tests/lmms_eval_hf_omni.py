@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -46,17 +47,15 @@ def hf_env() -> Path:
     py = VENV / "bin" / "python"
     if stamp.is_file() and stamp.read_text() == json.dumps(HF_ENV_SPEC):
         return py
-    pin = VENV.parent / ".venv-hf-constraints.txt"
     run = lambda *cmd: subprocess.run(cmd, check=True, capture_output=True, text=True)
     run("python3", "-m", "venv", "--clear", str(VENV))
-    pin.write_text("torch==2.13.0\n")
-    try:
+    with tempfile.TemporaryDirectory() as tmp:
+        pin = Path(tmp) / "constraints.txt"
+        pin.write_text("torch==2.13.0\n")
         run(str(py), "-m", "pip", "install", "-q", "torch==2.13.0")
         run(str(py), "-m", "pip", "install", "-q", "-c", str(pin), *HF_ENV_SPEC)
         run(str(py), "-m", "pip", "uninstall", "-y", "-q", "torchvision")
-    finally:
-        pin.unlink()
-    stamp.write_text(json.dumps(HF_ENV_SPEC))
+    stamp.write_text(json.dumps(HF_ENV_SPEC))  # last: an interrupted set-up is redone
     return py
 
 

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 import model as model_pkg
+from train.cli import main as cli_main
 from train.data.corpus import QUESTIONS, make_sample
 from train.inference import export_hf_omni
 from train.inference.generate import encode_prompt, generate_ids
@@ -147,9 +148,11 @@ def test_hf_omni_files_and_provenance(exported):
     assert (folder / "lmms_eval" / "plugin" / "pyproject.toml").read_text().count("lmms_eval.models") == 1
 
 
-def test_hf_omni_export_refuses_bad_input(honest, tmp_path):
-    with pytest.raises(ValueError, match="not a checkpoint folder"):
-        export_hf_omni.export_hf_omni(tmp_path, tmp_path / "out")
+def test_hf_omni_export_refuses_bad_input(honest, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert cli_main(["export", str(tmp_path / "empty"), "--format", "hf-omni", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("omniscratch export: ") and "not a checkpoint folder" in err and err.count("\n") == 1
     with pytest.raises(ValueError, match="--probe-items must be positive"):
         export_hf_omni.export_hf_omni(honest[0] / "step_000006", tmp_path / "out2", probe_items=0)
     assert not (tmp_path / "out2").exists()  # nothing half-written
