@@ -27,6 +27,7 @@ class _Block(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, _Block())
 
 import math  # noqa: E402
+import os  # noqa: E402
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
@@ -51,6 +52,10 @@ def main(folder: str, cases_path: str, out_path: str) -> None:
             "input_ids": inputs["input_ids"][0].tolist(), "pixel_values": inputs["pixel_values"],
             "audio_values": inputs["audio_values"], "logits": logits[0],
             "generated": generated[0, inputs["input_ids"].shape[1]:].tolist()}
+        if case["video"]:  # a video given as its list of frames is the same as its folder
+            frames = [Image.open(os.path.join(case["video"], n)) for n in sorted(os.listdir(case["video"]))]
+            as_list = processor(text=case["text"], videos=[frames])
+            out["video_frames_equal"] = torch.equal(as_list["pixel_values"][0], inputs["pixel_values"][0])
         if case["audio"]:  # `audios=` is the same as `audio=`; a dict from datasets' Audio feature too
             wave = inputs["audio_values"][0]
             alias = processor(text=case["text"], audios={"array": wave.numpy(), "sampling_rate": 16000})
