@@ -8,7 +8,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 # Playwright (dev extra) drives Debian's chromium; it never downloads a browser of its own.
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
-.PHONY: setup browser demo test lint bench clean
+.PHONY: setup browser demo test test-lmms lint bench clean
 
 setup: $(STAMP)
 
@@ -41,3 +41,8 @@ bench: setup
 
 clean:
 	rm -rf runs/demo
+
+# lmms-eval on an `export --format hf-omni` folder, in .venv-hf/ (torch, transformers, accelerate, lmms-eval; not
+# omniscratch). Not part of `test`: creating .venv-hf takes ~7 min on 2 cores (cached after).
+test-lmms: setup
+	$(PY) -m pytest -q -s tests/lmms_eval_hf_omni.py

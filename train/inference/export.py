@@ -1,4 +1,6 @@
-"""`omniscratch export CKPT --format hf|omni --out DIR`: checkpoints that other tools can load.
+"""`omniscratch export CKPT --format hf|hf-omni|omni --out DIR`: checkpoints that other tools can load.
+
+`--format hf-omni` writes the whole omnimodal model as a Hugging Face remote-code folder (train/inference/export_hf_omni.py).
 
 `--format hf` writes the text decoder as a Hugging Face `LlamaForCausalLM` folder (config.json,
 model.safetensors, tokenizer.json + tokenizer_config.json + special_tokens_map.json, generation_config.json;
@@ -195,11 +197,14 @@ def _atomic_folder(out: str | Path, write) -> Path:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="committed checkpoint folder, or a run (or its checkpoints/) folder: its latest")
-    parser.add_argument("--format", choices=("hf", "omni"), default="hf",
-                        help="hf: text decoder as LlamaForCausalLM; omni: the whole model, certificate included")
+    parser.add_argument("--format", choices=("hf", "hf-omni", "omni"), default="hf",
+                        help="hf: text decoder as LlamaForCausalLM; hf-omni: the whole model as Hugging Face remote "
+                             "code with lmms-eval tasks; omni: the whole model, certificate included")
     parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     parser.add_argument("--without-resume-state", action="store_true",
                         help="omni: the release form, without the DeepSpeed state ds/ (verifies; replay unavailable)")
+    parser.add_argument("--probe-items", type=int, default=100, help="hf-omni: probe items per lmms-eval task")
+    parser.add_argument("--probe-seed", type=int, default=0, help="hf-omni: probe set seed (as omniscratch eval --seed)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -208,6 +213,12 @@ def main(args: argparse.Namespace) -> int:
             out = export_hf(args.checkpoint, args.out)
             print(f"exported the text decoder to {out} (LlamaForCausalLM; load with "
                   f"transformers.AutoModelForCausalLM.from_pretrained('{out}'))")
+        elif args.format == "hf-omni":
+            from .export_hf_omni import export_hf_omni  # it imports this module
+
+            out = export_hf_omni(args.checkpoint, args.out, args.probe_items, args.probe_seed)
+            print(f"exported the omnimodal model to {out} (Hugging Face remote code: AutoModelForCausalLM / AutoProcessor "
+                  f"with trust_remote_code=True; lmms-eval: see {out / 'README.md'})")
         else:
             out = export_omni(args.checkpoint, args.out, not args.without_resume_state)
             print(f"exported the omnimodal model to {out} (load with train.inference.load.load_checkpoint('{out}'); its files "
