@@ -135,14 +135,6 @@ def test_resume_in_a_new_process_gives_the_next_batch(corpus, tmp_path):
     assert all(torch.equal(got[k], expected[k]) for k in expected)
 
 
-def test_multiprocess_tokenisation_equals_single_process(corpus, tmp_path):
-    a = loader(corpus).next_step()
-    b = TrainLoader(corpus["dir"], corpus["tok"], CFG, SEQ, 2, 2, cache_dir=tmp_path / "c2", num_proc=2).next_step()
-    da, db = _dump(a), _dump(b)
-    assert da.keys() == db.keys() and all(torch.equal(da[k], db[k]) for k in da)
-    assert len(list((tmp_path / "c2").glob("tokenized-*_of_00002.arrow"))) == 2  # the cached tokenisation, 2 workers
-
-
 def test_resume_refuses_another_seq_len_or_tokenizer(corpus):
     sd = loader(corpus).state_dict()
     with pytest.raises(ValueError, match="seq_len"):

@@ -86,7 +86,8 @@ def source_format(path: str | Path) -> tuple[str, list[Path]]:
             if not files:
                 raise ValueError(f"data source {path}: a generated corpus without train/*.parquet shards; regenerate it")
             return "corpus", files
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES and p.name not in META)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES and p.name not in META
+                       and not _hidden(p, path))
         if not files:
             others = sorted({p.suffix or p.name for p in path.rglob("*") if p.is_file()})
             raise ValueError(f"{_format_help(path)}; this folder holds none"
@@ -105,6 +106,11 @@ def source_format(path: str | Path) -> tuple[str, list[Path]]:
     return kinds.pop(), files
 
 
+def _hidden(f: Path, root: Path) -> bool:
+    """Under a hidden folder of the source (`.prepared`, the token store, lives inside the data folder): never data."""
+    return any(part.startswith(".") for part in f.relative_to(root).parts[:-1])
+
+
 def _relname(f: Path, path: Path) -> str:
     try:
         return str(f.relative_to(path)) if f != path else f.name
@@ -116,7 +122,8 @@ def source_files(path: Path) -> list[Path]:
     """The files whose bytes make up a source (what its sha256 covers), in a fixed order."""
     fmt, files = source_format(path)
     if fmt == "save_to_disk":  # its metadata (features, split) too
-        return sorted(p for p in Path(path).rglob("*") if p.is_file() and p.suffix in (".arrow", ".json"))
+        return sorted(p for p in Path(path).rglob("*") if p.is_file() and p.suffix in (".arrow", ".json")
+                      and not _hidden(p, Path(path)))
     return files
 
 
@@ -142,15 +149,21 @@ def source_shards(path: Path) -> list[tuple[Path, int | None]]:
     return [(f, pq.ParquetFile(f).metadata.num_rows) for f in files]
 
 
-def source_digest(path: Path) -> str:
-    """sha256 over (relative name, sha256) of every data file: renaming or reordering shards changes it."""
+def file_sha256(f: Path) -> str:
+    fh = hashlib.sha256()
+    with open(f, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            fh.update(block)
+    return fh.hexdigest()
+
+
+def source_digest(path: Path, file_hashes: dict[str, str] | None = None) -> str:
+    """sha256 over (relative name, sha256) of every data file: renaming or reordering shards changes it.
+    `file_hashes` (str(file) -> sha256) are files already hashed (by `data prepare`'s workers)."""
     h = hashlib.sha256()
     for f in source_files(path):
-        fh = hashlib.sha256()
-        with open(f, "rb") as stream:
-            for block in iter(lambda: stream.read(1 << 20), b""):
-                fh.update(block)
-        h.update(f"{_relname(f, Path(path))}\0{fh.hexdigest()}\n".encode())
+        fh = (file_hashes or {}).get(str(f)) or file_sha256(f)
+        h.update(f"{_relname(f, Path(path))}\0{fh}\n".encode())
     return h.hexdigest()
 
 
@@ -168,13 +181,14 @@ def declared_licence(src: Source) -> str:
     return str(licence)
 
 
-def manifest_entry(src: Source) -> dict:
-    """The run-manifest record of a source: name, path, format, sha256, licence, weight and files."""
+def manifest_entry(src: Source, sha256: str | None = None) -> dict:
+    """The run-manifest record of a source: name, path, format, sha256, licence, weight and files (`sha256`: the
+    digest `data prepare` recorded, instead of reading the source again)."""
     licence = declared_licence(src)  # first: no work on a source the run may not read
     path = Path(src.path)
     fmt, files = source_format(src.path)
     name = src.name or (path.name if not GLOB_CHARS & set(src.path) else src.path)
-    return {"name": name, "path": src.path, "format": fmt, "sha256": source_digest(path), "licence": licence,
+    return {"name": name, "path": src.path, "format": fmt, "sha256": sha256 or source_digest(path), "licence": licence,
             "weight": src.weight, "files": [_relname(f, path) for f in files]}
 
 
@@ -434,6 +448,42 @@ def row_media(row: dict, ids: list[int], base: Path | None, cfg,
     sounds = [decode_audio(audio, base, cfg.audio.sample_rate, cfg.audio.n_fft // 2 + 1, policy.max_audio_samples)
               if audio is not None else None][: int(audio is not None)]
     return vision, sounds
+
+
+def _image_size(item, base: Path | None, k: int) -> tuple[int, int]:
+    try:
+        return Image.open(io.BytesIO(_read(item, base, f"frame {k}"))).size  # the header only: no pixel is decoded
+    except ValueError:
+        raise
+    except Exception as e:  # PIL raises several types for corrupt bytes
+        raise ValueError(f"corrupt image bytes (item {k}): {e}") from None
+
+
+def media_shapes(row: dict, ids: list[int], base: Path | None, cfg,
+                 policy: MediaPolicy = MediaPolicy()) -> tuple[list[tuple[int, int, int]], list[int]]:
+    """What `row_media` would return, as (F, H, W) per vision item and samples per audio item, from media headers:
+    images are not decoded (PIL reads the size from the header); audio is read (a WAV is its samples)."""
+    images, video, audio = row.get("images") or [], row.get("video") or [], row.get("audio")
+    if isinstance(images, (bytes, str)):
+        images = [images]
+    if not isinstance(images, list) or not isinstance(video, list):
+        raise ValueError("wrong type: 'images' and 'video' must be lists")
+    counts = [sum(t == x for t in ids) for x in (IMAGE_ID, VIDEO_ID, AUDIO_ID)]
+    if counts != [len(images), int(bool(video)), int(audio is not None)]:  # same wording as row_media
+        raise ValueError(f"text has {counts[0] + counts[1]} image/video and {counts[2]} audio placeholders but the row has "
+                         f"{len(images) + bool(video)} vision and {int(audio is not None)} audio items")
+    mult, tp, frames, shapes = cfg.vision.patch_size * cfg.vision.merge, cfg.vision.temporal_patch, iter(images), []
+    for t in ids:
+        if t in (IMAGE_ID, VIDEO_ID):
+            items = [next(frames)] if t == IMAGE_ID else video
+            sizes = [fit_size(*_image_size(x, base, k), mult, policy.max_image_tokens) for k, x in enumerate(items)]
+            if len(set(sizes)) > 1:
+                raise ValueError(f"video frames differ in size: {sorted(set(sizes))}")
+            f = max(tp, -(-len(items) // tp) * tp)
+            shapes.append((f, sizes[0][1], sizes[0][0]))
+    sounds = [len(decode_audio(audio, base, cfg.audio.sample_rate, cfg.audio.n_fft // 2 + 1, policy.max_audio_samples))
+              ] if audio is not None else []
+    return shapes, sounds
 
 
 # ---- rejects -----------------------------------------------------------------------------------
