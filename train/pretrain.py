@@ -41,8 +41,10 @@ import torch.distributed as dist
 # armed, which rebinds the weight loaders of the modules imported by then (train/provenance/tripwire.py)
 from model import ModelConfig, load_model_config
 from train import checkpoint as ckpt
+from train.atomic import atomic_write
 from train.config import load_run_config
 from train.data.pipeline import MODALITIES, Batch, TrainLoader, heldout_batches
+from train.data.sources import media_policy, run_manifest, sources_of
 from train.loop import Run, check_nonfinite, heldout_sums, train_step
 from train.metrics import Metrics, device_peak, peak_memory_bytes
 from train.parallel import collectives, guards
@@ -159,17 +161,21 @@ def configure(cfg, d, log, load_universal: bool) -> tuple[ModelConfig, str, dict
 
 
 def build_data(cfg, d, model_cfg: ModelConfig) -> tuple[TrainLoader, list[Batch]]:
-    """The training loader and this rank's held-out micro-batches ([] without DATA/heldout or heldout_every)."""
+    """The training loader over `data.sources` (else the corpus in `data.dir`) and this rank's held-out micro-batches
+    ([] without DATA/heldout or heldout_every). With `data.sources`, rank 0 writes the run's data manifest (each
+    source's name, path, licence, weight, sha256), which the certificate binds (`data_manifest`)."""
     data_dir, run_dir = Path(cfg.data.dir), cfg.path
+    policy = media_policy(cfg.data.max_image_patches, cfg.data.max_audio_s, cfg.data.seq_len, model_cfg)
 
     def data_loaders():
-        loader = TrainLoader(data_dir, cfg.data.tokenizer, model_cfg, cfg.data.seq_len, cfg.micro_batch, cfg.grad_accum,
-                             rank=d.rank, world_size=d.world_size, seed=cfg.seed, rejects_path=run_dir / "rejects.jsonl")
+        loader = TrainLoader(sources_of(cfg.data), cfg.data.tokenizer, model_cfg, cfg.data.seq_len, cfg.micro_batch,
+                             cfg.grad_accum, rank=d.rank, world_size=d.world_size, seed=cfg.seed,
+                             rejects_path=run_dir / "rejects.jsonl", policy=policy)
         heldout = []
         if cfg.data.heldout_every and (data_dir / "heldout").is_dir():
             heldout = heldout_batches(data_dir, cfg.data.tokenizer, model_cfg, cfg.data.seq_len, cfg.micro_batch,
                                       cfg.data.heldout_batches, rank=d.rank, world_size=d.world_size, seed=cfg.seed,
-                                      rejects_path=run_dir / "rejects_heldout.jsonl")
+                                      rejects_path=run_dir / "rejects_heldout.jsonl", policy=policy)
         return loader, heldout
 
     # the first rank of each node tokenises into the node's cache, then the others read it
@@ -178,7 +184,14 @@ def build_data(cfg, d, model_cfg: ModelConfig) -> tuple[TrainLoader, list[Batch]
     dist.barrier()
     if d.local_rank != 0:
         loader, heldout = data_loaders()
+    if cfg.data.sources and d.is_main:
+        atomic_write(data_manifest_path(cfg), json.dumps(run_manifest(loader.entries), indent=1) + "\n")
     return loader, heldout
+
+
+def data_manifest_path(cfg) -> Path:
+    """The data manifest the certificate binds: the run's own (`data.sources`) or the built-in corpus's."""
+    return cfg.path / "data_manifest.json" if cfg.data.sources else Path(cfg.data.dir) / "manifest.json"
 
 
 def parent_ds(cfg, d, log, start: Path | None, parent_state: dict | None, same_world: bool) -> Path | None:
@@ -235,7 +248,7 @@ def start_records(run: Run, tripwire: Tripwire, start: Path | None, same_world: 
     """Provenance (with the step-0 tensors of a new run), every rank's own RNG stream, and the metrics."""
     from train.parallel import engine as eng
 
-    cfg, d, manifest = run.cfg, run.d, Path(run.cfg.data.dir) / "manifest.json"
+    cfg, d, manifest = run.cfg, run.d, data_manifest_path(run.cfg)
     nodes = max(1, d.world_size // int(os.environ.get("LOCAL_WORLD_SIZE", d.world_size)))
     run.rec = Recorder(cfg.path, run_config=cfg.to_dict(), model_cfg=run.model_cfg, seed=cfg.seed, rank=d.rank,
                        world_size=d.world_size, nodes=nodes, tokenizer_path=cfg.data.tokenizer,

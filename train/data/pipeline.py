@@ -5,12 +5,14 @@ Notable choices:
   store is missing (train/data/store.py); every rank memory-maps the store read-only, so a rank's memory does not
   grow with the corpus. A bad row becomes a reject (logged, counted) instead of a crash later.
 - Packing is one deterministic GLOBAL sequence of rows, a pure function of (data, seq_len, seed, epoch):
-  epoch e shuffles the accepted documents with a seed derived from (seed, e) and packs them greedily,
+  epoch e holds each accepted document its source's `weight` times, shuffled with a seed derived from (seed, e)
+  (train/data/mixing.py), and packs them greedily,
   in that order, into rows of seq_len; a document never straddles two rows (a text document longer than
   seq_len is cut into seq_len pieces, a media document that long is rejected). Step s with a global batch
   of G rows takes rows [s*G, (s+1)*G) and rank r its contiguous share, so the cursor is one global row
   index, independent of world size and workers.
-- Sample index i = epoch * N + k names the k-th document of epoch `epoch`'s shuffled order; a step consumes
+- Sample index i = epoch * N + k names the k-th document of epoch `epoch`'s shuffled order (N: the epoch's length,
+  the weighted document count); a step consumes
   a contiguous range of them (`last_step_ranges`, half-open), and `sample_source(i)` names its source row.
 - doc_ids and position_ids restart per document; labels are IGNORE_INDEX on padding, media markers and
   placeholders, and on each document's first token, so no loss term predicts across a document boundary.
@@ -19,7 +21,6 @@ Notable choices:
 from __future__ import annotations
 
 import functools
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,9 @@ import torch
 from model.config import BOS_ID, EOS_ID, IGNORE_INDEX, PAD_ID, SPECIAL_TOKENS, ModelConfig
 from model.media import audio_tokens, vision_tokens
 from tokenizer.bpe import load_tokenizer, tokenizer_digest
+from train.data.mixing import epoch_length, mix_order
 from train.data.sources import (
+    NO_LIMIT,
     MediaPolicy,
     Source,
     check_rejects,
@@ -88,7 +91,7 @@ def expand_media(ids: list[int], vision_shapes: list[tuple[int, int, int]], audi
 _tokenizer = functools.cache(load_tokenizer)  # once per prepare worker process
 
 
-def encode_row(row: dict, tok, base: Path | None, cfg: ModelConfig, policy: MediaPolicy | None = None) -> list[int]:
+def encode_row(row: dict, tok, base: Path | None, cfg: ModelConfig, policy: MediaPolicy = NO_LIMIT) -> list[int]:
     text = row["text"]
     if isinstance(text, bytes):
         try:
@@ -105,7 +108,7 @@ def encode_row(row: dict, tok, base: Path | None, cfg: ModelConfig, policy: Medi
         images = row.get("images") or []
         ids = [IMAGE] * (1 if isinstance(images, (bytes, str)) else len(images)) + [VIDEO] * bool(row.get("video")) + \
               [AUDIO] * (row.get("audio") is not None) + ids
-    shapes, lengths = media_shapes(row, ids, base, cfg, policy or MediaPolicy())  # headers only: what row_media will decode to
+    shapes, lengths = media_shapes(row, ids, base, cfg, policy)  # headers only: what row_media will decode to
     return [BOS_ID] + expand_media(ids, shapes, lengths, cfg) + [EOS_ID]
 
 
@@ -115,19 +118,19 @@ class TrainLoader:
     def __init__(self, data_dir, tokenizer_path, model_cfg: ModelConfig, seq_len: int, micro_batch: int, grad_accum: int,
                  rank: int = 0, world_size: int = 1, seed: int = 0, *, cache_dir: str | Path | None = None,
                  num_proc: int = 0, max_reject_fraction: float = 0.01, rejects_path: str | Path | None = None,
-                 policy: MediaPolicy | None = None):
+                 policy: MediaPolicy = NO_LIMIT):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         specs = data_dir if isinstance(data_dir, (list, tuple)) else [data_dir]
         self.sources = [s if isinstance(s, Source) else Source(str(s)) for s in specs]
         self.cfg, self.seq_len, self.seed, self.tokenizer_digest = model_cfg, seq_len, seed, tokenizer_digest(tokenizer_path)
         self.micro_batch, self.grad_accum, self.rank, self.world_size = micro_batch, grad_accum, rank, world_size
-        self.policy = policy or MediaPolicy()
+        self.policy = policy
         # the prepared store (train/data/store.py), made here when missing (num_proc processes, 0: every core)
         work = prepare(self.sources, tokenizer_path, model_cfg, policy=self.policy, cache_dir=cache_dir, workers=num_proc,
                        log=lambda msg: None)
         self.store = store = Store(work)
-        self.entries = [manifest_entry(src, sha256=m["sha256"]) for src, m in zip(self.sources, store.manifest["sources"])]
+        self.entries = [manifest_entry(src, files=m["files"]) for src, m in zip(self.sources, store.manifest["sources"])]
         docs = store.docs
         too_long = (docs[:, 2] > 0) & (docs[:, 1] > seq_len)  # media cannot be cut: longer than a row, rejected
         rejects = store.rejects() + [{"source": self.sources[int(s)].path, "row": int(r),
@@ -146,13 +149,19 @@ class TrainLoader:
         self._src, self._row, self._len = (np.ascontiguousarray(docs[self._doc, c]) for c in (3, 4, 1))
         if len(self._len) == 0:
             raise ValueError(f"no usable samples in {', '.join(s.path for s in self.sources)}")
+        self._weights = [float(s.weight) for s in self.sources]
+        self._n = epoch_length(self._src, self._weights)  # samples per epoch: the weighted document count
+        self._perms: dict[int, np.ndarray] = {}
         self.cursor, self.last_step_ranges, self._epochs, self._epoch_rows = 0, [], {}, []
 
     # ---- the global row sequence ----
 
     def _perm(self, epoch: int) -> np.ndarray:
-        h = hashlib.sha256(f"omniscratch-pack/{self.seed}/{epoch}".encode()).digest()
-        return np.random.default_rng(int.from_bytes(h[:8], "little")).permutation(len(self._len))
+        """The documents of epoch `epoch` in order, each its source's weight times (train/data/mixing.py)."""
+        if epoch not in self._perms:
+            self._perms = {e: v for e, v in self._perms.items() if e >= epoch - 1}  # `which` walks epochs upward
+            self._perms[epoch] = mix_order(self.seed, epoch, self._src, self._weights)
+        return self._perms[epoch]
 
     def _pack(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """Pieces (sample k, doc, offset, length) of epoch `epoch` in order, and each row's first piece: greedy, one
@@ -191,18 +200,19 @@ class TrainLoader:
 
     @property
     def num_samples(self) -> int:
-        """N, the accepted documents per epoch: sample index i = epoch * N + k (see the module docstring)."""
-        return len(self._len)
+        """N, the samples per epoch (accepted documents, each its source's weight times): sample index
+        i = epoch * N + k (see the module docstring)."""
+        return self._n
 
     def row_samples(self, g: int) -> list[tuple[int, int, int, int]]:
         """The document pieces packed into global row g, in row order: (sample index, first token, token count,
         the whole document's length in tokens); the packing itself, for `omniscratch data which`."""
         epoch, pieces = self._row_pieces(g)
-        return [(epoch * len(self._len) + k, off, m, int(self._len[d])) for k, d, off, m in pieces.tolist()]
+        return [(epoch * self._n + k, off, m, int(self._len[d])) for k, d, off, m in pieces.tolist()]
 
     def sample_source(self, sample: int) -> dict:
         """Where global sample index `sample` comes from: source name, path, row, epoch."""
-        n = len(self._len)
+        n = self._n
         d = self._perm(sample // n)[sample % n]
         entry = self.entries[self._src[d]]
         return {"source": entry["name"], "path": entry["path"], "row": int(self._row[d]), "epoch": sample // n}
@@ -210,7 +220,7 @@ class TrainLoader:
     # ---- batches ----
 
     def _batch(self, rows: range) -> Batch:
-        T, n, tokens, docs = self.seq_len, len(self._len), self.store.tokens, self.store.docs
+        T, n, tokens, docs = self.seq_len, self._n, self.store.tokens, self.store.docs
         ids = np.full((len(rows), T), PAD_ID, dtype=np.int64)
         pos, doc, mod = (np.zeros((len(rows), T), dtype=np.int64) for _ in range(3))
         media, samples, doc_lens = [], [], []  # media: (doc, its tokens) of documents with media, in row-major order
@@ -259,21 +269,28 @@ class TrainLoader:
         mb, G = self.micro_batch, self.micro_batch * self.grad_accum * self.world_size
         first = self.cursor + self.rank * mb * self.grad_accum  # this rank's contiguous share of the step's G rows
         out = [self._batch(range(first + j * mb, first + (j + 1) * mb)) for j in range(self.grad_accum)]
-        (e0, first_row), (e1, last_row), n = self._row_pieces(self.cursor), self._row_pieces(self.cursor + G - 1), len(self._len)
+        (e0, first_row), (e1, last_row), n = self._row_pieces(self.cursor), self._row_pieces(self.cursor + G - 1), self._n
         self.last_step_ranges = [[e0 * n + int(first_row[0, 0]), e1 * n + int(last_row[-1, 0]) + 1]]
         self.cursor += G
         return out
 
     def _identity(self) -> dict:
         """What the global row sequence is a function of: a resume must match all of it."""
-        return {"seed": self.seed, "seq_len": self.seq_len, "tokenizer": self.tokenizer_digest,
-                "sources": [e["sha256"] for e in self.entries]}
+        identity = {"seed": self.seed, "seq_len": self.seq_len, "tokenizer": self.tokenizer_digest,
+                    "sources": [e["sha256"] for e in self.entries]}
+        if any(w != 1 for w in self._weights):  # absent at the default, so older loader states still match
+            identity["weights"] = self._weights
+        if self.policy != NO_LIMIT:
+            identity["media_policy"] = self.policy.to_dict()
+        return identity
 
     def state_dict(self) -> dict:
         return {"version": 1, "row": self.cursor, **self._identity()}
 
     def load_state_dict(self, sd: dict) -> None:
-        for key, mine in self._identity().items():
+        mine_all = self._identity()
+        for key in [*mine_all, *(k for k in ("weights", "media_policy") if k in sd and k not in mine_all)]:
+            mine = mine_all.get(key)
             if sd.get(key) != mine:
                 raise ValueError(f"data loader state has {key}={sd.get(key)!r} but this run has {mine!r}: "
                                  f"resume with the same data, tokenizer, seq_len and seed")
@@ -281,9 +298,10 @@ class TrainLoader:
 
 
 def heldout_batches(data_dir, tokenizer_path, model_cfg: ModelConfig, seq_len: int, micro_batch: int, n_batches: int, *,
-                    rank: int = 0, world_size: int = 1, seed: int = 0, rejects_path: str | Path | None = None) -> list[Batch]:
+                    rank: int = 0, world_size: int = 1, seed: int = 0, rejects_path: str | Path | None = None,
+                    policy: MediaPolicy = NO_LIMIT) -> list[Batch]:
     """This rank's `n_batches` micro-batches of DATA/heldout, packed as training packs (the first step of a TrainLoader
     over it), under the licence declared for DATA: the held-out loss of training and of `omniscratch eval`."""
     src = Source(str(Path(data_dir) / "heldout"), licence=declared_licence(Source(str(data_dir))), name="heldout")
     return TrainLoader([src], tokenizer_path, model_cfg, seq_len, micro_batch, n_batches, rank=rank,
-                       world_size=world_size, seed=seed, rejects_path=rejects_path).next_step()
+                       world_size=world_size, seed=seed, rejects_path=rejects_path, policy=policy).next_step()

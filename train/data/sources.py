@@ -157,14 +157,21 @@ def file_sha256(f: Path) -> str:
     return fh.hexdigest()
 
 
-def source_digest(path: Path, file_hashes: dict[str, str] | None = None) -> str:
-    """sha256 over (relative name, sha256) of every data file: renaming or reordering shards changes it.
-    `file_hashes` (str(file) -> sha256) are files already hashed (by `data prepare`'s workers)."""
-    h = hashlib.sha256()
-    for f in source_files(path):
-        fh = (file_hashes or {}).get(str(f)) or file_sha256(f)
-        h.update(f"{_relname(f, Path(path))}\0{fh}\n".encode())
-    return h.hexdigest()
+def file_digests(path: Path, known: dict[str, str] | None = None) -> list[dict]:
+    """{name (relative to the source), path (as opened), sha256} of every file of a source, in order; `known`
+    (path as opened -> sha256): files already hashed, by `data prepare`'s workers."""
+    return [{"name": _relname(f, Path(path)), "path": str(f), "sha256": (known or {}).get(str(f)) or file_sha256(f)}
+            for f in source_files(path)]
+
+
+def digest_of_files(files: list[dict]) -> str:
+    """sha256 over (relative name, sha256) of every file: renaming or reordering shards changes it. The verifier
+    recomputes it from the manifest's file list (train/provenance/data_sources.py), so keep the two in step."""
+    return hashlib.sha256("".join(f"{f['name']}\0{f['sha256']}\n" for f in files).encode()).hexdigest()
+
+
+def source_digest(path: Path) -> str:
+    return digest_of_files(file_digests(path))
 
 
 def declared_licence(src: Source) -> str:
@@ -181,15 +188,35 @@ def declared_licence(src: Source) -> str:
     return str(licence)
 
 
-def manifest_entry(src: Source, sha256: str | None = None) -> dict:
-    """The run-manifest record of a source: name, path, format, sha256, licence, weight and files (`sha256`: the
-    digest `data prepare` recorded, instead of reading the source again)."""
+def manifest_entry(src: Source, files: list[dict] | None = None) -> dict:
+    """The run-manifest record of a source: name, path, format, sha256, licence, weight and files (`files`: the
+    file digests `data prepare` recorded, instead of reading the source again)."""
     licence = declared_licence(src)  # first: no work on a source the run may not read
     path = Path(src.path)
-    fmt, files = source_format(src.path)
+    fmt, _ = source_format(src.path)
     name = src.name or (path.name if not GLOB_CHARS & set(src.path) else src.path)
-    return {"name": name, "path": src.path, "format": fmt, "sha256": sha256 or source_digest(path), "licence": licence,
-            "weight": src.weight, "files": [_relname(f, path) for f in files]}
+    files = files or file_digests(path)
+    return {"name": name, "path": src.path, "format": fmt, "sha256": digest_of_files(files), "licence": licence,
+            "weight": src.weight, "files": files}
+
+
+RUN_MANIFEST_SCHEMA = "omniscratch-data-manifest/1"
+# what a reader of the certificate must not mistake for a checked fact
+MANIFEST_CLAIMS = ("licence, name and weight of each source are the trainer's declaration; the sha256 of each source "
+                   "can be recomputed from the data (`omniscratch verify --data-dir`)")
+
+
+def run_manifest(entries: list[dict]) -> dict:
+    """The data manifest a run with `data.sources` certifies: per source its name, path, format, licence, weight,
+    sha256 (over its files), files, rows and rejected rows."""
+    keys = ("name", "path", "format", "licence", "weight", "sha256", "files", "rows", "rejected")
+    return {"schema": RUN_MANIFEST_SCHEMA, "claims": MANIFEST_CLAIMS,
+            "sources": [{k: e[k] for k in keys if k in e} for e in entries]}
+
+
+def manifest_sources(manifest: dict) -> list[Source]:
+    """The sources a run manifest names, as the run declared them."""
+    return [Source(e["path"], e["licence"], e["name"], e.get("weight", 1.0)) for e in manifest["sources"]]
 
 
 def _jsonl_rows(paths: list[str], digest: str):
@@ -355,6 +382,28 @@ class MediaPolicy:
     max_image_tokens: int = 0
     max_audio_samples: int = 0
 
+    def to_dict(self) -> dict:
+        return {"max_image_tokens": self.max_image_tokens, "max_audio_samples": self.max_audio_samples}
+
+
+NO_LIMIT = MediaPolicy()  # media as they come (only rounded down to whole patches)
+
+
+def media_policy(max_image_patches: int, max_audio_s: float, seq_len: int, cfg) -> MediaPolicy:
+    """The policy of a run's `data` keys for model config `cfg`; 0 keys: what fits half of seq_len (a caption and
+    the item's markers still fit a row)."""
+    from model.media import audio_tokens
+
+    half = max(1, seq_len // 2)
+    samples = int(round(max_audio_s * cfg.audio.sample_rate))
+    if not samples:  # the longest clip whose tokens fit half a row (audio_tokens grows with the length)
+        lo, hi = cfg.audio.n_fft // 2 + 1, cfg.audio.hop_length * 4 * (half + 1)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if audio_tokens(mid, cfg.audio) <= half else (lo, mid - 1)
+        samples = lo
+    return MediaPolicy(max_image_tokens=int(max_image_patches) or half, max_audio_samples=samples)
+
 
 def fit_size(w: int, h: int, multiple: int, max_tokens: int) -> tuple[int, int]:
     """The largest (w, h), multiples of `multiple` px, at most the image's size and aspect, with at most `max_tokens`
@@ -431,7 +480,7 @@ def decode_audio(item, base: Path | None = None, sample_rate: int = 16000, min_s
 
 
 def row_media(row: dict, ids: list[int], base: Path | None, cfg,
-              policy: MediaPolicy = MediaPolicy()) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+              policy: MediaPolicy = NO_LIMIT) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Decode a row's media in placeholder order: the k-th <|image|> is images[k], <|video|> the video."""
     images, video, audio = row.get("images") or [], row.get("video") or [], row.get("audio")
     if isinstance(images, (bytes, str)):

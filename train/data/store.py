@@ -29,7 +29,8 @@ import multiprocessing
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,19 +40,21 @@ from tokenizer.bpe import tokenizer_digest
 from train.atomic import atomic_write
 from train.data.sources import (
     MEDIA_COLUMNS,
+    NO_LIMIT,
     MediaPolicy,
     Source,
     _jsonl_rows,
     _read,
     _tar_rows,
     declared_licence,
+    file_digests,
     file_sha256,
-    source_digest,
     source_files,
     source_format,
 )
 
 STORE_VERSION = "1"  # part of the key: bump when the stored form changes
+AUTO_POOL_BYTES = 64 << 20  # workers=0 starts a process pool only past this much source to read
 COLUMNS = {c: i for i, c in enumerate(MEDIA_COLUMNS)}  # items.npy column code -> row column
 
 
@@ -87,7 +90,7 @@ def store_key(sources: list[Source], tokenizer_path, cfg: ModelConfig, policy: M
         srcs.append([fmt, [(str(f.relative_to(f.anchor)), f.stat().st_size, f.stat().st_mtime_ns)
                            for f in source_files(Path(src.path))]])
     d = cfg.to_dict()
-    blob = json.dumps([STORE_VERSION, tokenizer_digest(tokenizer_path), d["vision"], d["audio"], asdict(policy), srcs],
+    blob = json.dumps([STORE_VERSION, tokenizer_digest(tokenizer_path), d["vision"], d["audio"], policy.to_dict(), srcs],
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -238,8 +241,8 @@ def merge(sources: list[Source], work: Path) -> Path:
     del out
     (tmp / "rejects.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rejects))
     manifest = {"version": STORE_VERSION, "sources": [
-        {"path": s.path, "format": source_format(s.path)[0], "rows": rows[i],
-         "sha256": source_digest(Path(s.path), hashes)} for i, s in enumerate(sources)],
+        {"path": s.path, "format": source_format(s.path)[0], "rows": rows[i], "files": file_digests(Path(s.path), hashes)}
+        for i, s in enumerate(sources)],
         "documents": int(at["docs"]), "tokens": int(at["tokens"]), "media_bytes": int(at["media"]),
         "rejected": len(rejects)}
     atomic_write(tmp / "manifest.json", json.dumps(manifest, indent=1) + "\n")  # last: the store's completion marker
@@ -248,12 +251,11 @@ def merge(sources: list[Source], work: Path) -> Path:
     return final
 
 
-def prepare(sources: list[Source], tokenizer_path, cfg: ModelConfig, *, policy: MediaPolicy | None = None,
+def prepare(sources: list[Source], tokenizer_path, cfg: ModelConfig, *, policy: MediaPolicy = NO_LIMIT,
             cache_dir: str | Path | None = None, workers: int = 0, shard: tuple[int, int] = (0, 1), log=print) -> Path:
     """Tokenise the units of `sources` this shard owns (unit k belongs to shard k mod n) that are not done yet, over
-    `workers` processes (0: every core); merge when every unit is done. Returns the store folder (`store/` inside it
-    exists once merged)."""
-    policy = policy or MediaPolicy()
+    `workers` processes (0: every core past AUTO_POOL_BYTES of source, else one); merge when every unit is done.
+    Returns the store's folder (its `store/` exists once merged)."""
     for src in sources:
         declared_licence(src)  # no work on a source the run may not read
     work = store_root(sources, cache_dir) / store_key(sources, tokenizer_path, cfg, policy)
@@ -262,14 +264,15 @@ def prepare(sources: list[Source], tokenizer_path, cfg: ModelConfig, *, policy: 
     i, n = shard
     units = units_of(sources)
     todo = [u for k, u in enumerate(units) if k % n == i and not (work / "units" / u.name / "done.json").is_file()]
-    workers = min(workers or len(os.sched_getaffinity(0)), max(1, len(todo)))
+    if not workers:  # every core, once the work pays for starting them (a spawned worker imports torch: ~2 s)
+        size = sum(source_format(sources[u.source].path)[1][u.file].stat().st_size for u in todo)
+        workers = len(os.sched_getaffinity(0)) if size > AUTO_POOL_BYTES else 1
+    workers = min(workers, max(1, len(todo)))
     jobs = [(sources[u.source], u, str(tokenizer_path), cfg, policy, str(work)) for u in todo]
     t0 = time.perf_counter()
-    if workers > 1:  # fork: the workers run numpy, PIL and tokenizers only, never torch's threads or a device
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            for _ in pool.imap_unordered(_do_unit, jobs):
-                pass
+    if workers > 1:  # spawned, not forked: the caller may be a training rank with gloo's threads running
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(_do_unit, jobs))
     else:
         for job in jobs:
             _do_unit(job)

@@ -11,7 +11,8 @@ Notable choices:
   tokenizer, seq_len and seed, and each step's replayed rows must give exactly the recorded sample range, else the
   answer is refused.
 - The data must be what the run read: the data-manifest digest in provenance.json and the loader identity in
-  data_state.json (per-source sha256, tokenizer, seq_len, seed) are compared before anything is listed.
+  data_state.json (per-source sha256, tokenizer, seq_len, seed, weights, media policy) are compared before anything
+  is listed. A run with `data.sources` names its sources (path, licence, weight) in the certified data manifest.
 - Step s takes global rows [(s-1) G, s G) with G the global batch in rows (the loader cursor over the step count):
   a resume at another world size keeps G (docs/CONTRACTS.md), so the answer does not depend on the world size.
 """
@@ -63,32 +64,57 @@ def recorded_ranges(folder: Path) -> dict[int, list[list[int]]]:
     return out
 
 
-def open_loader(folder: Path, data_dir: Path | None, tmp: Path):
-    """The run's TrainLoader (rank 0 of 1), after checking that `data_dir` holds the data the run read."""
-    from model.config import ModelConfig, from_dict
+def run_sources(folder: Path, run_cfg: dict, rec: dict, data_dir: Path | None) -> list:
+    """The sources the run read: those of its certified data manifest (`data.sources`, relative paths resolved
+    against `data_dir` when given), else the corpus in `data_dir` or `data.dir`, checked against the recorded
+    manifest digest."""
     from train import checkpoint as ckpt
-    from train.data.pipeline import TrainLoader
+    from train.data.sources import Source, manifest_sources
     from train.provenance.digest import digest_bytes
+    from train.provenance.record import DATA_MANIFEST
 
-    run_cfg, state, rec = (ckpt.read_json(folder / n) for n in ("run_config.json", "data_state.json", ckpt.MARKER))
+    recorded = rec.get("data", {}).get("digest")
+    if run_cfg["data"].get("sources"):
+        manifest = folder / DATA_MANIFEST
+        if not manifest.is_file() or digest_bytes(manifest.read_bytes()) != recorded:
+            raise WhichError(f"{manifest} is missing or is not the data manifest certified in {folder / ckpt.MARKER}")
+        sources = manifest_sources(json.loads(manifest.read_text()))
+        if data_dir is not None:
+            sources = [s if Path(s.path).is_absolute() else Source(str(data_dir / s.path), s.licence, s.name, s.weight)
+                       for s in sources]
+        return sources
     data_dir = Path(data_dir or run_cfg["data"]["dir"])
     if not data_dir.exists():
         raise WhichError(f"data folder {data_dir} (from {folder / 'run_config.json'}): not found; pass --data-dir "
                          f"with the data the run read")
-    recorded = rec.get("data", {}).get("digest")
     if recorded is not None:
         manifest = data_dir / "manifest.json"
         if not manifest.is_file() or digest_bytes(manifest.read_bytes()) != recorded:
             raise WhichError(f"{manifest} is not the data manifest recorded in {folder / ckpt.MARKER} (digest "
                              f"{recorded[:16]}..): the data folder changed since the run; pass --data-dir with the "
                              f"data the run read (or regenerate it with the same seed and sizes)")
+    return [Source(str(data_dir))]
+
+
+def open_loader(folder: Path, data_dir: Path | None, tmp: Path):
+    """The run's TrainLoader (rank 0 of 1), after checking that the data are those the run read."""
+    from model.config import ModelConfig, from_dict
+    from train import checkpoint as ckpt
+    from train.data.pipeline import TrainLoader
+    from train.data.sources import media_policy
+
+    run_cfg, state, rec = (ckpt.read_json(folder / n) for n in ("run_config.json", "data_state.json", ckpt.MARKER))
+    sources = run_sources(folder, run_cfg, rec, data_dir)
     model_cfg = from_dict(ModelConfig, ckpt.read_json(folder / "model_config.json"), str(folder / "model_config.json"))
-    loader = TrainLoader(data_dir, folder / "tokenizer.json", model_cfg, run_cfg["data"]["seq_len"], 1, 1,
-                         seed=run_cfg["seed"], rejects_path=tmp / "rejects.jsonl")
+    d = run_cfg["data"]
+    policy = media_policy(d.get("max_image_patches", 0), d.get("max_audio_s", 0.0), d["seq_len"], model_cfg)
     try:
+        loader = TrainLoader(sources, folder / "tokenizer.json", model_cfg, d["seq_len"], 1, 1, seed=run_cfg["seed"],
+                             rejects_path=tmp / "rejects.jsonl", policy=policy)
         loader.load_state_dict(state["loader"])
     except ValueError as e:
-        raise WhichError(f"{data_dir} differs from the data recorded in {folder / 'data_state.json'} ({e})") from None
+        where = ", ".join(s.path for s in sources)
+        raise WhichError(f"{where} differs from the data recorded in {folder / 'data_state.json'} ({e})") from None
     if state["step"] <= 0 or state["loader"]["row"] % state["step"]:
         raise WhichError(f"{folder / 'data_state.json'}: cursor row {state['loader']['row']} is not a whole number of "
                          f"global batches over {state['step']} steps; the global batch changed during the run")
@@ -153,7 +179,8 @@ def which(run_or_ckpt, steps: list[int], data_dir=None) -> dict:
             raise WhichError(f"step {s}: the pipeline gives samples {got} but {folder / ckpt.MARKER} records {ranges[s]}; "
                              f"the data or the global batch differ from the run's")
         out.append({"step": s, "range": ranges[s][0], "samples": samples})
-    return {"checkpoint": str(folder), "data_dir": str(loader.sources[0].path), "global_batch_rows": G, "steps": out}
+    return {"checkpoint": str(folder), "data_dir": ", ".join(s.path for s in loader.sources), "global_batch_rows": G,
+            "steps": out}
 
 
 def table(ans: dict) -> str:
@@ -174,7 +201,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", metavar="RUN_OR_CKPT", help="runs/NAME (its latest checkpoint) or a checkpoint folder")
     parser.add_argument("--step", required=True, help="a step (7) or an inclusive range (10-20)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--data-dir", help="the data the run read (default: data.dir of the run config)")
+    parser.add_argument("--data-dir", help="the data the run read (default: data.dir of the run config); for a run with "
+                        "data.sources, the folder their relative paths start from (default: the working directory)")
 
 
 def main(args: argparse.Namespace) -> int:

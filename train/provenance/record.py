@@ -320,6 +320,9 @@ def write_slsa(path: Path, rec: Recorder, files: dict[str, str], derived: dict) 
         manifest = json.loads(rec.data_manifest_path.read_text())
         for shards in (manifest.get("splits") or {}).values():
             deps += [{"name": s["file"], "digest": {"sha256": s["sha256"]}} for s in shards if "sha256" in s]
+        deps += [{"name": f"data-source:{s['name']}", "uri": s["path"], "digest": {"sha256": s["sha256"]},
+                  "annotations": {"licence (declared)": s["licence"], "weight": s.get("weight", 1)}}
+                 for s in manifest.get("sources") or []]
     deps += [{"name": "pretrained-weights:" + p, "annotations": {"component": c}} for c, ps in derived.items() for p in ps]
     statement = {
         "_type": "https://in-toto.io/Statement/v1",

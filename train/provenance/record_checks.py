@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from train.provenance.data_sources import changed_sources
 from train.provenance.hashing import hash_files, layout_problems, rank_files, rank_patterns, safe_path
 from train.provenance.record import DATA_MANIFEST, RECORD, SLSA, digest_of, init_digest
 from train.provenance.report import Report
@@ -40,7 +41,9 @@ def check_inputs(rep: Report, folder: Path, rec: dict, actual: dict, data_dir) -
         ok = actual.get(DATA_MANIFEST) == rec["data"]["digest"]
         rep.add("data", DATA_MANIFEST, ok, "digest matches the run's data manifest" if ok
                 else "digest differs from the data manifest the run started with")
-        if data_dir is not None:
+        if data_dir is not None and ok and rec["config"]["run"]["data"].get("sources"):
+            check_sources(rep, json.loads((folder / DATA_MANIFEST).read_text()), Path(data_dir))
+        elif data_dir is not None:
             ok = hash_files(Path(data_dir), ["manifest.json"])["manifest.json"] == rec["data"]["digest"]
             rep.add("data", str(Path(data_dir) / "manifest.json"), ok, "" if ok else "is not the manifest the run used")
     slsa = json.loads((folder / SLSA).read_text())
@@ -52,6 +55,23 @@ def check_inputs(rep: Report, folder: Path, rec: dict, actual: dict, data_dir) -
     rep.add("tripwire", "weight loads", None if events and rec["claim"] == "derived" else not events,
             "no foreign weight file was loaded" if not events else
             f"{len(events)} foreign load(s), e.g. {events[0]['api']}({events[0]['path']})")
+
+def check_sources(rep: Report, manifest: dict, root: Path) -> None:
+    """Each source of a run's data manifest (`data.sources`) rehashed from the data, relative paths under `root`."""
+    changed = changed_sources(manifest, root)
+    rep.add("data", f"{len(manifest['sources'])} sources under {root}", not changed,
+            "every source's sha256 matches the data manifest" if not changed else "; ".join(changed))
+
+def declare_data(rep: Report, folder: Path, rec: dict) -> None:
+    """The data licences: per source of the certified data manifest, what the trainer declared (never checked)."""
+    if not rec["data"]["digest"]:
+        return
+    manifest = json.loads((folder / DATA_MANIFEST).read_text())
+    if "sources" in manifest:
+        rep.declare("data licences", "; ".join(f"{e['name']}: {e['licence']} (weight {e.get('weight', 1)}, "
+                                               f"{e.get('rows', '?')} rows)" for e in manifest["sources"]))
+    elif manifest.get("licence"):
+        rep.declare("data licences", f"{manifest['licence']} (the corpus manifest's own statement)")
 
 def check_lineage(rep: Report, folder: Path, rec: dict, certified: dict) -> None:
     chain = rec["chain"]

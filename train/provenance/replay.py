@@ -42,9 +42,10 @@ from pathlib import Path
 import torch
 
 from train.checkpoint import read_weights
+from train.provenance.data_sources import changed_sources
 from train.provenance.digest import component_roots, digest_bytes, update_sizes
 from train.provenance.hashing import folder_files, hash_files, safetensors_digests
-from train.provenance.record import RECORD, digest_of, init_digest, rebuild_init, split_witness
+from train.provenance.record import DATA_MANIFEST, RECORD, digest_of, init_digest, rebuild_init, split_witness
 from train.provenance.signing import SIGNATURE, signed_manifest
 
 
@@ -158,10 +159,15 @@ def replay_segment(rec: dict, index: int, start: Path | None, end: Path, toleran
     if {c: r["root"] for c, r in component_roots(safetensors_digests(end / "model.safetensors")).items()} != \
             link["weights"]:
         return False, f"{end.name}/model.safetensors is not the weights link {index} ends with"
-    manifest = Path(rec["config"]["run"]["data"]["dir"]) / "manifest.json"
-    if rec["data"]["digest"] and (not manifest.is_file() or
-                                  digest_bytes(manifest.read_bytes()) != rec["data"]["digest"]):
-        return False, f"data manifest {manifest} is missing or is not the one the run used; replay needs the run's data"
+    if rec["config"]["run"]["data"].get("sources"):  # the run's own manifest, bound by the certificate
+        changed = changed_sources(json.loads((end / DATA_MANIFEST).read_text()))
+        if changed:
+            return False, f"replay needs the run's data: {'; '.join(changed)}"
+    else:
+        manifest = Path(rec["config"]["run"]["data"]["dir"]) / "manifest.json"
+        if rec["data"]["digest"] and (not manifest.is_file() or
+                                      digest_bytes(manifest.read_bytes()) != rec["data"]["digest"]):
+            return False, f"data manifest {manifest} is missing or is not the one the run used; replay needs the run's data"
     with tempfile.TemporaryDirectory(prefix="omniscratch-replay-") as tmp:
         run_dir = Path(work or tmp) / f"link_{index}"
         cmd = [sys.executable, "-m", "train.cli", "train", "--config", str(end / "run_config.json"),

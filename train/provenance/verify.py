@@ -142,6 +142,7 @@ def _verify(rep, folder, public_key, early, weights, replay, allowed, reviewed, 
                        ("init", lambda: _check_init(rep, rec, allow_derived, *rebuilt())),
                        ("licences", lambda: record_checks.check_licences(rep, rec, allowed, reviewed)),
                        ("declared", lambda: record_checks.declare(rep, rec)),
+                       ("declared", lambda: record_checks.declare_data(rep, folder, rec)),
                        ("audit", lambda: audit and record_checks.audit_rows(rep, audit(folder)))):
         try:
             run()
@@ -270,7 +271,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", help="CERTIFICATE.md path or folder (default: the run folder)")
     parser.add_argument("--licences", help="YAML with `allow: [..]` licence names and `reviewed: {package: licence}`")
     parser.add_argument("--allow-derived", action="store_true", help="accept components certified 'derived'")
-    parser.add_argument("--data-dir", help="also check that this data folder's manifest is the one the run used")
+    parser.add_argument("--data-dir", help="also check the data: this folder's manifest is the one the run used; for "
+                        "a run with data.sources, each source rehashed, relative paths starting from this folder")
     parser.add_argument("--audit-reference", nargs="+", default=[], metavar="PATH",
                         help="also run the weight-similarity audit against these reference models (omniscratch audit)")
     parser.add_argument("--audit-null", nargs="*", default=[], metavar="PATH",
