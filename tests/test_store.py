@@ -98,3 +98,32 @@ def test_prepare_command_makes_the_store_train_reads(data, tmp_path, capsys):
     assert cli(["data", "prepare", "--config", str(tmp_path / "run.yaml"), "--workers", "1"]) == 0
     (work,) = (data["root"] / "corpus" / ".prepared").iterdir()  # under the data folder, not the home directory
     assert f"prepare: {work} ready" in capsys.readouterr().out
+
+
+def test_uint8_pixels_give_the_model_the_input_of_float_pixels(data):
+    """Batches carry pixels as uint8 and the vision encoder divides by 255 on the device: the same numbers as the
+    float pixels decoded on the host, for one clip and for a list of clips of different shapes."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    from model import OmniModel, init_weights
+    from train.data.sources import decode_frames
+
+    def jpeg(w, h, seed):
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, "JPEG")
+        return buf.getvalue()
+
+    v = CFG.vision
+    args = (None, v.temporal_patch, v.patch_size * v.merge)
+    items = [jpeg(40, 24, 0), jpeg(17, 33, 1)]
+    floats = [decode_frames([x], *args) for x in items]
+    bytes_ = [decode_frames([x], *args, as_uint8=True) for x in items]
+    assert all(b.dtype == torch.uint8 and torch.equal(b.float() / 255, f) for b, f in zip(bytes_, floats))
+    model = OmniModel(CFG).eval()
+    init_weights(model, 0)
+    with torch.no_grad():
+        assert torch.equal(model.vision(floats), model.vision(bytes_))
+        assert torch.equal(model.vision(floats[0][None]), model.vision(bytes_[0][None]))

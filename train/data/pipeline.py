@@ -58,7 +58,7 @@ class Batch:
     position_ids: torch.Tensor  # (B, T) long, restart per document
     doc_ids: torch.Tensor  # (B, T) long, document index within the row (padding = its own doc)
     modality: torch.Tensor  # (B, T) long: an index into MODALITIES, of the token's document
-    pixel_values: list[torch.Tensor]  # (F, 3, H, W) vision items in placeholder order
+    pixel_values: list[torch.Tensor]  # (F, 3, H, W) uint8 vision items in placeholder order (normalised on the device)
     audio_values: list[torch.Tensor]  # (N,) audio items in placeholder order
     sample_ids: list[int]  # global sample indices in this micro-batch
     # per row, its documents' lengths in order (padding one more), summing to T: doc_ids' runs, kept on the host so
@@ -252,7 +252,7 @@ class TrainLoader:
             ends = np.flatnonzero(np.isin(seq, [t + 1 for t in PLACEHOLDER]))
             runs = [(PLACEHOLDER[int(seq[s])], int(e - s - 1)) for s, e in zip(starts, ends)]
             row = self.store.row_media(int(self._doc[d]))
-            vision, audio = row_media(row, [p for p, _ in runs], None, self.cfg, self.policy)
+            vision, audio = row_media(row, [p for p, _ in runs], None, self.cfg, self.policy, as_uint8=True)
             want = [vision_tokens(v.shape[0], v.shape[2], v.shape[3], self.cfg.vision) for v in vision]
             want += [audio_tokens(len(a), self.cfg.audio) for a in audio]
             got = [n for p, n in runs if p != AUDIO] + [n for p, n in runs if p == AUDIO]
