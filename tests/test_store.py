@@ -127,3 +127,24 @@ def test_uint8_pixels_give_the_model_the_input_of_float_pixels(data):
     with torch.no_grad():
         assert torch.equal(model.vision(floats), model.vision(bytes_))
         assert torch.equal(model.vision(floats[0][None]), model.vision(bytes_[0][None]))
+
+
+def test_worker_processes_give_the_batches_of_the_loader_itself(data, tmp_path):
+    """DataLoader workers (train/data/loading.py) change when batches are built, never which: the same stream with 0
+    or 2 workers, also after a resume moves the cursor back."""
+    import torch
+
+    kw = dict(model_cfg=CFG, seq_len=128, micro_batch=2, grad_accum=2, rank=1, world_size=2, cache_dir=tmp_path,
+              max_reject_fraction=0.5)
+    here, ahead = (TrainLoader(data["sources"], data["tok"], workers=w, **kw) for w in (0, 2))
+    state = here.state_dict()
+    steps = [(here.next_step(), ahead.next_step()) for _ in range(3)]
+    assert here.last_step_ranges == ahead.last_step_ranges
+    assert len(ahead._prefetch._it._workers) == 2 and all(w.is_alive() for w in ahead._prefetch._it._workers)
+    ahead.load_state_dict(state)  # back to step 0: a fresh stream from there
+    steps.append((steps[0][0], ahead.next_step()))
+    for want, got in steps:
+        for a, b in zip(want, got, strict=True):
+            assert a.sample_ids == b.sample_ids and torch.equal(a.input_ids, b.input_ids)
+            assert all(torch.equal(x, y) for x, y in zip(a.pixel_values + a.audio_values, b.pixel_values + b.audio_values,
+                                                         strict=True))

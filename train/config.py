@@ -53,6 +53,9 @@ class DataConfig:
     # audio longer than this is cropped to its first max_audio_s seconds (a whole clip would overflow seq_len:
     # 1 s at 16 kHz is 25 tokens); 0: as long as fits half of seq_len
     max_audio_s: float = 0.0
+    # DataLoader processes per rank that build batches (decode media) while the model computes; 0: in the training
+    # process. Two keep the tiny model fed on a CPU core each; media-heavy GPU runs want more
+    loader_workers: int = 2
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,7 @@ def validate(cfg: RunConfig, where: str) -> RunConfig:
                            "checkpoint.witness_every", "max_steps",
                            "dist_init_timeout_s",
                            "data.heldout_every", "data.heldout_batches", "data.max_image_patches", "data.max_audio_s",
+                           "data.loader_workers",
                            "optim.min_lr_ratio"], zero_ok=True)
     for comp, scale in cfg.optim.lr_scale.items():
         if comp not in COMPONENTS:

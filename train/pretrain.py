@@ -170,7 +170,8 @@ def build_data(cfg, d, model_cfg: ModelConfig) -> tuple[TrainLoader, list[Batch]
     def data_loaders():
         loader = TrainLoader(sources_of(cfg.data), cfg.data.tokenizer, model_cfg, cfg.data.seq_len, cfg.micro_batch,
                              cfg.grad_accum, rank=d.rank, world_size=d.world_size, seed=cfg.seed,
-                             rejects_path=run_dir / "rejects.jsonl", policy=policy)
+                             rejects_path=run_dir / "rejects.jsonl", policy=policy,
+                             workers=cfg.data.loader_workers)
         heldout = []
         if cfg.data.heldout_every and (data_dir / "heldout").is_dir():
             heldout = heldout_batches(data_dir, cfg.data.tokenizer, model_cfg, cfg.data.seq_len, cfg.micro_batch,

@@ -20,6 +20,7 @@ Notable choices:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ import torch
 from model.config import BOS_ID, EOS_ID, IGNORE_INDEX, PAD_ID, SPECIAL_TOKENS, ModelConfig
 from model.media import audio_tokens, vision_tokens
 from tokenizer.bpe import load_tokenizer, tokenizer_digest
+from train.data.loading import Prefetcher
 from train.data.mixing import epoch_length, mix_order
 from train.data.sources import (
     NO_LIMIT,
@@ -64,6 +66,12 @@ class Batch:
     # per row, its documents' lengths in order (padding one more), summing to T: doc_ids' runs, kept on the host so
     # that attention can split rows by document without reading doc_ids back from the device (model/attention.py)
     doc_lens: list[list[int]] | None = None
+
+    def pin_memory(self) -> Batch:
+        """Page-locked copies (DataLoader's pin_memory thread calls this), so the copy to the device is asynchronous."""
+        pin = {f: getattr(self, f).pin_memory() for f in ("input_ids", "labels", "position_ids", "doc_ids", "modality")}
+        return dataclasses.replace(self, **pin, pixel_values=[p.pin_memory() for p in self.pixel_values],
+                                   audio_values=[a.pin_memory() for a in self.audio_values])
 
 
 def expand_media(ids: list[int], vision_shapes: list[tuple[int, int, int]], audio_lengths: list[int], cfg: ModelConfig):
@@ -118,7 +126,8 @@ class TrainLoader:
     def __init__(self, data_dir, tokenizer_path, model_cfg: ModelConfig, seq_len: int, micro_batch: int, grad_accum: int,
                  rank: int = 0, world_size: int = 1, seed: int = 0, *, cache_dir: str | Path | None = None,
                  num_proc: int = 0, max_reject_fraction: float = 0.01, rejects_path: str | Path | None = None,
-                 policy: MediaPolicy = NO_LIMIT):
+                 policy: MediaPolicy = NO_LIMIT, workers: int = 0):
+        """`workers`: DataLoader processes that build batches ahead (train/data/loading.py); 0: built on demand here."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         specs = data_dir if isinstance(data_dir, (list, tuple)) else [data_dir]
@@ -153,6 +162,7 @@ class TrainLoader:
         self._n = epoch_length(self._src, self._weights)  # samples per epoch: the weighted document count
         self._perms: dict[int, np.ndarray] = {}
         self.cursor, self.last_step_ranges, self._epochs, self._epoch_rows = 0, [], {}, []
+        self.workers, self._prefetch = workers, Prefetcher(self, workers) if workers else None
 
     # ---- the global row sequence ----
 
@@ -264,11 +274,23 @@ class TrainLoader:
             sounds += audio
         return pixels, sounds
 
+    @property
+    def global_rows(self) -> int:
+        """G, the rows of one optimizer step over all ranks."""
+        return self.micro_batch * self.grad_accum * self.world_size
+
+    def _micro(self, cursor: int, j: int) -> Batch:
+        """This rank's micro-batch j of the step whose first global row is `cursor`."""
+        first = cursor + (self.rank * self.grad_accum + j) * self.micro_batch  # this rank's contiguous share of G rows
+        return self._batch(range(first, first + self.micro_batch))
+
     def next_step(self) -> list[Batch]:
         """The grad_accum micro-batches of this rank for the next optimizer step; advances the global cursor."""
-        mb, G = self.micro_batch, self.micro_batch * self.grad_accum * self.world_size
-        first = self.cursor + self.rank * mb * self.grad_accum  # this rank's contiguous share of the step's G rows
-        out = [self._batch(range(first + j * mb, first + (j + 1) * mb)) for j in range(self.grad_accum)]
+        G = self.global_rows
+        if self.workers:
+            out = self._prefetch.take(self.cursor)
+        else:
+            out = [self._micro(self.cursor, j) for j in range(self.grad_accum)]
         (e0, first_row), (e1, last_row), n = self._row_pieces(self.cursor), self._row_pieces(self.cursor + G - 1), self._n
         self.last_step_ranges = [[e0 * n + int(first_row[0, 0]), e1 * n + int(last_row[-1, 0]) + 1]]
         self.cursor += G
