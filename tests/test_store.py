@@ -49,7 +49,7 @@ def test_store_is_the_same_bytes_whatever_the_workers_or_shards(data, tmp_path):
     src, tok = data["sources"], data["tok"]
     assert len(units_of(src)) == 4
     one = prepare(src, tok, CFG, cache_dir=tmp_path / "one", workers=1)
-    two = prepare(src, tok, CFG, cache_dir=tmp_path / "two", workers=2)
+    two = prepare(src, tok, CFG, cache_dir=tmp_path / "two", workers=2, fork=True)  # as `data prepare` starts them
     first = prepare(src, tok, CFG, cache_dir=tmp_path / "split", workers=1, shard=(0, 3))
     assert not (first / "store").exists()  # units of other shards missing: no merge yet
     prepare(src, tok, CFG, cache_dir=tmp_path / "split", workers=1, shard=(2, 3))

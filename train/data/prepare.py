@@ -26,8 +26,9 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-def prepare_run(config: str, workers: int = 0, shard: tuple[int, int] = (0, 1), log=print) -> list[Path]:
-    """Prepare the training sources of a run config, and its held-out split when the run evaluates one."""
+def prepare_run(config: str, workers: int = 0, shard: tuple[int, int] = (0, 1), log=print, fork: bool = True) -> list[Path]:
+    """Prepare the training sources of a run config, and its held-out split when the run evaluates one (`fork`: this
+    command's own process runs no other thread, so its workers may be forked)."""
     from model import load_model_config
     from train.config import load_run_config
     from train.data.sources import Source, declared_licence, media_policy, sources_of
@@ -40,7 +41,8 @@ def prepare_run(config: str, workers: int = 0, shard: tuple[int, int] = (0, 1), 
     heldout = Path(cfg.data.dir) / "heldout"
     if cfg.data.heldout_every and heldout.is_dir():  # as pipeline.heldout_batches opens it
         sets.append([Source(str(heldout), licence=declared_licence(Source(cfg.data.dir)), name="heldout")])
-    return [prepare(s, cfg.data.tokenizer, model_cfg, policy=policy, workers=workers, shard=shard, log=log) for s in sets]
+    return [prepare(s, cfg.data.tokenizer, model_cfg, policy=policy, workers=workers, shard=shard, log=log,
+                    fork=fork) for s in sets]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -252,10 +252,12 @@ def merge(sources: list[Source], work: Path) -> Path:
 
 
 def prepare(sources: list[Source], tokenizer_path, cfg: ModelConfig, *, policy: MediaPolicy = NO_LIMIT,
-            cache_dir: str | Path | None = None, workers: int = 0, shard: tuple[int, int] = (0, 1), log=print) -> Path:
+            cache_dir: str | Path | None = None, workers: int = 0, shard: tuple[int, int] = (0, 1), log=print,
+            fork: bool = False) -> Path:
     """Tokenise the units of `sources` this shard owns (unit k belongs to shard k mod n) that are not done yet, over
     `workers` processes (0: every core past AUTO_POOL_BYTES of source, else one); merge when every unit is done.
-    Returns the store's folder (its `store/` exists once merged)."""
+    `fork`: start the workers by forking this process (only where it runs no other thread). Returns the store's
+    folder (its `store/` exists once merged)."""
     for src in sources:
         declared_licence(src)  # no work on a source the run may not read
     work = store_root(sources, cache_dir) / store_key(sources, tokenizer_path, cfg, policy)
@@ -264,14 +266,16 @@ def prepare(sources: list[Source], tokenizer_path, cfg: ModelConfig, *, policy: 
     i, n = shard
     units = units_of(sources)
     todo = [u for k, u in enumerate(units) if k % n == i and not (work / "units" / u.name / "done.json").is_file()]
-    if not workers:  # every core, once the work pays for starting them (a spawned worker imports torch: ~2 s)
+    if not workers:  # every core, once the work pays for starting them (a spawned worker imports torch anew)
         size = sum(source_format(sources[u.source].path)[1][u.file].stat().st_size for u in todo)
         workers = len(os.sched_getaffinity(0)) if size > AUTO_POOL_BYTES else 1
     workers = min(workers, max(1, len(todo)))
     jobs = [(sources[u.source], u, str(tokenizer_path), cfg, policy, str(work)) for u in todo]
     t0 = time.perf_counter()
-    if workers > 1:  # spawned, not forked: the caller may be a training rank with gloo's threads running
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    if workers > 1:
+        # forked workers start at once, but only a process without other threads may fork: under a training rank's
+        # gloo threads a forked pool never returned, so the loader asks for spawned ones (each imports torch anew)
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork" if fork else "spawn")) as pool:
             list(pool.map(_do_unit, jobs))
     else:
         for job in jobs:
