@@ -35,7 +35,8 @@ def test_honest_output_separates_checked_from_declared(honest, tmp_path):
                                         "THE TRAINER'S DECLARATIONS", "DECLARED BY THE TRAINER, NOT CHECKED"))
     assert established < on_claims < declared
     assert "completeness" in out[established:on_claims] and "licences" in out[on_claims:declared]
-    for item in ("code", "hardware", "packages", "data ranges", "learning rates", "update sizes", "tripwire log"):
+    for item in ("code", "hardware", "packages", "data ranges", "learning rates", "update sizes", "tripwire log",
+                 "data licences"):
         assert f"\n  {item} " in out[declared:], item
     report = json.loads(cli("verify", str(folder), "--public-key", str(honest[2]), "--json", "--out",
                             str(tmp_path / "CERT.md")).stdout)
@@ -44,7 +45,7 @@ def test_honest_output_separates_checked_from_declared(honest, tmp_path):
     assert not checked & {"licences", "tripwire"}
     assert {c["check"] for c in report["checked_on_declarations"]} == {"licences", "tripwire"}
     assert [d["item"] for d in report["declared"]] == ["code", "hardware", "packages", "data ranges",
-                                                       "learning rates", "update sizes", "tripwire log"]
+                                                       "learning rates", "update sizes", "tripwire log", "data licences"]
     assert report["replay"] is None
     md = (tmp_path / "CERT.md").read_text()
     opening = md[:md.index("## Components")]

@@ -53,6 +53,9 @@ class DataConfig:
     # audio longer than this is cropped to its first max_audio_s seconds (a whole clip would overflow seq_len:
     # 1 s at 16 kHz is 25 tokens); 0: as long as fits half of seq_len
     max_audio_s: float = 0.0
+    # above this share of rejected rows the run stops, naming the worst sources: a few bad rows are expected in real
+    # data, a broken source (every image unreadable) must not train on its captions alone
+    max_reject_fraction: float = 0.01
     # DataLoader processes per rank that build batches (decode media) while the model computes; 0: in the training
     # process. Two keep the tiny model fed on a CPU core each; media-heavy GPU runs want more
     loader_workers: int = 2
@@ -184,6 +187,8 @@ def validate(cfg: RunConfig, where: str) -> RunConfig:
     if cfg.max_steps > cfg.steps:
         raise ValueError(f"{where}: key 'max_steps'={cfg.max_steps} exceeds 'steps'={cfg.steps} (the schedule length)")
     validate_sources(cfg.data, where)
+    if not 0 <= cfg.data.max_reject_fraction <= 1:
+        raise ValueError(f"{where}: key 'data.max_reject_fraction'={cfg.data.max_reject_fraction} must be in [0, 1]")
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"{where}: key 'precision'={cfg.precision!r} must be one of {', '.join(PRECISIONS)}")
     if cfg.on_nonfinite not in NONFINITE:

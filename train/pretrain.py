@@ -44,7 +44,7 @@ from train import checkpoint as ckpt
 from train.atomic import atomic_write
 from train.config import load_run_config
 from train.data.pipeline import MODALITIES, Batch, TrainLoader, heldout_batches
-from train.data.sources import media_policy, run_manifest, sources_of
+from train.data.sources import check_source, media_policy, run_manifest, sources_of
 from train.loop import Run, check_nonfinite, heldout_sums, train_step
 from train.metrics import Metrics, device_peak, peak_memory_bytes
 from train.parallel import collectives, guards
@@ -65,6 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     try:
         cfg = load_run_config(args.config, args.overrides)
+        for src in sources_of(cfg.data) if cfg.data.sources else []:
+            check_source(src)  # before any rank starts: a wrong path or format is a one-line error, not a crash
     except ValueError as e:
         print(f"omniscratch train: {e}", file=sys.stderr)
         return 2
@@ -171,7 +173,7 @@ def build_data(cfg, d, model_cfg: ModelConfig) -> tuple[TrainLoader, list[Batch]
         loader = TrainLoader(sources_of(cfg.data), cfg.data.tokenizer, model_cfg, cfg.data.seq_len, cfg.micro_batch,
                              cfg.grad_accum, rank=d.rank, world_size=d.world_size, seed=cfg.seed,
                              rejects_path=run_dir / "rejects.jsonl", policy=policy,
-                             workers=cfg.data.loader_workers)
+                             max_reject_fraction=cfg.data.max_reject_fraction, workers=cfg.data.loader_workers)
         heldout = []
         if cfg.data.heldout_every and (data_dir / "heldout").is_dir():
             heldout = heldout_batches(data_dir, cfg.data.tokenizer, model_cfg, cfg.data.seq_len, cfg.micro_batch,

@@ -1,10 +1,11 @@
 """Data sources: what a run may read, its declared licence, its digest, and every sample it rejects.
 
-Schema of a source (jsonl, parquet, arrow file, a `save_to_disk` folder, or a corpus written by
-`omniscratch data generate`): `text` (str), optional `images` (list of PNG/JPEG bytes or paths),
-`video` (list of frames, bytes or paths), `audio` (WAV bytes or a path). Paths are relative to the
-source's folder. The text holds one `<|image|>` / `<|video|>` / `<|audio|>` per item where it belongs;
-a row with media and no placeholder at all gets them prepended.
+A source (a `data.sources` entry) is a jsonl, parquet or arrow file, a folder or glob of one of those or of
+WebDataset-style tar shards, a `save_to_disk` folder, or a corpus written by `omniscratch data generate`. A row:
+`text` (str), optional `images` (list of PNG/JPEG bytes or paths), `video` (list of frames, bytes or paths), `audio`
+(WAV bytes or a path). Paths are relative to the source's folder. The text holds one `<|image|>` / `<|video|>` /
+`<|audio|>` per item where it belongs; a row with media and no placeholder at all gets them prepended. A tar
+sample is the members sharing a key: KEY.txt or KEY.json, KEY.jpg/.jpeg/.png, KEY.wav. All of it: docs/DATA.md.
 
 Notable choices:
 - No licence, no data: every source must declare one (`licence:` in its entry, or the `licence` of a
@@ -19,19 +20,24 @@ Notable choices:
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import tarfile
-import wave
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
-
-from model.config import AUDIO_ID, IMAGE_ID, VIDEO_ID
+# re-exported: the pipeline, evaluation and generation import the decoders from here
+from train.data.media import (  # noqa: F401
+    NO_LIMIT,
+    MediaPolicy,
+    _read,
+    decode_audio,
+    decode_frames,
+    fit_size,
+    media_policy,
+    media_shapes,
+    row_media,
+)
 
 MEDIA_COLUMNS = ("images", "video", "audio")
 
@@ -186,6 +192,13 @@ def declared_licence(src: Source) -> str:
             f"`- {{path: {src.path}, licence: CC-BY-4.0}}`"
         )
     return str(licence)
+
+
+def check_source(src: Source) -> None:
+    """The cheap checks of a source, before any work: a declared licence, a path that exists, a known format, no
+    empty file. ValueError naming the source and what to write."""
+    declared_licence(src)
+    source_format(src.path)
 
 
 def manifest_entry(src: Source, files: list[dict] | None = None) -> dict:
@@ -359,182 +372,6 @@ def load_source(src: Source, cache_dir: str | Path):
     if len(ds) == 0:
         raise ValueError(f"data source {src.path}: no rows; remove the entry or point it at data")
     return ds
-
-
-# ---- media decoding: shared by the pipeline and by evaluation's probes ---------------------------
-
-def _read(item, base: Path | None, what: str) -> bytes:
-    if isinstance(item, (bytes, bytearray)):
-        return bytes(item)
-    if isinstance(item, str):
-        p = (base or Path(".")) / item
-        if not p.is_file():
-            raise ValueError(f"missing media file {what} {item!r} (looked for {p})")
-        return p.read_bytes()
-    raise ValueError(f"wrong type: {what} must be bytes or a path, got {type(item).__name__}")
-
-
-@dataclass(frozen=True)
-class MediaPolicy:
-    """How large a medium may be: vision tokens per image (or per temporal slice of a video) after the merge, and
-    audio samples. 0: no limit. Larger media are downscaled (aspect kept) or cropped, never rejected."""
-
-    max_image_tokens: int = 0
-    max_audio_samples: int = 0
-
-    def to_dict(self) -> dict:
-        return {"max_image_tokens": self.max_image_tokens, "max_audio_samples": self.max_audio_samples}
-
-
-NO_LIMIT = MediaPolicy()  # media as they come (only rounded down to whole patches)
-
-
-def media_policy(max_image_patches: int, max_audio_s: float, seq_len: int, cfg) -> MediaPolicy:
-    """The policy of a run's `data` keys for model config `cfg`; 0 keys: what fits half of seq_len (a caption and
-    the item's markers still fit a row)."""
-    from model.media import audio_tokens
-
-    half = max(1, seq_len // 2)
-    samples = int(round(max_audio_s * cfg.audio.sample_rate))
-    if not samples:  # the longest clip whose tokens fit half a row (audio_tokens grows with the length)
-        lo, hi = cfg.audio.n_fft // 2 + 1, cfg.audio.hop_length * 4 * (half + 1)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if audio_tokens(mid, cfg.audio) <= half else (lo, mid - 1)
-        samples = lo
-    return MediaPolicy(max_image_tokens=int(max_image_patches) or half, max_audio_samples=samples)
-
-
-def fit_size(w: int, h: int, multiple: int, max_tokens: int) -> tuple[int, int]:
-    """The largest (w, h), multiples of `multiple` px, at most the image's size and aspect, with at most `max_tokens`
-    (multiple x multiple) squares."""
-    tw, th = max(multiple, w // multiple * multiple), max(multiple, h // multiple * multiple)
-    if max_tokens and (tw // multiple) * (th // multiple) > max_tokens:
-        scale = (max_tokens / ((w / multiple) * (h / multiple))) ** 0.5
-        cw, ch = max(1, int(w * scale / multiple)), max(1, int(h * scale / multiple))
-        while cw * ch > max_tokens:  # rounding of an extreme aspect can still overshoot by a row
-            cw, ch = (cw - 1, ch) if cw >= ch else (cw, ch - 1)
-            cw, ch = max(1, cw), max(1, ch)
-        tw, th = cw * multiple, ch * multiple
-    return tw, th
-
-
-def decode_frames(items, base: Path | None = None, temporal_patch: int = 2, multiple: int = 8,
-                  max_tokens: int = 0, as_uint8: bool = False) -> torch.Tensor:
-    """Image bytes/paths -> (F, 3, H, W) float in [0, 1]; `as_uint8`: the bytes 0..255 (a quarter of the bytes to
-    move; the model's vision input divides by 255 on the device, model/vision.py `pixels_to_unit`).
-
-    One image becomes `temporal_patch` identical frames; a clip is padded with its last frame to a multiple
-    of `temporal_patch`. Frames are resized down to a multiple of `multiple` px (patch x merge), and, past
-    `max_tokens` squares of that side, downscaled with their aspect kept. A JPEG is decoded at the smallest
-    of its 1/2, 1/4, 1/8 scales that still covers the target (`draft`), so a 10000 px photo never sits whole
-    in memory.
-    """
-    frames = []
-    for k, item in enumerate(items):
-        try:
-            img = Image.open(io.BytesIO(_read(item, base, f"frame {k}")))
-            tw, th = fit_size(*img.size, multiple, max_tokens)
-            if img.format == "JPEG":
-                img.draft("RGB", (tw, th))
-            if img.size != (tw, th):
-                img = img.reduce(max(1, min(img.size[0] // tw, img.size[1] // th)))
-            img = img.convert("RGB")
-        except ValueError:
-            raise
-        except Exception as e:  # PIL raises several types for corrupt bytes
-            raise ValueError(f"corrupt image bytes (item {k}): {e}") from None
-        if img.size != (tw, th):
-            img = img.resize((tw, th), Image.BILINEAR)
-        frames.append(torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()))
-    if not frames:
-        raise ValueError("a video with no frames")
-    if any(f.shape != frames[0].shape for f in frames):
-        raise ValueError(f"video frames differ in size: {sorted({tuple(f.shape[:2]) for f in frames})}")
-    while len(frames) % temporal_patch or len(frames) < temporal_patch:
-        frames.append(frames[-1])
-    clip = torch.stack(frames).permute(0, 3, 1, 2)  # (F, 3, H, W) uint8
-    return clip.contiguous() if as_uint8 else clip.float().div_(255.0)
-
-
-def decode_audio(item, base: Path | None = None, sample_rate: int = 16000, min_samples: int = 201,
-                 max_samples: int = 0) -> torch.Tensor:
-    """WAV bytes/path (PCM 16-bit, mono or mixed down) -> (N,) float in [-1, 1], cropped to its first `max_samples`."""
-    data = _read(item, base, "audio")
-    try:
-        with wave.open(io.BytesIO(data)) as w:
-            rate, width, channels, n = w.getframerate(), w.getsampwidth(), w.getnchannels(), w.getnframes()
-            raw = w.readframes(n)
-    except Exception as e:
-        raise ValueError(f"unreadable audio: {e}") from None
-    if width != 2:
-        raise ValueError(f"unreadable audio: {8 * width}-bit samples; only 16-bit PCM WAV is read")
-    if len(raw) < n * width * channels:
-        raise ValueError(f"truncated audio: header says {n} frames, file holds {len(raw) // (width * channels)}")
-    if rate != sample_rate:
-        raise ValueError(f"audio at {rate} Hz; the model expects {sample_rate} Hz: resample it")
-    if max_samples:
-        raw = raw[:max_samples * width * channels]
-    x = np.frombuffer(raw, dtype="<i2").reshape(-1, channels).mean(axis=1) / 32768.0
-    if len(x) < min_samples:
-        raise ValueError(f"audio too short: {len(x)} samples, at least {min_samples} needed")
-    return torch.from_numpy(x.astype(np.float32))
-
-
-def row_media(row: dict, ids: list[int], base: Path | None, cfg, policy: MediaPolicy = NO_LIMIT,
-              as_uint8: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Decode a row's media in placeholder order: the k-th <|image|> is images[k], <|video|> the video."""
-    images, video, audio = row.get("images") or [], row.get("video") or [], row.get("audio")
-    if isinstance(images, (bytes, str)):
-        images = [images]
-    if not isinstance(images, list) or not isinstance(video, list):
-        raise ValueError("wrong type: 'images' and 'video' must be lists")
-    counts = [sum(t == x for t in ids) for x in (IMAGE_ID, VIDEO_ID, AUDIO_ID)]
-    if counts != [len(images), int(bool(video)), int(audio is not None)]:  # same wording as data.expand_media
-        raise ValueError(f"text has {counts[0] + counts[1]} image/video and {counts[2]} audio placeholders but the row has "
-                         f"{len(images) + bool(video)} vision and {int(audio is not None)} audio items")
-    mult, tp, frames = cfg.vision.patch_size * cfg.vision.merge, cfg.vision.temporal_patch, iter(images)
-    vision = [decode_frames([next(frames)] if t == IMAGE_ID else video, base, tp, mult, policy.max_image_tokens, as_uint8)
-              for t in ids if t in (IMAGE_ID, VIDEO_ID)]
-    sounds = [decode_audio(audio, base, cfg.audio.sample_rate, cfg.audio.n_fft // 2 + 1, policy.max_audio_samples)
-              if audio is not None else None][: int(audio is not None)]
-    return vision, sounds
-
-
-def _image_size(item, base: Path | None, k: int) -> tuple[int, int]:
-    try:
-        return Image.open(io.BytesIO(_read(item, base, f"frame {k}"))).size  # the header only: no pixel is decoded
-    except ValueError:
-        raise
-    except Exception as e:  # PIL raises several types for corrupt bytes
-        raise ValueError(f"corrupt image bytes (item {k}): {e}") from None
-
-
-def media_shapes(row: dict, ids: list[int], base: Path | None, cfg,
-                 policy: MediaPolicy = MediaPolicy()) -> tuple[list[tuple[int, int, int]], list[int]]:
-    """What `row_media` would return, as (F, H, W) per vision item and samples per audio item, from media headers:
-    images are not decoded (PIL reads the size from the header); audio is read (a WAV is its samples)."""
-    images, video, audio = row.get("images") or [], row.get("video") or [], row.get("audio")
-    if isinstance(images, (bytes, str)):
-        images = [images]
-    if not isinstance(images, list) or not isinstance(video, list):
-        raise ValueError("wrong type: 'images' and 'video' must be lists")
-    counts = [sum(t == x for t in ids) for x in (IMAGE_ID, VIDEO_ID, AUDIO_ID)]
-    if counts != [len(images), int(bool(video)), int(audio is not None)]:  # same wording as row_media
-        raise ValueError(f"text has {counts[0] + counts[1]} image/video and {counts[2]} audio placeholders but the row has "
-                         f"{len(images) + bool(video)} vision and {int(audio is not None)} audio items")
-    mult, tp, frames, shapes = cfg.vision.patch_size * cfg.vision.merge, cfg.vision.temporal_patch, iter(images), []
-    for t in ids:
-        if t in (IMAGE_ID, VIDEO_ID):
-            items = [next(frames)] if t == IMAGE_ID else video
-            sizes = [fit_size(*_image_size(x, base, k), mult, policy.max_image_tokens) for k, x in enumerate(items)]
-            if len(set(sizes)) > 1:
-                raise ValueError(f"video frames differ in size: {sorted(set(sizes))}")
-            f = max(tp, -(-len(items) // tp) * tp)
-            shapes.append((f, sizes[0][1], sizes[0][0]))
-    sounds = [len(decode_audio(audio, base, cfg.audio.sample_rate, cfg.audio.n_fft // 2 + 1, policy.max_audio_samples))
-              ] if audio is not None else []
-    return shapes, sounds
 
 
 # ---- rejects -----------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The prepared token store: every source tokenised once, memory-mapped read-only by every rank.
 
-Layout, under `<root>/.prepared/<key>/` (root: the first source's folder, or the loader's `cache_dir`):
+Layout, under `<root>/.prepared/<key>/` (root: the first source's folder, or `cache_dir`, or $OMNISCRATCH_CACHE):
     units/<unit>/           one finished work unit (a parquet row group, an arrow/jsonl/tar file); done.json last
     store/                  the merged store, renamed into place whole; manifest.json says what it holds
         tokens.npy          uint32, every accepted document's tokens (BOS .. EOS, media placeholders expanded)
@@ -96,9 +96,11 @@ def store_key(sources: list[Source], tokenizer_path, cfg: ModelConfig, policy: M
 
 
 def store_root(sources: list[Source], cache_dir: str | Path | None) -> Path:
-    """`<cache_dir or the first source's folder>/.prepared`: hidden, so that a folder source never reads it as data."""
+    """`<root>/.prepared`, root: `cache_dir`, else $OMNISCRATCH_CACHE (a read-only data folder), else the first source's
+    folder. Hidden, so that a folder source never reads it as data."""
     first = Path(sources[0].path)
-    return Path(cache_dir or (first if first.is_dir() else first.parent)) / ".prepared"
+    root = cache_dir or os.environ.get("OMNISCRATCH_CACHE") or (first if first.is_dir() else first.parent)
+    return Path(root) / ".prepared"
 
 
 def _rows(src: Source, unit: Unit):
