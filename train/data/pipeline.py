@@ -160,6 +160,9 @@ class TrainLoader:
             raise ValueError(f"no usable samples in {', '.join(s.path for s in self.sources)}")
         self._weights = [float(s.weight) for s in self.sources]
         self._n = epoch_length(self._src, self._weights)  # samples per epoch: the weighted document count
+        if self._n == 0:
+            raise ValueError(f"the source weights leave no document in an epoch ({len(self._len)} accepted documents, "
+                             f"weights {self._weights}): raise the weights of the sources that have documents")
         self._perms: dict[int, np.ndarray] = {}
         self.cursor, self.last_step_ranges, self._epochs, self._epoch_rows = 0, [], {}, []
         self.workers, self._prefetch = workers, Prefetcher(self, workers) if workers else None
