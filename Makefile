@@ -5,8 +5,10 @@ STAMP := $(VENV)/.installed-stamp
 # One thread per process: two busy-waiting OpenMP pools on 2 cores slow training ~13x (docs/LOG.md, "CPU threads").
 export OMP_NUM_THREADS ?= 1
 export OMP_WAIT_POLICY ?= PASSIVE
+# Playwright (dev extra) drives Debian's chromium; it never downloads a browser of its own.
+export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup browser demo test lint bench clean
 
 setup: $(STAMP)
 
@@ -21,7 +23,13 @@ $(STAMP): pyproject.toml
 demo: setup
 	bash scripts/demo.sh
 
-test: setup
+# The arena's browser tests (tests/test_arena_browser.py) need /usr/bin/chromium: installed here when run as root (CI,
+# a fresh machine); otherwise those tests fail with a message saying what to install.
+browser:
+	@test -x /usr/bin/chromium || [ "$$(id -u)" != 0 ] || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+test: setup browser
 	$(PY) -m pytest -q tests
 
 lint: setup

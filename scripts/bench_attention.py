@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -29,6 +28,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # busy-waiting OpenMP threa
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_record import add_record_argument, finish  # noqa: E402 - scripts/bench_record.py, beside this script
+
 from model import load_model_config  # noqa: E402
 from model.attention import Segments, attention  # noqa: E402
 from model.blocks import run_blocks  # noqa: E402
@@ -123,6 +124,7 @@ def main():
     ap.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs/model/tiny.yaml"))
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--repeat", type=int, default=3)
+    add_record_argument(ap)
     args = ap.parse_args()
     cfg = load_model_config(args.config)
     result = {"device": "cpu", "threads": torch.get_num_threads(), "seq_len": args.seq, "documents": len(DOC_SHARES),
@@ -139,7 +141,7 @@ def main():
             result["vit_tokens"] = extra[0]
         print(f"{name:>10}: new {times['new'] * 1e3:8.1f} ms  dense {times['dense'] * 1e3:8.1f} ms  "
               f"{times['dense'] / times['new']:.2f}x  (max |diff| {diff:.2g})", flush=True)
-    print(json.dumps(result))
+    finish(result, args.record)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ Last line: one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -35,6 +34,8 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_record import add_record_argument, finish  # noqa: E402 - scripts/bench_record.py, beside this script
+
 from model import OmniModel, init_weights, load_model_config  # noqa: E402
 from model.flops import text_flops_per_token  # noqa: E402
 from model.loss import next_token_losses  # noqa: E402
@@ -163,6 +164,7 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                     help="auto: bf16 on GPUs and on CPUs with native bf16 (AMX/AVX512-BF16), else fp32")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd ours and peers")
+    add_record_argument(ap)
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="cpu: process CPU time, for a shared machine with OMP_NUM_THREADS=1 (wall time counts others' load)")
     args = ap.parse_args()
@@ -230,7 +232,7 @@ def main() -> None:
         "text_peak_share": text_flops / med["text_ours"] / peak,
         "vision_peak_share": vision_flops / med["vision_ours"] / peak,
     })
-    print(json.dumps(result))
+    finish(result, args.record)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench_record import add_record_argument, finish  # noqa: E402 - scripts/bench_record.py, beside this script
 
 
 def live_bytes() -> int:
@@ -176,6 +177,7 @@ def main() -> int:
                          "preempted by other jobs on a shared machine")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
+    add_record_argument(ap)
     args = ap.parse_args()
     if args.worker:
         worker(args)  # does not return
@@ -217,7 +219,7 @@ def main() -> int:
                "plain_ms_per_step": round(sp["plain_s_per_step"] * 1e3, 2),
                "engine_ms_per_step": round(sp["zero2_s_per_step"] * 1e3, 2),
                "zero0_ms_per_step": round(sp["zero0_s_per_step"] * 1e3, 2)}
-    print(json.dumps(summary))
+    finish(summary, args.record)
     return 0
 
 

@@ -46,9 +46,17 @@ def test_bench_scaling(small_model):
     assert 0 < r["zero3_memory_ws2_vs_ws1"] < 1 and 0 < r["zero2_memory_ws2_vs_ws1"] < 1  # partitioned across ranks
 
 
-def test_bench_verify():
-    r = last_json("bench_verify.py", "--sizes", "64", "--repeat", "1")  # it asserts that each verification passed
-    assert finite(r["verify_vs_read"], r["cold_verify_vs_read"], r["warm_floor_vs_read"]) and r["verify_vs_read"] > 0
+def test_bench_verify(tmp_path):
+    record = tmp_path / "bench_verify.md"
+    r = last_json("bench_verify.py", "--sizes", "64", "--repeat", "1", "--record", str(record))  # asserts each verify passed
+    assert finite(r["verify_vs_read"], r["cold_verify_vs_read"], r["warm_floor_vs_read"], r["warm_verify_vs_floor"])
+    assert r["verify_vs_read"] > 0 and set(r["goals"]) == {"cold_verify_vs_read", "warm_verify_vs_floor"}
+    # --record (scripts/bench_record.py) keeps the line with what makes it reproducible
+    text = record.read_text()
+    assert f"python scripts/bench_verify.py --sizes 64 --repeat 1 --record {record}" in text
+    for field in ("- Commit: ", "- Machine: ", " cores; GPU: ", "- Versions: torch ", "deepspeed ", "- Date: "):
+        assert field in text, (field, text)
+    assert json.loads(text.split("```json\n")[-1].split("\n```")[0]) == r
 
 
 def test_bench_model(small_model):

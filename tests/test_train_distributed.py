@@ -79,6 +79,8 @@ def test_checkpoint_layout_and_export_equal_deepspeed_consolidation(reference):
     ours = load_weights(folder)
     assert sorted(ours) == sorted(theirs)
     assert all(torch.equal(ours[k], theirs[k].float()) for k in ours)
+    # teammates and containers running as another user read the weights: the umask decides, not the writer (022 here)
+    assert (folder / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~_umask()
 
 
 def test_metrics_jsonl_and_loss_curve(reference):
@@ -96,6 +98,16 @@ def test_metrics_jsonl_and_loss_curve(reference):
     assert "heldout_loss" in rows[3] and "heldout_loss" in rows[6]
     assert rows[6]["loss"] < rows[1]["loss"]
     assert (reference / "loss_curve.png").stat().st_size > 1000
+    # the rank log keeps what the console showed: every logged step, the saves and the end
+    log = (reference / "logs" / "rank0.log").read_text()
+    assert all(f"step {s}: loss " in log for s in rows), log[-2000:]
+    assert "step 6: checkpoint" in log and "run ref finished at step 6" in log, log[-2000:]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_sigkill_during_checkpoint_write_then_bit_exact_resume(ws, reference):

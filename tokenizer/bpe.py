@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from model.config import SPECIAL_TOKENS
+from model.config import SPECIAL_TOKENS, UsageError
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -27,7 +27,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """Train a byte-level BPE of `vocab_size` tokens (special tokens and bytes included) on `texts`."""
     minimum = len(SPECIAL_TOKENS) + 256
     if vocab_size < minimum:
-        raise ValueError(f"vocab_size={vocab_size} is too small: {len(SPECIAL_TOKENS)} special tokens + 256 bytes need {minimum}")
+        raise UsageError(f"vocab_size={vocab_size} (--vocab-size) is too small: {len(SPECIAL_TOKENS)} special tokens "
+                         f"+ 256 bytes need {minimum}")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()

@@ -11,6 +11,8 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+from model.config import UsageError
+
 from .bpe import save_tokenizer, tokenizer_digest, train_bpe
 
 
@@ -18,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True)
     t = sub.add_parser("train", help="train a byte-level BPE on the project's own corpus")
     t.add_argument("--corpus", required=True, action="append", help="corpus folder (repeatable)")
-    t.add_argument("--vocab-size", type=int, default=4096)
+    t.add_argument("--vocab-size", type=int, default=4096, help="tokens in the vocabulary, special tokens included")
     t.add_argument("--out", required=True, help="output folder for tokenizer.json")
 
 
@@ -26,11 +28,11 @@ def corpus_files(corpus: str | Path) -> list[Path]:
     """Text files of a corpus folder: the `train` split of a generated corpus, else every parquet/jsonl file."""
     root = Path(corpus)
     if not root.is_dir():
-        raise ValueError(f"{root}: corpus folder not found; create one with `omniscratch data generate --out {root}`")
+        raise UsageError(f"--corpus {root}: folder not found; create one with `omniscratch data generate --out {root}`")
     base = root / "train" if (root / "manifest.json").is_file() and (root / "train").is_dir() else root
     files = sorted(p for p in base.rglob("*") if p.suffix in (".parquet", ".jsonl"))
     if not files:
-        raise ValueError(f"{root}: no .parquet or .jsonl files with a `text` column")
+        raise UsageError(f"--corpus {root}: no .parquet or .jsonl files with a `text` column")
     return files
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model.config import UsageError
 from train.atomic import atomic_write, fsync_path
 
 STEP_RE = re.compile(r"^step_(\d{6,})$")
@@ -198,11 +199,11 @@ def read_latest(root: Path) -> Path | None:
 
 def resolve(path: str | Path) -> Path:
     """The committed checkpoint `path` names: `path` itself when it holds the commit marker, else the one `read_latest`
-    finds in `path` (a `checkpoints/` folder) or in `path/checkpoints` (a run folder). Raises ValueError naming the
+    finds in `path` (a `checkpoints/` folder) or in `path/checkpoints` (a run folder). Raises UsageError naming the
     folder and what to pass instead."""
     path = Path(path)
     if not path.is_dir():
-        raise ValueError(f"{path}: no such run or checkpoint folder")
+        raise UsageError(f"{path}: no such run or checkpoint folder")
     if (path / MARKER).is_file():
         return path
     for root in (path, path / "checkpoints"):
@@ -210,10 +211,10 @@ def resolve(path: str | Path) -> Path:
         if found is not None:
             return found
     if STEP_RE.match(path.name.removesuffix(".tmp")) or (path / WEIGHTS).is_file():
-        raise ValueError(f"{path}: an incomplete checkpoint (no {MARKER}, the commit marker written when a save "
+        raise UsageError(f"{path}: an incomplete checkpoint (no {MARKER}, the commit marker written when a save "
                          f"completes: the save was interrupted or is still running); pass a committed "
                          f"runs/NAME/checkpoints/step_NNNNNN, or runs/NAME for its latest committed checkpoint")
-    raise ValueError(f"{path}: not a checkpoint folder (no {MARKER}) and no committed checkpoint under it or under "
+    raise UsageError(f"{path}: not a checkpoint folder (no {MARKER}) and no committed checkpoint under it or under "
                      f"{path / 'checkpoints'}; pass runs/NAME, runs/NAME/checkpoints or runs/NAME/checkpoints/step_NNNNNN")
 
 

@@ -2,7 +2,7 @@
 
 Notable choices:
 - One frozen dataclass per concern (data, optimizer, checkpoints, faults), nested as in the YAML; validation
-  reuses `model.config.from_dict`, so an unknown key, a missing key or a wrong type is a ValueError naming the
+  reuses `model.config.from_dict`, so an unknown key, a missing key or a wrong type is a UsageError naming the
   file and the dotted key.
 - Overrides are parsed as YAML scalars (`optim.lr=3e-4`, `wandb=false`) and applied to the raw mapping before
   validation, so an override is checked exactly like the file; a bad override names itself.
@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from model.components import COMPONENTS
-from model.config import from_dict, load_yaml
+from model.config import UsageError, from_dict, load_yaml
 
 PRECISIONS = ("auto", "bf16", "fp32")  # auto: bf16 where the device computes it natively, else fp32
 NONFINITE = ("skip", "stop")
@@ -41,9 +41,9 @@ class SourceConfig:
 class DataConfig:
     dir: str = "data/builtin"  # corpus written by `omniscratch data`; the only source when `sources` is empty
     tokenizer: str = "data/tokenizer.json"  # written by `omniscratch tokenizer`
-    seq_len: int = 256
+    seq_len: int = 256  # tokens per packed row (documents are packed; attention stays within each document)
     heldout_every: int = 20  # held-out loss every N steps on a fixed set of held-out rows (0: never)
-    heldout_batches: int = 2
+    heldout_batches: int = 2  # micro-batches per rank in each held-out loss
     # your own data, each with its licence; when set, these are the training sources and `dir` is read only for
     # its held-out split (if it exists)
     sources: list[SourceConfig] = field(default_factory=list)
@@ -65,12 +65,12 @@ class DataConfig:
 class OptimConfig:
     lr: float = 5e-4  # at 2e-3 the from-scratch vision path stays at chance (docs/LOG.md, "Learning rate")
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 50
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0
+    warmup_steps: int = 50  # linear warmup from 0 to lr over these steps
+    weight_decay: float = 0.1  # AdamW's decoupled weight decay
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay; 0.95 (not 0.999) as in LLM pretraining: it adapts faster after a loss spike
+    eps: float = 1e-8  # AdamW denominator epsilon
+    grad_clip: float = 1.0  # clip the global gradient norm to this
     # per component (model/components.py names): multiplies lr; unlisted components 1.0. 0 freezes a component on
     # purpose: it is then exempt from the step-1 gradient check and certified "not trained"
     lr_scale: dict[str, float] = field(default_factory=dict)
@@ -92,17 +92,17 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    name: str
+    name: str  # the run's name: its folder runs/<name> (unless run_dir) and its wandb name
     model: str  # path of a configs/model/*.yaml
     deepspeed: str  # path of a configs/deepspeed/*.json (ZeRO stage, offload, buckets)
-    steps: int
+    steps: int  # optimizer steps of the schedule: the cosine decay ends here
     micro_batch: int  # rows per rank per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     seed: int = 1234  # init seed (per tensor name) and data order seed
     run_dir: str = ""  # where the run lives; empty: runs/<name>
     max_steps: int = 0  # stop after this step without changing the schedule (replay of a segment); 0: steps
-    precision: str = "auto"
-    activation_checkpointing: bool = False
+    precision: str = "auto"  # auto, bf16 or fp32; auto: bf16 where the device computes it natively, else fp32 (logged)
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass: less memory, more compute
     # torch.compile each decoder block (train/parallel/engine.py compile_decoder_blocks); ZeRO-1/2 only
     compile: bool = False
     on_nonfinite: str = "skip"  # a non-finite loss: skip the step and count it, or stop
@@ -112,9 +112,9 @@ class RunConfig:
     # shared filesystem arrive minutes apart, while a training collective should give up on a stuck peer sooner
     dist_init_timeout_s: int = 0
     preflight_timeout_s: int = 60  # before the first step every rank must answer within this (names the missing)
-    log_every: int = 1
+    log_every: int = 1  # steps between metrics rows (metrics.jsonl, wandb, the rank log)
     wandb: bool = True  # offline unless the user set WANDB_MODE
-    wandb_project: str = "omniscratch"
+    wandb_project: str = "omniscratch"  # the wandb project the run is logged to
     allow_derived: bool = False  # start from foreign weights only if declared (then certified "derived")
     sign_key: str = ""  # private key to sign each committed checkpoint with (OpenSSF model-signing); empty: unsigned
     data: DataConfig = field(default_factory=DataConfig)
@@ -139,7 +139,7 @@ def parse_overrides(items: list[str]) -> dict:
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"override '{item}': expected key=value, e.g. optim.lr=3e-4")
+            raise UsageError(f"override '{item}': expected key=value, e.g. optim.lr=3e-4")
         value = yaml.safe_load(raw) if raw else ""
         node = out
         *parents, leaf = key.split(".")
@@ -165,7 +165,7 @@ def _positive(cfg, where: str, names: list[str], zero_ok: bool = False) -> None:
         for part in dotted.split("."):
             obj = getattr(obj, part)
         if obj < 0 or (obj == 0 and not zero_ok):
-            raise ValueError(f"{where}: key '{dotted}'={obj} must be {'non-negative' if zero_ok else 'positive'}")
+            raise UsageError(f"{where}: key '{dotted}'={obj} must be {'non-negative' if zero_ok else 'positive'}")
 
 
 def validate(cfg: RunConfig, where: str) -> RunConfig:
@@ -179,25 +179,25 @@ def validate(cfg: RunConfig, where: str) -> RunConfig:
                            "optim.min_lr_ratio"], zero_ok=True)
     for comp, scale in cfg.optim.lr_scale.items():
         if comp not in COMPONENTS:
-            raise ValueError(f"{where}: key 'optim.lr_scale.{comp}': no component named '{comp}' "
+            raise UsageError(f"{where}: key 'optim.lr_scale.{comp}': no component named '{comp}' "
                              f"(valid: {', '.join(COMPONENTS)})")
         if not scale >= 0 or scale == float("inf"):
-            raise ValueError(f"{where}: key 'optim.lr_scale.{comp}'={scale} must be a finite number >= 0 "
+            raise UsageError(f"{where}: key 'optim.lr_scale.{comp}'={scale} must be a finite number >= 0 "
                              f"(0 freezes the component)")
     if cfg.max_steps > cfg.steps:
-        raise ValueError(f"{where}: key 'max_steps'={cfg.max_steps} exceeds 'steps'={cfg.steps} (the schedule length)")
+        raise UsageError(f"{where}: key 'max_steps'={cfg.max_steps} exceeds 'steps'={cfg.steps} (the schedule length)")
     validate_sources(cfg.data, where)
     if not 0 <= cfg.data.max_reject_fraction <= 1:
-        raise ValueError(f"{where}: key 'data.max_reject_fraction'={cfg.data.max_reject_fraction} must be in [0, 1]")
+        raise UsageError(f"{where}: key 'data.max_reject_fraction'={cfg.data.max_reject_fraction} must be in [0, 1]")
     if cfg.precision not in PRECISIONS:
-        raise ValueError(f"{where}: key 'precision'={cfg.precision!r} must be one of {', '.join(PRECISIONS)}")
+        raise UsageError(f"{where}: key 'precision'={cfg.precision!r} must be one of {', '.join(PRECISIONS)}")
     if cfg.on_nonfinite not in NONFINITE:
-        raise ValueError(f"{where}: key 'on_nonfinite'={cfg.on_nonfinite!r} must be one of {', '.join(NONFINITE)}")
+        raise UsageError(f"{where}: key 'on_nonfinite'={cfg.on_nonfinite!r} must be one of {', '.join(NONFINITE)}")
     if not cfg.name or "/" in cfg.name:
-        raise ValueError(f"{where}: key 'name'={cfg.name!r} must be a non-empty folder name")
+        raise UsageError(f"{where}: key 'name'={cfg.name!r} must be a non-empty folder name")
     for key in ("model", "deepspeed"):
         if not Path(getattr(cfg, key)).is_file():
-            raise ValueError(f"{where}: key '{key}': file {getattr(cfg, key)} not found "
+            raise UsageError(f"{where}: key '{key}': file {getattr(cfg, key)} not found "
                              f"(paths are relative to the working directory)")
     return cfg
 
@@ -206,13 +206,13 @@ def validate_sources(data: DataConfig, where: str) -> None:
     for i, src in enumerate(data.sources):
         key = f"data.sources[{i}]"
         if not src.path.strip():
-            raise ValueError(f"{where}: key '{key}.path' is empty: name a file, folder or glob of your data")
+            raise UsageError(f"{where}: key '{key}.path' is empty: name a file, folder or glob of your data")
         if not src.licence.strip():
-            raise ValueError(f"{where}: data source {src.path} ({key}) declares no licence: add `licence: <SPDX id or "
+            raise UsageError(f"{where}: data source {src.path} ({key}) declares no licence: add `licence: <SPDX id or "
                              f"statement>` under it, e.g. `licence: CC-BY-4.0`; a run only reads data whose licence "
                              f"is declared")
         if not 0 < src.weight < float("inf"):
-            raise ValueError(f"{where}: key '{key}.weight'={src.weight} must be a finite number > 0 (the per-document "
+            raise UsageError(f"{where}: key '{key}.weight'={src.weight} must be a finite number > 0 (the per-document "
                              f"sampling ratio; drop the source to leave it out)")
 
 
@@ -221,7 +221,7 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     where = str(path)
     data = load_yaml(path)
     if not isinstance(data, dict):
-        raise ValueError(f"{where}: top level must be a mapping")
+        raise UsageError(f"{where}: top level must be a mapping")
     if overrides:
         data = _merge(data, parse_overrides(list(overrides)))
         where = f"{path} (with overrides {' '.join(overrides)})"

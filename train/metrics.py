@@ -4,7 +4,10 @@ Notable choices:
 - JSONL is the source of truth: one object per logged step, written and flushed on rank 0, truncated to the
   resumed step on `--resume` so that a curve never shows the steps a killed run lost.
 - wandb is offline by default: WANDB_MODE unset means "offline" (no network at run time); a user who configured
-  wandb sets WANDB_MODE=online.
+  wandb sets WANDB_MODE=online. Its run id is kept in the run folder (`wandb_id`), so `--resume` continues the same
+  wandb run instead of starting a second history; the config it records names no key file (`SECRET_KEYS`).
+- Every line shown on the console (a logged step, a checkpoint, the end) also goes to the rank log `logs/rank0.log`
+  through `file_log`: the console's progress bar is gone when the terminal is.
 - MFU names its denominator (field lessons: a hard-coded A100 peak gave MFU > 100%): the datasheet dense peak for
   known GPUs (GPU_PEAKS: bf16 tensor-core and plain fp32), and on a CPU the best of a few matmuls in the run's dtype
   measured once per process, an upper bound that a model can approach. The numerator comes from
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import re
 import resource
@@ -92,14 +96,36 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+SECRET_KEYS = ("sign_key",)  # run config keys kept out of wandb: where the signing key lives is nobody's business
+STEP_FIELDS = ("loss", "heldout_loss", "lr", "grad_norm", "tokens_per_s", "mfu")  # a step's line in the rank log
+
+
+def step_line(step: int, row: dict) -> str:
+    """`step 12: loss 5.4321 heldout_loss 5.6 lr 0.0005 ...`: the fields of STEP_FIELDS that the row has."""
+    parts = [f"{k} {row[k]:.4g}" for k in STEP_FIELDS if isinstance(row.get(k), (int, float))]
+    return f"step {step}: " + " ".join(parts)
+
+
+def wandb_id(run_dir: Path, name: str, resuming: bool) -> str:
+    """The run's wandb id, stored in `run_dir/wandb_id`: the stored one on resume, else a new one (stored)."""
+    path = run_dir / "wandb_id"
+    if resuming and path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    run_id = f"{name}-{int(time.time())}"
+    atomic_write(path, run_id + "\n")
+    return run_id
+
+
 class Metrics:
     """Rank 0's sinks. Other ranks construct it with enabled=False and every call is a no-op."""
 
     def __init__(self, run_dir: Path, *, enabled: bool, total_steps: int, start_step: int, config: dict,
-                 use_wandb: bool, wandb_project: str, name: str):
+                 use_wandb: bool, wandb_project: str, name: str, file_log: logging.Logger | None = None):
         self.enabled = enabled
+        self.file_log = file_log
         self.path = run_dir / "metrics.jsonl"
         self.png = run_dir / "loss_curve.png"
+        self.name = name
         self.bar = self.wandb = None
         if not enabled:
             return
@@ -116,8 +142,9 @@ class Metrics:
             os.environ.setdefault("WANDB_SILENT", "true")
             import wandb
 
+            config = {k: v for k, v in config.items() if k not in SECRET_KEYS}
             self.wandb = wandb.init(project=wandb_project, name=name, dir=str(run_dir), config=config,
-                                    id=f"{name}-{int(time.time())}")
+                                    id=wandb_id(run_dir, name, resuming=start_step > 0), resume="allow")
 
     def log(self, step: int, row: dict) -> None:
         if not self.enabled:
@@ -127,6 +154,8 @@ class Metrics:
         self.file.flush()
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
+        if self.file_log is not None:
+            self.file_log.info(step_line(step, row))
         if "loss" in row:
             self.bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row.get('tokens_per_s', 0):,.0f}", refresh=False)
 
@@ -137,6 +166,8 @@ class Metrics:
     def write(self, msg: str) -> None:
         if self.enabled:
             self.bar.write(msg)
+            if self.file_log is not None:
+                self.file_log.info(msg)
 
     def plot(self) -> Path | None:
         """Loss curve (train, per modality, held-out) from the JSONL file."""
@@ -146,6 +177,7 @@ class Metrics:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
 
         rows = [json.loads(ln) for ln in self.path.read_text().splitlines() if ln]
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -157,11 +189,13 @@ class Metrics:
         ax.set_xlabel("step")
         ax.set_ylabel("cross-entropy (nats)")
         ax.set_yscale("log")
-        ax.legend()
+        for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):  # 4.5, not 4.5 x 10^0
+            axis(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.set_title(f"run {self.name}: training loss", fontsize=10)
+        ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-        fig.tight_layout()
         with atomic_path(self.png) as tmp:  # the temporary name ends in .png: savefig picks the format by suffix
-            fig.savefig(tmp, dpi=100)
+            fig.savefig(tmp, dpi=100, bbox_inches="tight")  # "tight": every label inside the image
         plt.close(fig)
         return self.png
 

@@ -25,10 +25,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import random
 import signal
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -40,6 +40,7 @@ import torch.distributed as dist
 # no DeepSpeed here (train.parallel.engine is imported where it is used); these are imported before the tripwire is
 # armed, which rebinds the weight loaders of the modules imported by then (train/provenance/tripwire.py)
 from model import ModelConfig, load_model_config
+from model.config import UsageError
 from train import checkpoint as ckpt
 from train.atomic import atomic_write
 from train.config import load_run_config
@@ -63,18 +64,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_run_config(args.config, args.overrides)
-        for src in sources_of(cfg.data) if cfg.data.sources else []:
-            check_source(src)  # before any rank starts: a wrong path or format is a one-line error, not a crash
-    except ValueError as e:
-        print(f"omniscratch train: {e}", file=sys.stderr)
-        return 2
+    cfg = load_run_config(args.config, args.overrides)
+    where = f"{args.config} (with overrides {' '.join(args.overrides)})" if args.overrides else args.config
+    check_inputs(cfg, where, args.resume, args.resume_from)  # here, before any rank starts: one line, not one per rank
     if args.nproc_per_node and "LOCAL_RANK" not in os.environ:  # not under a launcher yet: become one
         argv = ["--config", args.config, *args.overrides] + (["--resume"] if args.resume else [])
         argv += ["--resume-from", args.resume_from] if args.resume_from else []
         return run_local(args.nproc_per_node, argv, cfg.path)
     return train(cfg, resume=args.resume, resume_from=args.resume_from)
+
+
+def check_inputs(cfg, where: str, resume: bool, resume_from: str | None) -> None:
+    """The user's mistakes that would otherwise surface in every rank after start-up: the model config, the data
+    folder, the tokenizer, a run folder that already holds checkpoints. Raises UsageError naming the fix."""
+    load_model_config(cfg.model)
+    data, tok = cfg.data.dir, cfg.data.tokenizer
+    for src in sources_of(cfg.data) if cfg.data.sources else []:
+        try:  # a path, a format, an empty file: found without reading the data
+            check_source(src)
+        except ValueError as e:
+            raise UsageError(f"{where}: {e}") from None
+    if not cfg.data.sources and not Path(data).is_dir():
+        raise UsageError(f"{where}: key 'data.dir': folder {data} not found: write the built-in corpus there with "
+                         f"`omniscratch data generate --out {data}`, or set data.dir=PATH to your own corpus")
+    if not Path(tok).is_file():
+        raise UsageError(f"{where}: key 'data.tokenizer': file {tok} not found: train one with `omniscratch "
+                         f"tokenizer train --corpus {data} --out {Path(tok).parent}`, or set data.tokenizer=PATH")
+    if resume_from and not ckpt.is_complete(Path(resume_from)):
+        raise UsageError(f"--resume-from {resume_from}: not a complete checkpoint (no {ckpt.MARKER}); pass a committed "
+                         f"runs/NAME/checkpoints/step_NNNNNN")
+    root = cfg.path / "checkpoints"
+    if not resume and not resume_from and ckpt.complete_checkpoints(root):
+        raise UsageError(f"{root} already holds checkpoints: pass --resume to continue the run, or choose another "
+                         f"name (name=NEW)")
 
 
 def seed_everything(seed: int, *salt) -> None:
@@ -98,6 +120,11 @@ def train(cfg, resume: bool = False, resume_from: str | None = None) -> int:
         state = _train(cfg, d, log, stop, resume, resume_from)
         write_status(run_dir, d.rank, state)
         return 0
+    except UsageError as e:  # a mistake met after start-up: one line in the log, cli.main prints it (rank 0)
+        write_status(run_dir, d.rank, "failed", error=str(e)[:2000], usage=True)
+        log.handlers = [h for h in log.handlers if isinstance(h, logging.FileHandler)]
+        log.error("failed: %s", e)
+        raise
     except BaseException as e:  # noqa: BLE001 - any failure must reach the status file the launcher reads
         write_status(run_dir, d.rank, "failed", error=f"{type(e).__name__}: {e}".strip()[:2000])
         log.error("failed:\n%s", traceback.format_exc())
@@ -131,13 +158,13 @@ def resolve_start(cfg, log, resume: bool, resume_from: str | None) -> tuple[Path
     if resume_from:
         start = Path(resume_from)
         if not ckpt.is_complete(start):
-            raise ValueError(f"--resume-from {start}: not a complete checkpoint (no {ckpt.MARKER})")
+            raise UsageError(f"--resume-from {start}: not a complete checkpoint (no {ckpt.MARKER})")
     elif resume:
         start = ckpt.read_latest(root)
         if start is None:
             log.info("--resume: no complete checkpoint under %s; starting from step 0", root)
     elif ckpt.complete_checkpoints(root):
-        raise ValueError(f"{root} already holds checkpoints: pass --resume to continue the run, or choose another name")
+        raise UsageError(f"{root} already holds checkpoints: pass --resume to continue the run, or choose another name")
     return start, ckpt.read_json(start / "data_state.json") if start else None
 
 
@@ -181,12 +208,18 @@ def build_data(cfg, d, model_cfg: ModelConfig) -> tuple[TrainLoader, list[Batch]
                                       rejects_path=run_dir / "rejects_heldout.jsonl", policy=policy)
         return loader, heldout
 
+    def checked():  # the pipeline's ValueErrors are about the user's data (naming the file, row and fix)
+        try:
+            return data_loaders()
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+
     # the first rank of each node tokenises into the node's cache, then the others read it
     if d.local_rank == 0:
-        loader, heldout = data_loaders()
+        loader, heldout = checked()
     dist.barrier()
     if d.local_rank != 0:
-        loader, heldout = data_loaders()
+        loader, heldout = checked()
     if cfg.data.sources and d.is_main:
         atomic_write(data_manifest_path(cfg), json.dumps(run_manifest(loader.entries), indent=1) + "\n")
     return loader, heldout
@@ -268,7 +301,8 @@ def start_records(run: Run, tripwire: Tripwire, start: Path | None, same_world: 
         seed_everything(cfg.seed, "resume", run.step, d.rank)
     run.peak, peak_note = device_peak(d.device, precision)
     run.metrics = Metrics(cfg.path, enabled=d.is_main, total_steps=cfg.last_step, start_step=run.step,
-                          config=cfg.to_dict(), use_wandb=cfg.wandb, wandb_project=cfg.wandb_project, name=cfg.name)
+                          config=cfg.to_dict(), use_wandb=cfg.wandb, wandb_project=cfg.wandb_project, name=cfg.name,
+                          file_log=run.log.getChild("file"))
     run.metrics.write(f"MFU denominator: {peak_note} x {d.world_size} rank(s)")
 
 

@@ -32,12 +32,13 @@ from train.audit.weights import Entry, checkpoint_entries, checkpoint_file, full
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("ckpt", help="checkpoint folder (with model.safetensors) or a .safetensors file")
+    p.add_argument("checkpoint", help="checkpoint folder, runs/NAME for its latest committed checkpoint, or a "
+                                      ".safetensors file")
     p.add_argument("--reference", nargs="+", required=True, metavar="PATH",
                    help="reference models: safetensors or torch files, or folders of them (searched recursively)")
     p.add_argument("--null", nargs="*", default=[], metavar="PATH",
                    help="models known to be independent of the checkpoint: they widen the null distribution")
-    p.add_argument("--alpha", type=float, default=0.01, help="family-wise error rate after Bonferroni (default 0.01)")
+    p.add_argument("--alpha", type=float, default=0.01, help="family-wise error rate after Bonferroni")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object instead of a table")
     p.add_argument("--out", type=Path, help="folder for audit.json and similarity.png")
 
@@ -227,17 +228,19 @@ def write_heatmap(r: dict, path: Path) -> None:
 
     h = r["heatmap"]
     z = torch.tensor(h["z"] or [[0.0]])
-    fig, ax = plt.subplots(figsize=(3 + 0.25 * z.shape[1], 2 + 0.22 * z.shape[0]))
+    files = {c.split(": ", 1)[0] for c in h["cols"] if ": " in c}
+    cols = [c.split(": ", 1)[-1] for c in h["cols"]] if len(files) == 1 else h["cols"]  # one file: named once, below
+    fig, ax = plt.subplots(figsize=(max(6.0, 3 + 0.25 * z.shape[1]), max(4.0, 2 + 0.22 * z.shape[0])))
     im = ax.imshow(z.clamp(0, 50).numpy(), cmap="magma", aspect="auto", vmin=0)
-    ax.set_xticks(range(len(h["cols"])), h["cols"], rotation=90, fontsize=6)
-    ax.set_yticks(range(len(h["rows"])), h["rows"], fontsize=6)
-    ax.set_xlabel("reference (file: layer)")
-    ax.set_ylabel("checkpoint (component.layer)")
+    ax.set_xticks(range(len(cols)), cols, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(h["rows"])), h["rows"], fontsize=7)
+    ax.set_xlabel(f"reference layer ({next(iter(files))})" if len(files) == 1 else "reference (file: layer)", fontsize=8)
+    ax.set_ylabel("checkpoint (component.layer)", fontsize=8)
     fig.colorbar(im, label="best z-score (clipped at 50)")
-    ax.set_title("weight similarity, layer by layer", fontsize=9)
-    fig.tight_layout()
+    name = "/".join(Path(r.get("checkpoint", "")).parts[-4:-1]) or "checkpoint"
+    ax.set_title(f"weight similarity of {name}, layer by layer", fontsize=9)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120)
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")  # "tight": the rotated tick labels inside the image
     plt.close(fig)
 
 
@@ -246,7 +249,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"omniscratch audit: --alpha {args.alpha} must be between 0 and 1 (e.g. 0.01)", file=sys.stderr)
         return 2
     try:
-        result = run_audit(args.ckpt, args.reference, args.null, args.alpha)
+        weights = checkpoint_file(args.checkpoint)  # a wrong path: its one line, and no progress line before it
+        print(f"omniscratch audit: comparing {weights} with {', '.join(args.reference)} ...", file=sys.stderr, flush=True)
+        result = run_audit(args.checkpoint, args.reference, args.null, args.alpha)
     except ValueError as e:
         print(f"omniscratch audit: {e}", file=sys.stderr)
         return 2

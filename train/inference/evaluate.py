@@ -60,12 +60,16 @@ def choice_logprobs(model, tok, cfg, items: list[dict], batch_rows: int = 64) ->
     return scores
 
 
-def run_probes(model, tok, cfg, n_items: int, seed: int = 0, tasks: list[str] | None = None) -> dict:
-    """{task: {accuracy, n, chance}} over the built-in held-out question sets (all tasks unless `tasks`)."""
+def run_probes(model, tok, cfg, n_items: int, seed: int = 0, tasks: list[str] | None = None,
+               progress=lambda msg: None) -> dict:
+    """{task: {accuracy, n, chance}} over the built-in held-out question sets (all tasks unless `tasks`);
+    `progress(msg)` hears of each task as it starts."""
     from train.data.corpus import QUESTIONS, probe_items
 
     out = {}
-    for task in tasks or QUESTIONS:
+    tasks = list(tasks or QUESTIONS)
+    for i, task in enumerate(tasks, 1):
+        progress(f"probe {i}/{len(tasks)}: {task} ({n_items} items)")
         items = probe_items(task, n_items, seed=seed)
         scores = choice_logprobs(model, tok, cfg, items)
         correct = sum(it["choices"][max(range(len(s)), key=s.__getitem__)] == it["answer"] for it, s in zip(items, scores))
@@ -106,8 +110,11 @@ def heldout_losses(model, cfg, data_dir: Path, tokenizer_path: Path, seq_len: in
 # ---- the report --------------------------------------------------------------------------------
 
 def evaluate(ckpt: str | Path, data_dir: str | Path | None, probe_n: int = 100, seq_len: int | None = None,
-             micro_batch: int = 8, heldout_batches: int = 8, seed: int = 0, rejects_path: Path | None = None) -> dict:
+             micro_batch: int = 8, heldout_batches: int = 8, seed: int = 0, rejects_path: Path | None = None,
+             progress=lambda msg: None) -> dict:
+    """Held-out loss and probe accuracy of a checkpoint; `progress(msg)` hears of each phase as it starts."""
     folder = resolve_checkpoint(ckpt)
+    progress(f"loading {folder}")
     model, cfg, tok = load_checkpoint(folder)
     run_cfg = _read_json(folder / "run_config.json")
     data_dir = Path(data_dir or run_cfg.get("data", {}).get("dir", ""))
@@ -118,15 +125,16 @@ def evaluate(ckpt: str | Path, data_dir: str | Path | None, probe_n: int = 100, 
     result = {"checkpoint": str(folder), "step": step,
               "probes_per_task": probe_n, "probe_seed": seed}
     if str(data_dir) and (data_dir / "heldout").is_dir():
+        progress(f"held-out loss over {heldout_batches} micro-batches of {micro_batch} rows from {data_dir / 'heldout'}")
         held = heldout_losses(model, cfg, data_dir, folder / "tokenizer.json", seq_len, micro_batch, heldout_batches,
                               run_cfg.get("seed", 0), rejects_path)
         result.update(heldout_loss=held["all"]["loss"], heldout_perplexity=held["all"]["perplexity"], heldout=held,
                       heldout_data=str(data_dir / "heldout"), heldout_rows=micro_batch * heldout_batches, seq_len=seq_len)
     else:  # said, not silently zero: the user can pass --data
-        print(f"omniscratch eval: no held-out data at {data_dir / 'heldout' if str(data_dir) else '(no --data)'}; "
-              f"heldout_loss is null (pass --data DIR, a corpus written by `omniscratch data generate`)", file=sys.stderr)
+        print(f"omniscratch eval: no held-out data at {data_dir / 'heldout' if str(data_dir) else '(no --data-dir)'}; "
+              f"heldout_loss is null (pass --data-dir DIR, a corpus written by `omniscratch data generate`)", file=sys.stderr)
         result.update(heldout_loss=None, heldout_perplexity=None, heldout={})
-    probes = run_probes(model, tok, cfg, probe_n, seed)
+    probes = run_probes(model, tok, cfg, probe_n, seed, progress=progress)
     result["probes"] = probes
     for kind in ("image", "video", "audio"):
         accs = [v["accuracy"] for t, v in probes.items() if t.startswith(kind)]
@@ -188,12 +196,13 @@ def default_out(folder: Path) -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="checkpoint folder (or a run/checkpoints folder with a `latest` file)")
-    parser.add_argument("--data", help="corpus folder with a heldout/ split (default: the run config's data.dir)")
+    parser.add_argument("checkpoint", help="checkpoint folder, or runs/NAME for its latest committed checkpoint")
+    parser.add_argument("--data-dir", help="corpus folder with a heldout/ split (default: the run config's data.dir)")
+    parser.add_argument("--data", dest="data_dir", help=argparse.SUPPRESS)  # the old spelling, kept working
     parser.add_argument("--out", help="folder for eval.json, eval.md, eval.png (default: runs/NAME/eval/step_N)")
     parser.add_argument("--probe-items", type=int, default=100, help="held-out probe items per task")
     parser.add_argument("--heldout-batches", type=int, default=8, help="packed micro-batches of held-out data")
-    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--micro-batch", type=int, default=8, help="rows per forward pass")
     parser.add_argument("--seed", type=int, default=0, help="probe set seed")
 
 
@@ -207,8 +216,9 @@ def main(args: argparse.Namespace) -> int:
         if out.resolve() == folder.resolve():
             raise ValueError(f"--out {out} is the checkpoint folder: files added there break its certificate; choose another")
         out.mkdir(parents=True, exist_ok=True)
-        r = evaluate(args.checkpoint, args.data, args.probe_items, None, args.micro_batch, args.heldout_batches, args.seed,
-                     rejects_path=out / "rejects_eval.jsonl")
+        r = evaluate(args.checkpoint, args.data_dir, args.probe_items, None, args.micro_batch, args.heldout_batches,
+                     args.seed, rejects_path=out / "rejects_eval.jsonl",
+                     progress=lambda msg: print(f"omniscratch eval: {msg}", file=sys.stderr, flush=True))
     except ValueError as e:
         print(f"omniscratch eval: {e}", file=sys.stderr)
         return 2

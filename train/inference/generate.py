@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageSequence
 
-from model.config import BOS_ID, EOS_ID, IMAGE_ID, PAD_ID, SPECIAL_TOKENS
+from model.config import BOS_ID, EOS_ID, IMAGE_ID, PAD_ID, SPECIAL_TOKENS, UsageError
 from train.data.pipeline import PLACEHOLDER, encode_row, row_media
 from train.data.sources import decode_audio, decode_frames
 
@@ -193,13 +193,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass when sampling, in (0, 1]")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
 
 
 def main(args: argparse.Namespace) -> int:
     if args.max_new_tokens <= 0 or args.temperature < 0 or not 0 < args.top_p <= 1:
         print("omniscratch generate: --max-new-tokens must be > 0, --temperature >= 0, --top-p in (0, 1]", file=sys.stderr)
         return 2
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: no CUDA device on this machine (torch {torch.__version__}); "
+                         f"use --device cpu")
     try:
         model, cfg, tok = load_checkpoint(args.checkpoint, device=args.device)
         media = load_media(cfg, args.image, args.video, args.audio)

@@ -10,6 +10,8 @@ Notable choices:
   (gloo's errors, NCCL's watchdog messages on stderr: then it is named as the stuck rank), and the message names
   it and its log. The exit code is non-zero whenever any rank failed
   (field lessons: pdsh returned 0 when nodes failed; an OOM was reported as success).
+- A user's mistake met by the ranks (a UsageError, status `usage`) is one line and exit code 2, as before start-up:
+  torchrun's own report of a failed child is held back then (`_relay_stderr`), the ranks' lines never are.
 - Before the first step every rank passes `preflight` (a monitored barrier naming absent ranks, then an
   all-reduce on the training device, within `preflight_timeout_s`) and rank 0 logs a table of every rank's host,
   device, threads, dtype and library versions.
@@ -29,6 +31,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from importlib import metadata
 from pathlib import Path
@@ -66,7 +69,7 @@ def read_statuses(run_dir: Path) -> dict[int, dict]:
 
 
 def setup_logging(run_dir: Path, rank: int) -> logging.Logger:
-    """Each rank logs to its own file; rank 0 also to stderr."""
+    """Each rank logs to its own file; rank 0 also to stderr. `log.getChild("file")` writes to the file alone."""
     log = logging.getLogger("omniscratch")
     log.setLevel(logging.INFO)
     log.handlers.clear()
@@ -80,6 +83,9 @@ def setup_logging(run_dir: Path, rank: int) -> logging.Logger:
         sh = logging.StreamHandler(sys.stderr)
         sh.setFormatter(fmt)
         log.addHandler(sh)
+    file_only = log.getChild("file")  # what the console shows otherwise (progress, metrics), into the file only
+    file_only.handlers[:] = [fh]
+    file_only.propagate = False
     return log
 
 
@@ -145,6 +151,23 @@ def explain_failure(run_dir: Path, nproc: int) -> list[str]:
     return silent + aborted + lines
 
 
+def _usage_failure(run_dir: Path) -> dict | None:
+    """The first rank status that reports a usage error (the user's mistake), or None."""
+    usage = [s for s in read_statuses(run_dir).values() if s["state"] == "failed" and s.get("usage")]
+    return min(usage, key=lambda s: s["time"]) if usage else None
+
+
+def _relay_stderr(pipe, run_dir: Path) -> None:
+    """torchrun's stderr to ours, line by line, unless a rank failed on a usage error: then `run_local` prints its one
+    line, and neither rank 0's copy of it (`[default0]:omniscratch train: ...`, kept in logs/torchrun/) nor torchrun's
+    own forty lines about a failed child process reach the console. The ranks' other lines (`[defaultN]:`) always do."""
+    for line in iter(pipe.readline, b""):
+        rank_line = line.startswith(b"[default")
+        if (rank_line and b"]:omniscratch train: " not in line) or _usage_failure(run_dir) is None:
+            sys.stderr.buffer.write(line)
+            sys.stderr.buffer.flush()
+
+
 def run_local(nproc: int, argv: list[str], run_dir: Path) -> int:
     """Run `omniscratch train ARGV` as `nproc` ranks on this machine. -> exit code (non-zero if any rank failed)."""
     for p in (run_dir / "logs").glob("rank*.json"):
@@ -155,7 +178,9 @@ def run_local(nproc: int, argv: list[str], run_dir: Path) -> int:
            "--max-restarts=0", f"--log-dir={run_dir / 'logs' / 'torchrun'}", "--tee=2", "-m", "train.cli", "train", *argv]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")  # numerics depend on threads per rank; torchrun's default, made explicit
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stderr=subprocess.PIPE)
+    relay = threading.Thread(target=_relay_stderr, args=(proc.stderr, run_dir), daemon=True)
+    relay.start()
 
     def forward(signum, _frame):
         for s in read_statuses(run_dir).values():
@@ -168,12 +193,17 @@ def run_local(nproc: int, argv: list[str], run_dir: Path) -> int:
     old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         rc = proc.wait()
+        relay.join(timeout=10)
     finally:
         for sig, h in old.items():
             signal.signal(sig, h)
     problems = explain_failure(run_dir, nproc)
     if rc == 0 and not problems:
         return 0
+    usage = _usage_failure(run_dir)
+    if usage:  # the user's mistake, met by the ranks after start-up: its one line, once
+        print(f"omniscratch train: {usage['error']}", file=sys.stderr)
+        return 2
     print(f"omniscratch train: the run failed (torchrun exit code {rc}).", file=sys.stderr)
     for line in problems:
         print(f"  {line}", file=sys.stderr)

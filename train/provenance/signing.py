@@ -26,7 +26,9 @@ from pathlib import Path
 
 from model_signing import hashing, manifest, signing
 
+from model.config import UsageError
 from train.atomic import atomic_path
+from train.checkpoint import resolve
 from train.provenance.digest import ALGORITHM
 from train.provenance.hashing import safe_path
 
@@ -115,7 +117,7 @@ def add_arguments(parser) -> None:
     init.add_argument("--out", default="keys", help="folder for signing.key and signing.pub (default: keys/)")
     init.add_argument("--force", action="store_true", help="replace an existing key pair")
     sign = sub.add_parser("sign", help="sign a checkpoint folder (writes CKPT/model.sig)")
-    sign.add_argument("checkpoint")
+    sign.add_argument("checkpoint", help="checkpoint folder, or runs/NAME for its latest committed checkpoint")
     sign.add_argument("--key", required=True, help="private key (PEM)")
 
 
@@ -124,10 +126,11 @@ def main(args) -> int:
         try:
             priv, pub = init_keys(Path(args.out), args.force)
         except FileExistsError as e:
-            print(f"omniscratch keys: {e}")
-            return 1
+            raise UsageError(str(e)) from None
         print(f"private key: {priv} (keep it secret)\npublic key:  {pub} (give it to verifiers)")
         return 0
-    path = sign_checkpoint(Path(args.checkpoint), Path(args.key))
+    if not Path(args.key).is_file():
+        raise UsageError(f"--key {args.key}: no such file; pass the private key written by `omniscratch keys init`")
+    path = sign_checkpoint(resolve(args.checkpoint), Path(args.key))
     print(f"signed: {path}")
     return 0

@@ -40,8 +40,9 @@ import torch
 import yaml
 
 from model.components import COMPONENTS, component_of
-from model.config import ModelConfig, from_dict
+from model.config import ModelConfig, UsageError, from_dict
 from model.init import sampler
+from train.checkpoint import STEP_RE, resolve
 from train.provenance import record_checks
 from train.provenance.completeness import check_completeness
 from train.provenance.digest import component_roots, differing_components, name_list
@@ -253,7 +254,8 @@ def _check_init(rep: Report, rec: dict, allow_derived: bool, tensors: dict, dist
 # ---- CLI ------------------------------------------------------------------------------------------------------------
 
 def add_arguments(parser) -> None:
-    parser.add_argument("checkpoint", help="checkpoint folder (runs/NAME/checkpoints/step_NNNNNN)")
+    parser.add_argument("checkpoint", help="checkpoint folder (runs/NAME/checkpoints/step_NNNNNN), or runs/NAME for its "
+                                           "latest committed checkpoint")
     parser.add_argument("--public-key", required=True, help="the signer's public key (PEM)")
     parser.add_argument("--replay", type=_segments, default=0, metavar="K|all",
                         help="re-execute K lineage segments chosen by --replay-seed, or all of them; fewer "
@@ -268,7 +270,7 @@ def add_arguments(parser) -> None:
                         help="certify \"from scratch\" on a sampled replay (default: only when every step from init "
                              "to these weights was replayed)")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
-    parser.add_argument("--out", help="CERTIFICATE.md path or folder (default: the run folder)")
+    parser.add_argument("--out", help="folder for CERTIFICATE.md, or a .md file path (default: the run folder)")
     parser.add_argument("--licences", help="YAML with `allow: [..]` licence names and `reviewed: {package: licence}`")
     parser.add_argument("--allow-derived", action="store_true", help="accept components certified 'derived'")
     parser.add_argument("--data-dir", help="also check the data: this folder's manifest is the one the run used; for "
@@ -277,6 +279,28 @@ def add_arguments(parser) -> None:
                         help="also run the weight-similarity audit against these reference models (omniscratch audit)")
     parser.add_argument("--audit-null", nargs="*", default=[], metavar="PATH",
                         help="models known to be independent, for the audit's null distribution")
+
+
+def checkpoint_folder(arg: str) -> Path:
+    """The folder to verify: a checkpoint folder as given (an uncommitted one too: verify reports what is wrong
+    with it), or the latest committed checkpoint of a run folder or its checkpoints/ (`train.checkpoint.resolve`)."""
+    folder = Path(arg)
+    if not folder.is_dir():
+        raise UsageError(f"{folder}: no such checkpoint or run folder; pass runs/NAME or "
+                         f"runs/NAME/checkpoints/step_NNNNNN")
+    if (folder / RECORD).is_file() or STEP_RE.match(folder.name.removesuffix(".tmp")):
+        return folder
+    return resolve(folder)
+
+
+def certificate_path(out: str | None, folder: Path) -> Path:
+    """--out: a folder (CERTIFICATE.md in it) or a file path whose folder exists; default: the run folder."""
+    path = Path(out or (folder.parent.parent if folder.parent.name == "checkpoints" else folder.parent))
+    if path.is_dir():
+        return path / "CERTIFICATE.md"
+    if out is not None and (out.endswith("/") or path.suffix.lower() != ".md" or not path.parent.is_dir()):
+        raise UsageError(f"--out {out}: no such folder; create it first, or name a .md file in an existing folder")
+    return path
 
 
 def _segments(text: str) -> int | str:
@@ -290,28 +314,26 @@ def _segments(text: str) -> int | str:
 def main(args) -> int:
     allowed, reviewed = ALLOWED_LICENCES, REVIEWED
     if args.licences:
+        if not Path(args.licences).is_file():
+            raise UsageError(f"--licences {args.licences}: no such file; pass a YAML with `allow: [..]` licence names")
         cfg = yaml.safe_load(Path(args.licences).read_text()) or {}
         allowed, reviewed = tuple(cfg.get("allow", allowed)), dict(cfg.get("reviewed", reviewed))
-    folder = Path(args.checkpoint)
-    if not folder.is_dir():
-        print(f"omniscratch verify: {folder}: no such checkpoint folder", file=sys.stderr)
-        return 2
+    folder = checkpoint_folder(args.checkpoint)
+    if not Path(args.public_key).is_file():  # before any check: a typo here would otherwise fail the signature last
+        raise UsageError(f"--public-key {args.public_key}: no such file; pass the signer's public key (PEM), e.g. "
+                         f"keys/signing.pub written by `omniscratch keys init`")
     if args.tolerance is not None and not args.tolerance >= 0:
-        print(f"omniscratch verify: --tolerance {args.tolerance} must be a number >= 0", file=sys.stderr)
-        return 2
+        raise UsageError(f"--tolerance {args.tolerance} must be a number >= 0")
     audit = getattr(args, "audit", None)  # set by train/cli.py, which may import the audit
     if args.audit_reference and audit is None:
-        print("omniscratch verify: --audit-reference needs the audit, composed by the `omniscratch` command",
-              file=sys.stderr)
-        return 2
+        raise UsageError("--audit-reference needs the audit, composed by the `omniscratch` command")
+    out = certificate_path(args.out, folder)  # before the checks, which may take minutes
     seed = secrets.randbits(63) if args.replay_seed is None else args.replay_seed
     if args.replay and not args.json:
         print(f"replay seed: {seed} (repeat with --replay-seed {seed})", flush=True)
     rep = verify(folder, args.public_key, replay=args.replay, replay_seed=seed, tolerance=args.tolerance,
                  accept_sampled=args.accept_sampled, allowed=allowed, reviewed=reviewed,
                  allow_derived=args.allow_derived, data_dir=args.data_dir, audit=audit)
-    out = Path(args.out or (folder.parent.parent if folder.parent.name == "checkpoints" else folder.parent))
-    out = out / "CERTIFICATE.md" if out.is_dir() else out
     out.write_text(certificate_md(rep))
     print(json.dumps(rep.to_dict()) if args.json else table(rep) + f"\n\ncertificate: {out}\n{verdict(rep)}")
     for f in rep.failures:

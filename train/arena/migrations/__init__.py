@@ -1,0 +1,1 @@
+"""Alembic migrations of the vote store (run by db.migrate at every start)."""
