@@ -28,6 +28,14 @@ from .media import vision_grid
 from .text import rope_cis
 
 
+def pixels_to_unit(clips: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Pixels in [0, 1] as `dtype`: uint8 clips (how batches travel to the device: a quarter of fp32's bytes) are
+    divided by 255 in fp32 first, so that they give the model exactly the input of float clips decoded on the host."""
+    if clips.dtype == torch.uint8:
+        clips = clips.float().div_(255.0)
+    return clips.to(dtype)
+
+
 def rope_3d_frequencies(head_dim: int, theta: float) -> tuple[torch.Tensor, ...]:
     """Inverse frequencies per axis; time gets the remainder pairs after rows and columns."""
     pairs = head_dim // 2
@@ -76,7 +84,8 @@ class VisionEncoder(nn.Module):
             return self._forward_batch(torch.stack(clips)).flatten(0, 3)
         grids = [self._grid(c) for c in clips]
         sizes = [t * h * w for t, h, w in grids]
-        x = torch.cat([self.patchify(c[None].to(self.patch_embed.weight.dtype))[0] for c in clips])[None]  # (1, S, P)
+        dtype = self.patch_embed.weight.dtype
+        x = torch.cat([self.patchify(pixels_to_unit(c[None], dtype))[0] for c in clips])[None]  # (1, S, P)
         x = self.patch_embed(x)  # (1, S, D)
         cis = torch.cat([rope_3d_cis(*g, self.rope_freqs, x.device) for g in grids], dim=1)  # (1, S, Dh/2)
         items = Segments([sizes], causal=False)
@@ -92,7 +101,7 @@ class VisionEncoder(nn.Module):
     def _forward_batch(self, clips: torch.Tensor) -> torch.Tensor:
         N = clips.shape[0]
         t, h, w = self._grid(clips)
-        x = self.patch_embed(self.patchify(clips.to(self.patch_embed.weight.dtype)))  # (N, S, D)
+        x = self.patch_embed(self.patchify(pixels_to_unit(clips, self.patch_embed.weight.dtype)))  # (N, S, D)
         cis = rope_3d_cis(t, h, w, self.rope_freqs, x.device)  # (1, S, Dh/2)
         x = run_blocks(self.blocks, x, cis, None, self.checkpoint_activations and self.training)
         return self.norm(x).view(N, t, h, w, -1)

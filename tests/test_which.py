@@ -57,7 +57,8 @@ def rebuild(samples: list[dict], cfg: ModelConfig, tok) -> tuple[torch.Tensor, t
         r, t = x["batch_row"], used[x["batch_row"]]
         ids[r, t:t + len(doc)], pos[r, t:t + len(doc)] = torch.tensor(doc), torch.arange(len(doc))
         used[r] += len(doc)
-        vision, audio = row_media(raw, [PLACEHOLDER[t] for t in doc if t in PLACEHOLDER], Path(x["path"]), cfg)
+        vision, audio = row_media(raw, [PLACEHOLDER[t] for t in doc if t in PLACEHOLDER], Path(x["path"]), cfg,
+                                  as_uint8=True)
         pixels, sounds = pixels + vision, sounds + audio
     labels = ids.clone()
     labels[(ids == PAD_ID) | ((ids >= 3) & (ids < len(SPECIAL_TOKENS))) | (pos == 0)] = IGNORE_INDEX

@@ -21,7 +21,7 @@ from importlib import metadata
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
     "model": ("model.info", "describe a model config: components, parameter counts, FLOPs"),
-    "data": ("train.data.corpus", "generate the built-in omnimodal corpus; `data which`: the samples that trained a step"),
+    "data": ("train.data.corpus", "the built-in corpus (generate), the token store (prepare), a step's samples (which)"),
     "tokenizer": ("tokenizer.cli", "train the byte-level BPE tokenizer"),
     "train": ("train.pretrain", "pretrain with DeepSpeed"),
     "keys": ("train.provenance.signing", "`keys init`: create a signing key pair; `keys sign`: sign a checkpoint"),

@@ -56,6 +56,9 @@ class DataConfig:
     # above this share of rejected rows the run stops, naming the worst sources: a few bad rows are expected in real
     # data, a broken source (every image unreadable) must not train on its captions alone
     max_reject_fraction: float = 0.01
+    # DataLoader processes per rank that build batches (decode media) while the model computes; 0: in the training
+    # process. Two keep the tiny model fed on a CPU core each; media-heavy GPU runs want more
+    loader_workers: int = 2
 
 
 @dataclass(frozen=True)
@@ -176,6 +179,7 @@ def validate(cfg: RunConfig, where: str) -> RunConfig:
                            "checkpoint.witness_every", "max_steps",
                            "dist_init_timeout_s",
                            "data.heldout_every", "data.heldout_batches", "data.max_image_patches", "data.max_audio_s",
+                           "data.loader_workers",
                            "optim.min_lr_ratio"], zero_ok=True)
     for comp, scale in cfg.optim.lr_scale.items():
         if comp not in COMPONENTS:

@@ -210,7 +210,7 @@ def build_data(cfg, d, model_cfg: ModelConfig) -> tuple[TrainLoader, list[Batch]
         loader = TrainLoader(sources_of(cfg.data), cfg.data.tokenizer, model_cfg, cfg.data.seq_len, cfg.micro_batch,
                              cfg.grad_accum, rank=d.rank, world_size=d.world_size, seed=cfg.seed,
                              rejects_path=run_dir / "rejects.jsonl", policy=policy,
-                             max_reject_fraction=cfg.data.max_reject_fraction)
+                             max_reject_fraction=cfg.data.max_reject_fraction, workers=cfg.data.loader_workers)
         heldout = []
         if cfg.data.heldout_every and (data_dir / "heldout").is_dir():
             heldout = heldout_batches(data_dir, cfg.data.tokenizer, model_cfg, cfg.data.seq_len, cfg.micro_batch,

@@ -271,6 +271,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from train.data import which  # `data which`: the samples that trained a step (train/data/which.py)
 
     which.add_arguments(sub.add_parser("which", help="list the samples (source, row, shard, licence) that trained step N"))
+    from train.data import prepare  # `data prepare`: the token store, before training (train/data/prepare.py)
+
+    prepare.add_arguments(sub.add_parser("prepare", help="tokenise a run's sources into the memory-mapped token store"))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -278,6 +281,10 @@ def main(args: argparse.Namespace) -> int:
         from train.data import which
 
         return which.main(args)
+    if args.action == "prepare":
+        from train.data import prepare
+
+        return prepare.main(args)
     if args.samples <= 0 or args.heldout < 0 or args.shard_rows <= 0:
         raise SystemExit("omniscratch data generate: --samples and --shard-rows must be positive, --heldout >= 0")
     import datasets

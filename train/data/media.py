@@ -79,8 +79,9 @@ def fit_size(w: int, h: int, multiple: int, max_tokens: int) -> tuple[int, int]:
 
 
 def decode_frames(items, base: Path | None = None, temporal_patch: int = 2, multiple: int = 8,
-                  max_tokens: int = 0) -> torch.Tensor:
-    """Image bytes/paths -> (F, 3, H, W) float in [0, 1].
+                  max_tokens: int = 0, as_uint8: bool = False) -> torch.Tensor:
+    """Image bytes/paths -> (F, 3, H, W) float in [0, 1]; `as_uint8`: the bytes 0..255 (a quarter of the bytes to
+    move; the model's vision input divides by 255 on the device, model/vision.py `pixels_to_unit`).
 
     One image becomes `temporal_patch` identical frames; a clip is padded with its last frame to a multiple
     of `temporal_patch`. Frames are resized down to a multiple of `multiple` px (patch x merge), and, past
@@ -111,7 +112,8 @@ def decode_frames(items, base: Path | None = None, temporal_patch: int = 2, mult
         raise ValueError(f"video frames differ in size: {sorted({tuple(f.shape[:2]) for f in frames})}")
     while len(frames) % temporal_patch or len(frames) < temporal_patch:
         frames.append(frames[-1])
-    return torch.stack(frames).permute(0, 3, 1, 2).float().div_(255.0)  # (F, 3, H, W)
+    clip = torch.stack(frames).permute(0, 3, 1, 2)  # (F, 3, H, W) uint8
+    return clip.contiguous() if as_uint8 else clip.float().div_(255.0)
 
 
 def decode_audio(item, base: Path | None = None, sample_rate: int = 16000, min_samples: int = 201,
@@ -138,8 +140,8 @@ def decode_audio(item, base: Path | None = None, sample_rate: int = 16000, min_s
     return torch.from_numpy(x.astype(np.float32))
 
 
-def row_media(row: dict, ids: list[int], base: Path | None, cfg,
-              policy: MediaPolicy = NO_LIMIT) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def row_media(row: dict, ids: list[int], base: Path | None, cfg, policy: MediaPolicy = NO_LIMIT,
+              as_uint8: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Decode a row's media in placeholder order: the k-th <|image|> is images[k], <|video|> the video."""
     images, video, audio = row.get("images") or [], row.get("video") or [], row.get("audio")
     if isinstance(images, (bytes, str)):
@@ -151,8 +153,44 @@ def row_media(row: dict, ids: list[int], base: Path | None, cfg,
         raise ValueError(f"text has {counts[0] + counts[1]} image/video and {counts[2]} audio placeholders but the row has "
                          f"{len(images) + bool(video)} vision and {int(audio is not None)} audio items")
     mult, tp, frames = cfg.vision.patch_size * cfg.vision.merge, cfg.vision.temporal_patch, iter(images)
-    vision = [decode_frames([next(frames)] if t == IMAGE_ID else video, base, tp, mult, policy.max_image_tokens)
+    vision = [decode_frames([next(frames)] if t == IMAGE_ID else video, base, tp, mult, policy.max_image_tokens, as_uint8)
               for t in ids if t in (IMAGE_ID, VIDEO_ID)]
     sounds = [decode_audio(audio, base, cfg.audio.sample_rate, cfg.audio.n_fft // 2 + 1, policy.max_audio_samples)
               if audio is not None else None][: int(audio is not None)]
     return vision, sounds
+
+
+def _image_size(item, base: Path | None, k: int) -> tuple[int, int]:
+    try:
+        return Image.open(io.BytesIO(_read(item, base, f"frame {k}"))).size  # the header only: no pixel is decoded
+    except ValueError:
+        raise
+    except Exception as e:  # PIL raises several types for corrupt bytes
+        raise ValueError(f"corrupt image bytes (item {k}): {e}") from None
+
+
+def media_shapes(row: dict, ids: list[int], base: Path | None, cfg,
+                 policy: MediaPolicy = NO_LIMIT) -> tuple[list[tuple[int, int, int]], list[int]]:
+    """What `row_media` would return, as (F, H, W) per vision item and samples per audio item, from media headers:
+    images are not decoded (PIL reads the size from the header); audio is read (a WAV is its samples)."""
+    images, video, audio = row.get("images") or [], row.get("video") or [], row.get("audio")
+    if isinstance(images, (bytes, str)):
+        images = [images]
+    if not isinstance(images, list) or not isinstance(video, list):
+        raise ValueError("wrong type: 'images' and 'video' must be lists")
+    counts = [sum(t == x for t in ids) for x in (IMAGE_ID, VIDEO_ID, AUDIO_ID)]
+    if counts != [len(images), int(bool(video)), int(audio is not None)]:  # same wording as row_media
+        raise ValueError(f"text has {counts[0] + counts[1]} image/video and {counts[2]} audio placeholders but the row has "
+                         f"{len(images) + bool(video)} vision and {int(audio is not None)} audio items")
+    mult, tp, frames, shapes = cfg.vision.patch_size * cfg.vision.merge, cfg.vision.temporal_patch, iter(images), []
+    for t in ids:
+        if t in (IMAGE_ID, VIDEO_ID):
+            items = [next(frames)] if t == IMAGE_ID else video
+            sizes = [fit_size(*_image_size(x, base, k), mult, policy.max_image_tokens) for k, x in enumerate(items)]
+            if len(set(sizes)) > 1:
+                raise ValueError(f"video frames differ in size: {sorted(set(sizes))}")
+            f = max(tp, -(-len(items) // tp) * tp)
+            shapes.append((f, sizes[0][1], sizes[0][0]))
+    sounds = [len(decode_audio(audio, base, cfg.audio.sample_rate, cfg.audio.n_fft // 2 + 1, policy.max_audio_samples))
+              ] if audio is not None else []
+    return shapes, sounds

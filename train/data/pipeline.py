@@ -1,8 +1,9 @@
 """The data pipeline: tokenise, expand media placeholders, pack, shard per rank, resume exactly.
 
 Notable choices:
-- Tokenisation runs once per (source bytes, tokenizer, media config) with multi-process `datasets.map`
-  and is cached as arrow files; a bad row becomes a reject (logged, counted) instead of a crash later.
+- Tokenisation runs once per (sources, tokenizer, media config), in `omniscratch data prepare` or here when its
+  store is missing (train/data/store.py); every rank memory-maps the store read-only, so a rank's memory does not
+  grow with the corpus. A bad row becomes a reject (logged, counted) instead of a crash later.
 - Packing is one deterministic GLOBAL sequence of rows, a pure function of (data, seq_len, seed, epoch):
   epoch e holds each accepted document its source's `weight` times, shuffled with a seed derived from (seed, e)
   (train/data/mixing.py), and packs them greedily,
@@ -19,34 +20,32 @@ Notable choices:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import hashlib
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from model.config import BOS_ID, EOS_ID, IGNORE_INDEX, PAD_ID, SPECIAL_TOKENS, ModelConfig, from_dict
+from model.config import BOS_ID, EOS_ID, IGNORE_INDEX, PAD_ID, SPECIAL_TOKENS, ModelConfig
 from model.media import audio_tokens, vision_tokens
 from tokenizer.bpe import load_tokenizer, tokenizer_digest
+from train.data.loading import Prefetcher
 from train.data.mixing import epoch_length, mix_order
 from train.data.sources import (
-    MEDIA_COLUMNS,
     NO_LIMIT,
     MediaPolicy,
     Source,
     check_rejects,
     declared_licence,
-    load_source,
     manifest_entry,
+    media_shapes,
     row_media,
     write_rejects,
 )
+from train.data.store import Store, prepare
 
-PIPELINE_VERSION = "1"  # part of the tokenisation cache key: bump when the tokenised form changes
 IMAGE, VIDEO, AUDIO = (SPECIAL_TOKENS.index(f"<|{k}|>") for k in ("image", "video", "audio"))
 START = {t: SPECIAL_TOKENS.index(f"<|{k}_start|>") for t, k in ((IMAGE, "image"), (VIDEO, "video"), (AUDIO, "audio"))}
 MODALITY = {START[IMAGE]: 1, START[VIDEO]: 2, START[AUDIO]: 3}  # 0 = text
@@ -61,12 +60,18 @@ class Batch:
     position_ids: torch.Tensor  # (B, T) long, restart per document
     doc_ids: torch.Tensor  # (B, T) long, document index within the row (padding = its own doc)
     modality: torch.Tensor  # (B, T) long: an index into MODALITIES, of the token's document
-    pixel_values: list[torch.Tensor]  # (F, 3, H, W) vision items in placeholder order
+    pixel_values: list[torch.Tensor]  # (F, 3, H, W) uint8 vision items in placeholder order (normalised on the device)
     audio_values: list[torch.Tensor]  # (N,) audio items in placeholder order
     sample_ids: list[int]  # global sample indices in this micro-batch
     # per row, its documents' lengths in order (padding one more), summing to T: doc_ids' runs, kept on the host so
     # that attention can split rows by document without reading doc_ids back from the device (model/attention.py)
     doc_lens: list[list[int]] | None = None
+
+    def pin_memory(self) -> Batch:
+        """Page-locked copies (DataLoader's pin_memory thread calls this), so the copy to the device is asynchronous."""
+        pin = {f: getattr(self, f).pin_memory() for f in ("input_ids", "labels", "position_ids", "doc_ids", "modality")}
+        return dataclasses.replace(self, **pin, pixel_values=[p.pin_memory() for p in self.pixel_values],
+                                   audio_values=[a.pin_memory() for a in self.audio_values])
 
 
 def expand_media(ids: list[int], vision_shapes: list[tuple[int, int, int]], audio_lengths: list[int], cfg: ModelConfig):
@@ -91,30 +96,10 @@ def expand_media(ids: list[int], vision_shapes: list[tuple[int, int, int]], audi
     return out
 
 
-_tokenizer = functools.cache(load_tokenizer)  # once per datasets.map worker process
-
-
-def _tokenize(batch: dict, *, tokenizer_path: str, cfg: dict, base: str | None, policy: dict | None = None) -> dict:
-    """datasets.map function: rows -> input_ids (BOS .. EOS, media expanded), modality, reject reason."""
-    tok, mcfg, base = _tokenizer(tokenizer_path), from_dict(ModelConfig, cfg, "<model config>"), Path(base) if base else None
-    out = {"input_ids": [], "modality": [], "reject": []}
-    for i in range(len(batch["text"])):
-        row = {k: v[i] for k, v in batch.items()}
-        ids, reason = [], row.get("_reject") or ""
-        try:
-            if not reason:
-                ids = encode_row(row, tok, base, mcfg, MediaPolicy(**(policy or {})))
-        except ValueError as e:
-            reason = str(e)
-        out["input_ids"].append(ids)
-        out["modality"].append(next((MODALITY[t] for t in ids if t in MODALITY), 0))
-        out["reject"].append(reason)
-    return out
+_tokenizer = functools.cache(load_tokenizer)  # once per prepare worker process
 
 
 def encode_row(row: dict, tok, base: Path | None, cfg: ModelConfig, policy: MediaPolicy = NO_LIMIT) -> list[int]:
-    """BOS, the text's tokens with each media placeholder expanded to the tokens of its item once the media policy
-    has downscaled or cropped it (the batch decodes with the same policy, so the counts agree), EOS."""
     text = row["text"]
     if isinstance(text, bytes):
         try:
@@ -131,28 +116,8 @@ def encode_row(row: dict, tok, base: Path | None, cfg: ModelConfig, policy: Medi
         images = row.get("images") or []
         ids = [IMAGE] * (1 if isinstance(images, (bytes, str)) else len(images)) + [VIDEO] * bool(row.get("video")) + \
               [AUDIO] * (row.get("audio") is not None) + ids
-    vision, sounds = row_media(row, ids, base, cfg, policy)
-    shapes = [(v.shape[0], v.shape[2], v.shape[3]) for v in vision]
-    return [BOS_ID] + expand_media(ids, shapes, [len(a) for a in sounds], cfg) + [EOS_ID]
-
-
-def tokenize_source(src: Source, tokenizer_path: str | Path, cfg: ModelConfig, cache_dir: str | Path, num_proc: int = 1,
-                    policy: MediaPolicy = NO_LIMIT):
-    """(raw dataset, tokenised dataset, manifest entry) of one source; cached by content, tokenizer, media config and
-    media policy."""
-    entry = manifest_entry(src)  # refuses a source with no declared licence, before any work
-    raw = load_source(src, cache_dir)
-    media_cfg = {"vision": cfg.to_dict()["vision"], "audio": cfg.to_dict()["audio"], "policy": policy.to_dict()}
-    key = hashlib.sha256(json.dumps([PIPELINE_VERSION, entry["sha256"], tokenizer_digest(tokenizer_path), media_cfg],
-                                    sort_keys=True).encode()).hexdigest()[:20]
-    Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    base = str(Path(src.path) if Path(src.path).is_dir() else Path(src.path).parent)
-    tokenized = raw.map(_tokenize, batched=True, batch_size=256, num_proc=num_proc if num_proc > 1 else None,
-                        remove_columns=raw.column_names, new_fingerprint=key, desc=f"tokenize {entry['name']}",
-                        cache_file_name=str(Path(cache_dir) / f"tokenized-{key}.arrow"),
-                        fn_kwargs={"tokenizer_path": str(tokenizer_path), "cfg": cfg.to_dict(), "base": base,
-                                   "policy": policy.to_dict()})
-    return raw, tokenized, entry
+    shapes, lengths = media_shapes(row, ids, base, cfg, policy)  # headers only: what row_media will decode to
+    return [BOS_ID] + expand_media(ids, shapes, lengths, cfg) + [EOS_ID]
 
 
 class TrainLoader:
@@ -160,8 +125,9 @@ class TrainLoader:
 
     def __init__(self, data_dir, tokenizer_path, model_cfg: ModelConfig, seq_len: int, micro_batch: int, grad_accum: int,
                  rank: int = 0, world_size: int = 1, seed: int = 0, *, cache_dir: str | Path | None = None,
-                 num_proc: int = 1, max_reject_fraction: float = 0.01, rejects_path: str | Path | None = None,
-                 policy: MediaPolicy = NO_LIMIT):
+                 num_proc: int = 0, max_reject_fraction: float = 0.01, rejects_path: str | Path | None = None,
+                 policy: MediaPolicy = NO_LIMIT, workers: int = 0):
+        """`workers`: DataLoader processes that build batches ahead (train/data/loading.py); 0: built on demand here."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         specs = data_dir if isinstance(data_dir, (list, tuple)) else [data_dir]
@@ -169,38 +135,37 @@ class TrainLoader:
         self.cfg, self.seq_len, self.seed, self.tokenizer_digest = model_cfg, seq_len, seed, tokenizer_digest(tokenizer_path)
         self.micro_batch, self.grad_accum, self.rank, self.world_size = micro_batch, grad_accum, rank, world_size
         self.policy = policy
-        cache_dir = Path(cache_dir or os.environ.get("OMNISCRATCH_CACHE", Path.home() / ".cache" / "omniscratch" / "data"))
-        self.raw, self.entries, self.bases, rejects, total = [], [], [], [], 0
-        doc_src, doc_row, lens, tokens = [], [], [], []
-        for si, src in enumerate(self.sources):
-            raw, tok, entry = tokenize_source(src, tokenizer_path, model_cfg, cache_dir, num_proc, policy)
-            col = tok.data.column("input_ids").combine_chunks()
-            offsets, values = col.offsets.to_numpy(), col.values.to_numpy()
-            length, modality = np.diff(offsets), tok.data.column("modality").to_numpy()
-            reasons = tok.data.column("reject").to_pylist()
-            bad = np.array([bool(r) for r in reasons], bool) | ((modality > 0) & (length > seq_len))
-            too_long = f"tokens with media do not fit seq_len={seq_len}"
-            rejects += [{"source": entry["path"], "row": int(r), "reason": reasons[r] or f"{length[r]} {too_long}"}
-                        for r in np.flatnonzero(bad)]
-            ok = np.flatnonzero(~bad)
-            entry["rows"], entry["rejected"] = len(reasons), len(reasons) - len(ok)
-            total += len(reasons)
-            self.raw.append(raw.select_columns([c for c in raw.column_names if c in MEDIA_COLUMNS]))
-            self.entries.append(entry), tokens.append((offsets, values, modality))
-            self.bases.append(Path(src.path) if Path(src.path).is_dir() else Path(src.path).parent)
-            doc_src.append(np.full(len(ok), si)), doc_row.append(ok), lens.append(length[ok])
-        self.rejects, self.rejects_path = rejects, Path(rejects_path) if rejects_path else cache_dir / "rejects.jsonl"
+        # the prepared store (train/data/store.py), made here when missing (num_proc processes, 0: every core)
+        work = prepare(self.sources, tokenizer_path, model_cfg, policy=self.policy, cache_dir=cache_dir, workers=num_proc,
+                       log=lambda msg: None)
+        self.store = store = Store(work)
+        self.entries = [manifest_entry(src, files=m["files"]) for src, m in zip(self.sources, store.manifest["sources"])]
+        docs = store.docs
+        too_long = (docs[:, 2] > 0) & (docs[:, 1] > seq_len)  # media cannot be cut: longer than a row, rejected
+        rejects = store.rejects() + [{"source": self.sources[int(s)].path, "row": int(r),
+                                      "reason": f"{n} tokens with media do not fit seq_len={seq_len}"}
+                                     for n, s, r in docs[too_long][:, [1, 3, 4]].tolist()]
+        rejects.sort(key=lambda r: ([s.path for s in self.sources].index(r["source"]), r["row"]))
+        for i, (entry, m) in enumerate(zip(self.entries, store.manifest["sources"])):
+            entry["rows"] = m["rows"]
+            entry["rejected"] = sum(r["source"] == self.sources[i].path for r in rejects)
+        self.rejects, self.rejects_path = rejects, Path(rejects_path) if rejects_path else store.path.parent / "rejects_run.jsonl"
         if rank == 0:  # one writer; every rank checks the limit below
             self.rejects_path.unlink(missing_ok=True)
             write_rejects(self.rejects_path, rejects)
-        check_rejects(rejects, total, max_reject_fraction, self.rejects_path)
-        self._tokens, (self._src, self._row, self._len) = tokens, (np.concatenate(x) for x in (doc_src, doc_row, lens))
+        check_rejects(rejects, sum(m["rows"] for m in store.manifest["sources"]), max_reject_fraction, self.rejects_path)
+        self._doc = np.flatnonzero(~too_long)  # accepted document d -> its row in the store's docs.npy
+        self._src, self._row, self._len = (np.ascontiguousarray(docs[self._doc, c]) for c in (3, 4, 1))
         if len(self._len) == 0:
             raise ValueError(f"no usable samples in {', '.join(s.path for s in self.sources)}")
         self._weights = [float(s.weight) for s in self.sources]
         self._n = epoch_length(self._src, self._weights)  # samples per epoch: the weighted document count
+        if self._n == 0:
+            raise ValueError(f"the source weights leave no document in an epoch ({len(self._len)} accepted documents, "
+                             f"weights {self._weights}): raise the weights of the sources that have documents")
         self._perms: dict[int, np.ndarray] = {}
         self.cursor, self.last_step_ranges, self._epochs, self._epoch_rows = 0, [], {}, []
+        self.workers, self._prefetch = workers, Prefetcher(self, workers) if workers else None
 
     # ---- the global row sequence ----
 
@@ -212,20 +177,23 @@ class TrainLoader:
         return self._perms[epoch]
 
     def _pack(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """Pieces (sample k, doc, offset, length) of epoch `epoch` in order, and each row's first piece."""
+        """Pieces (sample k, doc, offset, length) of epoch `epoch` in order, and each row's first piece: greedy, one
+        pass over the documents with plain ints (a document longer than a row is cut into seq_len pieces)."""
         if epoch not in self._epochs:
-            pieces, row_start, used = [], [0], 0
-            for k, d in enumerate(self._perm(epoch)):
-                n = int(self._len[d])
-                for off in range(0, n, self.seq_len):
-                    m = min(self.seq_len, n - off)
-                    if used + m > self.seq_len:
-                        row_start.append(len(pieces))
+            S, perm = self.seq_len, self._perm(epoch)
+            ks, offs, ms, row_start, used = [], [], [], [0], 0
+            for k, n in enumerate(self._len[perm].tolist()):
+                for off in range(0, n, S) if n > S else (0,):
+                    m = min(S, n - off)
+                    if used + m > S:
+                        row_start.append(len(ms))
                         used = 0
-                    pieces.append((k, d, off, m))
+                    ks.append(k), offs.append(off), ms.append(m)
                     used += m
+            k = np.asarray(ks, dtype=np.int64)
+            pieces = np.stack([k, perm[k], np.asarray(offs, dtype=np.int64), np.asarray(ms, dtype=np.int64)], axis=1)
             self._epochs = {e: v for e, v in self._epochs.items() if e >= epoch - 1}  # keep the working set small
-            self._epochs[epoch] = (np.array(pieces, dtype=np.int64), np.array(row_start + [len(pieces)], dtype=np.int64))
+            self._epochs[epoch] = (pieces, np.array(row_start + [len(ms)], dtype=np.int64))
         return self._epochs[epoch]
 
     def _locate(self, g: int) -> tuple[int, int]:
@@ -265,62 +233,67 @@ class TrainLoader:
     # ---- batches ----
 
     def _batch(self, rows: range) -> Batch:
-        T, n = self.seq_len, self._n
-        ids = torch.full((len(rows), T), PAD_ID, dtype=torch.long)
-        pos, doc, mod = (torch.zeros((len(rows), T), dtype=torch.long) for _ in range(3))
+        T, n, tokens, docs = self.seq_len, self._n, self.store.tokens, self.store.docs
+        ids = np.full((len(rows), T), PAD_ID, dtype=np.int64)
+        pos, doc, mod = (np.zeros((len(rows), T), dtype=np.int64) for _ in range(3))
         media, samples, doc_lens = [], [], []  # media: (doc, its tokens) of documents with media, in row-major order
         for b, g in enumerate(rows):
             epoch, pieces = self._row_pieces(g)
             t = 0
             for j, (k, d, off, m) in enumerate(pieces.tolist()):
-                offsets, values, modality = self._tokens[self._src[d]]
-                seg = torch.from_numpy(values[offsets[self._row[d]] + off:][:m].astype(np.int64))
-                ids[b, t:t + m], pos[b, t:t + m], doc[b, t:t + m] = seg, torch.arange(m), j
-                mod[b, t:t + m] = int(modality[self._row[d]])
-                if modality[self._row[d]]:
-                    media.append((d, seg.tolist()))
+                start, _, modality = docs[self._doc[d], :3].tolist()
+                seg = tokens[start + off:start + off + m]
+                ids[b, t:t + m], pos[b, t:t + m], doc[b, t:t + m], mod[b, t:t + m] = seg, np.arange(m), j, modality
+                if modality:
+                    media.append((d, seg))
                 samples.append(epoch * n + k)
                 t += m
-            doc[b, t:], pos[b, t:] = len(pieces), torch.arange(T - t)
+            doc[b, t:], pos[b, t:] = len(pieces), np.arange(T - t)
             doc_lens.append([int(m) for m in pieces[:, 3]] + ([T - t] if t < T else []))
+        ids, pos, doc, mod = (torch.from_numpy(x) for x in (ids, pos, doc, mod))
         labels = ids.clone()
         # no loss on padding and media, nor on a document's first token (it would be predicted from the previous doc)
         labels[(ids == PAD_ID) | ((ids >= IMAGE) & (ids < len(SPECIAL_TOKENS))) | (pos == 0)] = IGNORE_INDEX
         pixels, sounds = self._media(media)
         return Batch(ids, labels, pos, doc, mod, pixels, sounds, sorted(set(samples)), doc_lens)
 
-    def _media(self, docs: list[tuple[int, list[int]]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _media(self, docs: list[tuple[int, np.ndarray]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Decode the documents' media in order, checking that each item fills exactly its placeholder run."""
-        raw = {}  # one columnar read per source: row-by-row reads cost more than decoding
-        for si in {int(self._src[d]) for d, _ in docs}:
-            want = sorted({int(self._row[d]) for d, _ in docs if self._src[d] == si})
-            cols = self.raw[si][want]
-            raw.update({(si, r): {c: v[i] for c, v in cols.items()} for i, r in enumerate(want)})
         pixels, sounds = [], []
         for d, seq in docs:
-            si, row = int(self._src[d]), int(self._row[d])
-            runs = []  # [placeholder, count] per item, in order of appearance
-            for t in seq:
-                if t in PLACEHOLDER:
-                    runs.append([PLACEHOLDER[t], 0])
-                elif t in (IMAGE, VIDEO, AUDIO):
-                    runs[-1][1] += 1
-            vision, audio = row_media(raw[si, row], [p for p, _ in runs], self.bases[si], self.cfg, self.policy)
+            starts = np.flatnonzero(np.isin(seq, list(PLACEHOLDER)))  # start markers, in order; each end is start + 1
+            ends = np.flatnonzero(np.isin(seq, [t + 1 for t in PLACEHOLDER]))
+            runs = [(PLACEHOLDER[int(seq[s])], int(e - s - 1)) for s, e in zip(starts, ends)]
+            row = self.store.row_media(int(self._doc[d]))
+            vision, audio = row_media(row, [p for p, _ in runs], None, self.cfg, self.policy, as_uint8=True)
             want = [vision_tokens(v.shape[0], v.shape[2], v.shape[3], self.cfg.vision) for v in vision]
             want += [audio_tokens(len(a), self.cfg.audio) for a in audio]
             got = [n for p, n in runs if p != AUDIO] + [n for p, n in runs if p == AUDIO]
             if got != want:
+                si, row = int(self._src[d]), int(self._row[d])
                 raise ValueError(f"{self.entries[si]['path']} row {row}: placeholder runs {got} do not match media tokens "
-                                 f"{want}; the tokenisation cache is stale: delete it")
+                                 f"{want}; the prepared store is stale: delete {self.store.path.parent}")
             pixels += vision
             sounds += audio
         return pixels, sounds
 
+    @property
+    def global_rows(self) -> int:
+        """G, the rows of one optimizer step over all ranks."""
+        return self.micro_batch * self.grad_accum * self.world_size
+
+    def _micro(self, cursor: int, j: int) -> Batch:
+        """This rank's micro-batch j of the step whose first global row is `cursor`."""
+        first = cursor + (self.rank * self.grad_accum + j) * self.micro_batch  # this rank's contiguous share of G rows
+        return self._batch(range(first, first + self.micro_batch))
+
     def next_step(self) -> list[Batch]:
         """The grad_accum micro-batches of this rank for the next optimizer step; advances the global cursor."""
-        mb, G = self.micro_batch, self.micro_batch * self.grad_accum * self.world_size
-        first = self.cursor + self.rank * mb * self.grad_accum  # this rank's contiguous share of the step's G rows
-        out = [self._batch(range(first + j * mb, first + (j + 1) * mb)) for j in range(self.grad_accum)]
+        G = self.global_rows
+        if self.workers:
+            out = self._prefetch.take(self.cursor)
+        else:
+            out = [self._micro(self.cursor, j) for j in range(self.grad_accum)]
         (e0, first_row), (e1, last_row), n = self._row_pieces(self.cursor), self._row_pieces(self.cursor + G - 1), self._n
         self.last_step_ranges = [[e0 * n + int(first_row[0, 0]), e1 * n + int(last_row[-1, 0]) + 1]]
         self.cursor += G

@@ -30,10 +30,12 @@ from pathlib import Path
 from train.data.media import (  # noqa: F401
     NO_LIMIT,
     MediaPolicy,
+    _read,
     decode_audio,
     decode_frames,
     fit_size,
     media_policy,
+    media_shapes,
     row_media,
 )
 
@@ -90,7 +92,8 @@ def source_format(path: str | Path) -> tuple[str, list[Path]]:
             if not files:
                 raise ValueError(f"data source {path}: a generated corpus without train/*.parquet shards; regenerate it")
             return "corpus", files
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES and p.name not in META)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES and p.name not in META
+                       and not _hidden(p, path))
         if not files:
             others = sorted({p.suffix or p.name for p in path.rglob("*") if p.is_file()})
             raise ValueError(f"{_format_help(path)}; this folder holds none"
@@ -109,6 +112,11 @@ def source_format(path: str | Path) -> tuple[str, list[Path]]:
     return kinds.pop(), files
 
 
+def _hidden(f: Path, root: Path) -> bool:
+    """Under a hidden folder of the source (`.prepared`, the token store, lives inside the data folder): never data."""
+    return any(part.startswith(".") for part in f.relative_to(root).parts[:-1])
+
+
 def _relname(f: Path, path: Path) -> str:
     try:
         return str(f.relative_to(path)) if f != path else f.name
@@ -120,7 +128,8 @@ def source_files(path: Path) -> list[Path]:
     """The files whose bytes make up a source (what its sha256 covers), in a fixed order."""
     fmt, files = source_format(path)
     if fmt == "save_to_disk":  # its metadata (features, split) too
-        return sorted(p for p in Path(path).rglob("*") if p.is_file() and p.suffix in (".arrow", ".json"))
+        return sorted(p for p in Path(path).rglob("*") if p.is_file() and p.suffix in (".arrow", ".json")
+                      and not _hidden(p, Path(path)))
     return files
 
 
@@ -146,16 +155,19 @@ def source_shards(path: Path) -> list[tuple[Path, int | None]]:
     return [(f, pq.ParquetFile(f).metadata.num_rows) for f in files]
 
 
-def file_digests(path: Path) -> list[dict]:
-    """{name (relative to the source), path (as opened), sha256} of every file of a source, in order."""
-    out = []
-    for f in source_files(path):
-        fh = hashlib.sha256()
-        with open(f, "rb") as stream:
-            for block in iter(lambda: stream.read(1 << 20), b""):
-                fh.update(block)
-        out.append({"name": _relname(f, Path(path)), "path": str(f), "sha256": fh.hexdigest()})
-    return out
+def file_sha256(f: Path) -> str:
+    fh = hashlib.sha256()
+    with open(f, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            fh.update(block)
+    return fh.hexdigest()
+
+
+def file_digests(path: Path, known: dict[str, str] | None = None) -> list[dict]:
+    """{name (relative to the source), path (as opened), sha256} of every file of a source, in order; `known`
+    (path as opened -> sha256): files already hashed, by `data prepare`'s workers."""
+    return [{"name": _relname(f, Path(path)), "path": str(f), "sha256": (known or {}).get(str(f)) or file_sha256(f)}
+            for f in source_files(path)]
 
 
 def digest_of_files(files: list[dict]) -> str:
@@ -189,13 +201,14 @@ def check_source(src: Source) -> None:
     source_format(src.path)
 
 
-def manifest_entry(src: Source) -> dict:
-    """The run-manifest record of a source: name, path, format, sha256, licence, weight and files."""
+def manifest_entry(src: Source, files: list[dict] | None = None) -> dict:
+    """The run-manifest record of a source: name, path, format, sha256, licence, weight and files (`files`: the
+    file digests `data prepare` recorded, instead of reading the source again)."""
     licence = declared_licence(src)  # first: no work on a source the run may not read
     path = Path(src.path)
     fmt, _ = source_format(src.path)
     name = src.name or (path.name if not GLOB_CHARS & set(src.path) else src.path)
-    files = file_digests(path)
+    files = files or file_digests(path)
     return {"name": name, "path": src.path, "format": fmt, "sha256": digest_of_files(files), "licence": licence,
             "weight": src.weight, "files": files}
 
