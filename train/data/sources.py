@@ -19,7 +19,6 @@ Notable choices:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tarfile
 from collections import Counter
@@ -38,6 +37,7 @@ from train.data.media import (  # noqa: F401
     media_shapes,
     row_media,
 )
+from train.provenance.data_sources import digest_of_files, file_sha256  # noqa: F401  (the one definition: verify rehashes)
 
 MEDIA_COLUMNS = ("images", "video", "audio")
 
@@ -155,25 +155,11 @@ def source_shards(path: Path) -> list[tuple[Path, int | None]]:
     return [(f, pq.ParquetFile(f).metadata.num_rows) for f in files]
 
 
-def file_sha256(f: Path) -> str:
-    fh = hashlib.sha256()
-    with open(f, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            fh.update(block)
-    return fh.hexdigest()
-
-
 def file_digests(path: Path, known: dict[str, str] | None = None) -> list[dict]:
     """{name (relative to the source), path (as opened), sha256} of every file of a source, in order; `known`
     (path as opened -> sha256): files already hashed, by `data prepare`'s workers."""
     return [{"name": _relname(f, Path(path)), "path": str(f), "sha256": (known or {}).get(str(f)) or file_sha256(f)}
             for f in source_files(path)]
-
-
-def digest_of_files(files: list[dict]) -> str:
-    """sha256 over (relative name, sha256) of every file: renaming or reordering shards changes it. The verifier
-    recomputes it from the manifest's file list (train/provenance/data_sources.py), so keep the two in step."""
-    return hashlib.sha256("".join(f"{f['name']}\0{f['sha256']}\n" for f in files).encode()).hexdigest()
 
 
 def source_digest(path: Path) -> str:
