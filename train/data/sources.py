@@ -10,8 +10,9 @@ sample is the members sharing a key: KEY.txt or KEY.json, KEY.jpg/.jpeg/.png, KE
 Notable choices:
 - No licence, no data: every source must declare one (`licence:` in its entry, or the `licence` of a
   generated corpus's manifest.json), and it is recorded with the source's sha256 in the run manifest.
-- JSON lines are parsed here line by line (then stored with `datasets`), because a single non-UTF-8
-  byte makes the `json` loader of `datasets` reject the whole file; here it rejects that line only.
+- JSON lines are parsed here line by line, because a single non-UTF-8 byte makes the `json` loader of `datasets`
+  reject the whole file; here it rejects that line only. `data prepare` (train/data/store.py) reads every format
+  through these readers or pyarrow, unit by unit, into the prepared token store.
 - A bad sample (corrupt or missing media, non-UTF-8 text, empty row, wrong type) is skipped, counted and
   logged to a jsonl rejects log with its source and row; `check_rejects` stops the run with the worst
   sources named when the rejected fraction exceeds the limit (default 1%).
@@ -134,7 +135,7 @@ def source_files(path: Path) -> list[Path]:
 
 
 def source_shards(path: Path) -> list[tuple[Path, int | None]]:
-    """The files holding a source's rows in `load_source`'s row order, each with its row count."""
+    """The files holding a source's rows in the source's row order, each with its row count."""
     fmt, files = source_format(path)
     if fmt == "save_to_disk" or fmt == "arrow":
         import pyarrow as pa
@@ -328,36 +329,6 @@ def _normalise(obj, row: dict) -> str:
             return f"wrong type: column '{col}' must be {want}, got {type(v).__name__}"
         row[col] = v if col == "audio" else ([v] if isinstance(v, str) else (v or []))
     return ""
-
-
-def load_source(src: Source, cache_dir: str | Path):
-    """Open a source as a `datasets.Dataset` (memory-mapped arrow, cached under `cache_dir`)."""
-    import datasets
-
-    fmt, files = source_format(src.path)
-    kw = {"cache_dir": str(cache_dir)}
-    if fmt == "save_to_disk":
-        ds = datasets.load_from_disk(str(src.path))
-    elif fmt == "arrow":
-        ds = datasets.concatenate_datasets([datasets.Dataset.from_file(str(f)) for f in files])
-    elif fmt in ("jsonl", "tar"):
-        rows, digest = (_jsonl_rows, _tar_rows)[fmt == "tar"], source_digest(Path(src.path))
-        binary = datasets.Value("binary") if fmt == "tar" else datasets.Value("string")
-        features = datasets.Features({"text": datasets.Value("string"), "images": datasets.Sequence(binary),
-                                      "video": datasets.Sequence(binary), "audio": binary,
-                                      "_reject": datasets.Value("string")})
-        ds = datasets.Dataset.from_generator(rows, gen_kwargs={"paths": [str(f) for f in files], "digest": digest},
-                                             features=features, **kw)
-    else:
-        ds = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train", **kw)
-    if isinstance(ds, datasets.DatasetDict):
-        raise ValueError(f"data source {src.path}: a DatasetDict; name one split's folder instead")
-    if "text" not in ds.column_names:
-        raise ValueError(f"data source {src.path}: no 'text' column (it has {', '.join(ds.column_names)}); "
-                         f"see docs/DATA.md")
-    if len(ds) == 0:
-        raise ValueError(f"data source {src.path}: no rows; remove the entry or point it at data")
-    return ds
 
 
 # ---- rejects -----------------------------------------------------------------------------------

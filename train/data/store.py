@@ -70,7 +70,7 @@ class Unit:
 
 
 def units_of(sources: list[Source]) -> list[Unit]:
-    """Every source's work units, in the source row order of `sources.load_source`."""
+    """Every source's work units, in the source's row order."""
     import pyarrow.parquet as pq
 
     out = []
