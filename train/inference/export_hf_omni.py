@@ -1,6 +1,6 @@
 """`omniscratch export CKPT --format hf-omni --out DIR`: the whole omnimodal model as a Hugging Face remote-code folder.
 
-What the folder holds (docs/hf-omni.md says how to use it):
+What the folder holds (docs/EXPORT.md says how to use it):
 - model.safetensors: the checkpoint's file, copied byte for byte (OmniModel names; the remote model keeps them), so
   its digest is the one the certificate records;
 - the remote code: configuration_, modeling_ and processing_omniscratch.py (train/inference/hf_omni/), and beside
