@@ -33,7 +33,7 @@ fi
 
 rm -rf runs/demo
 # precision follows the CPU (precision: auto): bf16 with AMX, else fp32 at ~1.7x the step time; the fp32 path
-# takes the 1200-step schedule so that it also ends within 10 minutes on 2 cores (both meet the goals: README)
+# takes the 1200-step schedule so that it also ends within 10 minutes on 2 cores (both meet the goals: docs/LOG.md, "The demo recipe")
 STEPS=()
 grep -q amx_bf16 /proc/cpuinfo 2>/dev/null || STEPS=(steps=1200)
 stamp "pretraining: configs/run/demo.yaml${STEPS[*]:+ ${STEPS[*]}}, ZeRO-2, 2 processes"

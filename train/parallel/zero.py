@@ -1,6 +1,6 @@
 """Two adjustments to DeepSpeed's ZeRO-1/2 optimizer (`DeepSpeedZeroOptimizer`), installed by train/parallel/engine.py; each
 gives DeepSpeed's own numbers (tests/distributed/engine_check.py builds DeepSpeed's code beside them) and saves
-memory or time that a plain PyTorch loop does not spend (scripts/bench_scaling.py, README):
+memory or time that a plain PyTorch loop does not spend (scripts/bench_scaling.py, docs/LOG.md "ZeRO-2 engine overhead on CPU"):
 
 - `fp64_grad_norm_without_copies` (CPU): the global gradient norm streamed through one reused fp64 buffer instead
   of a fresh fp64 copy of every gradient.
@@ -23,7 +23,7 @@ def fp64_grad_norm_without_copies() -> None:
     gradients, tests/distributed/engine_check.py), streamed through one reused fp64 buffer instead of a fresh fp64
     copy of every gradient each step. ~7 of ~310 ms per tiny ZeRO-2 step, a fifth of the engine's cost over a plain
     loop (scripts/bench_scaling.py); an fp32 norm saves more but moved a world-size-changing resume off its reference
-    (README). Norms other than L2 and model/pipeline parallelism keep DeepSpeed's code."""
+    (docs/LOG.md). Norms other than L2 and model/pipeline parallelism keep DeepSpeed's code."""
     from deepspeed import comm
     from deepspeed.comm import pg_utils
     from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
