@@ -1,6 +1,6 @@
 """Two adjustments to DeepSpeed's ZeRO-1/2 optimizer (`DeepSpeedZeroOptimizer`), installed by train/parallel/engine.py; each
 gives DeepSpeed's own numbers (tests/distributed/engine_check.py builds DeepSpeed's code beside them) and saves
-memory or time that a plain PyTorch loop does not spend (scripts/bench_scaling.py, docs/LOG.md "ZeRO-2 engine overhead on CPU"):
+memory or time that a plain PyTorch loop does not spend (scripts/bench_scaling.py, docs/LOG.md):
 
 - `fp64_grad_norm_without_copies` (CPU): the global gradient norm streamed through one reused fp64 buffer instead
   of a fresh fp64 copy of every gradient.
