@@ -19,6 +19,8 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
+from model.config import UsageError
+
 from .chain import GENESIS, Log, vote_hash
 
 metadata = sa.MetaData()
@@ -55,6 +57,10 @@ def url_for(db: str | None, out: Path) -> str:
     if not db:
         return f"sqlite:///{(out / 'votes.sqlite').resolve()}"
     if db.startswith(("postgresql://", "postgres://")):
+        try:
+            import psycopg  # noqa: F401
+        except ModuleNotFoundError:
+            raise UsageError("--db postgresql://...: PostgreSQL needs psycopg: pip install 'omniscratch[postgres]'") from None
         return "postgresql+psycopg://" + db.split("://", 1)[1]
     return db
 
