@@ -72,3 +72,21 @@ def test_inline_runs_the_same_job_in_this_process(tmp_path):
     saver.submit(SimpleNamespace(tmp=Path("step_000004.tmp")), failing)
     with pytest.raises(SaveFailed, match="step_000004.tmp was not committed: OSError"):
         saver.collect()
+
+
+def test_the_worker_does_not_rerun_an_unguarded_training_script(tmp_path):
+    """torchrun starts a user's own script as `python script.py`; a spawned worker imports the parent's main module
+    again, so a script without a `__main__` guard would train again inside the worker and the save never return.
+    The worker starts with `__main__` hidden (train/atomic.py main_hidden): the script's body runs once."""
+    import subprocess
+    import sys
+
+    marker, script = tmp_path / "imports.txt", tmp_path / "unguarded.py"
+    script.write_text(f"from pathlib import Path\nfrom train.provenance.background import Saver, _ready\n"
+                      f"with open({str(marker)!r}, 'a') as f:\n    f.write('run\\n')\n"
+                      f"s = Saver(background=True)\ns._pool.submit(_ready).result(timeout=120)\ns.close()\n")
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, str(script)], cwd=root, env=dict(os.environ, PYTHONPATH=str(root)),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert marker.read_text() == "run\n"  # once: the worker did not import the script

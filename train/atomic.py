@@ -20,6 +20,7 @@ import contextlib
 import os
 import secrets
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -75,3 +76,25 @@ def atomic_write(path: str | Path, data: bytes | str, *, fsync: bool = False) ->
     with atomic_path(path, fsync=fsync) as tmp, open(tmp, "xb") as f:
         f.write(raw)
     return Path(path)
+
+
+@contextlib.contextmanager
+def main_hidden():
+    """Start spawned worker processes inside this block: they do not re-run the parent's `__main__`.
+
+    A spawned child imports the parent's main module again (multiprocessing.spawn: by name under `python -m`, by path
+    for `python script.py`, which is how torchrun starts a user's own training script). A script without an
+    `if __name__ == "__main__":` guard would then run its training again inside the worker, which never returns.
+    Workers here run module-level functions of this package and need nothing from `__main__`, so its name and path are
+    hidden while they start."""
+    main = sys.modules["__main__"]
+    spec, has_file, file = getattr(main, "__spec__", None), hasattr(main, "__file__"), getattr(main, "__file__", None)
+    main.__spec__ = None
+    if has_file:
+        del main.__file__
+    try:
+        yield
+    finally:
+        main.__spec__ = spec
+        if has_file:
+            main.__file__ = file

@@ -37,7 +37,7 @@ import numpy as np
 
 from model.config import ModelConfig
 from tokenizer.bpe import tokenizer_digest
-from train.atomic import atomic_write
+from train.atomic import atomic_write, main_hidden
 from train.data.sources import (
     MEDIA_COLUMNS,
     NO_LIMIT,
@@ -277,7 +277,8 @@ def prepare(sources: list[Source], tokenizer_path, cfg: ModelConfig, *, policy: 
     if workers > 1:
         # forked workers start at once, but only a process without other threads may fork: under a training rank's
         # gloo threads a forked pool never returned, so the loader asks for spawned ones (each imports torch anew)
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork" if fork else "spawn")) as pool:
+        context = multiprocessing.get_context("fork" if fork else "spawn")
+        with main_hidden(), ProcessPoolExecutor(workers, mp_context=context) as pool:
             list(pool.map(_do_unit, jobs))
     else:
         for job in jobs:

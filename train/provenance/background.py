@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from train import checkpoint as ckpt
+from train.atomic import main_hidden
 from train.provenance.record import Recorder
 
 
@@ -83,7 +84,8 @@ class Saver:
     def __init__(self, background: bool = True):
         self.background, self._pool, self._pending = background, None, None
         if background:  # started now, so that its start-up (imports) is not paid during the first save
-            self._start().submit(_ready)
+            with main_hidden():
+                self._start().submit(_ready)
 
     def _start(self) -> ProcessPoolExecutor:
         if self._pool is None:
@@ -96,7 +98,8 @@ class Saver:
         returns at once in the background, after it inline."""
         assert self._pending is None, "collect the previous save before submitting the next"
         if self.background:
-            self._pending = (job.tmp, self._start().submit(fn, job))
+            with main_hidden():  # a pool replaced after a failure starts its worker here
+                self._pending = (job.tmp, self._start().submit(fn, job))
             return
         done: Future = Future()
         try:
