@@ -224,12 +224,14 @@ def build_data(cfg, d, model_cfg: ModelConfig) -> tuple[TrainLoader, list[Batch]
         except ValueError as e:
             raise UsageError(str(e)) from None
 
-    # the first rank of each node tokenises into the node's cache, then the others read it
-    if d.local_rank == 0:
-        loader, heldout = checked()
-    dist.barrier()
-    if d.local_rank != 0:
-        loader, heldout = checked()
+    # The prepared store is written once and then only mapped: by global rank 0 first (on a shared file system every
+    # other node then finds it), then by the first rank of each other node (a node-local disk gets its own copy), then
+    # the remaining ranks map it. Two nodes preparing one shared folder at once would race on its work units.
+    order = 0 if d.is_main else 1 if d.local_rank == 0 else 2
+    for phase in range(3):
+        if order == phase:
+            loader, heldout = checked()
+        dist.barrier()
     if cfg.data.sources and d.is_main:
         atomic_write(data_manifest_path(cfg), json.dumps(run_manifest(loader.entries), indent=1) + "\n")
     return loader, heldout
