@@ -140,18 +140,24 @@ def decode_audio(item, base: Path | None = None, sample_rate: int = 16000, min_s
     return torch.from_numpy(x.astype(np.float32))
 
 
-def row_media(row: dict, ids: list[int], base: Path | None, cfg, policy: MediaPolicy = NO_LIMIT,
-              as_uint8: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Decode a row's media in placeholder order: the k-th <|image|> is images[k], <|video|> the video."""
+def _row_items(row: dict, ids: list[int]) -> tuple[list, list, object]:
+    """A row's (images, video frames, audio), checked against its placeholders (the wording of data.expand_media)."""
     images, video, audio = row.get("images") or [], row.get("video") or [], row.get("audio")
     if isinstance(images, (bytes, str)):
         images = [images]
     if not isinstance(images, list) or not isinstance(video, list):
         raise ValueError("wrong type: 'images' and 'video' must be lists")
     counts = [sum(t == x for t in ids) for x in (IMAGE_ID, VIDEO_ID, AUDIO_ID)]
-    if counts != [len(images), int(bool(video)), int(audio is not None)]:  # same wording as data.expand_media
+    if counts != [len(images), int(bool(video)), int(audio is not None)]:
         raise ValueError(f"text has {counts[0] + counts[1]} image/video and {counts[2]} audio placeholders but the row has "
                          f"{len(images) + bool(video)} vision and {int(audio is not None)} audio items")
+    return images, video, audio
+
+
+def row_media(row: dict, ids: list[int], base: Path | None, cfg, policy: MediaPolicy = NO_LIMIT,
+              as_uint8: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Decode a row's media in placeholder order: the k-th <|image|> is images[k], <|video|> the video."""
+    images, video, audio = _row_items(row, ids)
     mult, tp, frames = cfg.vision.patch_size * cfg.vision.merge, cfg.vision.temporal_patch, iter(images)
     vision = [decode_frames([next(frames)] if t == IMAGE_ID else video, base, tp, mult, policy.max_image_tokens, as_uint8)
               for t in ids if t in (IMAGE_ID, VIDEO_ID)]
@@ -173,15 +179,7 @@ def media_shapes(row: dict, ids: list[int], base: Path | None, cfg,
                  policy: MediaPolicy = NO_LIMIT) -> tuple[list[tuple[int, int, int]], list[int]]:
     """What `row_media` would return, as (F, H, W) per vision item and samples per audio item, from media headers:
     images are not decoded (PIL reads the size from the header); audio is read (a WAV is its samples)."""
-    images, video, audio = row.get("images") or [], row.get("video") or [], row.get("audio")
-    if isinstance(images, (bytes, str)):
-        images = [images]
-    if not isinstance(images, list) or not isinstance(video, list):
-        raise ValueError("wrong type: 'images' and 'video' must be lists")
-    counts = [sum(t == x for t in ids) for x in (IMAGE_ID, VIDEO_ID, AUDIO_ID)]
-    if counts != [len(images), int(bool(video)), int(audio is not None)]:  # same wording as row_media
-        raise ValueError(f"text has {counts[0] + counts[1]} image/video and {counts[2]} audio placeholders but the row has "
-                         f"{len(images) + bool(video)} vision and {int(audio is not None)} audio items")
+    images, video, audio = _row_items(row, ids)
     mult, tp, frames, shapes = cfg.vision.patch_size * cfg.vision.merge, cfg.vision.temporal_patch, iter(images), []
     for t in ids:
         if t in (IMAGE_ID, VIDEO_ID):
