@@ -26,7 +26,7 @@ from verify_runs import failures, foreign_vision, recertify
 from model import OmniModel, init_weights
 from model.config import ModelConfig, from_dict
 from train.provenance.digest import component_roots, tensor_digests
-from train.provenance.hashing import folder_files
+from train.provenance.hashing import folder_files, read_small
 from train.provenance.record import RECORD
 from train.provenance.signing import SIGNATURE, init_keys, sign_checkpoint
 from train.provenance.verify import verify
@@ -123,6 +123,17 @@ def test_edited_certificate(honest, honest_copy):
     found = failures(verify(honest_copy, honest[2]))
     assert [f[1] for f in found if f[0] == "init"] == ["embeddings", "text_decoder", "vision_encoder",
                                                        "vision_projector", "audio_encoder", "audio_projector"]
+
+
+@pytest.mark.parametrize("doc", [[1, 2], "a certificate"], ids=["list", "string"])
+def test_a_certificate_that_is_no_json_object_is_named(honest, honest_copy, doc):
+    """Signed by the key holder, so only the certificate check can name it (a crash would be no verdict)."""
+    (honest_copy / RECORD).write_text(json.dumps(doc))
+    sign_checkpoint(honest_copy, honest[1])
+    kind = type(doc).__name__
+    assert failures(verify(honest_copy, honest[2])) == [
+        ("certificate", RECORD, f"unreadable: is a JSON {kind}, not an object: no certificate the trainer writes; "
+                                "re-export the checkpoint")]
 
 
 def test_removed_chain_link(honest, honest_copy):
@@ -273,3 +284,20 @@ def test_a_record_without_rank_file_patterns_is_reported_unchecked(honest, hones
     rep = verify(honest_copy, honest[2])
     assert not rep.failures, rep.failures
     assert [(c["subject"], c["status"]) for c in rep.checks if c["check"] == "ranks"] == [("ds/", "SKIP")]
+
+
+def test_the_certificate_reader_refuses_links_and_fifos(tmp_path):
+    """read_small opens the certificate once for both its digest and its parse: a FIFO would block it, a link point
+    anywhere."""
+    import os
+
+    (tmp_path / "real.json").write_text("{}")
+    (tmp_path / "link.json").symlink_to(tmp_path / "real.json")
+    os.mkfifo(tmp_path / "fifo.json")
+    assert read_small(tmp_path / "real.json") == b"{}"
+    with pytest.raises(ValueError, match="link.json: cannot be opened"):
+        read_small(tmp_path / "link.json")
+    with pytest.raises(ValueError, match="fifo.json: not a regular file"):
+        read_small(tmp_path / "fifo.json")
+    with pytest.raises(ValueError, match="more than the 1 a file of its kind may hold"):
+        read_small(tmp_path / "real.json", limit=1)

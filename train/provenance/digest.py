@@ -32,8 +32,10 @@ DTYPES: dict[torch.dtype, str] = {
 }
 
 
-def hasher() -> blake3.blake3:
-    return blake3.blake3(max_threads=blake3.blake3.AUTO)
+def hasher(one_core: bool = False) -> blake3.blake3:
+    """one_core: for work already spread over the cores by a pool (verify's), where BLAKE3's own threads would only
+    compete with it; else BLAKE3 uses every core on one large input."""
+    return blake3.blake3() if one_core else blake3.blake3(max_threads=blake3.blake3.AUTO)
 
 
 def canonical(obj) -> bytes:
@@ -55,19 +57,20 @@ def tensor_header(name: str, dtype: str, shape) -> bytes:
     return struct.pack("<Q", len(head)) + head
 
 
-def tensor_digest(name: str, t: torch.Tensor) -> str:
+def tensor_digest(name: str, t: torch.Tensor, one_core: bool = False) -> str:
     """Digest of a live tensor: (name, dtype, shape, bytes) of its full logical value."""
     t = t.detach().to("cpu").contiguous()
-    h = hasher()
+    h = hasher(one_core)
     h.update(tensor_header(name, DTYPES[t.dtype], t.shape))
     if t.numel():
         h.update(t.reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
 
-def tensor_digests(named_tensors) -> dict[str, dict]:
+def tensor_digests(named_tensors, one_core: bool = False) -> dict[str, dict]:
     """{name: {"dtype", "shape", "digest"}} for an iterable of (name, tensor)."""
-    return {n: {"dtype": DTYPES[t.dtype], "shape": list(t.shape), "digest": tensor_digest(n, t)} for n, t in named_tensors}
+    return {n: {"dtype": DTYPES[t.dtype], "shape": list(t.shape), "digest": tensor_digest(n, t, one_core)}
+            for n, t in named_tensors}
 
 
 def merkle_root(leaves: list[str]) -> str:

@@ -4,10 +4,12 @@ Notable choices:
 - A folder is walked refusing symlinks and special files (a link could point anywhere, a FIFO would block), and every
   path is checked to stay inside the folder before it is opened.
 - Every file is read once: mapped (no copy into Python; the OS streams pages), hashed in CHUNK pieces with pages
-  requested AHEAD so that a cold file streams at the disk's pace, files in a thread pool sized to the cores, BLAKE3's
-  own threads inside each piece (so that one large file still uses every core). A .safetensors file mapped once
-  (`SafetensorsFile`) feeds its file digest and its tensor digests from the same pieces while they are in cache, and
-  gives zero-copy views of its tensors.
+  requested AHEAD so that a cold file streams at the disk's pace, files largest first in a thread pool sized to the
+  cores (`submit_hashes` shares verify's pool with the step-0 rebuild, each file then in one thread; `hash_files`,
+  alone, lets BLAKE3 add its own threads so that one large file still uses every core). A .safetensors file mapped
+  once (`SafetensorsFile`) feeds its file digest and its tensor digests from the same pieces while they are in
+  cache, and gives zero-copy views of its tensors. Small files a caller also parses are read once (`read_small`)
+  and hashed from those bytes.
 - The layout rule has two halves. Released weights are the verifier's own rule: the only top-level weight file
   (train/checkpoint.py WEIGHT_SUFFIXES) is model.safetensors. Which files under ds/ are per-rank is the trainer's
   knowledge (DeepSpeed's names, train/parallel/engine.py, and ours, train/checkpoint.py), recorded in the certificate
@@ -24,6 +26,7 @@ import re
 import stat
 import struct
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -128,20 +131,52 @@ def hash_files(folder: Path, names: list[str], workers: int | None = None,
     """{relpath: digest} for `names` under `folder`, hashed in parallel; keys keep the order of `names`. If `weights`
     (an open SafetensorsFile) is one of them, its tensor digests are computed in the same single pass as its file
     digest."""
+    with ThreadPoolExecutor(min(workers or cpus(), len(names) or 1)) as pool:
+        return submit_hashes(pool, folder, names, weights=weights, one_core=False)()
+
+
+def submit_hashes(pool, folder: Path, names: list[str], weights: SafetensorsFile | None = None,
+                  given: dict[str, bytes] | None = None, one_core: bool = True) -> Callable[[], dict[str, str]]:
+    """Submit the hashing of `names` (as `hash_files`) to `pool`, an executor that other work may share (verify's
+    step-0 rebuild): files largest first, so the long ones start early and the small ones fill in around them.
+    -> a function that waits and returns {relpath: digest}. `given`: {relpath: bytes} already read (`read_small`),
+    hashed from those bytes, so that the bytes checked are the bytes the caller parses. one_core: each file in one
+    thread, the pool's threads filling the cores."""
+    given = given or {}
     paths = [safe_path(folder, n) for n in names]
     own = weights.path.resolve() if weights is not None else None
-    sizes = [p.stat().st_size for p in paths]
+    sizes = [len(given[n]) if n in given else p.stat().st_size for n, p in zip(names, paths)]
 
     def one(i: int) -> str:
+        if names[i] in given:
+            h = hasher(one_core)
+            h.update(given[names[i]])
+            return h.hexdigest()
         if paths[i] == own:
-            return weights.hash_file()
+            return weights.hash_file(one_core)
         with _open_map(paths[i]) as mm:
-            return _stream(mm)
-    # Largest first, so the long files start early and the small ones fill in around them.
-    order = sorted(range(len(paths)), key=lambda i: -sizes[i])
-    with ThreadPoolExecutor(min(workers or cpus(), len(paths) or 1)) as pool:
-        results = dict(zip(order, pool.map(one, order)))
-    return {n: results[i] for i, n in enumerate(names)}
+            return _stream(mm, one_core=one_core)
+    futures = {i: pool.submit(one, i) for i in sorted(range(len(paths)), key=lambda i: -sizes[i])}
+    return lambda: {n: futures[i].result() for i, n in enumerate(names)}
+
+
+def read_small(path: Path, limit: int = 64 << 20) -> bytes:
+    """The bytes of a small file (a certificate, a config), read once; refuses a symlink, a FIFO or other special
+    file, and a file over `limit` bytes, with a ValueError naming the file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot be opened ({e.strerror}); it must be a regular file, not a symlink") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{path}: not a regular file")
+        if st.st_size > limit:
+            raise ValueError(f"{path}: {st.st_size} bytes, more than the {limit} a file of its kind may hold")
+        data = f.read(limit + 1)
+    if len(data) > limit:  # grew while read
+        raise ValueError(f"{path}: more than the {limit} bytes a file of its kind may hold")
+    return data
 
 
 CHUNK = 4 << 20  # files stream through in 4 MiB pieces: each stays in cache for every hasher that needs it
@@ -170,11 +205,12 @@ class _open_map:
             self.mm.close()
 
 
-def _stream(mm: mmap.mmap | None, ranges=(), whole: bool = True) -> str | None:
+def _stream(mm: mmap.mmap | None, ranges=(), whole: bool = True, one_core: bool = False) -> str | None:
     """BLAKE3 of a whole mapping, read once in CHUNK pieces, with pages requested AHEAD (MADV_WILLNEED) so that a cold
     file streams from disk while earlier pieces hash. `ranges`: (start, end, hasher) fed the bytes [start, end) from
-    the same pieces (tensor digests ride along the file digest). whole=False: only the ranges, from the first one."""
-    h = hasher() if whole else None
+    the same pieces (tensor digests ride along the file digest). whole=False: only the ranges, from the first one.
+    one_core: the file digest in this thread alone (`hasher`)."""
+    h = hasher(one_core) if whole else None
     if mm is None:
         return h.hexdigest() if whole else None
     todo, active = sorted(ranges, key=lambda r: r[0]), []
@@ -256,16 +292,16 @@ class SafetensorsFile:
             out[name] = (dtype, [int(s) for s in shape], base + start, base + end)
         return out
 
-    def _ranges(self) -> list[tuple]:
-        self._hashers = {name: hasher() for name in self.header}  # fresh: each pass starts from the headers
+    def _ranges(self, one_core: bool = False) -> list[tuple]:
+        self._hashers = {name: hasher(one_core) for name in self.header}  # fresh: each pass starts from the headers
         for name, (dtype, shape, _, _) in self.header.items():
             self._hashers[name].update(tensor_header(name, dtype, shape))
         return [(start, end, self._hashers[name]) for name, (_, _, start, end) in self.header.items()]
 
-    def hash_file(self) -> str:
+    def hash_file(self, one_core: bool = False) -> str:
         if self._unopened is not None:
             raise self._unopened
-        digest = _stream(self.mm, self._ranges())
+        digest = _stream(self.mm, self._ranges(one_core), one_core=one_core)
         self._done()
         return digest
 

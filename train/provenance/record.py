@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
@@ -53,6 +54,8 @@ WITNESS = "ds/"  # the resume state: a witness bundle, needed only for replay (s
 # Imported by our own code but declared by none of pyproject's dependencies (each comes in through one of them), so
 # named here to stay in the record whatever the dependencies pull in.
 UNDECLARED_ROOTS = ("packaging", "pyarrow", "cryptography")
+
+_BY_CODE = {v: k for k, v in digest.DTYPES.items()}
 
 
 def init_digest(init: dict) -> str:
@@ -151,30 +154,48 @@ class _SkipDefaultInit(torch.overrides.TorchFunctionMode):
 def rebuild_init(model_cfg, seed: int, dtypes: dict[str, str] | None = None, visit=None, workers: int = 1) -> dict[str, dict]:
     """Digests of the step-0 parameters rebuilt from (config, seed), each cast to `dtypes[name]` (default fp32), in the
     model's order. `visit(name, tensor)`, if given, sees each tensor once after its digest (it may use it up in place),
-    never the whole model. workers > 1: tensors rebuilt in that many threads, largest first, `visit` in them (a
-    generator per tensor, so values do not depend on the order; torch's kernels and BLAKE3 release the GIL)."""
-    by_code = {v: k for k, v in digest.DTYPES.items()}
-    with _SkipDefaultInit():  # names and shapes come from the model code, never from the record being checked
-        shapes = [(n, p.shape) for n, p in OmniModel(model_cfg).named_parameters()]
-
-    def one(name: str, shape) -> tuple[str, dict]:
-        t = init_tensor(name, shape, seed, model_cfg)
-        t = t.to(by_code[dtypes[name]]) if dtypes and name in dtypes else t
-        out = (name, tensor_digests([(name, t)])[name])
-        if visit is not None:
-            visit(name, t)
-        return out
+    never the whole model. workers > 1: tensors rebuilt in that many threads (`submit_init`)."""
     if workers <= 1:
-        return dict(one(*item) for item in shapes)
-    batches, size = [[]], 0  # largest first; small tensors share a task (a thread hop costs more than they do)
+        return dict(_init_one(model_cfg, seed, dtypes, visit, False, *item) for item in init_shapes(model_cfg))
+    with ThreadPoolExecutor(workers) as pool:
+        return submit_init(pool, model_cfg, seed, dtypes, visit, one_core=False)()
+
+
+def init_shapes(model_cfg) -> list[tuple[str, torch.Size]]:
+    """(name, shape) of every parameter of the model built from `model_cfg`, in the model's order."""
+    with _SkipDefaultInit():  # names and shapes come from the model code, never from the record being checked
+        return [(n, p.shape) for n, p in OmniModel(model_cfg).named_parameters()]
+
+
+def submit_init(pool, model_cfg, seed: int, dtypes: dict[str, str] | None = None, visit=None,
+                one_core: bool = True) -> Callable[[], dict[str, dict]]:
+    """Submit the rebuild of `rebuild_init` to `pool`, an executor that other work may share (verify's file hashing):
+    tensors largest first, small ones batched (a thread hop costs more than they do), `visit` in the pool's threads
+    (a generator per tensor, so values do not depend on the order; torch's kernels and BLAKE3 release the GIL).
+    -> a function that waits and returns the digests in the model's order. one_core: digests in one thread each."""
+    shapes = init_shapes(model_cfg)
+    batches, size = [[]], 0
     for item in sorted(shapes, key=lambda s: -s[1].numel()):
         if size >= 1 << 18:
             batches, size = batches + [[]], 0
         batches[-1].append(item)
         size += item[1].numel()
-    with ThreadPoolExecutor(workers) as pool:
-        out = dict(d for done in pool.map(lambda b: [one(*i) for i in b], batches) for d in done)
-    return {n: out[n] for n, _ in shapes}
+    futures = [pool.submit(lambda b: [_init_one(model_cfg, seed, dtypes, visit, one_core, *i) for i in b], b)
+               for b in batches]
+
+    def wait() -> dict[str, dict]:
+        out = dict(d for f in futures for d in f.result())
+        return {n: out[n] for n, _ in shapes}
+    return wait
+
+
+def _init_one(model_cfg, seed, dtypes, visit, one_core, name: str, shape) -> tuple[str, dict]:
+    t = init_tensor(name, shape, seed, model_cfg)
+    t = t.to(_BY_CODE[dtypes[name]]) if dtypes and name in dtypes else t
+    out = (name, tensor_digests([(name, t)], one_core)[name])
+    if visit is not None:
+        visit(name, t)
+    return out
 
 
 # ---- the recorder ---------------------------------------------------------------------------------------------------

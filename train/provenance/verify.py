@@ -16,11 +16,14 @@ as such: code, hardware, packages, data ranges, learning rates, update sizes. Ou
 unqualified only when its init rebuilds and every step to these weights was replayed (or --accept-sampled).
 
 Notable choices:
-- Every byte is read once: each file streams through BLAKE3 in parallel (train/provenance/hashing.py); model.safetensors,
-  mapped once, feeds its file digest (signature and certificate) and its tensor digests from the same pieces. Step 0
-  is rebuilt meanwhile, tensors in parallel on every core, and each component's distance from init
-  (||w - w0|| / ||w0||) is measured against zero-copy views of the same mapping in that pass: no second copy of the
-  model is held. A check that crashes on tampered input is reported as failed, never raised.
+- Every byte is read once, and the certificate parsed once: provenance.json is read by one small-file reader
+  (refusing links and FIFOs) and its digest taken from the bytes parsed; each other file streams through BLAKE3
+  (train/provenance/hashing.py); model.safetensors, mapped once, feeds its file digest (signature and certificate)
+  and its tensor digests from the same pieces. The files and the step-0 rebuild share one pool, the files queued
+  first, so the rebuild runs while they hash (behind the disk when the files are cold); the rebuild measures each
+  component's distance from init (||w - w0|| / ||w0||) against zero-copy views of the same mapping as it goes and
+  returns it with the digests: no second copy of the model is held, nothing is rebuilt twice. A check that crashes
+  on tampered input is reported as failed, never raised.
 - A component whose weights never moved (an lr scale of 0) is honest and certified "not trained"; one that moved
   while no lineage link records an update fails.
 - A "derived" certificate is honest but is not "from scratch": it fails unless --allow-derived is given.
@@ -46,13 +49,8 @@ from train.checkpoint import STEP_RE, resolve
 from train.provenance import record_checks
 from train.provenance.completeness import check_completeness
 from train.provenance.digest import component_roots, differing_components, name_list
-from train.provenance.hashing import (
-    SafetensorsFile,
-    cpus,
-    folder_files,
-    hash_files,
-)
-from train.provenance.record import RECORD, SCHEMA, digest_of, rebuild_init, split_witness
+from train.provenance.hashing import SafetensorsFile, cpus, folder_files, read_small, submit_hashes
+from train.provenance.record import RECORD, SCHEMA, split_witness, submit_init
 from train.provenance.record_checks import ALLOWED_LICENCES, REVIEWED, licence_ok  # noqa: F401 - part of this module's interface
 from train.provenance.report import Report, certificate_md, qualify, table, verdict
 from train.provenance.signing import SIGNATURE, signed_manifest
@@ -70,28 +68,57 @@ def verify(folder, public_key, *, replay: int | str = 0, replay_seed: int | None
     rep.accept_sampled = accept_sampled
     replay = dict(k=replay, seed=secrets.randbits(63) if replay_seed is None else replay_seed, tolerance=tolerance)
     weights = SafetensorsFile(folder / "model.safetensors")  # mapped once; unreadable: its checks say why
-    try:
-        with ThreadPoolExecutor(1) as pool:  # step 0 is rebuilt while the files hash: it needs only config and seed
-            early = pool.submit(lambda: rebuild_step0(json.loads((folder / RECORD).read_text()), weights))
-            _verify(rep, folder, public_key, early, weights, replay, allowed, reviewed, allow_derived, data_dir, audit)
+    try:  # one pool for the file hashing and the step-0 rebuild: one more thread than the cores, so that a thread
+        # waiting on the disk for a cold file leaves its core to the rebuild
+        with ThreadPoolExecutor(cpus() + 1) as pool:
+            _verify(rep, folder, public_key, pool, weights, replay, allowed, reviewed, allow_derived, data_dir, audit)
     finally:
         weights.close()
     return rep
 
 
-def _verify(rep, folder, public_key, early, weights, replay, allowed, reviewed, allow_derived, data_dir, audit) -> None:
+def read_certificate(folder: Path) -> tuple[bytes, dict]:
+    """provenance.json read once (these bytes are hashed, and parsed here) -> (bytes, record); ValueError saying why
+    it is no certificate of this schema (a link, a FIFO, not JSON, not a JSON object, another schema)."""
+    raw = read_small(folder / RECORD)
+    try:
+        rec = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"not JSON ({e})") from None
+    if not isinstance(rec, dict):
+        raise ValueError(f"is a JSON {type(rec).__name__}, not an object: no certificate the trainer writes; "
+                         f"re-export the checkpoint")
+    if rec.get("schema") != SCHEMA:
+        raise ValueError(f"schema {rec.get('schema')!r} is not {SCHEMA}")
+    return raw, rec
+
+
+def _verify(rep, folder, public_key, pool, weights, replay, allowed, reviewed, allow_derived, data_dir, audit) -> None:
+    try:
+        present = folder_files(folder, exclude={SIGNATURE})
+    except ValueError as e:
+        present, bad_folder = None, e
+    raw, rec, unreadable = None, None, "missing: not a committed checkpoint"
+    if present is not None and RECORD in present:
+        try:
+            raw, rec = read_certificate(folder)
+        except ValueError as e:
+            unreadable = f"unreadable: {e}"
+        hashed = submit_hashes(pool, folder, present, weights=weights, given={RECORD: raw} if raw else {})
+    elif present is not None:
+        hashed = submit_hashes(pool, folder, present, weights=weights)
+    # the rebuild needs only config and seed: its tensors queue behind the files and run while they hash
+    step0 = _submit_step0(pool, rec, weights) if rec is not None else None
     try:
         signed = signed_manifest(folder, public_key)
         rep.add("signature", SIGNATURE, True, f"valid for {Path(public_key).name}")
     except ValueError as e:
         signed = None
         rep.add("signature", SIGNATURE, False, str(e))
-    try:
-        present = folder_files(folder, exclude={SIGNATURE})
-    except ValueError as e:
-        rep.add("files", str(folder), False, str(e))
+    if present is None:
+        rep.add("files", str(folder), False, str(bad_folder))
         return
-    actual, witness = split_witness(hash_files(folder, present, weights=weights))
+    actual, witness = split_witness(hashed())
     if signed is not None:
         for name in sorted(set(signed) | set(actual)):
             if name not in actual:
@@ -100,15 +127,14 @@ def _verify(rep, folder, public_key, early, weights, replay, allowed, reviewed, 
                 rep.add("files", name, False, "present but not covered by the signature")
             elif signed[name] != actual[name]:
                 rep.add("files", name, False, "digest differs from the signed digest (file changed after signing)")
-    if RECORD not in actual:
-        rep.add("certificate", RECORD, False, "missing: not a committed checkpoint")
-        return
     try:
-        rec = json.loads((folder / RECORD).read_text())
-        assert rec.get("schema") == SCHEMA, f"schema {rec.get('schema')!r} is not {SCHEMA}"
+        if rec is None:
+            raise ValueError(unreadable)
         certified = rec["files"]["digests"]
-    except (ValueError, AssertionError, KeyError, TypeError) as e:
-        rep.add("certificate", RECORD, False, f"unreadable: {e}")
+        if not isinstance(certified, dict):
+            raise TypeError(f"files.digests is a JSON {type(certified).__name__}, not an object")
+    except (ValueError, KeyError, TypeError) as e:
+        rep.add("certificate", RECORD, False, str(e) if rec is None else f"unreadable: {e}")
         return
     for name in sorted(set(certified) | (set(actual) - {RECORD})):
         if not record_checks.inside(folder, name):
@@ -127,12 +153,7 @@ def _verify(rep, folder, public_key, early, weights, replay, allowed, reviewed, 
         rep.add("ranks", RECORD, False, f"could not be checked: {type(e).__name__}: {e}")
     if not any(c["check"] == "files" for c in rep.checks):
         rep.add("files", f"{len(actual)} files", True, "digests match the signature and the certificate")
-    step0 = []  # the step-0 rebuild, once, for completeness and init
-
-    def rebuilt():
-        if not step0:
-            step0.append(_step0(rec, weights, early))
-        return step0[0]
+    rebuilt = step0  # waits for the step-0 rebuild (tensors, distance), made once, for completeness and init
     # Each check is guarded: on tampered files a parser may raise; a check that cannot run has failed.
     for check, run in (("tensors", lambda: _check_tensors(rep, rec, weights)),
                        ("config", lambda: record_checks.check_configs(rep, folder, rec)),
@@ -170,38 +191,48 @@ def _check_tensors(rep: Report, rec: dict, weights: SafetensorsFile) -> None:
             rep.add("tensors", c, False, "component Merkle root differs from the certificate")
 
 
-def rebuild_step0(rec: dict, weights: SafetensorsFile) -> tuple[str, dict, dict]:
-    """Step 0 rebuilt from the record's model config and seed, tensors in parallel. -> (digest of the inputs,
-    per-tensor digests, per component the relative distance of `weights` from that step 0, ||w - w0|| / ||w0||,
-    None where it cannot be measured)."""
-    inputs = [rec["config"]["model"], rec["init"]["seed"], {n: d["dtype"] for n, d in rec["init"]["tensors"].items()}]
-    cfg = from_dict(ModelConfig, inputs[0], RECORD, "config.model.").validate(RECORD)
-    sq: dict[str, tuple[float, float]] = {}  # tensor -> (||w - w0||^2, ||w0||^2); nan where w is absent or misshapen
-
-    def visit(name: str, w0: torch.Tensor) -> None:  # in a rebuild thread, w0 already digested; w: a view of the file
-        w = weights.tensor(name)
-        if w is None or w.shape != w0.shape:
-            sq[name] = (math.nan, 0.0)
-            return
-        w0 = w0.float()
-        n0 = float(torch.linalg.vector_norm(w0)) ** 2
-        sq[name] = (float(torch.linalg.vector_norm(w0.sub_(w.float()))) ** 2, n0)  # in place: no third tensor
-    tensors = rebuild_init(cfg, inputs[1], inputs[2], visit=visit, workers=cpus())
-    acc: dict[str, list[float]] = {}
-    for name in tensors:  # summed in the model's order: the same floats whatever order the threads finished in
-        a = acc.setdefault(component_of(name), [0.0, 0.0])
-        a[0], a[1] = a[0] + sq[name][0], a[1] + sq[name][1]
-    distance = {c: math.sqrt(d / n) if n > 0 and math.isfinite(d) else None for c, (d, n) in acc.items()}
-    return digest_of(inputs), tensors, distance
+def rebuild_step0(rec: dict, weights: SafetensorsFile) -> tuple[dict, dict]:
+    """Step 0 rebuilt from the record's model config and seed, tensors in parallel. -> (per-tensor digests, per
+    component the relative distance of `weights` from that step 0, ||w - w0|| / ||w0||, None where it cannot be
+    measured)."""
+    with ThreadPoolExecutor(cpus()) as pool:
+        return _submit_step0(pool, rec, weights)()
 
 
-def _step0(rec: dict, weights: SafetensorsFile, early=None) -> tuple[dict, dict]:
-    """The early rebuild's (tensors, distance) when it was made from what the record says now, else a new one."""
-    init = rec["init"]
-    key, tensors, distance = early.result() if early is not None and early.exception() is None else ("", {}, {})
-    if key != digest_of([rec["config"]["model"], init["seed"], {n: d["dtype"] for n, d in init["tensors"].items()}]):
-        key, tensors, distance = rebuild_step0(rec, weights)  # the record changed, or the early start failed
-    return tensors, distance
+def _submit_step0(pool, rec: dict, weights: SafetensorsFile):
+    """`rebuild_step0` submitted to `pool` -> a function that waits and returns its result, or raises why the record's
+    config or seed could not be rebuilt (then the checks that need it fail, naming the reason)."""
+    try:
+        cfg = from_dict(ModelConfig, rec["config"]["model"], RECORD, "config.model.").validate(RECORD)
+        seed, dtypes = rec["init"]["seed"], {n: d["dtype"] for n, d in rec["init"]["tensors"].items()}
+        sq: dict[str, tuple[float, float]] = {}  # tensor -> (||w - w0||^2, ||w0||^2); nan where w is absent or misshapen
+
+        def visit(name: str, w0: torch.Tensor) -> None:  # in a pool thread, w0 already digested; w: a view of the file
+            w = weights.tensor(name)
+            if w is None or w.shape != w0.shape:
+                sq[name] = (math.nan, 0.0)
+                return
+            w0 = w0.float()
+            n0 = float(torch.linalg.vector_norm(w0)) ** 2
+            sq[name] = (float(torch.linalg.vector_norm(w0.sub_(w.float()))) ** 2, n0)  # in place: no third tensor
+        tensors = submit_init(pool, cfg, seed, dtypes, visit=visit)
+    except Exception as e:  # noqa: BLE001 - a record too malformed to rebuild from: the checks needing it say why
+        err = e
+
+        def failed():
+            raise err
+        return failed
+    done = []
+
+    def wait() -> tuple[dict, dict]:
+        if not done:
+            out, acc = tensors(), {}
+            for name in out:  # summed in the model's order: the same floats whatever order the threads finished in
+                a = acc.setdefault(component_of(name), [0.0, 0.0])
+                a[0], a[1] = a[0] + sq[name][0], a[1] + sq[name][1]
+            done.append((out, {c: math.sqrt(d / n) if n > 0 and math.isfinite(d) else None for c, (d, n) in acc.items()}))
+        return done[0]
+    return wait
 
 
 def _check_init(rep: Report, rec: dict, allow_derived: bool, tensors: dict, distance: dict) -> None:
