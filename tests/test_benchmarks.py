@@ -57,7 +57,8 @@ def test_bench_checkpoint(small_model):
 def test_bench_verify(tmp_path):
     record = tmp_path / "bench_verify.md"
     r = last_json("bench_verify.py", "--sizes", "64", "--repeat", "1", "--record", str(record))  # asserts each verify passed
-    assert finite(r["verify_vs_read"], r["cold_verify_vs_read"], r["warm_floor_vs_read"], r["warm_verify_vs_floor"])
+    assert finite(r["verify_vs_read"], r["cold_verify_vs_read"], r["warm_floor_vs_read"], r["warm_verify_vs_floor"],
+                  r["verify_cpu_vs_floor"]) and r["cold_resident"] < 0.05
     assert r["verify_vs_read"] > 0 and set(r["goals"]) == {"cold_verify_vs_read", "warm_verify_vs_floor"}
     # --record (scripts/bench_record.py) keeps the line with what makes it reproducible
     text = record.read_text()
