@@ -99,14 +99,13 @@ def _verify(rep, folder, public_key, pool, weights, replay, allowed, reviewed, a
     except ValueError as e:
         present, bad_folder = None, e
     raw, rec, unreadable = None, None, "missing: not a committed checkpoint"
-    if present is not None and RECORD in present:
-        try:
-            raw, rec = read_certificate(folder)
-        except ValueError as e:
-            unreadable = f"unreadable: {e}"
+    if present is not None:
+        if RECORD in present:
+            try:
+                raw, rec = read_certificate(folder)
+            except ValueError as e:
+                unreadable = f"unreadable: {e}"
         hashed = submit_hashes(pool, folder, present, weights=weights, given={RECORD: raw} if raw else {})
-    elif present is not None:
-        hashed = submit_hashes(pool, folder, present, weights=weights)
     # the rebuild needs only config and seed: its tensors queue behind the files and run while they hash
     step0 = _submit_step0(pool, rec, weights) if rec is not None else None
     try:
