@@ -7,9 +7,10 @@ CPU under bf16 autocast.
 `torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=...)` with the decoder's heads
 (query heads, KV heads, head dim from the config) on B x T tokens, the batch of scripts/bench_model.py, forward and
 backward from a random upstream gradient. The two dtypes alternate call by call in one process, so machine noise
-hits both alike; each round's ratio is bf16 median / fp32 median, the figure (`bf16_vs_fp32`) is the median of the
-rounds' ratios: above 1, bf16 is slower. `native_bf16` says whether the CPU computes bf16 matmuls itself (AMX or
-AVX512-BF16); without them bf16 is emulated and slower still. Last line: one JSON object.
+hits both alike; each round's ratio is bf16 median / fp32 median, the figure (`bf16_vs_fp32`, forward + backward;
+`backward_bf16_vs_fp32`, the backward call alone) is the median of the rounds' ratios: above 1, bf16 is slower.
+`native_bf16` says whether the CPU computes bf16 matmuls itself (AMX or AVX512-BF16); without them bf16 is emulated
+and slower still. Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -36,13 +37,15 @@ def make_step(B: int, T: int, H: int, K: int, Dh: int, dtype: torch.dtype):
     dy = torch.randn(B, H, T, Dh, generator=g).to(dtype)
     gqa = {"enable_gqa": True} if K != H else {}
 
-    def step() -> float:
+    def step() -> tuple[float, float]:
+        """(forward + backward seconds, backward seconds)"""
         t0 = time.perf_counter()
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
+        t1 = time.perf_counter()
         y.backward(dy)
-        dt = time.perf_counter() - t0
+        t2 = time.perf_counter()
         q.grad = k.grad = v.grad = None
-        return dt
+        return t2 - t0, t2 - t1
 
     return step
 
@@ -63,23 +66,27 @@ def main() -> None:
              for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     for s in steps.values():  # warm-up: first calls allocate and pick kernels
         s()
-    ratios, times = [], {"fp32": [], "bf16": []}
+    med = statistics.median
+    ratios, bwd_ratios, times = [], [], {"fp32": [], "bf16": []}
     for _ in range(args.rounds):
         rt = {"fp32": [], "bf16": []}
         for _ in range(args.steps):
             for name, s in steps.items():
                 rt[name].append(s())
-        ratios.append(statistics.median(rt["bf16"]) / statistics.median(rt["fp32"]))
+        ratios.append(med(t for t, _ in rt["bf16"]) / med(t for t, _ in rt["fp32"]))
+        bwd_ratios.append(med(b for _, b in rt["bf16"]) / med(b for _, b in rt["fp32"]))
         for name in rt:
             times[name] += rt[name]
     flags = cpu()["cpu_flags"]
     result = {"device": "cpu", "threads": torch.get_num_threads(), "batch": args.batch, "seq": args.seq,
               "heads": H, "kv_heads": K, "head_dim": Dh,
               "native_bf16": any(f in flags for f in ("amx_bf16", "avx512_bf16")),
-              "fp32_ms": round(1e3 * statistics.median(times["fp32"]), 3),
-              "bf16_ms": round(1e3 * statistics.median(times["bf16"]), 3),
-              "bf16_vs_fp32": round(statistics.median(ratios), 3),
-              "round_ratios": [round(r, 3) for r in ratios]}
+              "fp32_ms": round(1e3 * med(t for t, _ in times["fp32"]), 3),
+              "bf16_ms": round(1e3 * med(t for t, _ in times["bf16"]), 3),
+              "bf16_vs_fp32": round(med(ratios), 3),
+              "backward_bf16_vs_fp32": round(med(bwd_ratios), 3),
+              "round_ratios": [round(r, 3) for r in ratios],
+              "backward_round_ratios": [round(r, 3) for r in bwd_ratios]}
     finish(result, args.record)
 
 

@@ -47,4 +47,5 @@ def test_attention_dtype_bench_runs():
     r = last_json("bench_attention_dtype.py", "--batch", "1", "--seq", "32", "--rounds", "1", "--steps", "1")
     t = load_model_config(str(ROOT / "configs/model/tiny.yaml")).text
     assert (r["heads"], r["kv_heads"], r["head_dim"]) == (t.n_heads, t.n_kv_heads, t.dim // t.n_heads)
-    assert r["fp32_ms"] > 0 and r["bf16_ms"] > 0 and r["bf16_vs_fp32"] > 0 and len(r["round_ratios"]) == 1
+    assert r["fp32_ms"] > 0 and r["bf16_ms"] > 0 and r["bf16_vs_fp32"] > 0 and r["backward_bf16_vs_fp32"] > 0
+    assert len(r["round_ratios"]) == len(r["backward_round_ratios"]) == 1
