@@ -2,7 +2,7 @@
 CPU under bf16 autocast.
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_attention_dtype.py [--config configs/model/tiny.yaml]
-        [--batch 4] [--seq 256] [--rounds 7] [--steps 5] [--record docs/benchmarks/bench_attention_dtype.md]
+        [--batch 4] [--seq 256] [--rounds 7] [--steps 5] [--clock wall|cpu] [--record docs/benchmarks/bench_attention_dtype.md]
 
 `torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=...)` with the decoder's heads
 (query heads, KV heads, head dim from the config) on B x T tokens, the batch of scripts/bench_model.py, forward and
@@ -10,7 +10,8 @@ backward from a random upstream gradient. The two dtypes alternate call by call 
 hits both alike; each round's ratio is bf16 median / fp32 median, the figure (`bf16_vs_fp32`, forward + backward;
 `backward_bf16_vs_fp32`, the backward call alone) is the median of the rounds' ratios: above 1, bf16 is slower.
 `native_bf16` says whether the CPU computes bf16 matmuls itself (AMX or AVX512-BF16); without them bf16 is emulated
-and slower still. Last line: one JSON object.
+and slower still. `--clock cpu` times process CPU time: with one thread on a shared machine it ignores time spent
+preempted. Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from bench_record import add_record_argument, cpu, finish  # noqa: E402 - script
 
 from model import load_model_config  # noqa: E402
 
+CLOCK = time.perf_counter  # --clock cpu: time.process_time
+
 
 def make_step(B: int, T: int, H: int, K: int, Dh: int, dtype: torch.dtype):
     g = torch.Generator().manual_seed(0)
@@ -39,11 +42,11 @@ def make_step(B: int, T: int, H: int, K: int, Dh: int, dtype: torch.dtype):
 
     def step() -> tuple[float, float]:
         """(forward + backward seconds, backward seconds)"""
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
-        t1 = time.perf_counter()
+        t1 = CLOCK()
         y.backward(dy)
-        t2 = time.perf_counter()
+        t2 = CLOCK()
         q.grad = k.grad = v.grad = None
         return t2 - t0, t2 - t1
 
@@ -57,8 +60,12 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--steps", type=int, default=5, help="timed calls per round and dtype")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="wall time, or process CPU time (immune to preemption with one thread)")
     add_record_argument(ap)
     args = ap.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
 
     t = load_model_config(str(ROOT / args.config) if not Path(args.config).is_absolute() else args.config).text
     H, K, Dh = t.n_heads, t.n_kv_heads, t.dim // t.n_heads
@@ -78,7 +85,7 @@ def main() -> None:
         for name in rt:
             times[name] += rt[name]
     flags = cpu()["cpu_flags"]
-    result = {"device": "cpu", "threads": torch.get_num_threads(), "batch": args.batch, "seq": args.seq,
+    result = {"device": "cpu", "threads": torch.get_num_threads(), "clock": args.clock, "batch": args.batch, "seq": args.seq,
               "heads": H, "kv_heads": K, "head_dim": Dh,
               "native_bf16": any(f in flags for f in ("amx_bf16", "avx512_bf16")),
               "fp32_ms": round(1e3 * med(t for t, _ in times["fp32"]), 3),
