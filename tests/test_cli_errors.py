@@ -112,6 +112,7 @@ MISTAKES = [
     (["audit", "runs/nope", "--reference", "key.pub"],
      "omniscratch audit: runs/nope: no such checkpoint, model folder or weight file"),
     # the references are checked before the audit's progress line: the mistake is the only line
+    (["data", "which", "runs/nope", "--step", "1"], "omniscratch data which: runs/nope: no such run or checkpoint folder"),
     (["audit", "key.pub", "--reference", "nothere"], "omniscratch audit: nothere: no such file or folder"),
     (["audit", "key.pub", "--reference", "refdir"],
      "omniscratch audit: refdir/optim_states.pt: cannot read weights (it pickles Python objects besides tensors, e.g. "
