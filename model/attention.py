@@ -19,7 +19,8 @@ Notable choices:
   The data pipeline knows them when it packs (`Batch.doc_lens`), the vision encoder from its items' shapes;
   `doc_lengths` derives them from doc ids for callers that have only those: one device->host copy per forward.
 - On CPU attention runs in fp32 whatever the autocast or weight dtype: PyTorch's CPU flash-attention backward is
-  ~1.8x slower in bf16 than in fp32 (scripts/bench_model.py's shapes), and RoPE already hands over fp32 q and k.
+  2.0x slower in bf16 than in fp32, forward + backward 1.6x, even with AMX (the tiny decoder's heads on 4 x 256
+  tokens: docs/benchmarks/bench_attention_dtype.md), and RoPE already hands over fp32 q and k.
   Elsewhere it runs in v's dtype (bf16 flash kernels on GPU).
 Shapes: B rows, T time, H query heads, K kv heads, Dh head dim.
 """

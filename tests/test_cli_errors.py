@@ -8,6 +8,7 @@ them; only the last test starts ranks.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import subprocess
@@ -55,6 +56,9 @@ def workspace(base: Path) -> None:
     (base / "key.pub").write_text("not a key, but a file")
     (base / "keys").mkdir()
     (base / "keys" / "signing.key").write_text("a key pair made earlier")
+    (base / "ds_owned.json").write_text('{"zero_optimization": {"stage": 2}, "train_batch_size": 8}')
+    (base / "refdir").mkdir()  # a torch file that pickles Python objects, as DeepSpeed's optimizer state does
+    torch.save({"state": argparse.Namespace(step=1)}, base / "refdir" / "optim_states.pt")
 
 
 W = "run.yaml (with overrides"
@@ -107,6 +111,16 @@ MISTAKES = [
     (["generate", "runs/nope", "--prompt", "hi"], "omniscratch generate: runs/nope: no such run or checkpoint folder"),
     (["audit", "runs/nope", "--reference", "key.pub"],
      "omniscratch audit: runs/nope: no such checkpoint, model folder or weight file"),
+    # the references are checked before the audit's progress line: the mistake is the only line
+    (["data", "which", "runs/nope", "--step", "1"], "omniscratch data which: runs/nope: no such run or checkpoint folder"),
+    (["audit", "key.pub", "--reference", "nothere"], "omniscratch audit: nothere: no such file or folder"),
+    (["audit", "key.pub", "--reference", "refdir"],
+     "omniscratch audit: refdir/optim_states.pt: cannot read weights (it pickles Python objects besides tensors, e.g. "
+     "a DeepSpeed optimizer state); pass safetensors or torch state-dict files (torch files must load with "
+     "weights_only=True)"),
+    (["train", "--config", "run.yaml", "deepspeed=ds_owned.json"],
+     "omniscratch train: ds_owned.json: key 'train_batch_size' is set by the run config: remove it from the DeepSpeed "
+     "JSON and set micro_batch and grad_accum (train_batch_size = micro_batch x grad_accum x ranks) in the run config"),
     # the local launcher checks before it starts ranks: one line, not one traceback per rank
     (["train", "--config", "run.yaml", "data.dir=nodata", "--nproc-per-node", "2"],
      f"omniscratch train: {W} data.dir=nodata): key 'data.dir': folder nodata not found: write the built-in corpus "
@@ -169,6 +183,10 @@ def test_version_and_defaults_in_every_help(capsys):
             main(argv)
         out = " ".join(capsys.readouterr().out.split())  # as wrapped for any terminal width
         assert e.value.code == 0 and shown in out, out
+    with pytest.raises(SystemExit):
+        main(["audit", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "matrices) --alpha" in out and "(default: True)" not in out  # a flag shows no default
 
 
 def test_one_spelling_for_the_data_folder_and_runs_name_for_verify(tmp_path):
@@ -189,3 +207,20 @@ def test_one_spelling_for_the_data_folder_and_runs_name_for_verify(tmp_path):
     (root / "latest").write_text("step_000004\n")
     assert checkpoint_folder(str(tmp_path / "runs" / "r")) == root / "step_000004"
     assert checkpoint_folder(str(root / "step_000002")) == root / "step_000002"
+
+
+def test_a_run_or_checkpoint_folder_as_audit_reference_is_its_model_weights(tmp_path):
+    """`audit --reference runs/NAME` (or a checkpoint folder, or a folder holding runs) reads the model.safetensors of
+    each checkpoint, not the DeepSpeed optimizer state beside it under ds/."""
+    from safetensors.torch import save_file
+
+    from train.audit.weights import reference_files
+
+    ck = tmp_path / "runs" / "r" / "checkpoints" / "step_000002"
+    (ck / "ds").mkdir(parents=True)
+    save_file({"w": torch.ones(2, 2)}, ck / "model.safetensors")
+    (ck / "provenance.json").write_text("{}")
+    torch.save({"state": argparse.Namespace(step=1)}, ck / "ds" / "optim_states.pt")
+    (ck.parent / "latest").write_text("step_000002\n")
+    for ref in (ck, tmp_path / "runs" / "r", tmp_path / "runs"):
+        assert reference_files([str(ref)]) == [ck / "model.safetensors"], ref

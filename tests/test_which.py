@@ -96,7 +96,7 @@ def test_listed_rows_fed_again_reproduce_the_batch_of_the_step(run, tmp_path):
 def test_bad_input_is_named_with_what_to_do(run, tmp_path):
     def fails(*args: str) -> str:
         res = cli("data", "which", *map(str, args), check=False)
-        assert res.returncode == 1, res.stdout + res.stderr
+        assert res.returncode == 2, res.stdout + res.stderr
         return res.stderr
 
     assert "no such run or checkpoint folder" in fails(tmp_path / "nowhere", "--step", "1")

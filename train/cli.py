@@ -37,8 +37,9 @@ SUBCOMMANDS = {
 
 def _shows_default(action: argparse.Action) -> bool:
     d = action.default
-    return (bool(action.option_strings) or action.nargs in ("?", "*")) and not (
-        d is None or d is False or d == [] or d is argparse.SUPPRESS or action.help == argparse.SUPPRESS)
+    return (bool(action.option_strings) or action.nargs in ("?", "*")) and not (  # nargs 0: a flag (store_true/false)
+        d is None or d is False or d == [] or d is argparse.SUPPRESS or action.help == argparse.SUPPRESS
+        or action.nargs == 0)
 
 
 class HelpFormatter(argparse.HelpFormatter):

@@ -13,6 +13,7 @@ Notable choices:
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -203,7 +204,35 @@ def validate(cfg: RunConfig, where: str) -> RunConfig:
         if not Path(getattr(cfg, key)).is_file():
             raise UsageError(f"{where}: key '{key}': file {getattr(cfg, key)} not found "
                              f"(paths are relative to the working directory)")
+    read_deepspeed_json(cfg.deepspeed)
     return cfg
+
+
+# DeepSpeed keys the run config decides (train/parallel/engine.py writes them), and the run-config key to use instead
+RUN_OWNED_DS_KEYS = {
+    "train_batch_size": "micro_batch and grad_accum (train_batch_size = micro_batch x grad_accum x ranks)",
+    "train_micro_batch_size_per_gpu": "micro_batch",
+    "gradient_accumulation_steps": "grad_accum",
+    "gradient_clipping": "optim.grad_clip",
+    "bf16": "precision", "fp16": "precision",
+    "optimizer": "optim.lr, optim.beta1, optim.beta2, optim.eps, optim.weight_decay",
+    "scheduler": "optim.warmup_steps, optim.min_lr_ratio, steps",
+}
+
+
+def read_deepspeed_json(path: str) -> dict:
+    """The DeepSpeed JSON as a dict; a UsageError if it is not JSON or sets a key the run config owns."""
+    try:
+        ds = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(ds, dict):
+        raise UsageError(f"{path}: the DeepSpeed config must be a JSON object")
+    for key, instead in RUN_OWNED_DS_KEYS.items():
+        if key in ds:
+            raise UsageError(f"{path}: key '{key}' is set by the run config: remove it from the DeepSpeed JSON and set "
+                             f"{instead} in the run config")
+    return ds
 
 
 def validate_sources(data: DataConfig, where: str) -> None:

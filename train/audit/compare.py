@@ -298,6 +298,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         if not Path(args.checkpoint).exists():  # a wrong path: its one line, and no progress line before it
             raise ValueError(f"{args.checkpoint}: no such checkpoint, model folder or weight file")
+        reference_files(args.reference), reference_files(list(args.null or []))  # the same for the other paths
         print(f"omniscratch audit: comparing {args.checkpoint} with {', '.join(args.reference)} ...", file=sys.stderr,
               flush=True)
         result = run_audit(args.checkpoint, args.reference, args.null, args.alpha, args.components, args.subblock)

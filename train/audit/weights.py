@@ -15,6 +15,7 @@ Notable choices:
 from __future__ import annotations
 
 import functools
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,9 +97,18 @@ def read_file(file: Path) -> list[Entry]:
                 if t.is_floating_point():
                     out.append(_sketch_entry(file, name, t.shape, t.dtype in _COARSE, t, lambda t=t: t))
     except Exception as e:  # noqa: BLE001 - any reader error becomes one message naming the file
-        raise ValueError(f"{file}: cannot read weights ({type(e).__name__}: {e}); pass safetensors or torch "
-                         f"state-dict files (torch files must load with weights_only=True)") from None
+        raise _unreadable(file, e) from None
     return [e for e in out if e is not None]
+
+
+def _unreadable(file: Path, e: Exception) -> ValueError:
+    """One line: torch's unpickling errors run to ten lines with terminal escapes."""
+    if isinstance(e, pickle.UnpicklingError):
+        why = "it pickles Python objects besides tensors, e.g. a DeepSpeed optimizer state"
+    else:
+        why = f"{type(e).__name__}: " + re.sub(r"\x1b\[[0-9;]*m", "", (str(e).strip().splitlines() or [""])[0])[:200]
+    return ValueError(f"{file}: cannot read weights ({why}); pass safetensors or torch "
+                      f"state-dict files (torch files must load with weights_only=True)")
 
 
 def _readable(file: Path) -> Path:
@@ -106,17 +116,34 @@ def _readable(file: Path) -> Path:
         raise ValueError(f"{file}: a {file.suffix} weight file, a format the audit cannot read ({', '.join(READABLE)}); "
                          f"convert it to safetensors (e.g. load it and `safetensors.torch.save_file` its tensors) and "
                          f"pass that file, or move it out of the reference folder")
+    if file.suffix != ".safetensors":  # a torch file that only unpickles Python objects: said before any work starts
+        try:
+            torch.load(file, map_location="meta", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) format: read_file loads it without mmap
+            pass
+        except Exception as e:  # noqa: BLE001 - as read_file
+            raise _unreadable(file, e) from None
     return file
 
 
+def _model_weights(f: Path, top: Path) -> bool:
+    """False for the files of an omniscratch checkpoint (a folder holding its commit marker) other than its
+    model.safetensors: the DeepSpeed shards under ds/ are optimizer state, no part of the model."""
+    return not any((q / ckpt.MARKER).is_file() and f != q / ckpt.WEIGHTS for q in f.parents if q.is_relative_to(top))
+
+
 def reference_files(paths: list[str]) -> list[Path]:
-    """Every weight file named or found (recursively) in a named folder; one the audit cannot read is an error."""
+    """Every weight file named or found (recursively) in a named folder; one the audit cannot read is an error. An
+    omniscratch run or checkpoint folder stands for its latest committed model.safetensors."""
     files = []
     for p in map(Path, paths):
-        if p.is_file():
+        if p.is_dir() and ((p / ckpt.MARKER).is_file() or ckpt.read_latest(p) or ckpt.read_latest(p / "checkpoints")):
+            files.append(ckpt.resolve(p) / ckpt.WEIGHTS)
+        elif p.is_file():
             files.append(_readable(p))
         elif p.is_dir():
-            found = sorted(_readable(f) for f in p.rglob("*") if f.is_file() and f.suffix in ckpt.WEIGHT_SUFFIXES)
+            found = sorted(_readable(f) for f in p.rglob("*") if f.is_file() and f.suffix in ckpt.WEIGHT_SUFFIXES
+                           and _model_weights(f, p))
             if not found:
                 raise ValueError(f"{p}: no weight files ({', '.join(READABLE)}) in this folder or below")
             files += found

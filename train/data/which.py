@@ -1,4 +1,4 @@
-"""`omniscratch data which RUN_OR_CKPT --step N[-M] [--json] [--data-dir DIR]`: the samples that trained step N.
+"""`omniscratch data which CHECKPOINT --step N[-M] [--json] [--data-dir DIR]`: the samples that trained step N.
 
 For each step: every document piece of the step's global batch with its global sample index, source, source row,
 shard file (+ sha256) and row in that shard, the token span of the document that the step saw, and the licence.
@@ -198,7 +198,7 @@ def table(ans: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", metavar="RUN_OR_CKPT", help="runs/NAME (its latest checkpoint) or a checkpoint folder")
+    parser.add_argument("checkpoint", help="committed checkpoint folder, or a run (or its checkpoints/) folder: its latest")
     parser.add_argument("--step", required=True, help="a step (7) or an inclusive range (10-20)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--data-dir", help="the data the run read (default: data.dir of the run config); for a run with "
@@ -207,9 +207,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        ans = which(args.run, parse_steps(args.step), args.data_dir)
-    except WhichError as e:
+        ans = which(args.checkpoint, parse_steps(args.step), args.data_dir)
+    except WhichError as e:  # a user's mistake: one line, exit 2 as every command
         print(f"omniscratch data which: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(json.dumps(ans) if args.json else table(ans))
     return 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import io
 import sys
+import wave
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,8 +62,9 @@ def video_frames(path: str | Path) -> list[tuple[str, bytes]]:
             buf = io.BytesIO()
             frame.convert("RGB").save(buf, format="PNG")
             frames.append((f"{path} frame {k}", buf.getvalue()))
-    except Exception as e:  # PIL raises several types for unreadable files
-        raise ValueError(f"--video {path}: not a readable image sequence: {e}") from None
+    except Exception:  # PIL raises several types for unreadable files, naming its in-memory buffer, not the file
+        raise ValueError(f"--video {path}: not a readable image sequence (GIF, APNG, TIFF) or image file, nor a folder "
+                         f"of frame images: the file is damaged or of another kind") from None
     return frames
 
 
@@ -101,7 +103,22 @@ def _check(flag: str, path, decode, *args) -> None:
     try:
         decode(*args)
     except ValueError as e:
-        raise ValueError(f"{flag} {path}: {e}") from None
+        raise ValueError(f"{flag} {path}: {_why(flag, args[0], e)}") from None
+
+
+def _why(flag: str, data, e: ValueError) -> str:
+    """The decoder's reason, said for a file: PIL names its in-memory buffer (`<_io.BytesIO object at 0x..>`) and
+    the wave module raises some errors without a message (a truncated header)."""
+    if flag != "--audio":
+        if "corrupt image bytes" in str(e):
+            return "not an image file PIL can read (PNG, JPEG, GIF, WebP, ...): the file is damaged or of another kind"
+        return str(e)
+    try:
+        wave.open(io.BytesIO(data)).close()
+    except Exception as w:  # noqa: BLE001 - wave raises wave.Error, EOFError, RuntimeError
+        reason = str(w) or {EOFError: "the file ends inside its header"}.get(type(w), "its header is damaged")
+        return f"not a readable WAV file ({reason}); pass 16-bit PCM WAV"
+    return str(e)
 
 
 # ---- decoding ----------------------------------------------------------------------------------
@@ -185,14 +202,14 @@ def stream_text(tok, tokens: Iterator[int], out=None) -> list[int]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="committed checkpoint folder, or a run (or its checkpoints/) folder: its latest")
-    parser.add_argument("--prompt", required=True, help="text; put <|image|>/<|video|>/<|audio|> where media go (default: first)")
+    parser.add_argument("--prompt", required=True, help="text; put <|image|>/<|video|>/<|audio|> where the media go")
     parser.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
     parser.add_argument("--video", help="folder of frame images, or a GIF/APNG/TIFF")
     parser.add_argument("--audio", help="16-bit PCM WAV at the model's sample rate")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass when sampling, in (0, 1]")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
 
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import datetime
 import gc
-import json
 import math
 import os
 import socket
@@ -57,13 +56,11 @@ from model import OmniModel, init_tensor, init_weights
 from model.components import component_of
 from model.config import ModelConfig
 from train import checkpoint as ckpt
+from train.config import read_deepspeed_json
 from train.parallel import zero
 
+
 # keys of the DeepSpeed JSON that the run config owns: the JSON says how to shard, the run config what to train
-RUN_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                  "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler")
-
-
 @dataclass(frozen=True)
 class Dist:
     rank: int
@@ -149,14 +146,7 @@ def pick_precision(requested: str, device: torch.device) -> tuple[str, str]:
 def deepspeed_config(path: str, *, micro_batch: int, grad_accum: int, world_size: int, grad_clip: float,
                      precision: str, load_universal: bool = False) -> dict:
     """The DeepSpeed JSON (ZeRO stage, offload, buckets) completed with what the run config decides."""
-    try:
-        ds = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON: {e}") from None
-    for key in RUN_OWNED_KEYS:
-        if key in ds:
-            raise ValueError(f"{path}: key '{key}' is set by the run config (micro_batch, grad_accum, precision, "
-                             f"optim.*); remove it from the DeepSpeed JSON")
+    ds = read_deepspeed_json(path)  # a UsageError for a key the run config owns
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if precision == "bf16" and stage == 0:
         raise ValueError(f"{path}: bf16 with ZeRO stage 0 would update bf16 weights without fp32 masters in DeepSpeed; "
