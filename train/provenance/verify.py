@@ -52,7 +52,7 @@ from train.provenance.hashing import (
     folder_files,
     hash_files,
 )
-from train.provenance.record import RECORD, SCHEMA, digest_of, rebuild_init, split_witness
+from train.provenance.record import RECORD, SCHEMA, digest_of, rebuild_init, split_names, witness_found, witness_listing
 from train.provenance.record_checks import ALLOWED_LICENCES, REVIEWED, licence_ok  # noqa: F401 - part of this module's interface
 from train.provenance.report import Report, certificate_md, qualify, table, verdict
 from train.provenance.signing import SIGNATURE, signed_manifest
@@ -91,7 +91,8 @@ def _verify(rep, folder, public_key, early, weights, replay, allowed, reviewed, 
     except ValueError as e:
         rep.add("files", str(folder), False, str(e))
         return
-    actual, witness = split_witness(hash_files(folder, present, weights=weights))
+    release, resume = split_names(present)  # ds/ is listed by size, not hashed (record.witness_manifest)
+    actual = hash_files(folder, release, weights=weights)
     if signed is not None:
         for name in sorted(set(signed) | set(actual)):
             if name not in actual:
@@ -119,10 +120,16 @@ def _verify(rep, folder, public_key, early, weights, replay, allowed, reviewed, 
             rep.add("files", name, False, "present but not listed in the certificate")
         elif certified[name] != actual[name]:
             rep.add("files", name, False, "digest differs from the certificate")
+    try:
+        claim = rec["files"].get("witness")
+        witness = witness_found(folder, resume, claim)
+    except (OSError, ValueError) as e:
+        rep.add("witness", "ds/", False, f"could not be read: {e}")
+        claim, witness = None, {}
     record_checks.check_witness(rep, rec, witness)
     try:
         record_checks.check_layout(rep, sorted(set(actual) | set(certified) | set(witness)
-                                               | set(rec["files"].get("witness", {}).get("digests", {}))), rec)
+                                               | set(witness_listing(claim))), rec)
     except Exception as e:  # noqa: BLE001 - a record too malformed to read its layout claims fails, named
         rep.add("ranks", RECORD, False, f"could not be checked: {type(e).__name__}: {e}")
     if not any(c["check"] == "files" for c in rep.checks):
