@@ -15,8 +15,11 @@ from distributed.train_env import cli
 from verify_runs import failures
 
 from train import checkpoint as ckpt
+from train.provenance.digest import digest_of
+from train.provenance.hashing import folder_files, hash_files
 from train.provenance.record import RECORD
 from train.provenance.replay import choose, replayable
+from train.provenance.signing import sign_checkpoint
 from train.provenance.verify import verify
 from train.provenance.witness import resume_state_problems
 
@@ -113,3 +116,23 @@ def test_the_release_form_verifies_without_its_witness_bundle(honest, tmp_path):
     (release / "ds" / "rng_rank0.pt").write_bytes(b"other")
     assert failures(verify(release, honest[2])) == [
         ("files", "ds/rng_rank0.pt", "size differs from the certificate's witness manifest")]
+
+
+def test_a_certificate_whose_witness_manifest_holds_digests_still_verifies(honest, honest_copy):
+    """Certificates written before the manifest listed sizes bound each ds/ file's digest: verify hashes ds/ for
+    them, and a changed byte there is named as before."""
+    rec = json.loads((honest_copy / RECORD).read_text())
+    names = [n for n in folder_files(honest_copy) if n.startswith("ds/")]
+    digests = hash_files(honest_copy, names)
+    rec["files"]["witness"] = {"digest": digest_of(digests), "digests": digests}
+    rec["chain"][-1]["witness"] = digest_of(digests)
+    (honest_copy / RECORD).write_text(json.dumps(rec, indent=2, sort_keys=True))
+    sign_checkpoint(honest_copy, honest[1])
+    rep = verify(honest_copy, honest[2])
+    assert not rep.failures and any(c["check"] == "witness" and c["reason"].endswith("(digests)") for c in rep.checks)
+    data = bytearray((honest_copy / names[0]).read_bytes())
+    data[len(data) // 2] ^= 1
+    (honest_copy / names[0]).write_bytes(bytes(data))
+    assert failures(verify(honest_copy, honest[2])) == [
+        ("files", names[0], "digest differs from the certificate's witness manifest")]
+
