@@ -68,8 +68,14 @@ def finish(job: SaveJob) -> dict:
 
         def sign(tmp: Path) -> None:  # the certificate's digests of the release files: each byte hashed once
             sign_checkpoint(tmp, job.sign_key, digests=record["files"]["digests"], name=final_name)
+
+    def seal(tmp: Path) -> None:  # after the marker and signature, before the rename: the last point to give up
+        if sign is not None:
+            sign(tmp)
+        if orphaned():
+            os._exit(ORPHAN_EXIT)
     with committing():
-        final = ckpt.commit(job.tmp, record, sign=sign)
+        final = ckpt.commit(job.tmp, record, sign=seal)
         ckpt.write_latest(final.parent, final)
         ckpt.retain(final.parent, job.keep_last, job.keep_every, job.witness_every)
     return {"final": str(final), "chain": record["chain"]}

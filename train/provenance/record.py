@@ -350,7 +350,8 @@ def witness_manifest(folder: Path, names: list[str]) -> dict[str, int]:
 def witness_listing(claim: dict) -> dict:
     """The resume-state listing a certificate binds: {path: size}, or {path: digest} in certificates whose witness
     manifest held digests (written before sizes replaced them; still verified, by hashing ds/)."""
-    return claim.get("sizes", claim.get("digests", {})) if isinstance(claim, dict) else {}
+    listed = claim.get("sizes", claim.get("digests")) if isinstance(claim, dict) else None
+    return listed if isinstance(listed, dict) else {}
 
 
 def witness_found(folder: Path, names: list[str], claim: dict) -> dict:

@@ -5,7 +5,8 @@ The trainer holds the signing key and can run any code, so every field of proven
 Established here (a failure names the file or component and the reason): the signature (model-signing: who signed);
 every release file's digest against the signature and the certificate, and the witness bundle ds/ (the resume state,
 needed only for replay; absent from a release, which then verifies with replay reported unavailable) against the
-manifest the certificate binds; model.safetensors' tensor digests; completeness (the
+manifest of file names and sizes the certificate binds (what a replay takes from it is checked first: witness.py);
+model.safetensors' tensor digests; completeness (the
 weights file holds exactly the model of the certified config, every component in every map of the record, run seed
 = init seed; train/provenance/completeness.py); the lineage chain's hash links back to init (and any kept older
 checkpoint); step 0 rebuilt from config and seed, per component; tokenizer and data-manifest digests; with --replay,
