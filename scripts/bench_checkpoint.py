@@ -20,8 +20,13 @@ Last line, one JSON object (means over saves; a save's blocked time is its slowe
                              (goal <= 1.1); rank_save_extra_over_shards: the growth over the bytes of the rank's own
                              DeepSpeed shards (its parameters and optimizer states)
   worker_peak_over_rank_state   the background process's peak resident memory over rank 0's as the save began
-  hashed_over_weights        bytes hashed per save (every file once, provenance.json once more for the signature)
-                             over the bytes of model.safetensors
+  hashed_over_weights        bytes hashed per save (counted in the background job; provenance.json once more for
+                             the signature) over the bytes of model.safetensors (goal <= 1.05)
+  at_scale                   the goal formulas (goals.py below) for the 1b and 7b model configs under their GPU run
+                             configs' ZeRO stage, 8 ranks per node: rank_peak_over_state as a rank's training state
+                             plus the one consolidated fp32 tensor a save holds (the largest) over its training
+                             state; hashed_over_weights as the fp32 weights plus the release's small files
+                             (OTHER_BYTES: tokenizer, configs, certificate, an allowance) over the fp32 weights
 """
 
 from __future__ import annotations
@@ -58,15 +63,19 @@ def _record(name, row):
 if os.environ.get("BENCH_CKPT_OUT") and "RANK" in os.environ:
     if "--multiprocessing-fork" in sys.argv:  # the background save's worker (spawned by rank 0)
         import train.provenance.background as B
-        _finish = B.finish
+        import train.provenance.record as R
+        _finish, _hash, _hashed = B.finish, R.hash_files, [0]
+        def hash_files(folder, names, *a, **k):  # the certificate's hashing: every byte it reads
+            _hashed[0] += sum(os.path.getsize(os.path.join(folder, n)) for n in names)
+            return _hash(folder, names, *a, **k)
         def finish(job):
             _reset_peak()
-            rss, t = _status("VmRSS"), time.perf_counter()
+            rss, t, _hashed[0] = _status("VmRSS"), time.perf_counter(), 0
             out = _finish(job)
             _record("worker.jsonl", {"step": job.step, "job_s": time.perf_counter() - t, "rss": rss,
-                                     "peak": _status("VmHWM")})
+                                     "peak": _status("VmHWM"), "hashed": _hashed[0]})
             return out
-        B.finish = finish
+        B.finish, R.hash_files = finish, hash_files
     else:
         import train.pretrain as P
         _save, _collect, _in = P.save_checkpoint, P.collect_save, {"save": False, "wait": 0.0}
@@ -121,14 +130,54 @@ def run(work: Path, args, async_save: bool) -> dict:
     files = [p for p in folder.rglob("*") if p.is_file() and p.name != "model.sig"]
     shards = [sum(p.stat().st_size for p in files if (m := re.search(r"zero_pp_rank_(\d+)", p.name)) and int(m[1]) == r)
               for r in range(2)]
-    hashed = sum(p.stat().st_size for p in files) + (folder / "provenance.json").stat().st_size
+    # the certificate's hashing (counted in the worker) and the signature's, which hashes only provenance.json
+    jobs = rows(out / "worker.jsonl")
+    hashed = mean(j["hashed"] for j in jobs) + (folder / "provenance.json").stat().st_size
     return {"blocked_s": mean(max(r["blocked_s"] for r in s) for s in saves),
             "snapshot_s": mean(max(r["blocked_s"] - r["wait_s"] for r in s) for s in saves),
             "wait_s": mean(max(r["wait_s"] for r in s) for s in saves),
             "peak_over_state": max(r["peak"] / r["rss"] for s in saves for r in s),
             "extra_over_shards": max((r["peak"] - r["rss"]) / shards[i] for s in saves for i, r in enumerate(s)),
-            "jobs": rows(out / "worker.jsonl"), "rank0_rss": mean(s[0]["rss"] for s in saves),
+            "jobs": jobs, "rank0_rss": mean(s[0]["rss"] for s in saves),
             "hashed_over_weights": hashed / (folder / "model.safetensors").stat().st_size, "saves": len(saves)}
+
+
+# The release files other than the weights that a save hashes (tokenizer.json of a 64K vocabulary ~4 MB, configs,
+# data manifest, SLSA statement, provenance.json with a digest per tensor and the lineage): an allowance of 32 MB.
+OTHER_BYTES = 32 << 20
+# (model config, ZeRO stage of its GPU run config, ranks): configs/run/1b_gpu.yaml (ZeRO-2, one node of 8) and
+# configs/run/7b_gpu.yaml (ZeRO-3, 4 nodes of 8; one node shown too)
+AT_SCALE = (("1b", 2, 8), ("7b", 3, 8), ("7b", 3, 32))
+
+
+def state_bytes(params: int, stage: int, ranks: int) -> float:
+    """A rank's training state in bf16 mixed precision with AdamW: bf16 weights (2 B per parameter; partitioned
+    under ZeRO-3), fp32 gradients (4 B; partitioned under ZeRO-2 and 3), fp32 master weights and two fp32 moments
+    (12 B, partitioned under ZeRO-1 and up)."""
+    weights = 2 * params / (ranks if stage >= 3 else 1)
+    grads = 4 * params / (ranks if stage >= 2 else 1)
+    return weights + grads + 12 * params / ranks
+
+
+def at_scale() -> dict:
+    """The goal formulas for the large configs, from their tensor shapes (built on the meta device)."""
+    import torch
+
+    from model import OmniModel
+    from model.config import load_model_config
+
+    out = {}
+    for name, stage, ranks in AT_SCALE:
+        cfg = load_model_config(ROOT / "configs" / "model" / f"{name}.yaml")
+        with torch.device("meta"):
+            shapes = [p.numel() for p in OmniModel(cfg).parameters()]
+        params, largest = sum(shapes), max(shapes)
+        state = state_bytes(params, stage, ranks)
+        out[f"{name}_zero{stage}_{ranks}ranks"] = {
+            "params": params, "rank_state_gb": state / 1e9, "largest_tensor_fp32_gb": 4 * largest / 1e9,
+            "rank_peak_over_state": (state + 4 * largest) / state,
+            "hashed_over_weights": (4 * params + OTHER_BYTES) / (4 * params)}
+    return out
 
 
 def main() -> None:
@@ -168,6 +217,7 @@ def main() -> None:
         "inline_rank_peak_over_state": i["peak_over_state"],
         "worker_peak_over_rank_state": max(j["peak"] for j in jobs) / a["rank0_rss"],
         "hashed_over_weights": a["hashed_over_weights"],
+        "at_scale": at_scale(),
     }
     finish(result, args.record)
 

@@ -16,7 +16,7 @@ from model import OmniModel, init_weights
 from model.config import ModelConfig, from_dict
 from train.provenance.digest import component_roots
 from train.provenance.hashing import folder_files, hash_files, safetensors_digests
-from train.provenance.record import RECORD, SLSA, digest_of, init_digest, split_witness
+from train.provenance.record import RECORD, SLSA, digest_of, init_digest, split_names, witness_manifest
 from train.provenance.signing import SIGNATURE, init_keys, sign_checkpoint
 
 
@@ -51,9 +51,10 @@ def recertify(folder: Path, key, edit=None, relink_chain: bool = True) -> None:
     slsa = json.loads((folder / SLSA).read_text())
     slsa["subject"][0]["digest"]["blake3"] = hash_files(folder, ["model.safetensors"])["model.safetensors"]
     (folder / SLSA).write_text(json.dumps(slsa))
-    files, witness = split_witness(hash_files(folder, folder_files(folder, exclude={RECORD, SIGNATURE})))
+    release, resume = split_names(folder_files(folder, exclude={RECORD, SIGNATURE}))
+    files, witness = hash_files(folder, release), witness_manifest(folder, resume)
     rec["files"]["digests"] = files
-    rec["files"]["witness"] = {"digest": digest_of(witness), "digests": witness}
+    rec["files"]["witness"] = {"digest": digest_of(witness), "sizes": witness}
     rec["chain"][-1]["witness"] = digest_of(witness)
     rec["tensors"] = safetensors_digests(folder / "model.safetensors")
     rec["weights"] = component_roots(rec["tensors"])

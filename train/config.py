@@ -89,8 +89,8 @@ class CheckpointConfig:
     # master 4 + moments 8, + the bf16 module copy 2 in bf16), so ~16-20 B per parameter: ~130 GB per witness at 7B.
     witness_every: int = 0
     export: bool = True  # consolidated model.safetensors beside the DeepSpeed state (for evaluation)
-    # The certificate (hashing every file, update sizes) and the signature run in a background process while training
-    # goes on: the ranks wait only for the snapshot, which at 7B is a fraction of the hashing of ~100 GB of state.
+    # The certificate (hashing the release files, ~the weights' bytes; ds/ is listed by size), update sizes and the
+    # signature run in a background process while training goes on: the ranks wait only for the snapshot.
     # false runs the same work inline in rank 0, for debugging (one process, tracebacks where they happen).
     async_save: bool = True
 

@@ -15,7 +15,8 @@ provenance.json, slsa_provenance.json, data_manifest.json, model.sig when signed
 nothing added and nothing rewritten, so `omniscratch verify EXPORT --public-key KEY` passes on the export exactly
 as on the checkpoint (tested). `--without-resume-state` writes the release form: ds/ (the resume state: optimizer,
 RNG, DeepSpeed shards, ~3x the weights) is the witness bundle, which the signature does not cover and the signed
-certificate binds by the digest of its manifest (train/provenance/record.py split_witness); the release verifies
+certificate binds by the digest of its manifest of names and sizes (train/provenance/record.py
+witness_manifest); the release verifies
 on its own, and verify reports replay from it as unavailable (tests/test_witness.py).
 
 Mapping (ours -> HF Llama), the places where conversions usually go wrong:

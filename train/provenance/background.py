@@ -13,8 +13,14 @@ Notable choices:
   more than one uncertified snapshot waits on disk.
 - The job carries a snapshot of the recorder (`Recorder.snapshot`: the open segment, the tripwire's log at the save);
   the live recorder starts the next segment at once and takes the chain back when the job is collected.
-- The worker ignores SIGTERM and SIGINT: SLURM's preemption signal goes to every process of the job, and the save the
-  trainer makes on SIGTERM must still commit; the trainer collects it before it exits.
+- The worker outlives no trainer: a watchdog thread checks every 0.2 s that its parent (the rank that started it) is
+  still its parent, and once it is gone (killed, SIGKILL included) exits without committing, at any phase: while
+  hashing, signing, or waiting for a job. The commit itself (rename, `latest`, pruning) is one section that the
+  watchdog never interrupts, and that starts only while the parent lives (`committing`); a half-made checkpoint
+  stays `.tmp`, which every reader ignores.
+- SIGTERM and SIGINT are the parent's to act on while it lives: SLURM's preemption signal goes to every process of
+  the job, and the save the trainer makes on SIGTERM must still commit (the trainer collects it before it exits).
+  Once the parent is gone, either signal ends the worker as the watchdog does.
 - A failed job (an exception, or the worker killed) leaves its folder uncommitted (`.tmp`, ignored by every reader and
   removed by the next commit's pruning) and the previous checkpoint and `latest` as they were; `Saver.collect` raises
   a one-line error naming the folder, which fails the run at the next save or at the end.
@@ -24,9 +30,12 @@ Notable choices:
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
+import threading
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,9 +68,16 @@ def finish(job: SaveJob) -> dict:
 
         def sign(tmp: Path) -> None:  # the certificate's digests of the release files: each byte hashed once
             sign_checkpoint(tmp, job.sign_key, digests=record["files"]["digests"], name=final_name)
-    final = ckpt.commit(job.tmp, record, sign=sign)
-    ckpt.write_latest(final.parent, final)
-    ckpt.retain(final.parent, job.keep_last, job.keep_every, job.witness_every)
+
+    def seal(tmp: Path) -> None:  # after the marker and signature, before the rename: the last point to give up
+        if sign is not None:
+            sign(tmp)
+        if orphaned():
+            os._exit(ORPHAN_EXIT)
+    with committing():
+        final = ckpt.commit(job.tmp, record, sign=seal)
+        ckpt.write_latest(final.parent, final)
+        ckpt.retain(final.parent, job.keep_last, job.keep_every, job.witness_every)
     return {"final": str(final), "chain": record["chain"]}
 
 
@@ -69,9 +85,42 @@ def _ready() -> None:
     """The first task: the worker has started and imported this module (and the recorder's) before any save."""
 
 
-def _quiet_worker() -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+_COMMIT = threading.Lock()  # held for a commit; the watchdog takes it before it ends the worker
+_PARENT: int | None = None  # the pid of the rank that started this worker; None in the trainer's own process
+ORPHAN_EXIT = 75  # the worker's exit status once its parent is gone (EX_TEMPFAIL: nothing was committed)
+
+
+def orphaned() -> bool:
+    """Whether this worker's parent is gone (it was re-parented to init or a subreaper)."""
+    return _PARENT is not None and os.getppid() != _PARENT
+
+
+@contextmanager
+def committing():
+    """The commit section: never interrupted by the watchdog, and entered only while the parent lives (a worker
+    whose trainer died exits here without committing)."""
+    with _COMMIT:
+        if orphaned():
+            os._exit(ORPHAN_EXIT)
+        yield
+
+
+def _watchdog(wake: threading.Event) -> None:
+    while not orphaned():
+        wake.wait(0.2)
+        wake.clear()
+    with _COMMIT:  # a commit in progress completes first: a checkpoint is renamed with its `latest`, or not at all
+        os._exit(ORPHAN_EXIT)
+
+
+def _worker_start(parent: int) -> None:
+    """The worker's initializer: the watchdog, and SIGTERM/SIGINT acted on only once the parent is gone."""
+    global _PARENT
+    _PARENT = parent
+    wake = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: wake.set())  # the watchdog checks at once; the parent decides otherwise
+    signal.signal(signal.SIGINT, lambda *_: wake.set())
+    threading.Thread(target=_watchdog, args=(wake,), name="save-watchdog", daemon=True).start()
 
 
 class SaveFailed(RuntimeError):
@@ -90,7 +139,7 @@ class Saver:
     def _start(self) -> ProcessPoolExecutor:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_quiet_worker)
+                                             initializer=_worker_start, initargs=(os.getpid(),))
         return self._pool
 
     def submit(self, job: SaveJob, fn=finish) -> None:

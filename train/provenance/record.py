@@ -44,13 +44,13 @@ from model.components import component_of
 from model.init import sampler
 from train.provenance import digest
 from train.provenance.digest import component_roots, differing_components, digest_bytes, digest_of, tensor_digests, update_sizes
-from train.provenance.hashing import SafetensorsFile, cpus, folder_files, hash_files, rank_patterns
+from train.provenance.hashing import SafetensorsFile, cpus, folder_files, hash_files, rank_patterns, safe_path
 from train.provenance.segment import MappedWeights, StepZero, segment_start
 
 SCHEMA = "omniscratch.provenance/v2"  # v2: the resume state ds/ is a witness bundle apart from the release files
 RECORD, SLSA, SIGNATURE, DATA_MANIFEST = "provenance.json", "slsa_provenance.json", "model.sig", "data_manifest.json"
 UNHASHED = {RECORD, SIGNATURE}  # the record cannot hash itself; the signature is made after it
-WITNESS = "ds/"  # the resume state: a witness bundle, needed only for replay (split_witness)
+WITNESS = "ds/"  # the resume state: a witness bundle, needed only for replay (split_names)
 # Imported by our own code but declared by none of pyproject's dependencies (each comes in through one of them), so
 # named here to stay in the record whatever the dependencies pull in.
 UNDECLARED_ROOTS = ("packaging", "pyarrow", "cryptography")
@@ -299,8 +299,10 @@ class Recorder:
                 raise ValueError(f"{self.data_manifest_path}: changed while the run was alive")
         # model.safetensors is mapped once: its file digest and tensor digests in one pass, then the update sizes
         # against the segment's start, one tensor of each at a time (never a whole copy of the weights)
+        release, resume = split_names(folder_files(folder, exclude=UNHASHED | {SLSA}))
+        witness = witness_manifest(folder, resume)  # names and sizes, never read: see witness_manifest
         with SafetensorsFile(folder / "model.safetensors") as weights:
-            files = hash_files(folder, folder_files(folder, exclude=UNHASHED | {SLSA}), weights=weights)
+            files = hash_files(folder, release, weights=weights)
             tensors = weights.digests
             with segment_start(self._prev) as before:
                 update = update_sizes(before, MappedWeights(weights))
@@ -316,7 +318,6 @@ class Recorder:
         derived = {**derived, **self.init["derived"]}
         write_slsa(folder / SLSA, self, files, derived)
         files[SLSA] = hash_files(folder, [SLSA])[SLSA]
-        files, witness = split_witness(files)
         link["files"], link["witness"] = digest_of(files), digest_of(witness)
         chain = self.chain + [link]
         record = {
@@ -330,21 +331,55 @@ class Recorder:
             "tripwire": {"events": events, "allow_derived": bool(self.tripwire and self.tripwire.allow_derived)},
             "claim": "derived" if derived else "from_scratch", "derived": derived,
             "files": {"algorithm": "blake3", "digests": files,
-                      "witness": {"digest": digest_of(witness), "digests": witness},
+                      "witness": {"digest": digest_of(witness), "sizes": witness},
                       **({"rank_files": list(rank_files)} if rank_files else {})},
         }
         self.chain, self._steps, self._weights_log = chain, [], []
         return record
 
 
-def split_witness(files: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
-    """{path: digest} -> (the release files, the witness bundle under ds/). The release (weights, configs, tokenizer,
-    data manifest, certificate, signature) verifies on its own; the witness bundle (DeepSpeed state, RNG files) is
-    bound by the digest of its manifest, `files.witness` in the record and `witness` in each lineage link, and
-    needed only to replay from the checkpoint. The signature covers the release files alone, so that a release
-    without ds/ verifies and a save does not hash the optimizer shards a second time for the signature."""
-    return ({n: d for n, d in files.items() if not n.startswith(WITNESS)},
-            {n: d for n, d in files.items() if n.startswith(WITNESS)})
+def split_names(names: list[str]) -> tuple[list[str], list[str]]:
+    """Relative paths -> (the release files, the witness bundle: the resume state under ds/). The release (weights,
+    configs, tokenizer, data manifest, certificate, signature) is hashed, signed and verifies on its own; the
+    witness bundle (DeepSpeed state, RNG files) is bound by the digest of its manifest (witness_manifest), `files.
+    witness` in the record and `witness` in each lineage link, and is needed only to replay from the checkpoint."""
+    return [n for n in names if not n.startswith(WITNESS)], [n for n in names if n.startswith(WITNESS)]
+
+
+def witness_manifest(folder: Path, names: list[str]) -> dict[str, int]:
+    """{path: size in bytes} of the resume-state files `names` (under ds/): what the certificate records of them.
+
+    No digests: hashing ds/ (fp32 master weights and Adam's two moments, ~3x the weights) would make a save hash
+    ~4x the weights' bytes, and a digest would bind nothing that is checked: the trainer signs its own checkpoints
+    and can put any bytes in ds/ before hashing, so what the resume state holds is its claim either way. What replay
+    rests on is checked instead, before any replay starts from a kept checkpoint (witness.py): the fp32 master
+    weights in ds/ equal the signed model.safetensors to the bit; every lr in it is at most the run config's peak,
+    betas, eps and weight decay are the config's, the step count is the checkpoint's, and Adam's moments satisfy
+    m^2 <= C v, C = (1-b1)^2 / ((1-b2)(1-b1^2/b2)), which every history of Adam's update keeps.
+    The moments are then the trainer's claims, and they cannot move a weight far: the normalised update
+    |m / (sqrt(v) + eps)| stays below sqrt(C) = 1.17 per coordinate at betas (0.9, 0.95), so a step moves each
+    coordinate by at most ~1.17 lr plus weight decay, and a segment of S steps by at most ~1.17 S lr; of that, the
+    part the written moments add decays as (b1/sqrt(b2))^t and sums to at most ~14 lr per coordinate over any
+    segment (0.014 at the demo's lr 1e-3, 0.002 at 7B's 1.5e-4), the rest being Adam's steps on the segment's real
+    gradients, which a written second moment can only damp. A foreign encoder cannot be injected through moments
+    alone. With `verify --replay all` link 0 starts from step 0 rebuilt and every later link from the verifier's own
+    replay, so no moments the trainer wrote are used; a sampled replay uses them at each chosen link whose previous
+    link was not replayed (docs/PROVENANCE.md, threat model)."""
+    return {n: safe_path(folder, n).stat().st_size for n in names}
+
+
+def witness_listing(claim: dict) -> dict:
+    """The resume-state listing a certificate binds: {path: size}, or {path: digest} in certificates whose witness
+    manifest held digests (written before sizes replaced them; still verified, by hashing ds/)."""
+    listed = claim.get("sizes", claim.get("digests")) if isinstance(claim, dict) else None
+    return listed if isinstance(listed, dict) else {}
+
+
+def witness_found(folder: Path, names: list[str], claim: dict) -> dict:
+    """The resume-state files present, in the form the certificate's manifest lists them (witness_listing)."""
+    if isinstance(claim, dict) and "sizes" not in claim and "digests" in claim:
+        return hash_files(folder, names)
+    return witness_manifest(folder, names)
 
 
 def write_slsa(path: Path, rec: Recorder, files: dict[str, str], derived: dict) -> None:

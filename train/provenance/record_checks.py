@@ -12,7 +12,7 @@ from pathlib import Path
 
 from train.provenance.data_sources import changed_sources
 from train.provenance.hashing import hash_files, layout_problems, rank_files, rank_patterns, safe_path
-from train.provenance.record import DATA_MANIFEST, RECORD, SLSA, digest_of, init_digest
+from train.provenance.record import DATA_MANIFEST, RECORD, SLSA, digest_of, init_digest, witness_listing
 from train.provenance.report import Report
 
 # Licence allow-list: a package passes when, for every AND-term of its licence, one OR-alternative names one of these.
@@ -165,25 +165,30 @@ def check_layout(rep: Report, names: list[str], rec: dict) -> None:
         rep.add("ranks", "ds/", None, f"not checked: no file under ds/ matches the recorded per-rank patterns ({shown})")
 
 
-def check_witness(rep: Report, rec: dict, witness: dict[str, str]) -> None:
-    """The resume state ds/ against the manifest the record binds (files.witness); absent, as in a release, it is
-    not a failure: replay from this checkpoint is unavailable, and the row says so."""
+def check_witness(rep: Report, rec: dict, witness: dict) -> None:
+    """The resume state ds/ against the manifest the record binds (files.witness: each file's size, record.
+    witness_manifest); `witness` is what the folder holds in that form (record.witness_found). Absent, as in a release,
+    it is not a failure: replay from this checkpoint is unavailable, and the row says so. What replay rests on, the
+    weights inside the resume state, is checked against the signed weights before any replay (witness.py)."""
     claim = rec["files"].get("witness")
-    if not isinstance(claim, dict) or digest_of(claim.get("digests")) != claim.get("digest"):
+    listed = witness_listing(claim)
+    if not isinstance(claim, dict) or not isinstance(listed, dict) or digest_of(listed) != claim.get("digest"):
         rep.add("witness", "ds/", False, "the certificate binds no witness manifest (files.witness), or its digest "
                 "does not match its list")
         return
     if not witness:
-        rep.add("witness", "ds/", None, f"not present (release form): {len(claim['digests'])} resume-state file(s) "
+        rep.add("witness", "ds/", None, f"not present (release form): {len(listed)} resume-state file(s) "
                 "bound by the certificate; replay from this checkpoint is unavailable")
         return
-    bad = sorted(n for n in set(witness) | set(claim["digests"]) if witness.get(n) != claim["digests"].get(n))
+    what = "size" if "sizes" in claim else "digest"
+    bad = sorted(n for n in set(witness) | set(listed) if witness.get(n) != listed.get(n))
     for name in bad:
         rep.add("files", name, False, "missing from the witness bundle" if name not in witness else
-                "not in the certificate's witness manifest" if name not in claim["digests"] else
-                "digest differs from the certificate's witness manifest")
+                "not in the certificate's witness manifest" if name not in listed else
+                f"{what} differs from the certificate's witness manifest")
     if not bad:
-        rep.add("witness", "ds/", True, f"{len(witness)} resume-state files match the certificate's witness manifest")
+        rep.add("witness", "ds/", True, f"{len(witness)} resume-state files match the certificate's witness manifest "
+                f"({what}s)")
 
 
 def inside(folder: Path, name: str) -> bool:

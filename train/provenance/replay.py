@@ -45,7 +45,16 @@ from train.checkpoint import read_weights
 from train.provenance.data_sources import changed_sources
 from train.provenance.digest import component_roots, digest_bytes, update_sizes
 from train.provenance.hashing import folder_files, hash_files, safetensors_digests
-from train.provenance.record import DATA_MANIFEST, RECORD, digest_of, init_digest, rebuild_init, split_witness
+from train.provenance.record import (
+    DATA_MANIFEST,
+    RECORD,
+    digest_of,
+    init_digest,
+    rebuild_init,
+    split_names,
+    witness_found,
+    witness_listing,
+)
 from train.provenance.signing import SIGNATURE, signed_manifest
 
 
@@ -92,9 +101,11 @@ def endpoint_problem(folder: Path, public_key) -> str | None:
         signed = signed_manifest(folder, public_key)
     except ValueError as e:
         return str(e)
-    actual, witness = split_witness(hash_files(folder, folder_files(folder, exclude={SIGNATURE})))
+    release, resume = split_names(folder_files(folder, exclude={SIGNATURE}))
+    actual = hash_files(folder, release)
     files = json.loads((folder / RECORD).read_text())["files"]
-    certified, bound = files["digests"], files.get("witness", {}).get("digests", {})
+    certified, bound = files["digests"], witness_listing(files.get("witness"))
+    witness = witness_found(folder, resume, files.get("witness"))
     bad = sorted(n for n in set(signed) | set(actual) | set(certified) if n != RECORD and not
                  signed.get(n) == actual.get(n) == certified.get(n))
     bad += sorted(n for n in set(witness) | set(bound) if witness.get(n) != bound.get(n))

@@ -91,7 +91,8 @@ class _Prehashed(hashing.Config):
 def sign_checkpoint(folder, private_key, password: str | None = None, digests: dict[str, str] | None = None,
                     name: str | None = None) -> Path:
     """Sign every release file of `folder` into `folder/model.sig` (not ds/, the witness bundle that the signed
-    provenance.json binds by digest: record.split_witness); returns its path. `digests`: {relative path: BLAKE3}
+    provenance.json binds by the digest of its manifest
+    of names and sizes: record.witness_manifest); returns its path. `digests`: {relative path: BLAKE3}
     already computed for the certificate, reused instead of hashing those files again; `name`: the manifest's name
     (default: the folder's)."""
     folder = Path(folder)

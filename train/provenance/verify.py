@@ -5,7 +5,8 @@ The trainer holds the signing key and can run any code, so every field of proven
 Established here (a failure names the file or component and the reason): the signature (model-signing: who signed);
 every release file's digest against the signature and the certificate, and the witness bundle ds/ (the resume state,
 needed only for replay; absent from a release, which then verifies with replay reported unavailable) against the
-manifest the certificate binds; model.safetensors' tensor digests; completeness (the
+manifest of file names and sizes the certificate binds (what a replay takes from it is checked first: witness.py);
+model.safetensors' tensor digests; completeness (the
 weights file holds exactly the model of the certified config, every component in every map of the record, run seed
 = init seed; train/provenance/completeness.py); the lineage chain's hash links back to init (and any kept older
 checkpoint); step 0 rebuilt from config and seed, per component; tokenizer and data-manifest digests; with --replay,
@@ -50,7 +51,7 @@ from train.provenance import record_checks
 from train.provenance.completeness import check_completeness
 from train.provenance.digest import component_roots, differing_components, name_list
 from train.provenance.hashing import SafetensorsFile, cpus, folder_files, read_small, submit_hashes
-from train.provenance.record import RECORD, SCHEMA, split_witness, submit_init
+from train.provenance.record import RECORD, SCHEMA, split_names, submit_init, witness_found, witness_listing
 from train.provenance.record_checks import ALLOWED_LICENCES, REVIEWED, licence_ok  # noqa: F401 - part of this module's interface
 from train.provenance.report import Report, certificate_md, qualify, table, verdict
 from train.provenance.signing import SIGNATURE, signed_manifest
@@ -105,7 +106,8 @@ def _verify(rep, folder, public_key, pool, weights, replay, allowed, reviewed, a
                 raw, rec = read_certificate(folder)
             except ValueError as e:
                 unreadable = f"unreadable: {e}"
-        hashed = submit_hashes(pool, folder, present, weights=weights, given={RECORD: raw} if raw else {})
+        release, resume = split_names(present)  # ds/ is listed by size, not hashed (record.witness_manifest)
+        hashed = submit_hashes(pool, folder, release, weights=weights, given={RECORD: raw} if raw else {})
     # the rebuild needs only config and seed: its tensors queue behind the files and run while they hash
     step0 = _submit_step0(pool, rec, weights) if rec is not None else None
     try:
@@ -117,7 +119,7 @@ def _verify(rep, folder, public_key, pool, weights, replay, allowed, reviewed, a
     if present is None:
         rep.add("files", str(folder), False, str(bad_folder))
         return
-    actual, witness = split_witness(hashed())
+    actual = hashed()
     if signed is not None:
         for name in sorted(set(signed) | set(actual)):
             if name not in actual:
@@ -144,10 +146,16 @@ def _verify(rep, folder, public_key, pool, weights, replay, allowed, reviewed, a
             rep.add("files", name, False, "present but not listed in the certificate")
         elif certified[name] != actual[name]:
             rep.add("files", name, False, "digest differs from the certificate")
+    try:
+        claim = rec["files"].get("witness")
+        witness = witness_found(folder, resume, claim)
+    except (OSError, ValueError) as e:
+        rep.add("witness", "ds/", False, f"could not be read: {e}")
+        claim, witness = None, {}
     record_checks.check_witness(rep, rec, witness)
     try:
         record_checks.check_layout(rep, sorted(set(actual) | set(certified) | set(witness)
-                                               | set(rec["files"].get("witness", {}).get("digests", {}))), rec)
+                                               | set(witness_listing(claim))), rec)
     except Exception as e:  # noqa: BLE001 - a record too malformed to read its layout claims fails, named
         rep.add("ranks", RECORD, False, f"could not be checked: {type(e).__name__}: {e}")
     if not any(c["check"] == "files" for c in rep.checks):
