@@ -341,16 +341,19 @@ def write_rejects(path: str | Path, rejects: list[dict]) -> None:
             fh.writelines(json.dumps(r) + "\n" for r in rejects)
 
 
-def check_rejects(rejects: list[dict], total: int, max_fraction: float, log_path: str | Path) -> None:
-    """Stop with the worst sources named when more than `max_fraction` of `total` samples were rejected."""
-    if total and len(rejects) / total > max_fraction:
+def check_rejects(rejects: list[dict], total: int, max_fraction: float, log_path: str | Path,
+                  count: int | None = None) -> None:
+    """Stop with the worst sources named when more than `max_fraction` of `total` samples were rejected (`count` of
+    them, default len(rejects); `rejects`: those known here, which name the worst sources)."""
+    count = len(rejects) if count is None else count
+    if total and count / total > max_fraction:
         by_source = Counter(r["source"] for r in rejects)
         worst = []
         for src, n in by_source.most_common(3):
             reasons = Counter(r["reason"].split(":")[0].split(" (")[0] for r in rejects if r["source"] == src)
             worst.append(f"{src}: {n} rejected ({', '.join(f'{k} x{v}' for k, v in reasons.most_common(3))})")
         raise ValueError(
-            f"{len(rejects)} of {total} samples rejected ({100 * len(rejects) / total:.2f}%), more than the limit of "
+            f"{count} of {total} samples rejected ({100 * count / total:.2f}%), more than the limit of "
             f"{100 * max_fraction:g}%. Worst sources: {'; '.join(worst)}. Every reject is listed in {log_path}: fix the "
             f"data, or raise the limit (data.max_reject_fraction) if the loss is acceptable"
         )

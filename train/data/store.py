@@ -53,7 +53,7 @@ from train.data.sources import (
     source_format,
 )
 
-STORE_VERSION = "1"  # part of the key: bump when the stored form changes
+STORE_VERSION = "2"  # part of the key: bump when the stored form changes
 AUTO_POOL_BYTES = 64 << 20  # workers=0 starts a process pool only past this much source to read
 COLUMNS = {c: i for i, c in enumerate(MEDIA_COLUMNS)}  # items.npy column code -> row column
 
@@ -220,6 +220,7 @@ def merge(sources: list[Source], work: Path) -> Path:
            for n, parts in arrays.items()}
     at = dict.fromkeys(arrays, 0)
     row_base, rejects, hashes, rows = [0] * len(sources), [], {}, [0] * len(sources)
+    file_rows = [[0] * len(source_format(s.path)[1]) for s in sources]  # rows per data file: a row's file, for rejects
     for u, done, *parts in zip(units, dones, *arrays.values()):
         tok, docs, items, media = parts
         docs = np.array(docs)
@@ -236,6 +237,7 @@ def merge(sources: list[Source], work: Path) -> Path:
                     for r in done["rejects"]]
         row_base[u.source] += done["rows"]
         rows[u.source] += done["rows"]
+        file_rows[u.source][u.file] += done["rows"]
         if "sha256" in done:
             hashes[str(source_format(src.path)[1][u.file])] = done["sha256"]
     for a in out.values():
@@ -243,7 +245,8 @@ def merge(sources: list[Source], work: Path) -> Path:
     del out
     (tmp / "rejects.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rejects))
     manifest = {"version": STORE_VERSION, "sources": [
-        {"path": s.path, "format": source_format(s.path)[0], "rows": rows[i], "files": file_digests(Path(s.path), hashes)}
+        {"path": s.path, "format": source_format(s.path)[0], "rows": rows[i], "files": file_digests(Path(s.path), hashes),
+         "file_rows": file_rows[i]}
         for i, s in enumerate(sources)],
         "documents": int(at["docs"]), "tokens": int(at["tokens"]), "media_bytes": int(at["media"]),
         "rejected": len(rejects)}
