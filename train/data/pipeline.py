@@ -36,6 +36,7 @@ from model.media import audio_tokens, vision_tokens
 from tokenizer.bpe import load_tokenizer, tokenizer_digest
 from train.data.loading import Prefetcher
 from train.data.mixing import epoch_length, mix_order
+from train.data.packing import pack
 from train.data.sources import (
     NO_LIMIT,
     MediaPolicy,
@@ -184,23 +185,13 @@ class TrainLoader:
         return self._perms[epoch]
 
     def _pack(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """Pieces (sample k, doc, offset, length) of epoch `epoch` in order, and each row's first piece: greedy, one
-        pass over the documents with plain ints (a document longer than a row is cut into seq_len pieces)."""
+        """Pieces (sample k, doc, offset, length) of epoch `epoch` in order, and each row's first piece: greedy, a
+        document longer than a row cut into seq_len pieces (train/data/packing.py, numpy over the lengths)."""
         if epoch not in self._epochs:
-            S, perm = self.seq_len, self._perm(epoch)
-            ks, offs, ms, row_start, used = [], [], [], [0], 0
-            for k, n in enumerate(self._len[perm].tolist()):
-                for off in range(0, n, S) if n > S else (0,):
-                    m = min(S, n - off)
-                    if used + m > S:
-                        row_start.append(len(ms))
-                        used = 0
-                    ks.append(k), offs.append(off), ms.append(m)
-                    used += m
-            k = np.asarray(ks, dtype=np.int64)
-            pieces = np.stack([k, perm[k], np.asarray(offs, dtype=np.int64), np.asarray(ms, dtype=np.int64)], axis=1)
+            perm = self._perm(epoch)
+            k, off, m, starts = pack(self._len[perm], self.seq_len)
             self._epochs = {e: v for e, v in self._epochs.items() if e >= epoch - 1}  # keep the working set small
-            self._epochs[epoch] = (pieces, np.array(row_start + [len(ms)], dtype=np.int64))
+            self._epochs[epoch] = (np.stack([k, perm[k], off, m], axis=1), starts)
         return self._epochs[epoch]
 
     def _locate(self, g: int) -> tuple[int, int]:
