@@ -6,7 +6,7 @@ Notable choices:
   grow with the corpus. A bad row becomes a reject (logged, counted) instead of a crash later.
 - Packing is one deterministic GLOBAL sequence of rows, a pure function of (data, seq_len, seed, epoch):
   epoch e holds each accepted document its source's `weight` times, shuffled with a seed derived from (seed, e)
-  (train/data/mixing.py), and packs them greedily,
+  (train/data/mixing.py), and packs them greedily (train/data/packing.py, numpy over the store's document lengths),
   in that order, into rows of seq_len; a document never straddles two rows (a text document longer than
   seq_len is cut into seq_len pieces, a media document that long is rejected). Step s with a global batch
   of G rows takes rows [s*G, (s+1)*G) and rank r its contiguous share, so the cursor is one global row
