@@ -118,9 +118,6 @@ PROBE = """
 import json, sys, time, torch
 sys.path.insert(0, {root!r})
 a = json.loads(sys.argv[1])
-from bench_record import add_record_argument, finish  # noqa: E402
-from test_packing import loop_pack  # noqa: E402 - the reference loop lives with its equivalence test
-
 from model import OmniModel, init_weights, load_model_config
 from train.data.pipeline import TrainLoader
 from train.data.sources import Source, media_policy
