@@ -161,7 +161,7 @@ class TrainLoader:
             self.rejects_path.unlink(missing_ok=True)
             write_rejects(self.rejects_path, rejects)
         check_rejects(rejects, sum(m["rows"] for m in store.manifest["sources"]), max_reject_fraction, self.rejects_path)
-        self.max_reject_fraction, self._decode_seen = max_reject_fraction, set()
+        self.max_reject_fraction, self._decode_seen = max_reject_fraction, {}  # (source, row) -> this rank's reject
         self._doc = np.flatnonzero(~too_long)  # accepted document d -> its row in the store's docs.npy
         self._src, self._row, self._len = (np.ascontiguousarray(docs[self._doc, c]) for c in (3, 4, 1))
         if len(self._len) == 0:
@@ -322,7 +322,7 @@ class TrainLoader:
         for r in rejects:
             if (r["source"], r["row"]) in self._decode_seen:
                 continue
-            self._decode_seen.add((r["source"], r["row"]))
+            self._decode_seen[r["source"], r["row"]] = r
             logging.getLogger("omniscratch").warning("reject: %s file %s row %d (source row %d): %s", r["source"],
                                                      r["file"], r["file_row"], r["row"], r["reason"])
             # one write() of one line in append mode: ranks appending at once do not interleave within a line
@@ -342,7 +342,7 @@ class TrainLoader:
         a ValueError naming the worst sources past `max_reject_fraction`. A document met on two ranks in different
         epochs counts twice, so the sum errs on the strict side."""
         total = sum(m["rows"] for m in self.store.manifest["sources"])
-        check_rejects(self.rejects, total, self.max_reject_fraction, self.rejects_path,
+        check_rejects(self.rejects + list(self._decode_seen.values()), total, self.max_reject_fraction, self.rejects_path,
                       count=len(self.rejects) + decode_rejected)
 
     def _identity(self) -> dict:
