@@ -1,6 +1,6 @@
 """Media whose header is valid but whose bytes do not decode: a logged reject at batch time, never a stopped run.
 
-Run: .venv/bin/python -m pytest -q tests/test_decode_rejects.py   (CPU; the training test starts the tiny model once)
+Run: .venv/bin/python -m pytest -q tests/test_decode_rejects.py   (CPU, ~15 s; the training test starts the tiny model once)
 """
 
 from __future__ import annotations
