@@ -2,6 +2,7 @@
 generated "realistic" corpus (scripts/bench_corpus.py) through `data prepare`, the store and the loader.
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_data.py [--gb 0.25] [--samples 4000] [--workers 2]
+                                                             [--record docs/benchmarks/bench_data.md]
 
 Built-in corpus (as before):
 - tokenisation: `TrainLoader` start-up on a cold store (`data prepare` with --workers processes), samples/s;
@@ -16,6 +17,9 @@ Realistic corpus of --gb GB (JPEG photos 640-2000 px in tar shards, long jsonl d
   corpus (hard links under new names: a 4x store), and the ratio (goal <= 1.2);
 - `omniscratch train` start to step 1 with a prepared corpus, at 1x and 4x (goal < 30 s, flat in corpus size);
 - data stall: share of step time spent in `next_step()` with --loader-workers workers, tiny model, image-heavy mix.
+Packing: one epoch of --pack-docs document lengths (a mix of short, long and media-sized documents) packed by the
+numpy packing (train/data/packing.py) and by the one-pass Python loop it replaced (tests/test_packing.py), the
+same result checked; `pack_speedup` = loop seconds / numpy seconds.
 Last line: one JSON object.
 """
 
@@ -31,18 +35,23 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "tests"))
 from bench_corpus import LICENCES, make_corpus, replicate, sample_texts  # noqa: E402
+from bench_record import add_record_argument, finish  # noqa: E402
+from test_packing import loop_pack  # noqa: E402 - the reference loop lives with its equivalence test
 
 from model import OmniModel, init_weights, load_model_config  # noqa: E402
 from tokenizer.bpe import save_tokenizer, train_bpe  # noqa: E402
 from tokenizer.cli import corpus_files, iter_texts  # noqa: E402
 from train.data.corpus import generate  # noqa: E402
+from train.data.packing import pack  # noqa: E402
 from train.data.pipeline import TrainLoader  # noqa: E402
 from train.data.sources import Source, media_policy  # noqa: E402
 from train.data.store import Store, prepare  # noqa: E402
@@ -222,6 +231,23 @@ def realistic(args, cfg, tmp: Path) -> dict:
     return out
 
 
+def packing(args) -> dict:
+    """Old (per-document loop) against new (numpy) packing of one epoch of --pack-docs documents."""
+    rng, S, n = np.random.default_rng(0), args.seq_len, args.pack_docs
+    kind = rng.integers(0, 10, n)  # 6 in 10 short texts, 2 long texts cut into pieces, 2 media documents
+    lengths = np.where(kind < 6, rng.integers(2, S, n), np.where(kind < 8, rng.integers(S, 8 * S, n),
+                                                                  rng.integers(S // 4, S + 1, n)))
+    t0 = time.perf_counter()
+    new = pack(lengths, S)
+    new_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    old = [np.asarray(x, dtype=np.int64) for x in loop_pack(lengths.tolist(), S)]  # arrays, as the loader keeps them
+    old_s = time.perf_counter() - t0
+    assert all(np.array_equal(a, b) for a, b in zip(new, old)), "numpy packing differs from the loop"
+    return {"pack_docs": n, "pack_rows": len(new[3]) - 1, "pack_loop_s": round(old_s, 3), "pack_numpy_s": round(new_s, 3),
+            "pack_speedup": round(old_s / new_s, 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default=str(ROOT / "configs/model/tiny.yaml"))
@@ -236,16 +262,18 @@ def main() -> None:
     ap.add_argument("--probe-steps", type=int, default=4, help="training steps of the memory probe")
     ap.add_argument("--stall-steps", type=int, default=20)
     ap.add_argument("--no-train", action="store_true", help="skip the two `omniscratch train` start-up runs")
+    ap.add_argument("--pack-docs", type=int, default=1_000_000, help="documents of the packing comparison")
+    add_record_argument(ap)
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg = load_model_config(args.config)
     with tempfile.TemporaryDirectory() as tmp:
-        result = builtin(args, cfg, Path(tmp))
+        result = packing(args) | builtin(args, cfg, Path(tmp))
         if args.gb > 0:
             result.update(realistic(args, cfg, Path(tmp)))
     for k, v in result.items():
         print(f"{k:>28}: {v}")
-    print(json.dumps(result))
+    finish(result, args.record)
 
 
 if __name__ == "__main__":

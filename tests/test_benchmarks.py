@@ -77,8 +77,8 @@ def test_bench_model(small_model):
 def test_bench_data(small_model):
     r = last_json("bench_data.py", "--config", str(small_model), "--samples", "200", "--seq-len", "128",
                   "--micro-batch", "1", "--pipeline-steps", "3", "--train-steps", "1", "--gb", "0.003", "--no-train",
-                  "--probe-steps", "1", "--stall-steps", "1")
-    assert finite(r["pipeline_vs_consumption"]) and r["pipeline_vs_consumption"] > 0
+                  "--probe-steps", "1", "--stall-steps", "1", "--pack-docs", "20000")
+    assert finite(r["pipeline_vs_consumption"], r["pack_speedup"]) and r["pipeline_vs_consumption"] > 0
     assert finite(r["rank_rss_ratio_4x_1x"], r["prepare_speedup_1_to_2"]) and 0 <= r["stall_share"] <= 1
 
 

@@ -4,7 +4,9 @@ training loader, made by `omniscratch data prepare`.
 Run: .venv/bin/python -m pytest -q tests/test_store.py  (CPU, ~30 s; builds a small corpus in a tmp dir)
 """
 
+import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -68,6 +70,21 @@ def test_killed_prepare_redoes_only_unfinished_units(data, tmp_path):
     prepare(src, tok, CFG, cache_dir=tmp_path, workers=1, log=logs.append)
     assert logs[0].startswith("prepare: 3 of 4 unit(s) tokenised")  # units 1, 2, 3; not unit 0
     assert store_bytes(work) == store_bytes(prepare(src, tok, CFG, cache_dir=tmp_path / "ref", workers=1))
+
+
+def test_a_source_rewritten_with_the_same_size_and_mtime_gets_a_new_store(data, tmp_path):
+    (tmp_path / "user").mkdir()
+    f = tmp_path / "user" / "b.jsonl"
+    f.write_text("".join(json.dumps({"text": f"plain text number {i}"}) + "\n" for i in range(20)))
+    src, stat = [Source(str(f), licence="CC0-1.0")], f.stat()
+    work = prepare(src, data["tok"], CFG, cache_dir=tmp_path / "c", workers=1)
+    f.write_text(f.read_text().replace("number 7", "number 8"))  # same size
+    os.utime(f, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (f.stat().st_size, f.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    again = prepare(src, data["tok"], CFG, cache_dir=tmp_path / "c", workers=1)
+    assert again != work and (again / "store" / "manifest.json").is_file()  # rebuilt, from the new bytes
+    sha = [json.loads((w / "store" / "manifest.json").read_text())["sources"][0]["files"][0]["sha256"] for w in (work, again)]
+    assert sha[0] != sha[1] and sha[1] == hashlib.sha256(f.read_bytes()).hexdigest()
 
 
 def test_loader_reads_the_store_and_prepares_a_missing_one(data, tmp_path):

@@ -366,8 +366,14 @@ def log_step(run: Run, lr: float, sums: torch.Tensor, flops: dict[str, float], d
     sums and token counts per modality (`sums`, on the device) and FLOPs, the only host read of them."""
     cfg, d, engine, step = run.cfg, run.d, run.engine, run.step
     M = len(MODALITIES)
-    host = all_sum(torch.cat([sums.flatten(), torch.tensor(list(flops.values()), dtype=torch.float64).to(sums.device)]))
-    loss_sums, tokens, flops = host[:M], host[M:2 * M], dict(zip(flops, host[2 * M:]))
+    # the loader's decode rejects (a host int each rank carries) ride along: the reject rule sees every rank's
+    host = all_sum(torch.cat([sums.flatten(), torch.tensor([*flops.values(), run.loader.decode_rejected],
+                                                           dtype=torch.float64).to(sums.device)]))
+    loss_sums, tokens, flops = host[:M], host[M:2 * M], dict(zip(flops, host[2 * M:-1]))
+    try:
+        run.loader.check_decode_rejects(int(host[-1]))
+    except ValueError as e:  # too much of the user's data failed to decode: one line, exit 2
+        raise UsageError(str(e)) from None
     row = {"loss": sum(loss_sums) / max(sum(tokens), 1), "lr": lr, "grad_norm": engine.get_global_grad_norm(),
            "step_time_s": dt, "tokens_per_s": cfg.micro_batch * cfg.grad_accum * d.world_size * cfg.data.seq_len / dt,
            "mfu": sum(flops.values()) / (dt * run.peak * d.world_size), "mfu_peak_flops": run.peak * d.world_size,

@@ -6,7 +6,7 @@ Notable choices:
   grow with the corpus. A bad row becomes a reject (logged, counted) instead of a crash later.
 - Packing is one deterministic GLOBAL sequence of rows, a pure function of (data, seq_len, seed, epoch):
   epoch e holds each accepted document its source's `weight` times, shuffled with a seed derived from (seed, e)
-  (train/data/mixing.py), and packs them greedily,
+  (train/data/mixing.py), and packs them greedily (train/data/packing.py, numpy over the store's document lengths),
   in that order, into rows of seq_len; a document never straddles two rows (a text document longer than
   seq_len is cut into seq_len pieces, a media document that long is rejected). Step s with a global batch
   of G rows takes rows [s*G, (s+1)*G) and rank r its contiguous share, so the cursor is one global row
@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +36,7 @@ from model.media import audio_tokens, vision_tokens
 from tokenizer.bpe import load_tokenizer, tokenizer_digest
 from train.data.loading import Prefetcher
 from train.data.mixing import epoch_length, mix_order
+from train.data.packing import pack
 from train.data.sources import (
     NO_LIMIT,
     MediaPolicy,
@@ -66,6 +70,9 @@ class Batch:
     # per row, its documents' lengths in order (padding one more), summing to T: doc_ids' runs, kept on the host so
     # that attention can split rows by document without reading doc_ids back from the device (model/attention.py)
     doc_lens: list[list[int]] | None = None
+    # documents whose media failed to decode here ({source, file, row, reason}): their items are zeros and their
+    # labels IGNORE_INDEX; host data, so the count reaches the reject rule at log time without a device sync
+    rejects: list[dict] = dataclasses.field(default_factory=list)
 
     def pin_memory(self) -> Batch:
         """Page-locked copies (DataLoader's pin_memory thread calls this), so the copy to the device is asynchronous."""
@@ -154,6 +161,7 @@ class TrainLoader:
             self.rejects_path.unlink(missing_ok=True)
             write_rejects(self.rejects_path, rejects)
         check_rejects(rejects, sum(m["rows"] for m in store.manifest["sources"]), max_reject_fraction, self.rejects_path)
+        self.max_reject_fraction, self._decode_seen = max_reject_fraction, {}  # (source, row) -> this rank's reject
         self._doc = np.flatnonzero(~too_long)  # accepted document d -> its row in the store's docs.npy
         self._src, self._row, self._len = (np.ascontiguousarray(docs[self._doc, c]) for c in (3, 4, 1))
         if len(self._len) == 0:
@@ -177,23 +185,13 @@ class TrainLoader:
         return self._perms[epoch]
 
     def _pack(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """Pieces (sample k, doc, offset, length) of epoch `epoch` in order, and each row's first piece: greedy, one
-        pass over the documents with plain ints (a document longer than a row is cut into seq_len pieces)."""
+        """Pieces (sample k, doc, offset, length) of epoch `epoch` in order, and each row's first piece: greedy, a
+        document longer than a row cut into seq_len pieces (train/data/packing.py, numpy over the lengths)."""
         if epoch not in self._epochs:
-            S, perm = self.seq_len, self._perm(epoch)
-            ks, offs, ms, row_start, used = [], [], [], [0], 0
-            for k, n in enumerate(self._len[perm].tolist()):
-                for off in range(0, n, S) if n > S else (0,):
-                    m = min(S, n - off)
-                    if used + m > S:
-                        row_start.append(len(ms))
-                        used = 0
-                    ks.append(k), offs.append(off), ms.append(m)
-                    used += m
-            k = np.asarray(ks, dtype=np.int64)
-            pieces = np.stack([k, perm[k], np.asarray(offs, dtype=np.int64), np.asarray(ms, dtype=np.int64)], axis=1)
+            perm = self._perm(epoch)
+            k, off, m, starts = pack(self._len[perm], self.seq_len)
             self._epochs = {e: v for e, v in self._epochs.items() if e >= epoch - 1}  # keep the working set small
-            self._epochs[epoch] = (pieces, np.array(row_start + [len(ms)], dtype=np.int64))
+            self._epochs[epoch] = (np.stack([k, perm[k], off, m], axis=1), starts)
         return self._epochs[epoch]
 
     def _locate(self, g: int) -> tuple[int, int]:
@@ -236,7 +234,7 @@ class TrainLoader:
         T, n, tokens, docs = self.seq_len, self._n, self.store.tokens, self.store.docs
         ids = np.full((len(rows), T), PAD_ID, dtype=np.int64)
         pos, doc, mod = (np.zeros((len(rows), T), dtype=np.int64) for _ in range(3))
-        media, samples, doc_lens = [], [], []  # media: (doc, its tokens) of documents with media, in row-major order
+        media, samples, doc_lens = [], [], []  # media: (doc, its tokens, b, t) of media documents, in row-major order
         for b, g in enumerate(rows):
             epoch, pieces = self._row_pieces(g)
             t = 0
@@ -244,8 +242,8 @@ class TrainLoader:
                 start, _, modality = docs[self._doc[d], :3].tolist()
                 seg = tokens[start + off:start + off + m]
                 ids[b, t:t + m], pos[b, t:t + m], doc[b, t:t + m], mod[b, t:t + m] = seg, np.arange(m), j, modality
-                if modality:
-                    media.append((d, seg))
+                if modality:  # a media document is never cut, so it is this one piece
+                    media.append((d, seg, b, t))
                 samples.append(epoch * n + k)
                 t += m
             doc[b, t:], pos[b, t:] = len(pieces), np.arange(T - t)
@@ -254,18 +252,27 @@ class TrainLoader:
         labels = ids.clone()
         # no loss on padding and media, nor on a document's first token (it would be predicted from the previous doc)
         labels[(ids == PAD_ID) | ((ids >= IMAGE) & (ids < len(SPECIAL_TOKENS))) | (pos == 0)] = IGNORE_INDEX
-        pixels, sounds = self._media(media)
-        return Batch(ids, labels, pos, doc, mod, pixels, sounds, sorted(set(samples)), doc_lens)
+        pixels, sounds, rejects = self._media(media, labels)
+        return Batch(ids, labels, pos, doc, mod, pixels, sounds, sorted(set(samples)), doc_lens, rejects)
 
-    def _media(self, docs: list[tuple[int, np.ndarray]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Decode the documents' media in order, checking that each item fills exactly its placeholder run."""
-        pixels, sounds = [], []
-        for d, seq in docs:
+    def _media(self, docs: list[tuple[int, np.ndarray, int, int]], labels: torch.Tensor):
+        """Decode the documents' media in order, checking that each item fills exactly its placeholder run. Bytes
+        that pass prepare (headers only) but fail to decode make the document a reject: its items become zeros of
+        the shapes the header gave, its labels IGNORE_INDEX (nothing is learned from it); -> pixels, sounds, rejects."""
+        pixels, sounds, rejects = [], [], []
+        for d, seq, b, t in docs:
             starts = np.flatnonzero(np.isin(seq, list(PLACEHOLDER)))  # start markers, in order; each end is start + 1
             ends = np.flatnonzero(np.isin(seq, [t + 1 for t in PLACEHOLDER]))
             runs = [(PLACEHOLDER[int(seq[s])], int(e - s - 1)) for s, e in zip(starts, ends)]
-            row = self.store.row_media(int(self._doc[d]))
-            vision, audio = row_media(row, [p for p, _ in runs], None, self.cfg, self.policy, as_uint8=True)
+            row, ids = self.store.row_media(int(self._doc[d])), [p for p, _ in runs]
+            try:
+                vision, audio = row_media(row, ids, None, self.cfg, self.policy, as_uint8=True)
+            except ValueError as e:
+                shapes, lengths = media_shapes(row, ids, None, self.cfg, self.policy)  # checked by prepare: no raise
+                vision = [torch.zeros((f, 3, h, w), dtype=torch.uint8) for f, h, w in shapes]
+                audio = [torch.zeros(n, dtype=torch.float32) for n in lengths]
+                labels[b, t:t + len(seq)] = IGNORE_INDEX
+                rejects.append(self._decode_reject(d, str(e)))
             want = [vision_tokens(v.shape[0], v.shape[2], v.shape[3], self.cfg.vision) for v in vision]
             want += [audio_tokens(len(a), self.cfg.audio) for a in audio]
             got = [n for p, n in runs if p != AUDIO] + [n for p, n in runs if p == AUDIO]
@@ -275,7 +282,16 @@ class TrainLoader:
                                  f"{want}; the prepared store is stale: delete {self.store.path.parent}")
             pixels += vision
             sounds += audio
-        return pixels, sounds
+        return pixels, sounds, rejects
+
+    def _decode_reject(self, d: int, reason: str) -> dict:
+        """The reject record of accepted document d: its source, the file holding it, its row in the source (as every
+        reject) and in that file."""
+        si, row = int(self._src[d]), int(self._row[d])
+        files, counts = self.entries[si]["files"], self.store.manifest["sources"][si]["file_rows"]
+        f = int(np.searchsorted(np.cumsum(counts), row, side="right"))
+        return {"source": self.sources[si].path, "file": files[f]["name"], "row": row,
+                "file_row": row - int(sum(counts[:f])), "reason": f"decode failed: {reason}"}
 
     @property
     def global_rows(self) -> int:
@@ -294,10 +310,40 @@ class TrainLoader:
             out = self._prefetch.take(self.cursor)
         else:
             out = [self._micro(self.cursor, j) for j in range(self.grad_accum)]
+        self._note_rejects([r for b in out for r in b.rejects])
         (e0, first_row), (e1, last_row), n = self._row_pieces(self.cursor), self._row_pieces(self.cursor + G - 1), self._n
         self.last_step_ranges = [[e0 * n + int(first_row[0, 0]), e1 * n + int(last_row[-1, 0]) + 1]]
         self.cursor += G
         return out
+
+    def _note_rejects(self, rejects: list[dict]) -> None:
+        """Log this rank's decode rejects (each document once) to its log and the rejects file; `decode_rejected`
+        counts them for `check_decode_rejects`."""
+        for r in rejects:
+            if (r["source"], r["row"]) in self._decode_seen:
+                continue
+            self._decode_seen[r["source"], r["row"]] = r
+            logging.getLogger("omniscratch").warning("reject: %s file %s row %d (source row %d): %s", r["source"],
+                                                     r["file"], r["file_row"], r["row"], r["reason"])
+            # one write() of one line in append mode: ranks appending at once do not interleave within a line
+            fd = os.open(self.rejects_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, (json.dumps(r) + "\n").encode())
+            finally:
+                os.close(fd)
+
+    @property
+    def decode_rejected(self) -> int:
+        """Documents this rank rejected at decode time so far (counted once each on this rank)."""
+        return len(self._decode_seen)
+
+    def check_decode_rejects(self, decode_rejected: int) -> None:
+        """The reject rule with `decode_rejected` (summed over the ranks, at log time) added to prepare's rejects:
+        a ValueError naming the worst sources past `max_reject_fraction`. A document met on two ranks in different
+        epochs counts twice, so the sum errs on the strict side."""
+        total = sum(m["rows"] for m in self.store.manifest["sources"])
+        check_rejects(self.rejects + list(self._decode_seen.values()), total, self.max_reject_fraction, self.rejects_path,
+                      count=len(self.rejects) + decode_rejected)
 
     def _identity(self) -> dict:
         """What the global row sequence is a function of: a resume must match all of it."""

@@ -21,6 +21,7 @@ Notable choices:
 from __future__ import annotations
 
 import json
+import os
 import tarfile
 from collections import Counter
 from dataclasses import dataclass
@@ -93,10 +94,9 @@ def source_format(path: str | Path) -> tuple[str, list[Path]]:
             if not files:
                 raise ValueError(f"data source {path}: a generated corpus without train/*.parquet shards; regenerate it")
             return "corpus", files
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES and p.name not in META
-                       and not _hidden(p, path))
+        files = [p for p in _visible_files(path) if p.suffix in DATA_SUFFIXES and p.name not in META]
         if not files:
-            others = sorted({p.suffix or p.name for p in path.rglob("*") if p.is_file()})
+            others = sorted({p.suffix or p.name for p in _visible_files(path)})
             raise ValueError(f"{_format_help(path)}; this folder holds none"
                              + (f" (it holds {', '.join(others[:5])})" if others else " (it is empty)"))
     else:
@@ -113,9 +113,14 @@ def source_format(path: str | Path) -> tuple[str, list[Path]]:
     return kinds.pop(), files
 
 
-def _hidden(f: Path, root: Path) -> bool:
-    """Under a hidden folder of the source (`.prepared`, the token store, lives inside the data folder): never data."""
-    return any(part.startswith(".") for part in f.relative_to(root).parts[:-1])
+def _visible_files(root: Path) -> list[Path]:
+    """Every file under `root` outside hidden folders, which are never entered: a prepare's workers rename folders
+    inside `.prepared` while another process lists the source, and a walk into them met vanished folders."""
+    out = []
+    for here, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        out += [p for p in (Path(here) / f for f in files) if p.is_file()]  # a dangling link is no data
+    return sorted(out)
 
 
 def _relname(f: Path, path: Path) -> str:
@@ -129,8 +134,7 @@ def source_files(path: Path) -> list[Path]:
     """The files whose bytes make up a source (what its sha256 covers), in a fixed order."""
     fmt, files = source_format(path)
     if fmt == "save_to_disk":  # its metadata (features, split) too
-        return sorted(p for p in Path(path).rglob("*") if p.is_file() and p.suffix in (".arrow", ".json")
-                      and not _hidden(p, Path(path)))
+        return [p for p in _visible_files(Path(path)) if p.suffix in (".arrow", ".json")]
     return files
 
 
@@ -341,16 +345,19 @@ def write_rejects(path: str | Path, rejects: list[dict]) -> None:
             fh.writelines(json.dumps(r) + "\n" for r in rejects)
 
 
-def check_rejects(rejects: list[dict], total: int, max_fraction: float, log_path: str | Path) -> None:
-    """Stop with the worst sources named when more than `max_fraction` of `total` samples were rejected."""
-    if total and len(rejects) / total > max_fraction:
+def check_rejects(rejects: list[dict], total: int, max_fraction: float, log_path: str | Path,
+                  count: int | None = None) -> None:
+    """Stop with the worst sources named when more than `max_fraction` of `total` samples were rejected (`count` of
+    them, default len(rejects); `rejects`: those known here, which name the worst sources)."""
+    count = len(rejects) if count is None else count
+    if total and count / total > max_fraction:
         by_source = Counter(r["source"] for r in rejects)
         worst = []
         for src, n in by_source.most_common(3):
             reasons = Counter(r["reason"].split(":")[0].split(" (")[0] for r in rejects if r["source"] == src)
             worst.append(f"{src}: {n} rejected ({', '.join(f'{k} x{v}' for k, v in reasons.most_common(3))})")
         raise ValueError(
-            f"{len(rejects)} of {total} samples rejected ({100 * len(rejects) / total:.2f}%), more than the limit of "
+            f"{count} of {total} samples rejected ({100 * count / total:.2f}%), more than the limit of "
             f"{100 * max_fraction:g}%. Worst sources: {'; '.join(worst)}. Every reject is listed in {log_path}: fix the "
             f"data, or raise the limit (data.max_reject_fraction) if the loss is acceptable"
         )

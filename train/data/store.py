@@ -14,8 +14,9 @@ Notable choices:
   count or `--shard i/n` partition; the merge walks units in source order.
 - A unit is written to a temporary folder and renamed whole with its done.json inside: a killed prepare redoes only
   the units without one. The merge is renamed into place whole as well.
-- The key is cheap (file names, sizes and mtimes, tokenizer, media config, policy), so finding the store never reads
-  the corpus; the sources' sha256 are computed once, by the workers, and recorded in the manifest.
+- The key is cheap (file names, sizes, mtimes and a sha256 of each file's first and last MiB, tokenizer, media config,
+  policy), so finding the store never reads the corpus whole, and a file rewritten with the same size and mtime still
+  gets a new store; the sources' full sha256 are computed once, by the workers, and recorded in the manifest.
 - Media headers only: PIL reads an image's size without decoding it; pixels are decoded when a batch is built.
 - Media bytes are copied into media.npy: a parquet row's image has no byte range of its own, and one memory-mapped
   file serves random access from every rank and loader worker alike.
@@ -53,7 +54,8 @@ from train.data.sources import (
     source_format,
 )
 
-STORE_VERSION = "1"  # part of the key: bump when the stored form changes
+STORE_VERSION = "2"  # part of the key: bump when the stored form changes
+FINGERPRINT_BYTES = 1 << 20  # the store key hashes this much of each source file's start and end
 AUTO_POOL_BYTES = 64 << 20  # workers=0 starts a process pool only past this much source to read
 COLUMNS = {c: i for i, c in enumerate(MEDIA_COLUMNS)}  # items.npy column code -> row column
 
@@ -82,13 +84,29 @@ def units_of(sources: list[Source]) -> list[Unit]:
     return out
 
 
+def fingerprint(path: Path, size: int) -> str:
+    """sha256 of a file's first and last FINGERPRINT_BYTES: what a rewrite keeping size and mtime still changes, read
+    in two seeks whatever the file's size (the whole file's sha256 is prepare's, once)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(FINGERPRINT_BYTES))
+        if size > FINGERPRINT_BYTES:
+            f.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
+            h.update(f.read(FINGERPRINT_BYTES))
+    return h.hexdigest()
+
+
 def store_key(sources: list[Source], tokenizer_path, cfg: ModelConfig, policy: MediaPolicy) -> str:
-    """A name for the store from what it is a function of, read from file metadata only (the sha256 come later)."""
+    """A name for the store from what it is a function of: per source file its name, size, mtime and `fingerprint`
+    (at most 2 MiB read per file, so finding the store never reads the corpus whole)."""
     srcs = []
     for src in sources:
         fmt, _ = source_format(src.path)
-        srcs.append([fmt, [(str(f.relative_to(f.anchor)), f.stat().st_size, f.stat().st_mtime_ns)
-                           for f in source_files(Path(src.path))]])
+        files = []
+        for f in source_files(Path(src.path)):
+            st = f.stat()
+            files.append((str(f.relative_to(f.anchor)), st.st_size, st.st_mtime_ns, fingerprint(f, st.st_size)))
+        srcs.append([fmt, files])
     d = cfg.to_dict()
     blob = json.dumps([STORE_VERSION, tokenizer_digest(tokenizer_path), d["vision"], d["audio"], policy.to_dict(), srcs],
                       sort_keys=True)
@@ -220,6 +238,7 @@ def merge(sources: list[Source], work: Path) -> Path:
            for n, parts in arrays.items()}
     at = dict.fromkeys(arrays, 0)
     row_base, rejects, hashes, rows = [0] * len(sources), [], {}, [0] * len(sources)
+    file_rows = [[0] * len(source_format(s.path)[1]) for s in sources]  # rows per data file: a row's file, for rejects
     for u, done, *parts in zip(units, dones, *arrays.values()):
         tok, docs, items, media = parts
         docs = np.array(docs)
@@ -236,6 +255,7 @@ def merge(sources: list[Source], work: Path) -> Path:
                     for r in done["rejects"]]
         row_base[u.source] += done["rows"]
         rows[u.source] += done["rows"]
+        file_rows[u.source][u.file] += done["rows"]
         if "sha256" in done:
             hashes[str(source_format(src.path)[1][u.file])] = done["sha256"]
     for a in out.values():
@@ -243,7 +263,8 @@ def merge(sources: list[Source], work: Path) -> Path:
     del out
     (tmp / "rejects.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rejects))
     manifest = {"version": STORE_VERSION, "sources": [
-        {"path": s.path, "format": source_format(s.path)[0], "rows": rows[i], "files": file_digests(Path(s.path), hashes)}
+        {"path": s.path, "format": source_format(s.path)[0], "rows": rows[i], "files": file_digests(Path(s.path), hashes),
+         "file_rows": file_rows[i]}
         for i, s in enumerate(sources)],
         "documents": int(at["docs"]), "tokens": int(at["tokens"]), "media_bytes": int(at["media"]),
         "rejected": len(rejects)}
