@@ -20,6 +20,7 @@ from model import OmniModel, init_weights, load_model_config
 from model.config import IGNORE_INDEX, SPECIAL_TOKENS
 from model.media import audio_tokens, vision_tokens
 from tokenizer.bpe import save_tokenizer, train_bpe
+from train.data import media
 from train.data.corpus import generate
 from train.data.pipeline import TrainLoader
 from train.data.sources import Source, manifest_entry
@@ -289,3 +290,14 @@ def test_saved_dataset_folders_and_arrow_files_are_sources(corpus, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"this folder holds none \(it is empty\)"):
         TrainLoader([Source(str(tmp_path / "empty"), licence="CC0-1.0")], corpus["tok"], CFG, SEQ, 1, 1, cache_dir=tmp_path / "c")
+
+
+def test_media_errors_name_the_reason_not_the_buffer():
+    """PIL names its in-memory buffer and `wave` raises some errors without a message: the rejects log and the errors
+    a user reads say what is wrong with the file instead."""
+    with pytest.raises(ValueError) as img:
+        media.decode_frames([b"this is no image"], None, 1, 16, 0)
+    assert "not an image file PIL can read" in str(img.value) and "BytesIO" not in str(img.value), img.value
+    with pytest.raises(ValueError) as aud:
+        media.decode_audio(b"RIFF\x00\x00")
+    assert str(aud.value).startswith("unreadable audio: the file ends inside its WAV header"), aud.value

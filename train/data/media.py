@@ -17,9 +17,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from model.config import AUDIO_ID, IMAGE_ID, VIDEO_ID
+
+
+def _image_error(k: int, e: Exception) -> ValueError:
+    """PIL's reason, said without the in-memory buffer it names (`cannot identify image file <_io.BytesIO ...>`)."""
+    why = ("not an image file PIL can read (PNG, JPEG, GIF, WebP, ...)" if isinstance(e, UnidentifiedImageError)
+           else str(e) or type(e).__name__)
+    return ValueError(f"corrupt image bytes (item {k}): {why}")
+
+
+def _audio_error(e: Exception) -> ValueError:
+    """The wave module's reason; some of its errors carry no message (a file that ends inside its header)."""
+    why = str(e) or {EOFError: "the file ends inside its WAV header"}.get(type(e), f"{type(e).__name__} in its header")
+    return ValueError(f"unreadable audio: {why}; 16-bit PCM WAV is read")
 
 
 def _read(item, base: Path | None, what: str) -> bytes:
@@ -102,7 +115,7 @@ def decode_frames(items, base: Path | None = None, temporal_patch: int = 2, mult
         except ValueError:
             raise
         except Exception as e:  # PIL raises several types for corrupt bytes
-            raise ValueError(f"corrupt image bytes (item {k}): {e}") from None
+            raise _image_error(k, e) from None
         if img.size != (tw, th):
             img = img.resize((tw, th), Image.BILINEAR)
         frames.append(torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()))
@@ -125,7 +138,7 @@ def decode_audio(item, base: Path | None = None, sample_rate: int = 16000, min_s
             rate, width, channels, n = w.getframerate(), w.getsampwidth(), w.getnchannels(), w.getnframes()
             raw = w.readframes(n)
     except Exception as e:
-        raise ValueError(f"unreadable audio: {e}") from None
+        raise _audio_error(e) from None
     if width != 2:
         raise ValueError(f"unreadable audio: {8 * width}-bit samples; only 16-bit PCM WAV is read")
     if len(raw) < n * width * channels:
@@ -172,7 +185,7 @@ def _image_size(item, base: Path | None, k: int) -> tuple[int, int]:
     except ValueError:
         raise
     except Exception as e:  # PIL raises several types for corrupt bytes
-        raise ValueError(f"corrupt image bytes (item {k}): {e}") from None
+        raise _image_error(k, e) from None
 
 
 def media_shapes(row: dict, ids: list[int], base: Path | None, cfg,
