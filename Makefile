@@ -8,7 +8,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 # Playwright (dev extra) drives Debian's chromium; it never downloads a browser of its own.
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
-.PHONY: setup browser demo test test-lmms lint bench clean
+.PHONY: setup browser demo test lint bench clean
 
 setup: $(STAMP)
 
@@ -29,8 +29,10 @@ browser:
 	@test -x /usr/bin/chromium || [ "$$(id -u)" != 0 ] || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
+# The suite includes lmms-eval on an hf-omni export, in .venv-hf/ (tests/hf_env.py: built from tests/hf_env.lock, cached).
+# --durations: the slowest tests, where to look when the suite grows.
 test: setup browser
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -41,8 +43,3 @@ bench: setup
 
 clean:
 	rm -rf runs/demo
-
-# lmms-eval on an `export --format hf-omni` folder, in .venv-hf/ (torch, transformers, accelerate, lmms-eval; not
-# omniscratch). Not part of `test`: creating .venv-hf takes ~7 min on 2 cores (cached after).
-test-lmms: setup
-	$(PY) -m pytest -q -s tests/lmms_eval_hf_omni.py

@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -36,3 +37,18 @@ def honest_copy(honest, tmp_path):
     """A private copy of the honest run's checkpoints; -> its last checkpoint folder."""
     shutil.copytree(honest[0], tmp_path / "checkpoints")
     return tmp_path / "checkpoints" / "step_000006"
+
+
+@pytest.fixture(scope="session")
+def hf_python() -> str:
+    """Python of `.venv-hf/` (tests/hf_env.py: torch, transformers, accelerate, lmms-eval; cached between runs), checked
+    to hold no omniscratch: neither its distribution nor its packages are importable there."""
+    from hf_env import hf_python as build
+
+    py = str(build())
+    lacks = ("import importlib.metadata as m, importlib.util as u, sys\n"
+             "assert not any(u.find_spec(p) for p in ('model', 'train', 'tokenizer'))\n"
+             "try:\n    m.distribution('omniscratch')\nexcept m.PackageNotFoundError:\n    sys.exit(0)\nsys.exit(1)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    assert subprocess.run([py, "-c", lacks], cwd="/", env=env).returncode == 0, "omniscratch is importable in .venv-hf"
+    return py

@@ -1,11 +1,11 @@
-"""`export --format hf-omni`: the whole omnimodal model as Hugging Face remote code, loaded by transformers where
-omniscratch cannot be imported, computes what the native model computes (logits within 1e-4 in fp32, greedy tokens
-identical) for a text, an image, a video and an audio prompt; its weights and model code are the checkpoint's and
-model/'s bytes; its config and card carry the certificate's digest and the signature's key hint.
+"""`export --format hf-omni`: the whole omnimodal model as Hugging Face remote code, loaded by transformers in
+`.venv-hf/` (tests/hf_env.py), where omniscratch is not installed, computes what the native model computes (logits
+within 1e-4 in fp32, greedy tokens identical) for a text, an image, a video and an audio prompt; its weights and
+model code are the checkpoint's and model/'s bytes; its config and card carry the certificate's digest and the
+signature's key hint.
 
-The export is of the honest signed run that tests/conftest.py trains once per session (`honest`). The lmms-eval run
-on the exported probe tasks needs its own virtual environment and lives in tests/lmms_eval_hf_omni.py
-(`make test-lmms`).
+The export is of the honest signed run that tests/conftest.py trains once per session (`honest`). lmms-eval on the
+exported probe tasks, in the same environment: tests/test_lmms_eval.py.
 
 Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q tests/test_export_hf_omni.py
 """
@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -111,11 +110,11 @@ def check_parity(ckpt: Path, cases: list[dict], got: dict) -> None:
     assert got["chat_template"] == "<|video|>Question: which way? Answer:"
 
 
-def test_hf_omni_parity_without_omniscratch(exported, tmp_path):
+def test_hf_omni_parity_without_omniscratch(hf_python, exported, tmp_path):
     ckpt, folder = exported
     cases = write_cases(tmp_path)
     assert {c["name"] for c in cases} == {"text", "image", "video", "audio"}
-    got = run_client(sys.executable, folder, tmp_path / "cases.json", tmp_path / "out.pt")
+    got = run_client(hf_python, folder, tmp_path / "cases.json", tmp_path / "out.pt")
     check_parity(ckpt, cases, got)
 
 

@@ -1,16 +1,13 @@
-"""lmms-eval on an hf-omni export, in a virtual environment with torch, transformers, accelerate and lmms-eval but
-not omniscratch: the export's parity (tests/test_export_hf_omni.py's checks, run there) and lmms-eval's accuracies on
-the exported probe tasks, offline:
+"""lmms-eval on an hf-omni export, offline, in `.venv-hf/` (tests/hf_env.py: torch, transformers, accelerate and
+lmms-eval, not omniscratch; tests/test_export_hf_omni.py checks the export's parity there):
 - through the export's own plugin (`--model omniscratch`): the multiple-choice tasks equal `omniscratch eval`'s
   accuracies on the same items, and the `_gen` tasks (greedy answers) equal those of `omniscratch generate`'s decoding;
 - through lmms-eval's generic Hugging Face wrapper (`--model huggingface`, generation only, which loads models in
   bf16): the `_gen` tasks equal the native model's greedy answers in bf16.
 
-Not collected by `make test` (the file name does not start with test_): creating the environment takes ~7 min on a
-2-core machine, mostly pip resolving lmms-eval's ~150 dependencies. `make test-lmms` runs it; the environment is
-cached in .venv-hf/ (git-ignored) and rebuilt when `HF_ENV_SPEC` changes.
+The environment is built once and cached (its cost, and this file's, are in docs/benchmarks/test_lmms_eval.md).
 
-Run: make test-lmms   (or OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q tests/lmms_eval_hf_omni.py)
+Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q -s tests/test_lmms_eval.py   (-s prints lmms-eval's tables)
 """
 
 from __future__ import annotations
@@ -18,12 +15,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-from test_export_hf_omni import check_parity, run_client, write_cases
 
 from train.data.corpus import QUESTIONS
 from train.inference import export_hf_omni
@@ -31,43 +26,7 @@ from train.inference.evaluate import run_probes
 from train.inference.generate import encode_prompt, generate_ids
 from train.inference.load import load_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-VENV = ROOT / ".venv-hf"
-# torch first and pinned: the local CPU build (a looser spec pulls a CUDA build and its ~3 GB of libraries).
-# torchvision is removed after: the one that fits torch 2.13 on the index is a CUDA build that fails to import
-# beside the CPU torch, and neither transformers nor lmms-eval's plugin path needs it. filelock < 4: lmms-eval 0.7.3
-# imports filelock._api, which filelock 4 no longer has.
-HF_ENV_SPEC = ["transformers>=5", "accelerate>=1.0", "lmms-eval==0.7.3", "filelock<4"]
 PROBE_ITEMS = 20
-
-
-def hf_env() -> Path:
-    """The environment's python, creating .venv-hf when its stamp does not name HF_ENV_SPEC."""
-    stamp = VENV / ".stamp"
-    py = VENV / "bin" / "python"
-    if stamp.is_file() and stamp.read_text() == json.dumps(HF_ENV_SPEC):
-        return py
-    run = lambda *cmd: subprocess.run(cmd, check=True, capture_output=True, text=True)
-    run("python3", "-m", "venv", "--clear", str(VENV))
-    with tempfile.TemporaryDirectory() as tmp:
-        pin = Path(tmp) / "constraints.txt"
-        pin.write_text("torch==2.13.0\n")
-        run(str(py), "-m", "pip", "install", "-q", "torch==2.13.0")
-        run(str(py), "-m", "pip", "install", "-q", "-c", str(pin), *HF_ENV_SPEC)
-        run(str(py), "-m", "pip", "uninstall", "-y", "-q", "torchvision")
-    stamp.write_text(json.dumps(HF_ENV_SPEC))  # last: an interrupted set-up is redone
-    return py
-
-
-@pytest.fixture(scope="module")
-def env_python():
-    py = hf_env()
-    lacks = "import importlib.metadata as m, importlib.util as u; m.PackageNotFoundError; " \
-            "assert not any(u.find_spec(p) for p in ('model', 'train', 'tokenizer'))\n" \
-            "try:\n    m.distribution('omniscratch')\nexcept m.PackageNotFoundError:\n    pass\nelse:\n    raise SystemExit(1)"
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    assert subprocess.run([str(py), "-c", lacks], cwd="/", env=env).returncode == 0  # the environment lacks omniscratch
-    return py
 
 
 @pytest.fixture(scope="module")
@@ -76,17 +35,11 @@ def exported(honest, tmp_path_factory):
     return ckpt, export_hf_omni.export_hf_omni(ckpt, tmp_path_factory.mktemp("hf") / "omni", probe_items=PROBE_ITEMS)
 
 
-def test_parity_in_clean_env(env_python, exported, tmp_path):
-    ckpt, folder = exported
-    cases = write_cases(tmp_path)
-    check_parity(ckpt, cases, run_client(str(env_python), folder, tmp_path / "cases.json", tmp_path / "out.pt"))
-
-
-def lmms_eval(python: Path, folder: Path, model: str, model_args: str, tasks: list[str], out: Path) -> tuple[dict, dict]:
+def lmms_eval(python: str, folder: Path, model: str, model_args: str, tasks: list[str], out: Path) -> tuple[dict, dict]:
     """Run lmms-eval offline; -> (its results by task, {task: {doc_id: response}}), and print its table."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {
         "HF_HOME": str(out / "hf_home"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.run([str(python), "-m", "lmms_eval", "--model", model, "--model_args", model_args,
+    proc = subprocess.run([python, "-m", "lmms_eval", "--model", model, "--model_args", model_args,
                            "--tasks", ",".join(tasks), "--include_path", str(folder / "lmms_eval" / "tasks"),
                            "--batch_size", "1", "--output_path", str(out / "results"), "--log_samples"], cwd=out, env=env,
                           capture_output=True, text=True, timeout=1200)
@@ -132,12 +85,12 @@ def check_answers(responses: dict, results: dict, expected: tuple[list[str], flo
     assert results[f"omniscratch_{task}_gen"]["acc,none"] == pytest.approx(acc, abs=1e-9), task
 
 
-def test_lmms_eval_plugin_matches_omniscratch_eval(env_python, exported, tmp_path):
+def test_lmms_eval_plugin_matches_omniscratch_eval(hf_python, exported, tmp_path):
     ckpt, folder = exported
-    subprocess.run([str(env_python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--force-reinstall",
+    subprocess.run([hf_python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--force-reinstall",
                     str(folder / "lmms_eval" / "plugin")], check=True, capture_output=True)
     tasks = [f"omniscratch_{t}" for t in QUESTIONS]
-    results, responses = lmms_eval(env_python, folder, "omniscratch", f"pretrained={folder}",
+    results, responses = lmms_eval(hf_python, folder, "omniscratch", f"pretrained={folder}",
                                    tasks + [t + "_gen" for t in tasks], tmp_path)
     model, cfg, tok = load_checkpoint(ckpt)
     ours = run_probes(model, tok, cfg, PROBE_ITEMS, seed=0)
@@ -146,10 +99,10 @@ def test_lmms_eval_plugin_matches_omniscratch_eval(env_python, exported, tmp_pat
         check_answers(responses, results, native_answers(ckpt, folder, task, torch.float32), task, cut=True)
 
 
-def test_lmms_eval_generic_hf_wrapper(env_python, exported, tmp_path):
+def test_lmms_eval_generic_hf_wrapper(hf_python, exported, tmp_path):
     ckpt, folder = exported
     tasks = [f"omniscratch_{t}_gen" for t in QUESTIONS]
     args = f"pretrained={folder},trust_remote_code=True,device=cpu,device_map=cpu"
-    results, responses = lmms_eval(env_python, folder, "huggingface", args, tasks, tmp_path)
+    results, responses = lmms_eval(hf_python, folder, "huggingface", args, tasks, tmp_path)
     for task in QUESTIONS:  # the wrapper loads the model in bf16 and ignores `until`: the native model in bf16, uncut
         check_answers(responses, results, native_answers(ckpt, folder, task, torch.bfloat16), task, cut=False)
