@@ -11,6 +11,7 @@ and the export runs on the very torch of the native model it is compared with.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.metadata as metadata
 import os
@@ -79,8 +80,17 @@ def link_distribution(dist: metadata.Distribution, site: Path) -> int:
 
 
 def hf_python(venv: Path = VENV) -> Path:
-    """The environment's python, building `venv` first when its stamp does not match the lock, torch and Python."""
-    have = {canonical(d.metadata["Name"]): d for d in metadata.distributions()}
+    """The environment's python, building `venv` first when its stamp does not match the lock, torch and Python.
+    Two test sessions at once build it once: the second waits on the first's file lock."""
+    with open(venv.with_name(venv.name + ".lock"), "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        return _build(venv)
+
+
+def _build(venv: Path) -> Path:
+    have: dict[str, metadata.Distribution] = {}
+    for dist in metadata.distributions():  # in sys.path order: the first of a name is the one imported
+        have.setdefault(canonical(dist.metadata["Name"]), dist)
     key = hashlib.sha256(LOCK.read_bytes() + f"{have['torch'].version} {sys.version}".encode()).hexdigest()
     py, stamp = venv / "bin" / "python", venv / ".stamp"
     if stamp.is_file() and stamp.read_text() == key and py.exists():
