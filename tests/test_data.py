@@ -6,6 +6,7 @@ Run: .venv/bin/python -m pytest -q tests/test_data.py  (CPU, ~1 min; builds a sm
 import io
 import json
 import os
+import pickle
 import subprocess
 import sys
 import wave
@@ -301,3 +302,6 @@ def test_media_errors_name_the_reason_not_the_buffer():
     with pytest.raises(ValueError) as aud:
         media.decode_audio(b"RIFF\x00\x00")
     assert str(aud.value).startswith("unreadable audio: the file ends inside its WAV header"), aud.value
+    # a worker's error reaches its parent by pickling: the message and the reason survive it
+    back = pickle.loads(pickle.dumps(aud.value))
+    assert (str(back), back.why) == (str(aud.value), aud.value.why)

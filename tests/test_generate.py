@@ -135,9 +135,8 @@ def test_bad_input_names_the_file_or_the_length(ckpt, loaded, tmp_path, capsys):
     generate.add_arguments(parser)
     not_image = "not an image file PIL can read (PNG, JPEG, GIF, WebP, ...): the file is damaged or of another kind"
     for flag, path, reason in [("--image", bad_png, not_image), ("--image", tmp_path / "absent.png", "cannot read"),
-                               ("--audio", bad_wav, "not a readable WAV file (the file ends inside its header); pass "
-                                                    "16-bit PCM WAV"),
-                               ("--audio", bad_png, "not a readable WAV file (file does not start with RIFF id)"),
+                               ("--audio", bad_wav, f"{bad_wav}: the file ends inside its WAV header; 16-bit PCM WAV is read"),
+                               ("--audio", bad_png, f"{bad_png}: file does not start with RIFF id; 16-bit PCM WAV is read"),
                                ("--audio", rate_wav, "44100 Hz"),
                                ("--video", tmp_path / "empty", "no frame images"), ("--video", bad_png, "not a readable"),
                                ("--video", tmp_path / "clip", not_image)]:
@@ -145,7 +144,7 @@ def test_bad_input_names_the_file_or_the_length(ckpt, loaded, tmp_path, capsys):
         err = capsys.readouterr().err
         named = path / "001.png" if path.name == "clip" else path  # a bad frame of a folder is named itself
         assert len(err.splitlines()) == 1 and f"{flag} {named}" in err and reason in err, err
-        assert "BytesIO" not in err  # the file is named, not PIL's in-memory buffer
+        assert "BytesIO" not in err and "(item " not in err  # the file is named, not PIL's buffer or an item number
     two_images = [str(ckpt), "--prompt", "<|image|><|image|>", "--image", str(tmp_path / "x.png")]
     assert generate.main(parser.parse_args(two_images)) == 2
     (tmp_path / "x.png").write_bytes(png("red"))

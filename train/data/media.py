@@ -22,17 +22,29 @@ from PIL import Image, UnidentifiedImageError
 from model.config import AUDIO_ID, IMAGE_ID, VIDEO_ID
 
 
-def _image_error(k: int, e: Exception) -> ValueError:
+class MediaError(ValueError):
+    """A media item that does not decode: `what` names the item ("corrupt image bytes (item 2)"), `why` says what is
+    wrong with the file, in words that need no item number (what `generate` says after a file's name)."""
+
+    def __init__(self, what: str, why: str):
+        super().__init__(what, why)  # both in args: the error crosses process boundaries by pickling
+        self.what, self.why = what, why
+
+    def __str__(self) -> str:
+        return f"{self.what}: {self.why}"
+
+
+def _image_error(k: int, e: Exception) -> MediaError:
     """PIL's reason, said without the in-memory buffer it names (`cannot identify image file <_io.BytesIO ...>`)."""
-    why = ("not an image file PIL can read (PNG, JPEG, GIF, WebP, ...)" if isinstance(e, UnidentifiedImageError)
-           else str(e) or type(e).__name__)
-    return ValueError(f"corrupt image bytes (item {k}): {why}")
+    why = ("not an image file PIL can read (PNG, JPEG, GIF, WebP, ...): the file is damaged or of another kind"
+           if isinstance(e, UnidentifiedImageError) else str(e) or type(e).__name__)
+    return MediaError(f"corrupt image bytes (item {k})", why)
 
 
-def _audio_error(e: Exception) -> ValueError:
+def _audio_error(e: Exception) -> MediaError:
     """The wave module's reason; some of its errors carry no message (a file that ends inside its header)."""
     why = str(e) or {EOFError: "the file ends inside its WAV header"}.get(type(e), f"{type(e).__name__} in its header")
-    return ValueError(f"unreadable audio: {why}; 16-bit PCM WAV is read")
+    return MediaError("unreadable audio", f"{why}; 16-bit PCM WAV is read")
 
 
 def _read(item, base: Path | None, what: str) -> bytes:

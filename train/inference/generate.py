@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import io
 import sys
-import wave
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import torch
 from PIL import Image, ImageSequence
 
 from model.config import BOS_ID, EOS_ID, IMAGE_ID, PAD_ID, SPECIAL_TOKENS, UsageError
+from train.data.media import MediaError
 from train.data.pipeline import PLACEHOLDER, encode_row, row_media
 from train.data.sources import decode_audio, decode_frames
 
@@ -102,23 +102,10 @@ def load_media(cfg, image: list[str], video: str | None, audio: str | None) -> d
 def _check(flag: str, path, decode, *args) -> None:
     try:
         decode(*args)
+    except MediaError as e:  # the file is named here: its reason, without the item number
+        raise ValueError(f"{flag} {path}: {e.why}") from None
     except ValueError as e:
-        raise ValueError(f"{flag} {path}: {_why(flag, args[0], e)}") from None
-
-
-def _why(flag: str, data, e: ValueError) -> str:
-    """The decoder's reason, said for a file: PIL names its in-memory buffer (`<_io.BytesIO object at 0x..>`) and
-    the wave module raises some errors without a message (a truncated header)."""
-    if flag != "--audio":
-        if "corrupt image bytes" in str(e):
-            return "not an image file PIL can read (PNG, JPEG, GIF, WebP, ...): the file is damaged or of another kind"
-        return str(e)
-    try:
-        wave.open(io.BytesIO(data)).close()
-    except Exception as w:  # noqa: BLE001 - wave raises wave.Error, EOFError, RuntimeError
-        reason = str(w) or {EOFError: "the file ends inside its header"}.get(type(w), "its header is damaged")
-        return f"not a readable WAV file ({reason}); pass 16-bit PCM WAV"
-    return str(e)
+        raise ValueError(f"{flag} {path}: {e}") from None
 
 
 # ---- decoding ----------------------------------------------------------------------------------
