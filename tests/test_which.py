@@ -20,7 +20,8 @@ from distributed.train_env import cli, make_workspace
 
 from model.config import IGNORE_INDEX, PAD_ID, SPECIAL_TOKENS, ModelConfig, from_dict
 from tokenizer.bpe import load_tokenizer
-from train.data.pipeline import PLACEHOLDER, TrainLoader, encode_row
+from train.data.encoding import PLACEHOLDER, encode_row
+from train.data.pipeline import TrainLoader
 from train.data.sources import row_media
 
 SEQ = 128

@@ -21,39 +21,31 @@ Notable choices:
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
-import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from model.config import BOS_ID, EOS_ID, IGNORE_INDEX, PAD_ID, SPECIAL_TOKENS, ModelConfig
+from model.config import IGNORE_INDEX, PAD_ID, SPECIAL_TOKENS, ModelConfig
 from model.media import audio_tokens, vision_tokens
-from tokenizer.bpe import load_tokenizer, tokenizer_digest
+from tokenizer.bpe import tokenizer_digest
+from train.data.encoding import AUDIO, IMAGE, PLACEHOLDER
 from train.data.loading import Prefetcher
 from train.data.mixing import epoch_length, mix_order
 from train.data.packing import pack
+from train.data.rejects import DecodeRejects, check_rejects, write_rejects
 from train.data.sources import (
     NO_LIMIT,
     MediaPolicy,
     Source,
-    check_rejects,
     declared_licence,
     manifest_entry,
     media_shapes,
     row_media,
-    write_rejects,
 )
 from train.data.store import Store, prepare
 
-IMAGE, VIDEO, AUDIO = (SPECIAL_TOKENS.index(f"<|{k}|>") for k in ("image", "video", "audio"))
-START = {t: SPECIAL_TOKENS.index(f"<|{k}_start|>") for t, k in ((IMAGE, "image"), (VIDEO, "video"), (AUDIO, "audio"))}
-MODALITY = {START[IMAGE]: 1, START[VIDEO]: 2, START[AUDIO]: 3}  # 0 = text
-PLACEHOLDER = {v: k for k, v in START.items()}  # start marker -> its placeholder
 MODALITIES = ("text", "image", "video", "audio")  # the names of Batch.modality's values 0..3 (MODALITY's values)
 
 
@@ -79,52 +71,6 @@ class Batch:
         pin = {f: getattr(self, f).pin_memory() for f in ("input_ids", "labels", "position_ids", "doc_ids", "modality")}
         return dataclasses.replace(self, **pin, pixel_values=[p.pin_memory() for p in self.pixel_values],
                                    audio_values=[a.pin_memory() for a in self.audio_values])
-
-
-def expand_media(ids: list[int], vision_shapes: list[tuple[int, int, int]], audio_lengths: list[int], cfg: ModelConfig):
-    """Replace each single placeholder with start + n placeholders + end, n from model.media (the ONE count).
-
-    `vision_shapes` are (F, H, W) of the vision items in order of their <|image|>/<|video|> placeholders.
-    """
-    n_vis, n_aud = sum(t in (IMAGE, VIDEO) for t in ids), ids.count(AUDIO)
-    if (n_vis, n_aud) != (len(vision_shapes), len(audio_lengths)):
-        raise ValueError(f"text has {n_vis} image/video and {n_aud} audio placeholders but the row has "
-                         f"{len(vision_shapes)} vision and {len(audio_lengths)} audio items")
-    out, vis, aud = [], iter(vision_shapes), iter(audio_lengths)
-    for t in ids:
-        if t in (IMAGE, VIDEO):
-            n = vision_tokens(*next(vis), cfg.vision)
-        elif t == AUDIO:
-            n = audio_tokens(next(aud), cfg.audio)
-        else:
-            out.append(t)
-            continue
-        out += [START[t]] + [t] * n + [START[t] + 1]
-    return out
-
-
-_tokenizer = functools.cache(load_tokenizer)  # once per prepare worker process
-
-
-def encode_row(row: dict, tok, base: Path | None, cfg: ModelConfig, policy: MediaPolicy = NO_LIMIT) -> list[int]:
-    text = row["text"]
-    if isinstance(text, bytes):
-        try:
-            text = text.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"non-UTF-8 text ({e.reason} at byte {e.start})") from None
-    if text is not None and not isinstance(text, str):
-        raise ValueError(f"wrong type: column 'text' must be a string, got {type(text).__name__}")
-    has_media = bool(row.get("images")) or bool(row.get("video")) or row.get("audio") is not None
-    if not (text or "").strip() and not has_media:
-        raise ValueError("empty row")
-    ids = tok.encode(text or "").ids
-    if has_media and not any(t in (IMAGE, VIDEO, AUDIO) for t in ids):  # media with no placeholder: media first
-        images = row.get("images") or []
-        ids = [IMAGE] * (1 if isinstance(images, (bytes, str)) else len(images)) + [VIDEO] * bool(row.get("video")) + \
-              [AUDIO] * (row.get("audio") is not None) + ids
-    shapes, lengths = media_shapes(row, ids, base, cfg, policy)  # headers only: what row_media will decode to
-    return [BOS_ID] + expand_media(ids, shapes, lengths, cfg) + [EOS_ID]
 
 
 class TrainLoader:
@@ -161,7 +107,7 @@ class TrainLoader:
             self.rejects_path.unlink(missing_ok=True)
             write_rejects(self.rejects_path, rejects)
         check_rejects(rejects, sum(m["rows"] for m in store.manifest["sources"]), max_reject_fraction, self.rejects_path)
-        self.max_reject_fraction, self._decode_seen = max_reject_fraction, {}  # (source, row) -> this rank's reject
+        self.max_reject_fraction, self._decode = max_reject_fraction, DecodeRejects(self.rejects_path)
         self._doc = np.flatnonzero(~too_long)  # accepted document d -> its row in the store's docs.npy
         self._src, self._row, self._len = (np.ascontiguousarray(docs[self._doc, c]) for c in (3, 4, 1))
         if len(self._len) == 0:
@@ -310,39 +256,23 @@ class TrainLoader:
             out = self._prefetch.take(self.cursor)
         else:
             out = [self._micro(self.cursor, j) for j in range(self.grad_accum)]
-        self._note_rejects([r for b in out for r in b.rejects])
+        self._decode.note([r for b in out for r in b.rejects])
         (e0, first_row), (e1, last_row), n = self._row_pieces(self.cursor), self._row_pieces(self.cursor + G - 1), self._n
         self.last_step_ranges = [[e0 * n + int(first_row[0, 0]), e1 * n + int(last_row[-1, 0]) + 1]]
         self.cursor += G
         return out
 
-    def _note_rejects(self, rejects: list[dict]) -> None:
-        """Log this rank's decode rejects (each document once) to its log and the rejects file; `decode_rejected`
-        counts them for `check_decode_rejects`."""
-        for r in rejects:
-            if (r["source"], r["row"]) in self._decode_seen:
-                continue
-            self._decode_seen[r["source"], r["row"]] = r
-            logging.getLogger("omniscratch").warning("reject: %s file %s row %d (source row %d): %s", r["source"],
-                                                     r["file"], r["file_row"], r["row"], r["reason"])
-            # one write() of one line in append mode: ranks appending at once do not interleave within a line
-            fd = os.open(self.rejects_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                os.write(fd, (json.dumps(r) + "\n").encode())
-            finally:
-                os.close(fd)
-
     @property
     def decode_rejected(self) -> int:
         """Documents this rank rejected at decode time so far (counted once each on this rank)."""
-        return len(self._decode_seen)
+        return len(self._decode)
 
     def check_decode_rejects(self, decode_rejected: int) -> None:
         """The reject rule with `decode_rejected` (summed over the ranks, at log time) added to prepare's rejects:
         a ValueError naming the worst sources past `max_reject_fraction`. A document met on two ranks in different
         epochs counts twice, so the sum errs on the strict side."""
         total = sum(m["rows"] for m in self.store.manifest["sources"])
-        check_rejects(self.rejects + list(self._decode_seen.values()), total, self.max_reject_fraction, self.rejects_path,
+        check_rejects(self.rejects + self._decode.records, total, self.max_reject_fraction, self.rejects_path,
                       count=len(self.rejects) + decode_rejected)
 
     def _identity(self) -> dict:

@@ -14,8 +14,7 @@ Notable choices:
   reject the whole file; here it rejects that line only. `data prepare` (train/data/store.py) reads every format
   through these readers or pyarrow, unit by unit, into the prepared token store.
 - A bad sample (corrupt or missing media, non-UTF-8 text, empty row, wrong type) is skipped, counted and
-  logged to a jsonl rejects log with its source and row; `check_rejects` stops the run with the worst
-  sources named when the rejected fraction exceeds the limit (default 1%).
+  logged to a jsonl rejects log with its source and row; too many stop the run (train/data/rejects.py).
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import tarfile
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -336,28 +334,3 @@ def _normalise(obj, row: dict) -> str:
 
 
 # ---- rejects -----------------------------------------------------------------------------------
-
-def write_rejects(path: str | Path, rejects: list[dict]) -> None:
-    """Append rejects ({source, row, reason}) to a jsonl log."""
-    if rejects:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in rejects)
-
-
-def check_rejects(rejects: list[dict], total: int, max_fraction: float, log_path: str | Path,
-                  count: int | None = None) -> None:
-    """Stop with the worst sources named when more than `max_fraction` of `total` samples were rejected (`count` of
-    them, default len(rejects); `rejects`: those known here, which name the worst sources)."""
-    count = len(rejects) if count is None else count
-    if total and count / total > max_fraction:
-        by_source = Counter(r["source"] for r in rejects)
-        worst = []
-        for src, n in by_source.most_common(3):
-            reasons = Counter(r["reason"].split(":")[0].split(" (")[0] for r in rejects if r["source"] == src)
-            worst.append(f"{src}: {n} rejected ({', '.join(f'{k} x{v}' for k, v in reasons.most_common(3))})")
-        raise ValueError(
-            f"{count} of {total} samples rejected ({100 * count / total:.2f}%), more than the limit of "
-            f"{100 * max_fraction:g}%. Worst sources: {'; '.join(worst)}. Every reject is listed in {log_path}: fix the "
-            f"data, or raise the limit (data.max_reject_fraction) if the loss is acceptable"
-        )

@@ -162,7 +162,7 @@ def _media_bytes(row: dict, base: Path | None) -> list[tuple[int, bytes]]:
 
 def _do_unit(job: tuple) -> str:
     """Tokenise one unit into `<work>/units/<unit>/` (renamed whole); returns its name."""
-    from train.data.pipeline import MODALITY, _tokenizer, encode_row
+    from train.data.encoding import MODALITY, _tokenizer, encode_row
 
     src, unit, tokenizer_path, cfg, policy, work = job
     tok, fmt_files = _tokenizer(str(tokenizer_path)), source_format(src.path)[1]

@@ -11,7 +11,7 @@ Notable choices:
   log reports as `heldout_loss`, split by the modality of each token's document; perplexity = exp(loss).
 - Probes are the corpus generator's held-out question sets (`train.data.corpus.probe_items`: a stream no training
   shard draws from). Each choice is scored by its log-likelihood after the prompt, log p(" " + choice | BOS,
-  media, question), summed over its tokens; the highest wins. The prompt is expanded by `train.data.pipeline.expand_media`,
+  media, question), summed over its tokens; the highest wins. The prompt is expanded by `train.data.encoding.expand_media`,
   as training expands documents. Chance is 1 / number of choices, reported per task.
 - `<modality>_accuracy` is the mean over that modality's items (every task has the same number of items).
 """
@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from model.config import BOS_ID, IGNORE_INDEX, PAD_ID
 from train.atomic import atomic_path, atomic_write
-from train.data.pipeline import MODALITIES, expand_media, heldout_batches
+from train.data.encoding import expand_media
+from train.data.pipeline import MODALITIES, heldout_batches
 
 from .load import load_checkpoint, resolve_checkpoint
 

@@ -4,7 +4,7 @@ Greedy by default; `--temperature T` (> 0) samples, restricted to the top-p nucl
 generator seeded by `--seed`, so a sampled run is repeatable. Text is streamed to the terminal as it is decoded.
 
 Notable choices:
-- The prompt is encoded exactly as training encodes a document (`train.data.pipeline`): BOS, the text with one
+- The prompt is encoded exactly as training encodes a document (`train.data.encoding`): BOS, the text with one
   placeholder per media item (prepended when the prompt has none), each placeholder expanded to
   start + n + end by `model.media`; the trailing EOS is dropped so the model continues the document.
 - Prefill runs the whole prompt once into a preallocated KV cache; each new token is then one forward of
@@ -29,9 +29,8 @@ import torch
 from PIL import Image, ImageSequence
 
 from model.config import BOS_ID, EOS_ID, IMAGE_ID, PAD_ID, SPECIAL_TOKENS, UsageError
-from train.data.media import MediaError
-from train.data.pipeline import PLACEHOLDER, encode_row, row_media
-from train.data.sources import decode_audio, decode_frames
+from train.data.encoding import PLACEHOLDER, encode_row
+from train.data.media import MediaError, decode_audio, decode_frames, row_media
 
 from .load import load_checkpoint
 

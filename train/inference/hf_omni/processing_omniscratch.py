@@ -1,7 +1,7 @@
 """Hugging Face remote code of an `omniscratch export --format hf-omni` folder: the processor.
 
 `processor(text=..., images=..., videos=..., audio=... | audios=...)` -> input_ids, attention_mask, pixel_values,
-audio_values, encoded as omniscratch's training pipeline encodes a document (train/data/pipeline.py):
+audio_values, encoded as omniscratch's training pipeline encodes a document (train/data/encoding.py):
 - BOS, then the text with one placeholder per media item (<|image|>, <|video|>, <|audio|>); a text with none gets
   the items' placeholders prepended (images, then the video, then audio), as training does;
 - each placeholder expanded to start + n placeholders + end, n from media.py (a copy of omniscratch's model/media.py,
