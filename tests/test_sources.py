@@ -130,6 +130,7 @@ def test_readme_walkthrough_trains_on_three_licensed_sources_resumes_at_one_rank
 
 def test_verify_rehashes_each_source_and_shows_licences_as_declared(run):
     from train.provenance import record_checks
+    from train.provenance.folder_bytes import FolderBytes
     from train.provenance.report import Report
 
     folder = run / "runs" / "mine" / "checkpoints" / "step_000004"
@@ -137,7 +138,7 @@ def test_verify_rehashes_each_source_and_shows_licences_as_declared(run):
     manifest = json.loads((folder / "data_manifest.json").read_text())
     rep = Report(folder)
     record_checks.check_sources(rep, manifest, run)
-    record_checks.declare_data(rep, folder, rec)
+    record_checks.declare_data(rep, FolderBytes(folder), rec)
     assert [c["status"] for c in rep.checks] == ["PASS"]
     assert rep.declared[0]["item"] == "data licences" and "photos: CC0-1.0" in rep.declared[0]["value"]
     (run / "mydata" / "notes.jsonl").open("a").write('{"text": "one more note"}\n')

@@ -8,8 +8,8 @@ Notable choices:
   cores (`submit_hashes` shares verify's pool with the step-0 rebuild, each file then in one thread; `hash_files`,
   alone, lets BLAKE3 add its own threads so that one large file still uses every core). A .safetensors file mapped
   once (`SafetensorsFile`) feeds its file digest and its tensor digests from the same pieces while they are in
-  cache, and gives zero-copy views of its tensors. Small files a caller also parses are read once (`read_small`)
-  and hashed from those bytes.
+  cache, and gives zero-copy views of its tensors. Small files a caller also parses are read once (`read_small`,
+  train/provenance/folder_bytes.py) and hashed from those bytes.
 - The layout rule has two halves. Released weights are the verifier's own rule: the only top-level weight file
   (train/checkpoint.py WEIGHT_SUFFIXES) is model.safetensors. Which files under ds/ are per-rank is the trainer's
   knowledge (DeepSpeed's names, train/parallel/engine.py, and ours, train/checkpoint.py), recorded in the certificate
@@ -126,13 +126,13 @@ def cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def hash_files(folder: Path, names: list[str], workers: int | None = None,
-               weights: SafetensorsFile | None = None) -> dict[str, str]:
+def hash_files(folder: Path, names: list[str], workers: int | None = None, weights: SafetensorsFile | None = None,
+               given: dict[str, bytes] | None = None) -> dict[str, str]:
     """{relpath: digest} for `names` under `folder`, hashed in parallel; keys keep the order of `names`. If `weights`
     (an open SafetensorsFile) is one of them, its tensor digests are computed in the same single pass as its file
-    digest."""
+    digest. `given`: as `submit_hashes`."""
     with ThreadPoolExecutor(min(workers or cpus(), len(names) or 1)) as pool:
-        return submit_hashes(pool, folder, names, weights=weights, one_core=False)()
+        return submit_hashes(pool, folder, names, weights=weights, given=given, one_core=False)()
 
 
 def submit_hashes(pool, folder: Path, names: list[str], weights: SafetensorsFile | None = None,

@@ -7,10 +7,10 @@ compared; each may raise on tampered input, which verify reports as a failed che
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from train.provenance.data_sources import changed_sources
+from train.provenance.folder_bytes import FolderBytes, ReadOnce
 from train.provenance.hashing import hash_files, layout_problems, rank_files, rank_patterns, safe_path
 from train.provenance.record import DATA_MANIFEST, RECORD, SLSA, digest_of, init_digest, witness_listing
 from train.provenance.report import Report
@@ -26,12 +26,13 @@ def licence_ok(licence: str, allowed=ALLOWED_LICENCES) -> bool:
     return all(any(any(a in alt.lower() for a in low) for alt in term.split(" OR "))
                for term in licence.replace("(", "").replace(")", "").split(" AND "))
 
-def check_configs(rep: Report, folder: Path, rec: dict) -> None:
+def check_configs(rep: Report, small: FolderBytes, rec: dict) -> None:
+    """The folder's configs (the bytes hashed: folder_bytes.py) against the certified ones."""
     for name, key in (("model_config.json", "model"), ("run_config.json", "run")):
-        ok = json.loads((folder / name).read_text()) == rec["config"][key]
+        ok = small.json(name) == rec["config"][key]
         rep.add("config", name, ok, "matches the certificate" if ok else f"differs from the certified {key} config")
 
-def check_inputs(rep: Report, folder: Path, rec: dict, actual: dict, data_dir) -> None:
+def check_inputs(rep: Report, small: FolderBytes, rec: dict, actual: dict, data_dir) -> None:
     ok = rec["tokenizer"]["digest"] == actual.get("tokenizer.json")
     rep.add("tokenizer", "tokenizer.json", ok, "digest matches the run's tokenizer" if ok
             else "digest differs from the tokenizer the run started with")
@@ -43,11 +44,11 @@ def check_inputs(rep: Report, folder: Path, rec: dict, actual: dict, data_dir) -
                 else "digest differs from the data manifest the run started with")
         if data_dir is not None and rec["config"]["run"]["data"].get("sources"):
             if ok:  # the sources as the certified manifest lists them
-                check_sources(rep, json.loads((folder / DATA_MANIFEST).read_text()), Path(data_dir))
+                check_sources(rep, small.json(DATA_MANIFEST), Path(data_dir))
         elif data_dir is not None:
             ok = hash_files(Path(data_dir), ["manifest.json"])["manifest.json"] == rec["data"]["digest"]
             rep.add("data", str(Path(data_dir) / "manifest.json"), ok, "" if ok else "is not the manifest the run used")
-    slsa = json.loads((folder / SLSA).read_text())
+    slsa = small.json(SLSA)
     data = slsa["predicate"]["buildDefinition"]["externalParameters"]["dataManifestDigest"]["blake3"]
     ok = slsa["subject"][0]["digest"]["blake3"] == actual.get("model.safetensors") and data == rec["data"]["digest"]
     rep.add("slsa", SLSA, ok, "subject and data manifest agree with the certificate" if ok
@@ -63,19 +64,21 @@ def check_sources(rep: Report, manifest: dict, root: Path) -> None:
     rep.add("data", f"{len(manifest['sources'])} sources under {root}", not changed,
             "every source's sha256 matches the data manifest" if not changed else "; ".join(changed))
 
-def declare_data(rep: Report, folder: Path, rec: dict) -> None:
+def declare_data(rep: Report, small: FolderBytes, rec: dict) -> None:
     """The data licences: per source of the certified data manifest, what the trainer declared (never checked)."""
     if not rec["data"]["digest"]:
         return
-    manifest = json.loads((folder / DATA_MANIFEST).read_text())
+    manifest = small.json(DATA_MANIFEST)
     if "sources" in manifest:
         rep.declare("data licences", "; ".join(f"{e['name']}: {e['licence']} (weight {e.get('weight', 1)}, "
                                                f"{e.get('rows', '?')} rows)" for e in manifest["sources"]))
     elif manifest.get("licence"):
         rep.declare("data licences", f"{manifest['licence']} (the corpus manifest's own statement)")
 
-def check_lineage(rep: Report, folder: Path, rec: dict, certified: dict) -> None:
-    chain = rec["chain"]
+def check_lineage(rep: Report, folder: Path, rec: dict, certified: dict, held: ReadOnce | None = None) -> None:
+    """The chain's hash links from init to this checkpoint; each kept checkpoint beside it (its certificate read once,
+    by `held`, which replay then shares) agrees with the link that ends at its step."""
+    chain, held = rec["chain"], ReadOnce() if held is None else held
     expect_parent, expect_start = init_digest(rec["init"]), 0
     for i, link in enumerate(chain):
         where = f"link {i} (steps {link['start_step']}-{link['end_step']})"
@@ -100,7 +103,7 @@ def check_lineage(rep: Report, folder: Path, rec: dict, certified: dict) -> None
         return
     kept = 0
     for other in sorted(folder.parent.glob("step_*")):
-        theirs = json.loads((other / RECORD).read_text()) if other != folder and (other / RECORD).is_file() else None
+        theirs = held[other].json(RECORD) if other != folder and (other / RECORD).is_file() else None
         mine = [i for i, link in enumerate(chain) if theirs and link["end_step"] == theirs["step"]]
         if not mine:
             continue

@@ -5,7 +5,9 @@ It is re-executed with the trainer's own resume path, in a subprocess, exactly a
 
     omniscratch train --config END/run_config.json [--resume-from START] run_dir=TMP max_steps=END_STEP wandb=false
 
-and the weights it ends with are compared with the checkpoint after the segment.
+and the weights it ends with are compared with the checkpoint after the segment. END/run_config.json is a copy of the
+bytes verify hashed: every small file of a checkpoint that replay parses or hands on is read once
+(train/provenance/folder_bytes.py).
 
 Notable choices:
 - The verifier chooses, the trainer cannot foresee: the segments are a uniform sample, seeded by `--replay-seed`
@@ -30,7 +32,6 @@ Notable choices:
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import secrets
@@ -44,6 +45,7 @@ import torch
 from train.checkpoint import read_weights
 from train.provenance.data_sources import changed_sources
 from train.provenance.digest import component_roots, digest_bytes, update_sizes
+from train.provenance.folder_bytes import FolderBytes, ReadOnce
 from train.provenance.hashing import folder_files, hash_files, safetensors_digests
 from train.provenance.record import (
     DATA_MANIFEST,
@@ -67,10 +69,12 @@ def _kept(ckroot: Path, step: int) -> Path | None:
     return p if (p / RECORD).is_file() else None
 
 
-def replayable(folder: Path, rec: dict) -> tuple[list[tuple[int, Path | None, Path]], list[dict]]:
+def replayable(folder: Path, rec: dict, held: ReadOnce | None = None) -> tuple[list[tuple[int, Path | None, Path]],
+                                                                          list[dict]]:
     """-> ([(link index, start folder or None for init, end folder)] of every link whose two ends are at hand and
-    agree with the chain, [{"link", "steps", "why"}] for every other link)."""
-    out, missing, chain = [], [], rec["chain"]
+    agree with the chain, [{"link", "steps", "why"}] for every other link). `held`: the kept checkpoints' small files,
+    read once (folder_bytes.py), shared with the checks of their files."""
+    out, missing, chain, held = [], [], rec["chain"], ReadOnce() if held is None else held
     for i, link in enumerate(chain):
         end = folder if i == len(chain) - 1 else _kept(folder.parent, link["end_step"])
         start = None if link["start_step"] == 0 else _kept(folder.parent, link["start_step"])
@@ -81,11 +85,11 @@ def replayable(folder: Path, rec: dict) -> tuple[list[tuple[int, Path | None, Pa
             why = f"checkpoint step_{link['start_step']:06d} (its start) is not kept"
         elif start is not None and not (start / "ds").is_dir():
             why = f"kept {start.name} has no witness bundle (ds/, its resume state): a release form"
-        elif start is not None and digest_of(json.loads((start / RECORD).read_text())["chain"][-1]) != link["parent"]:
+        elif start is not None and digest_of(held[start].json(RECORD)["chain"][-1]) != link["parent"]:
             why = f"kept {start.name} is not this chain's link {i - 1}"
         elif start is None and link["parent"] != init_digest(rec["init"]):
             why = "its parent is not the init record"
-        elif end != folder and digest_of(json.loads((end / RECORD).read_text())["chain"][-1]) != digest_of(link):
+        elif end != folder and digest_of(held[end].json(RECORD)["chain"][-1]) != digest_of(link):
             why = f"kept {end.name} is not this chain's link {i}"
         if why is None:
             out.append((i, start, end))
@@ -94,16 +98,18 @@ def replayable(folder: Path, rec: dict) -> tuple[list[tuple[int, Path | None, Pa
     return out, missing
 
 
-def endpoint_problem(folder: Path, public_key) -> str | None:
+def endpoint_problem(folder: Path, public_key, small: FolderBytes | None = None) -> str | None:
     """Why a kept checkpoint used as a replay end point cannot be trusted as the trainer's (None when it can): its
-    signature with the verifier's key, and every file against that signature and its own record."""
+    signature with the verifier's key, and every file against that signature and its own record. `small`: its small
+    files as read once, hashed and parsed from those bytes."""
+    small = FolderBytes(folder) if small is None else small
     try:
         signed = signed_manifest(folder, public_key)
     except ValueError as e:
         return str(e)
     release, resume = split_names(folder_files(folder, exclude={SIGNATURE}))
-    actual = hash_files(folder, release)
-    files = json.loads((folder / RECORD).read_text())["files"]
+    actual = hash_files(folder, release, given=small.raw)
+    files = small.json(RECORD)["files"]
     certified, bound = files["digests"], witness_listing(files.get("witness"))
     witness = witness_found(folder, resume, files.get("witness"))
     bad = sorted(n for n in set(signed) | set(actual) | set(certified) if n != RECORD and not
@@ -116,15 +122,16 @@ def endpoint_problem(folder: Path, public_key) -> str | None:
     return None
 
 
-def kept_problems(folder: Path, chosen: list, public_key) -> dict[Path, str]:
+def kept_problems(folder: Path, chosen: list, public_key, held: ReadOnce | None = None) -> dict[Path, str]:
     """Kept checkpoint -> why it cannot be trusted as the trainer's, for each end of a chosen link other than the
     verified checkpoint itself: its signature and files (endpoint_problem), then its resume state bound to its
     weights (witness.py), all checked before any replay runs."""
     from train.provenance.witness import resume_state_problems
 
+    held = ReadOnce() if held is None else held
     kept = sorted({f for _, start, end in chosen for f in (start, end) if f is not None and f != folder})
-    bad = {f: p for f in kept if public_key and (p := endpoint_problem(f, public_key))}
-    bound = resume_state_problems([f for f in kept if f not in bad])
+    bad = {f: p for f in kept if public_key and (p := endpoint_problem(f, public_key, held[f]))}
+    bound = resume_state_problems([f for f in kept if f not in bad], held=held)
     return bad | {f: f"{f.name}: {p}" for f, p in bound.items() if p}
 
 
@@ -162,16 +169,19 @@ def compare(claimed: Path, replayed: Path, start_weights, tolerance: float | Non
 
 
 def replay_segment(rec: dict, index: int, start: Path | None, end: Path, tolerance: float | None = None,
-                   timeout: float = 1800, work: Path | None = None, allow_derived: bool = False) -> tuple[bool, str]:
+                   timeout: float = 1800, work: Path | None = None, allow_derived: bool = False,
+                   held: ReadOnce | None = None) -> tuple[bool, str]:
     """Re-execute link `index` from `start` (None: init) and compare with `end`; -> (ok, reason). The replay's own
     checkpoint is left under `work` when given (for the next link to resume from). `allow_derived` is the verifier's,
-    never the run config's: a config that lets the replay load foreign weights would reproduce them."""
-    link = rec["chain"][index]
+    never the run config's: a config that lets the replay load foreign weights would reproduce them. The run config and
+    data manifest are `end`'s as read once and hashed (`held`): the replay runs a copy of those bytes, never a
+    second read of the folder."""
+    link, held = rec["chain"][index], ReadOnce() if held is None else held
     if {c: r["root"] for c, r in component_roots(safetensors_digests(end / "model.safetensors")).items()} != \
             link["weights"]:
         return False, f"{end.name}/model.safetensors is not the weights link {index} ends with"
     if rec["config"]["run"]["data"].get("sources"):  # the run's own manifest, bound by the certificate
-        changed = changed_sources(json.loads((end / DATA_MANIFEST).read_text()))
+        changed = changed_sources(held[end].json(DATA_MANIFEST))
         if changed:
             return False, f"replay needs the run's data: {'; '.join(changed)}"
     else:
@@ -180,8 +190,9 @@ def replay_segment(rec: dict, index: int, start: Path | None, end: Path, toleran
                                       digest_bytes(manifest.read_bytes()) != rec["data"]["digest"]):
             return False, f"data manifest {manifest} is missing or is not the one the run used; replay needs the run's data"
     with tempfile.TemporaryDirectory(prefix="omniscratch-replay-") as tmp:
-        run_dir = Path(work or tmp) / f"link_{index}"
-        cmd = [sys.executable, "-m", "train.cli", "train", "--config", str(end / "run_config.json"),
+        run_dir, config = Path(work or tmp) / f"link_{index}", Path(tmp) / "run_config.json"
+        config.write_bytes(held[end].bytes("run_config.json"))  # paths in it are relative to the working directory
+        cmd = [sys.executable, "-m", "train.cli", "train", "--config", str(config),
                f"run_dir={run_dir}", f"max_steps={link['end_step']}", "wandb=false", "sign_key=",
                f"checkpoint.every={link['end_step']}", "checkpoint.keep_last=1",
                f"allow_derived={'true' if allow_derived else 'false'}"]
@@ -199,11 +210,13 @@ def replay_segment(rec: dict, index: int, start: Path | None, end: Path, toleran
 
 
 def replay(rep, folder: Path, rec: dict, k: int | str, seed: int, tolerance: float | None = None,
-           allow_derived: bool = False, public_key=None) -> None:
+           allow_derived: bool = False, public_key=None, held: ReadOnce | None = None) -> None:
     """Replay k chosen links (k="all": every link) and add one `replay` row per link, a `coverage` row and
-    `rep.coverage`. Coverage short of what was asked for is a failure."""
+    `rep.coverage`. Coverage short of what was asked for is a failure. `held`: the small files of `folder` and the
+    kept checkpoints, each read once (verify's, whose bytes it hashed)."""
     chain = rec["chain"]
-    cands, missing = replayable(folder, rec)
+    held = ReadOnce() if held is None else held
+    cands, missing = replayable(folder, rec, held)
     asked = len(chain) if k == "all" else int(k)
     chosen = choose(cands, asked, seed)
     cov = {"asked": asked, "seed": seed, "tolerance": tolerance, "links": len(chain),
@@ -216,7 +229,7 @@ def replay(rep, folder: Path, rec: dict, k: int | str, seed: int, tolerance: flo
                 f"replayable, so none replayed" + (f" (ask for at most {len(chosen)})" if chosen else "")
                 + (f"; not replayable: {shown}" if shown else ""))
         return
-    bad = kept_problems(folder, chosen, public_key)  # every kept end point, before any replay runs
+    bad = kept_problems(folder, chosen, public_key, held)  # every kept end point, before any replay runs
     done: dict[int, Path] = {}  # link -> the replay's own checkpoint, when it matched bit for bit
     with tempfile.TemporaryDirectory(prefix="omniscratch-replays-") as work:
         for i, start, end in chosen:
@@ -229,7 +242,8 @@ def replay(rep, folder: Path, rec: dict, k: int | str, seed: int, tolerance: flo
             elif bad:  # the trainer published a checkpoint that lies: no replay is spent on its other segments
                 ok, why = False, "not replayed: a kept end point of another segment does not verify"
             else:
-                ok, why = replay_segment(rec, i, start, end, tolerance, work=Path(work), allow_derived=allow_derived)
+                ok, why = replay_segment(rec, i, start, end, tolerance, work=Path(work), allow_derived=allow_derived,
+                                         held=held)
             if why == "bit-identical":
                 done[i] = Path(work) / f"link_{i}" / "checkpoints" / f"step_{link['end_step']:06d}"
             rep.add("replay", f"link {i} (steps {link['start_step']}-{link['end_step']})", ok, f"{why}; from {origin}")

@@ -17,8 +17,10 @@ as such: code, hardware, packages, data ranges, learning rates, update sizes. Ou
 unqualified only when its init rebuilds and every step to these weights was replayed (or --accept-sampled).
 
 Notable choices:
-- Every byte is read once, and the certificate parsed once: provenance.json is read by one small-file reader
-  (refusing links and FIFOs) and its digest taken from the bytes parsed; each other file streams through BLAKE3
+- Every byte is read once, and every fact about a file is about the bytes hashed: the small files verify parses
+  (provenance.json, the configs, the data manifest, the SLSA statement) are read once by a small-file reader
+  (refusing links and FIFOs), hashed from those bytes and parsed from them, never read again
+  (train/provenance/folder_bytes.py); each other file streams through BLAKE3
   (train/provenance/hashing.py); model.safetensors, mapped once, feeds its file digest (signature and certificate)
   and its tensor digests from the same pieces. The files and the step-0 rebuild share one pool, the files queued
   first, so the rebuild runs while they hash (behind the disk when the files are cold); the rebuild measures each
@@ -50,8 +52,9 @@ from train.checkpoint import STEP_RE, resolve
 from train.provenance import record_checks
 from train.provenance.completeness import check_completeness
 from train.provenance.digest import component_roots, differing_components, name_list
-from train.provenance.hashing import SafetensorsFile, cpus, folder_files, read_small, submit_hashes
-from train.provenance.record import RECORD, SCHEMA, split_names, submit_init, witness_found, witness_listing
+from train.provenance.folder_bytes import PARSED, FolderBytes, ReadOnce, read_certificate
+from train.provenance.hashing import SafetensorsFile, cpus, folder_files, submit_hashes
+from train.provenance.record import RECORD, split_names, submit_init, witness_found, witness_listing
 from train.provenance.record_checks import ALLOWED_LICENCES, REVIEWED, licence_ok  # noqa: F401 - part of this module's interface
 from train.provenance.report import Report, certificate_md, qualify, table, verdict
 from train.provenance.signing import SIGNATURE, signed_manifest
@@ -78,36 +81,21 @@ def verify(folder, public_key, *, replay: int | str = 0, replay_seed: int | None
     return rep
 
 
-def read_certificate(folder: Path) -> tuple[bytes, dict]:
-    """provenance.json read once (these bytes are hashed, and parsed here) -> (bytes, record); ValueError saying why
-    it is no certificate of this schema (a link, a FIFO, not JSON, not a JSON object, another schema)."""
-    raw = read_small(folder / RECORD)
-    try:
-        rec = json.loads(raw)
-    except ValueError as e:
-        raise ValueError(f"not JSON ({e})") from None
-    if not isinstance(rec, dict):
-        raise ValueError(f"is a JSON {type(rec).__name__}, not an object: no certificate the trainer writes; "
-                         f"re-export the checkpoint")
-    if rec.get("schema") != SCHEMA:
-        raise ValueError(f"schema {rec.get('schema')!r} is not {SCHEMA}")
-    return raw, rec
-
-
 def _verify(rep, folder, public_key, pool, weights, replay, allowed, reviewed, allow_derived, data_dir, audit) -> None:
     try:
         present = folder_files(folder, exclude={SIGNATURE})
     except ValueError as e:
         present, bad_folder = None, e
-    raw, rec, unreadable = None, None, "missing: not a committed checkpoint"
+    rec, unreadable = None, "missing: not a committed checkpoint"
     if present is not None:
+        release, resume = split_names(present)  # ds/ is listed by size, not hashed (record.witness_manifest)
+        small = FolderBytes(folder, [n for n in PARSED if n in release])  # hashed and parsed from these bytes
         if RECORD in present:
             try:
-                raw, rec = read_certificate(folder)
+                rec = read_certificate(small)
             except ValueError as e:
                 unreadable = f"unreadable: {e}"
-        release, resume = split_names(present)  # ds/ is listed by size, not hashed (record.witness_manifest)
-        hashed = submit_hashes(pool, folder, release, weights=weights, given={RECORD: raw} if raw else {})
+        hashed = submit_hashes(pool, folder, release, weights=weights, given=small.raw)
     # the rebuild needs only config and seed: its tensors queue behind the files and run while they hash
     step0 = _submit_step0(pool, rec, weights) if rec is not None else None
     try:
@@ -160,18 +148,19 @@ def _verify(rep, folder, public_key, pool, weights, replay, allowed, reviewed, a
         rep.add("ranks", RECORD, False, f"could not be checked: {type(e).__name__}: {e}")
     if not any(c["check"] == "files" for c in rep.checks):
         rep.add("files", f"{len(actual)} files", True, "digests match the signature and the certificate")
+    kept = ReadOnce({folder: small})  # this folder's files as hashed; kept checkpoints beside it, each read once
     rebuilt = step0  # waits for the step-0 rebuild (tensors, distance), made once, for completeness and init
     # Each check is guarded: on tampered files a parser may raise; a check that cannot run has failed.
     for check, run in (("tensors", lambda: _check_tensors(rep, rec, weights)),
-                       ("config", lambda: record_checks.check_configs(rep, folder, rec)),
-                       ("digests", lambda: record_checks.check_inputs(rep, folder, rec, actual, data_dir)),
-                       ("lineage", lambda: record_checks.check_lineage(rep, folder, rec, certified)),
+                       ("config", lambda: record_checks.check_configs(rep, small, rec)),
+                       ("digests", lambda: record_checks.check_inputs(rep, small, rec, actual, data_dir)),
+                       ("lineage", lambda: record_checks.check_lineage(rep, folder, rec, certified, kept)),
                        ("completeness", lambda: check_completeness(  # waits for the rebuild: after the quick ones
                            rep, rec, weights.header, {n: d["shape"] for n, d in rebuilt()[0].items()})),
                        ("init", lambda: _check_init(rep, rec, allow_derived, *rebuilt())),
                        ("licences", lambda: record_checks.check_licences(rep, rec, allowed, reviewed)),
                        ("declared", lambda: record_checks.declare(rep, rec)),
-                       ("declared", lambda: record_checks.declare_data(rep, folder, rec)),
+                       ("declared", lambda: record_checks.declare_data(rep, small, rec)),
                        ("audit", lambda: audit and record_checks.audit_rows(rep, audit(folder)))):
         try:
             run()
@@ -181,7 +170,8 @@ def _verify(rep, folder, public_key, pool, weights, replay, allowed, reviewed, a
         from train.provenance.replay import replay as replay_segments  # runs the trainer: imported only when asked for
 
         try:
-            replay_segments(rep, folder, rec, **replay, allow_derived=allow_derived, public_key=public_key)
+            replay_segments(rep, folder, rec, **replay, allow_derived=allow_derived, public_key=public_key,
+                            held=kept)
         except Exception as e:  # noqa: BLE001 - a replay that cannot run on these inputs has failed, named
             rep.add("replay", "-", False, f"could not be run: {type(e).__name__}: {e}")
     qualify(rep)

@@ -33,6 +33,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from train.provenance.folder_bytes import ReadOnce
+from train.provenance.record import RECORD
+
 # argv: one JSON object, checkpoint folder -> its certified optimizer settings (_settings); stdout: one JSON object,
 # folder -> the problem (or null)
 _CHECK = r"""
@@ -115,21 +118,23 @@ print("\n" + json.dumps(out))
 """
 
 
-def _settings(folder: Path) -> dict:
-    """What a resume from `folder` may take from its ds/: the certified run config's optimizer (the highest lr any
-    group may have: lr x the largest component scale) and the checkpoint's step."""
-    rec = json.loads((folder / "provenance.json").read_text())
+def _settings(rec: dict) -> dict:
+    """What a resume from a checkpoint with certificate `rec` may take from its ds/: the certified run config's
+    optimizer (the highest lr any group may have: lr x the largest component scale) and the checkpoint's step."""
     o = rec["config"]["run"]["optim"]
     return {"lr_max": o["lr"] * max([1.0, *o.get("lr_scale", {}).values()]), "betas": [o["beta1"], o["beta2"]],
             "eps": o["eps"], "weight_decay": o["weight_decay"], "step": rec["step"]}
 
 
-def resume_state_problems(folders: list[Path], timeout: float = 600) -> dict[Path, str | None]:
-    """folder -> why its resume state is not bound to its weights (None when it is), for each kept checkpoint."""
+def resume_state_problems(folders: list[Path], timeout: float = 600,
+                          held: ReadOnce | None = None) -> dict[Path, str | None]:
+    """folder -> why its resume state is not bound to its weights (None when it is), for each kept checkpoint.
+    `held`: their certificates as read once (folder_bytes.py): the bytes their end-point check hashed."""
     if not folders:
         return {}
-    res = subprocess.run([sys.executable, "-c", _CHECK, json.dumps({str(f): _settings(f) for f in folders})],
-                         capture_output=True, text=True,
+    held = ReadOnce() if held is None else held
+    want = {str(f): _settings(held[f].json(RECORD)) for f in folders}
+    res = subprocess.run([sys.executable, "-c", _CHECK, json.dumps(want)], capture_output=True, text=True,
                          timeout=timeout, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     try:
         found = json.loads(res.stdout.strip().splitlines()[-1])
