@@ -52,7 +52,8 @@ from train.provenance.digest import tensor_header  # noqa: E402
 from train.provenance.hashing import SafetensorsFile, folder_files, hash_files  # noqa: E402
 from train.provenance.record import RECORD, Recorder, rebuild_init  # noqa: E402
 from train.provenance.signing import SIGNATURE, init_keys, sign_checkpoint, signed_manifest  # noqa: E402
-from train.provenance.verify import rebuild_step0, verify  # noqa: E402
+from train.provenance.step0 import rebuild_step0  # noqa: E402
+from train.provenance.verify import verify  # noqa: E402
 
 
 def config(width: int) -> ModelConfig:
