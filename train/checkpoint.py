@@ -146,6 +146,29 @@ class WeightsWriter:
         self._f.write(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         self._next += 1
 
+    def add_pieces(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, pieces) -> None:
+        """The next tensor as consecutive 1-D pieces of its flattened data, each written as it comes (a sharded
+        tensor streamed from the ranks that own it: the writer never holds it whole). Checked against the header:
+        name, shape, dtype, and the total byte count."""
+        if self._next >= len(self._specs):
+            raise ValueError(f"{self.path}: tensor '{name}' beyond the {len(self._specs)} the header declares")
+        want, want_shape, want_dtype = self._specs[self._next]
+        if (name, tuple(shape), dtype) != (want, tuple(want_shape), want_dtype):
+            raise ValueError(f"{self.path}: got '{name}' {tuple(shape)} {dtype}, the header declares "
+                             f"'{want}' {tuple(want_shape)} {want_dtype} next")
+        size, written = torch.Size(shape).numel() * dtype.itemsize, 0
+        for piece in pieces:
+            if piece.dtype != dtype or piece.dim() != 1:
+                raise ValueError(f"{self.path}: '{name}': a piece is {piece.dtype} {tuple(piece.shape)}, not 1-D {dtype}")
+            data = piece.detach().cpu().contiguous().view(torch.uint8).numpy()
+            written += data.nbytes
+            if written > size:
+                raise ValueError(f"{self.path}: '{name}': pieces exceed the header's {size} bytes")
+            self._f.write(data)
+        if written != size:
+            raise ValueError(f"{self.path}: '{name}': pieces hold {written} bytes, the header declares {size}")
+        self._next += 1
+
     def close(self) -> Path:
         self._f.close()
         if self._next != len(self._specs):
