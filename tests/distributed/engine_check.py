@@ -10,11 +10,11 @@ does every process group, ZeRO's own included, carry the timeout given to comput
 Every weights file written through `write_fp32_weights` is compared byte for byte with one written from DeepSpeed's
 full gather (`safe_get_full_fp32_param` on every rank, the reference), also for a small module whose parameters have
 odd numels, so that ZeRO-1/2/3 split them unevenly across the 2 ranks. During each write, rank 1 must not call the
-full gather (patched to raise there) and must not allocate a tensor as large as the largest parameter.
+full gather (patched to raise there) and must allocate no fp32 tensor as large as the largest parameter; rank 0 none
+larger than half of it (the pieces it receives and copies).
 Usage: torchrun --nproc-per-node 2 tests/distributed/engine_check.py MODEL_YAML OUT_JSON
 """
 
-import contextlib
 import gc
 import json
 import sys
@@ -79,8 +79,8 @@ def _refuse_full_gather(p):
 
 def fp32_weights(engine, path: Path) -> dict:
     """The fp32 master weights as a run writes them (streamed into `path` by rank 0 from the ranks that own them),
-    read back on rank 0; {} on the others. Rank 1 runs the write with the full gather refused and its allocations
-    watched; the file is compared with `reference_file`'s."""
+    read back on rank 0; {} on the others. Rank 1 runs the write with the full gather refused; both ranks' allocations
+    are watched; the file is compared with `reference_file`'s."""
     rank = torch.distributed.get_rank()
     homes = [m for m in (deepspeed.utils, tensor_fragment, eng, sys.modules.get("train.parallel.fp32_weights"))
              if m is not None and hasattr(m, "safe_get_full_fp32_param")]
@@ -89,7 +89,7 @@ def fp32_weights(engine, path: Path) -> dict:
         for m in homes:
             m.safe_get_full_fp32_param = _refuse_full_gather
     try:
-        with watch if rank == 1 else contextlib.nullcontext():
+        with watch:
             eng.write_fp32_weights(engine, path)
     finally:
         for m in homes:
@@ -100,7 +100,7 @@ def fp32_weights(engine, path: Path) -> dict:
     torch.distributed.all_gather_object(seen, watch.largest)
     if rank == 0:
         WRITES.append({"file": path.name, "equal": path.read_bytes() == path.with_suffix(".reference.safetensors").read_bytes(),
-                       "rank1_largest_allocation": seen[1], "largest_param": max(numels)})
+                       "largest_allocation": seen, "largest_param": max(numels)})
     return load_file(str(path)) if rank == 0 else {}
 
 

@@ -10,8 +10,10 @@ parameter's flat fp32 master that it owns:
   `_hp_mapping = None`.
 - No ZeRO optimizer (stage 0, or a parameter no optimizer holds): the module weight, owned by rank 0.
 The ranks exchange these (start, numel) once per call (`all_gather_object`; only each rank knows its own ZeRO-1/2
-mapping). Each owner then sends its fragment to rank 0 point-to-point from the device where it lives, and rank 0
-receives them in flat order into one buffer the size of the largest fragment, copying each to the host. A parameter
+mapping). Each owner then sends its fragment to rank 0 point-to-point from the device where it lives, in pieces of at
+most ceil(largest parameter / ranks) elements (ZeRO-1/2 may leave a rank the whole embedding; ZeRO-3's fragments are
+that size already), and rank 0 receives them in flat order into one buffer of that size, copying each to the host.
+So a save adds at most one piece per memory to any rank, whatever the ZeRO stage. A parameter
 whose fragments do not tile it exactly (a layout this mapping does not know: a parameter replicated over a data
 parallel group smaller than the world, a frozen ZeRO-3 parameter without an fp32 partition) is gathered whole with
 DeepSpeed's `safe_get_full_fp32_param` on every rank instead, as a full gather does.
@@ -70,26 +72,29 @@ def fp32_pieces(engine) -> Iterator[tuple[str, tuple[int, ...], Iterator[torch.T
     """Yield (name, full shape, pieces) per parameter in `named_parameters()` order: on rank 0 `pieces` yields 1-D fp32
     host tensors that concatenate to the flattened fp32 master, each valid until the next is drawn (they may be a
     reused receive buffer or the live master); None on the other ranks. Collective: every rank iterates to the end
-    (rank 0 drains pieces its caller left). No rank allocates more than its own fragments, except rank 0's one
-    receive buffer, the size of the largest fragment another rank owns."""
+    (rank 0 drains pieces its caller left). No rank allocates beyond its own fragments more than rank 0's receive
+    buffer and one host copy, each at most ceil(largest parameter / ranks) elements."""
     rank = dist.get_rank()
     params = list(engine.module.named_parameters())
     table: list = [None] * dist.get_world_size()
     dist.all_gather_object(table, [_address(p, rank) for _, p in params])
     layouts = [_layout(table, i, int(getattr(p, "ds_numel", p.numel()))) for i, (_, p) in enumerate(params)]
-    largest = max((n for frags in layouts if frags for _, n, r in frags if r != 0), default=0)
+    step = -(-max((int(getattr(p, "ds_numel", p.numel())) for _, p in params), default=1) // dist.get_world_size())
+    largest = max((min(n, step) for frags in layouts if frags for _, n, r in frags if r != 0), default=0)
     buffer = [None]  # allocated on first use, where the group receives without a copy
 
     def received(p, frags: list[Fragment]) -> Iterator[torch.Tensor]:
         for _, n, r in frags:
-            if r == 0:
-                yield _fragment(p, n).float().cpu()
-                continue
-            if buffer[0] is None:
-                where = collectives.placement(torch.device("cpu"), collectives.device_types())
-                buffer[0] = torch.empty(largest, dtype=torch.float32, device=where)
-            piece = buffer[0].narrow(0, 0, n)
-            yield collectives.recv(piece, src=r).cpu()  # one host copy per piece, on rank 0 only
+            mine = _fragment(p, n).float() if r == 0 else None
+            for at in range(0, n, step):
+                size = min(step, n - at)
+                if mine is not None:
+                    yield mine.narrow(0, at, size).cpu()
+                    continue
+                if buffer[0] is None:
+                    where = collectives.placement(torch.device("cpu"), collectives.device_types())
+                    buffer[0] = torch.empty(largest, dtype=torch.float32, device=where)
+                yield collectives.recv(buffer[0].narrow(0, 0, size), src=r).cpu()  # one host copy per piece
 
     for (name, p), frags in zip(params, layouts):
         shape = tuple(getattr(p, "ds_shape", p.shape))
@@ -105,7 +110,9 @@ def fp32_pieces(engine) -> Iterator[tuple[str, tuple[int, ...], Iterator[torch.T
         else:
             for _, n, r in frags:
                 if r == rank:
-                    collectives.send(_fragment(p, n).float(), dst=0)
+                    mine = _fragment(p, n).float()
+                    for at in range(0, n, step):
+                        collectives.send(mine.narrow(0, at, min(step, n - at)), dst=0)
             yield name, shape, None
 
 
