@@ -117,10 +117,10 @@ _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"
 
 class WeightsWriter:
     """A .safetensors file written one tensor at a time, in the order the header declares: the consolidated
-    weights of a sharded model stream from the gather into the file, so the writer holds one tensor, never the
-    state dict. `specs` is [(name, shape, dtype)] in write order; `add` checks each tensor against it; `close`
-    checks that all came. Readers see the standard format (8-byte header size, JSON header padded to 8 bytes with
-    spaces, then the data in header order)."""
+    weights of a sharded model stream into the file piece by piece from the ranks that own them (`add_pieces`), so
+    the writer holds one piece, never a whole tensor or the state dict. `specs` is [(name, shape, dtype)] in write
+    order; `add` and `add_pieces` check each tensor against it; `close` checks that all came. Readers see the
+    standard format (8-byte header size, JSON header padded to 8 bytes with spaces, then the data in header order)."""
 
     def __init__(self, path: str | Path, specs: list[tuple[str, tuple[int, ...], torch.dtype]],
                  metadata: dict[str, str] | None = None):
