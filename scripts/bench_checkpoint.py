@@ -24,9 +24,10 @@ Last line, one JSON object (means over saves; a save's blocked time is its slowe
                              the signature) over the bytes of model.safetensors (goal <= 1.05)
   at_scale                   the goal formulas (goals.py below) for the 1b and 7b model configs under their GPU run
                              configs' ZeRO stage, 8 ranks per node: rank_peak_over_state as a rank's training state
-                             plus the one consolidated fp32 tensor a save holds (the largest) over its training
-                             state; hashed_over_weights as the fp32 weights plus the release's small files
-                             (OTHER_BYTES: tokenizer, configs, certificate, an allowance) over the fp32 weights
+                             plus the largest piece a rank holds during the save (the fp32 fragments ranks own, in pieces
+                             of at most the largest tensor / ranks: `largest_piece`) over its training state;
+                             hashed_over_weights as the fp32 weights plus the release's small files (OTHER_BYTES:
+                             tokenizer, configs, certificate, an allowance) over the fp32 weights
 """
 
 from __future__ import annotations
@@ -159,6 +160,16 @@ def state_bytes(params: int, stage: int, ranks: int) -> float:
     return weights + grads + 12 * params / ranks
 
 
+def largest_piece(largest: int, ranks: int) -> int:
+    """The most elements a save holds on one rank beyond its training state (train/parallel/fp32_weights.py): each
+    rank sends only the fp32 fragments it owns, in pieces of at most ceil(largest parameter / ranks) elements; rank 0
+    receives each into one buffer of that size on its device and copies it to the host, so each memory holds one
+    piece. ZeRO-3's fragments are that size already (every parameter is partitioned evenly); ZeRO-1/2 may leave one
+    rank a whole parameter (a flat partition holds ~parameters / ranks elements), which the pieces cut. No ZeRO:
+    rank 0 owns whole tensors and copies them to the host in such pieces too."""
+    return -(-largest // ranks)
+
+
 def at_scale() -> dict:
     """The goal formulas for the large configs, from their tensor shapes (built on the meta device)."""
     import torch
@@ -172,10 +183,10 @@ def at_scale() -> dict:
         with torch.device("meta"):
             shapes = [p.numel() for p in OmniModel(cfg).parameters()]
         params, largest = sum(shapes), max(shapes)
-        state = state_bytes(params, stage, ranks)
+        state, piece = state_bytes(params, stage, ranks), 4 * largest_piece(largest, ranks)
         out[f"{name}_zero{stage}_{ranks}ranks"] = {
             "params": params, "rank_state_gb": state / 1e9, "largest_tensor_fp32_gb": 4 * largest / 1e9,
-            "rank_peak_over_state": (state + 4 * largest) / state,
+            "largest_piece_fp32_gb": piece / 1e9, "rank_peak_over_state": (state + piece) / state,
             "hashed_over_weights": (4 * params + OTHER_BYTES) / (4 * params)}
     return out
 

@@ -102,6 +102,13 @@ def test_host_tensors_reach_a_group_without_a_host_backend_on_its_device(report)
         assert r["seen"] == ["lazy", "lazy", "lazy"]  # the two host tensors were moved, the lazy one went as it was
 
 
+def test_host_tensors_go_point_to_point_through_a_group_without_a_host_backend(report):
+    """send/recv (the fp32 weights' path to rank 0): host tensors travel on the group's device, the received values
+    land in the caller's tensor."""
+    assert report[0]["p2p_received"] == [7.0, 8.0] and report[0]["p2p_same_tensor"] is True
+    assert report[0]["p2p_seen"] == ["lazy"] and report[1]["p2p_seen"] == ["lazy"]
+
+
 def test_host_tensors_on_a_gloo_group_are_reduced_in_place(report):
     for r in report.values():
         assert r["world_sum"] == [3.0] and r["world_timeout_sum"] == [2.0]

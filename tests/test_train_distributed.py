@@ -362,11 +362,30 @@ def test_zero12_fp32_master_is_the_weights_with_deepspeeds_numbers(engine_report
     assert r["saved_master_storage_bytes"] == r["saved_master_bytes"] and r["saved_master_bytes"] < 0.6 * 4 * r["params"], r
 
 
+def test_fp32_weights_stream_from_their_owners_byte_identical_to_a_full_gather(engine_report):
+    """Every weights file write_fp32_weights wrote (ZeRO-3 fp32 and bf16, ZeRO-2/1 bf16, ZeRO-1/2 fp32, and a module
+    whose odd-numel parameters split unevenly across the 2 ranks at ZeRO 1, 2, 3 in fp32 and bf16) equals byte for
+    byte the file a full gather of each master writes; meanwhile rank 1 never gathered a full parameter and
+    allocated nothing as large as the largest one (it sends its own fragments), and rank 0 nothing larger than half
+    of it (the pieces it receives and appends)."""
+    writes = engine_report["fp32_writes"]
+    # the odd module: its 35-element weight is split 18/17 (ZeRO-3) or at the flat partition boundary (ZeRO-1/2)
+    for key, (rank0, rank1) in engine_report["odd_layouts"].items():
+        assert rank0[0] and rank1[0] and rank0[0][1] != rank1[0][1] and rank0[0][1] + rank1[0][1] == 35, (key, rank0, rank1)
+    assert {w["file"] for w in writes} >= {f"odd_zero{s}_{p}.safetensors" for s in (1, 2, 3) for p in ("fp32", "bf16")}
+    assert len(writes) >= 20, writes
+    for w in writes:
+        assert w["equal"], w
+        rank0, rank1 = w["largest_allocation"]
+        assert rank1 < w["largest_param"] and rank0 <= -(-w["largest_param"] // 2), w
+
+
 def test_zero3_init_and_bf16_masters(engine_report):
     """ZeRO-3: parameters born partitioned, step-0 masters equal a plain construction byte for byte (fp32 and
     bf16); bf16 at ZeRO 1-3 keeps fp32 master weights and accumulates gradients in fp32; every engine trains;
     ZeRO-2's CPU gradient norm equals DeepSpeed's. Also: the gradient-order guard catches ranks whose backward graphs differ."""
-    report = {k: v for k, v in engine_report.items() if not k.endswith("_fp32_shared_masters")}
+    report = {k: v for k, v in engine_report.items()
+              if not k.endswith("_fp32_shared_masters") and k not in ("fp32_writes", "odd_layouts")}
     assert report.pop("grad_order_mismatch_caught") is True
     # compute_init's timeout reaches every group, ZeRO's own too (torch's default would be 1800 s)
     assert report.pop("group_timeouts_s") == [120.0] and report.pop("n_groups") >= 2

@@ -374,3 +374,23 @@ def test_weights_writer_streams_a_standard_safetensors_file(tmp_path):
     w.add("b.weight", tensors["b.weight"])
     with pytest.raises(ValueError, match=r"x.safetensors: 1 of 3 declared tensors written"):
         w.close()
+
+
+def test_weights_writer_takes_a_tensor_in_pieces(tmp_path):
+    """A tensor written as consecutive 1-D pieces reads back equal to the tensor written whole; pieces that hold
+    fewer or more bytes than the header declares are an error naming the file and the tensor."""
+    from safetensors.torch import load_file
+
+    t, u = torch.randn(5, 7, generator=torch.Generator().manual_seed(1)), torch.randn(3)
+    specs = [("w", (5, 7), torch.float32), ("u", (3,), torch.float32)]
+    w = ckpt.WeightsWriter(tmp_path / "p.safetensors", specs)
+    w.add_pieces("w", (5, 7), torch.float32, iter(t.reshape(-1).split([18, 13, 4])))
+    w.add("u", u)
+    back = load_file(str(w.close()))
+    assert torch.equal(back["w"], t) and torch.equal(back["u"], u)
+    short = ckpt.WeightsWriter(tmp_path / "s.safetensors", specs)
+    with pytest.raises(ValueError, match=r"s.safetensors: 'w': pieces hold 136 bytes, the header declares 140"):
+        short.add_pieces("w", (5, 7), torch.float32, iter([t.reshape(-1)[:34]]))
+    long = ckpt.WeightsWriter(tmp_path / "l.safetensors", specs)
+    with pytest.raises(ValueError, match=r"l.safetensors: 'w': pieces exceed the header's 140 bytes"):
+        long.add_pieces("w", (5, 7), torch.float32, iter([t.reshape(-1), torch.zeros(1)]))

@@ -117,10 +117,10 @@ _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"
 
 class WeightsWriter:
     """A .safetensors file written one tensor at a time, in the order the header declares: the consolidated
-    weights of a sharded model stream from the gather into the file, so the writer holds one tensor, never the
-    state dict. `specs` is [(name, shape, dtype)] in write order; `add` checks each tensor against it; `close`
-    checks that all came. Readers see the standard format (8-byte header size, JSON header padded to 8 bytes with
-    spaces, then the data in header order)."""
+    weights of a sharded model stream into the file piece by piece from the ranks that own them (`add_pieces`), so
+    the writer holds one piece, never a whole tensor or the state dict. `specs` is [(name, shape, dtype)] in write
+    order; `add` and `add_pieces` check each tensor against it; `close` checks that all came. Readers see the
+    standard format (8-byte header size, JSON header padded to 8 bytes with spaces, then the data in header order)."""
 
     def __init__(self, path: str | Path, specs: list[tuple[str, tuple[int, ...], torch.dtype]],
                  metadata: dict[str, str] | None = None):
@@ -144,6 +144,29 @@ class WeightsWriter:
             raise ValueError(f"{self.path}: got '{name}' {tuple(tensor.shape)} {tensor.dtype}, the header declares "
                              f"'{want}' {tuple(shape)} {dtype} next")
         self._f.write(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        self._next += 1
+
+    def add_pieces(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, pieces) -> None:
+        """The next tensor as consecutive 1-D pieces of its flattened data, each written as it comes (a sharded
+        tensor streamed from the ranks that own it: the writer never holds it whole). Checked against the header:
+        name, shape, dtype, and the total byte count."""
+        if self._next >= len(self._specs):
+            raise ValueError(f"{self.path}: tensor '{name}' beyond the {len(self._specs)} the header declares")
+        want, want_shape, want_dtype = self._specs[self._next]
+        if (name, tuple(shape), dtype) != (want, tuple(want_shape), want_dtype):
+            raise ValueError(f"{self.path}: got '{name}' {tuple(shape)} {dtype}, the header declares "
+                             f"'{want}' {tuple(want_shape)} {want_dtype} next")
+        size, written = torch.Size(shape).numel() * dtype.itemsize, 0
+        for piece in pieces:
+            if piece.dtype != dtype or piece.dim() != 1:
+                raise ValueError(f"{self.path}: '{name}': a piece is {piece.dtype} {tuple(piece.shape)}, not 1-D {dtype}")
+            data = piece.detach().cpu().contiguous().view(torch.uint8).numpy()
+            written += data.nbytes
+            if written > size:
+                raise ValueError(f"{self.path}: '{name}': pieces exceed the header's {size} bytes")
+            self._f.write(data)
+        if written != size:
+            raise ValueError(f"{self.path}: '{name}': pieces hold {written} bytes, the header declares {size}")
         self._next += 1
 
     def close(self) -> Path:

@@ -23,6 +23,12 @@ from torch.futures import Future
 from train.parallel import collectives
 
 
+def _done(result) -> Future:
+    done = Future()
+    done.set_result(result)
+    return done
+
+
 class LazyOnlyGroup(dist.ProcessGroup):
     """A process group for "lazy" tensors only: the reductions run through gloo on host copies, invisibly to the
     caller; a tensor on any other device raises, as NCCL raises on a host tensor."""
@@ -48,6 +54,17 @@ class LazyOnlyGroup(dist.ProcessGroup):
         done = Future()
         done.set_result(tensors)
         return _create_work_from_future(done)
+
+    def send(self, tensors, dst, tag):
+        self._gloo.send(self._host_copies(tensors), dst, tag).wait()
+        return _create_work_from_future(_done(tensors))
+
+    def recv(self, tensors, src, tag):
+        host = self._host_copies(tensors)
+        self._gloo.recv(host, src, tag).wait()
+        for t, h in zip(tensors, host):
+            t.copy_(h)
+        return _create_work_from_future(_done(tensors))
 
     def getBackendName(self):
         return "lazyonly"
@@ -82,6 +99,15 @@ def main() -> None:
     collectives.all_reduce(on_lazy, group=lazy)
     report["lazy_sum"] = on_lazy.cpu().tolist()
     report["seen"] = list(LazyOnlyGroup.seen)
+    # point-to-point: rank 1 sends a host tensor, rank 0 receives into a host tensor, both through the group's device
+    LazyOnlyGroup.seen.clear()
+    if rank == 1:
+        collectives.send(torch.tensor([7.0, 8.0]), dst=0, group=lazy)
+    else:
+        got = torch.zeros(2)
+        report["p2p_same_tensor"] = collectives.recv(got, src=1, group=lazy) is got
+        report["p2p_received"] = got.tolist()
+    report["p2p_seen"] = list(LazyOnlyGroup.seen)
 
     # the world group (gloo) serves host tensors: reduced in place, with and without a timeout
     x = torch.tensor([1.0 + rank])

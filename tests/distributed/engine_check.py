@@ -7,6 +7,11 @@ At ZeRO-1/2, the global gradient norm that train.parallel.engine computes on CPU
 ZeRO-1/2 in fp32 with train.parallel.engine's shared masters against DeepSpeed's own separate master (`shared_masters`).
 Each engine also takes one optimizer step (2 micro-batches) on a fixed batch to show that it trains. At the end:
 does every process group, ZeRO's own included, carry the timeout given to compute_init?
+Every weights file written through `write_fp32_weights` is compared byte for byte with one written from DeepSpeed's
+full gather (`safe_get_full_fp32_param` on every rank, the reference), also for a small module whose parameters have
+odd numels, so that ZeRO-1/2/3 split them unevenly across the 2 ranks. During each write, rank 1 must not call the
+full gather (patched to raise there) and must allocate no fp32 tensor as large as the largest parameter; rank 0 none
+larger than half of it (the pieces it receives and copies).
 Usage: torchrun --nproc-per-node 2 tests/distributed/engine_check.py MODEL_YAML OUT_JSON
 """
 
@@ -15,22 +20,119 @@ import json
 import sys
 from pathlib import Path
 
+import deepspeed
 import torch
+from deepspeed.utils import tensor_fragment
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from model import OmniModel, init_weights, load_model_config
+from train import checkpoint as ckpt
 from train.parallel import engine as eng
+from train.parallel import fp32_weights as fw
 from train.parallel import guards
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 120
+FULL_GATHER = deepspeed.utils.safe_get_full_fp32_param  # DeepSpeed's own, the reference
+
+
+WRITES: list[dict] = []  # per write_fp32_weights call: equal to the reference file? what rank 1 did
+
+
+def reference_file(engine, path: Path) -> None:
+    """The weights file as a full gather writes it: every rank gathers each whole fp32 master, rank 0 writes."""
+    rank0 = torch.distributed.get_rank() == 0
+    params = list(engine.module.named_parameters())
+    shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in params}
+    writer = ckpt.WeightsWriter(path, [(n, s, torch.float32) for n, s in shapes.items()]) if rank0 else None
+    for name, p in params:
+        full = FULL_GATHER(p)
+        full = (p.detach() if full is None else full).float().cpu()
+        if writer is not None:
+            writer.add(name, full.reshape(shapes[name]))
+    if writer is not None:
+        writer.close()
+
+
+class FreshAllocations(TorchDispatchMode):
+    """The largest floating-point tensor an op allocates (an output sharing no storage with the op's inputs) while
+    the mode is on (object collectives' byte buffers are not weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.untyped_storage().data_ptr() not in inputs:
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def _refuse_full_gather(p):
+    raise RuntimeError("rank 1 gathered a full fp32 parameter during write_fp32_weights")
 
 
 def fp32_weights(engine, path: Path) -> dict:
-    """The fp32 master weights as a run writes them (gathered one at a time, streamed into `path` by rank 0), read
-    back on rank 0; {} on the others."""
-    eng.write_fp32_weights(engine, path)
-    return load_file(str(path)) if torch.distributed.get_rank() == 0 else {}
+    """The fp32 master weights as a run writes them (streamed into `path` by rank 0 from the ranks that own them),
+    read back on rank 0; {} on the others. Rank 1 runs the write with the full gather refused; both ranks' allocations
+    are watched; the file is compared with `reference_file`'s."""
+    rank = torch.distributed.get_rank()
+    homes = [m for m in (deepspeed.utils, tensor_fragment, eng, sys.modules.get("train.parallel.fp32_weights"))
+             if m is not None and hasattr(m, "safe_get_full_fp32_param")]
+    watch = FreshAllocations()
+    if rank == 1:
+        for m in homes:
+            m.safe_get_full_fp32_param = _refuse_full_gather
+    try:
+        with watch:
+            eng.write_fp32_weights(engine, path)
+    finally:
+        for m in homes:
+            m.safe_get_full_fp32_param = FULL_GATHER
+    reference_file(engine, path.with_suffix(".reference.safetensors"))
+    numels = [getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters()]
+    seen: list = [None, None]
+    torch.distributed.all_gather_object(seen, watch.largest)
+    if rank == 0:
+        WRITES.append({"file": path.name, "equal": path.read_bytes() == path.with_suffix(".reference.safetensors").read_bytes(),
+                       "largest_allocation": seen, "largest_param": max(numels)})
+    return load_file(str(path)) if rank == 0 else {}
+
+
+class OddModule(torch.nn.Module):
+    """Parameters with odd numels (35, 7, 9: 51 in all): ZeRO-3 splits each 18/17 (4/3, 5/4) across 2 ranks, and
+    the flat ZeRO-1/2 partition boundary falls inside the first."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Linear(5, 7)  # components' module names: param_groups maps names to components
+        self.text = torch.nn.Linear(3, 3, bias=False)
+
+
+def odd_splits(d) -> dict:
+    """write_fp32_weights against the reference on OddModule at ZeRO 1, 2, 3, in fp32 and bf16. -> the fragments
+    (start, numel) each rank owns of each parameter, per engine, as fp32_weights locates them."""
+    layouts = {}
+    for stage in (1, 2, 3):
+        for precision in ("fp32", "bf16"):
+            ds = eng.deepspeed_config(str(ROOT / f"configs/deepspeed/zero{stage}.json"), micro_batch=1, grad_accum=1,
+                                      world_size=d.world_size, grad_clip=1.0, precision=precision)
+            torch.manual_seed(3)
+            engine = eng.initialize(OddModule(), ds, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, warmup=1,
+                                    total_steps=10, min_lr_ratio=0.1)
+            fp32_weights(engine, Path(sys.argv[2]).parent / "weights" / f"odd_zero{stage}_{precision}.safetensors")
+            owned: list = [None, None]
+            torch.distributed.all_gather_object(owned, [fw._address(p, d.rank) for p in engine.module.parameters()])
+            layouts[f"zero{stage}_{precision}"] = owned
+            engine.destroy()
+            del engine
+            gc.collect()
+    return layouts
 
 
 def accumulated_grad_dtypes(engine) -> set[str]:
@@ -163,6 +265,7 @@ def main() -> None:
         engine.destroy()  # DeepSpeed's release of one engine's hooks and buffers before the next is built
         del engine, model
         gc.collect()  # ZeRO-3 engines sit in reference cycles: free them while every process group is alive
+    report["odd_layouts"] = odd_splits(d)
     for stage in (1, 2):
         report[f"zero{stage}_fp32_shared_masters"] = shared_masters(cfg, d, Path(sys.argv[2]).parent / f"ckpt{stage}", stage)
     # the gradient-order guard: equal orders pass, a data-dependent order (rank 1 runs b before a) is caught
@@ -182,6 +285,7 @@ def main() -> None:
     report["group_timeouts_s"] = sorted({pg._get_backend(torch.device("cpu")).options._timeout.total_seconds()
                                          for pg in groups})
     report["n_groups"] = len(groups)
+    report["fp32_writes"] = WRITES
     if d.rank == 0:
         Path(sys.argv[2]).write_text(json.dumps(report, indent=2))
     eng.exit_without_teardown()  # what the tests check is the JSON

@@ -63,3 +63,18 @@ def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM, group=None, timeout: datet
         t.copy_(x.to(t.device))
     return t
 
+
+
+def send(t: torch.Tensor, dst: int, group=None) -> None:
+    """Send `t` to rank `dst` (blocking), from where it lives when the group serves that device, else from a copy."""
+    dist.send(_on_group_device(t.contiguous(), group), dst=dst, group=group)
+
+
+def recv(t: torch.Tensor, src: int, group=None) -> torch.Tensor:
+    """Receive from rank `src` into `t` (blocking); -> t. Allocate `t` where the group serves (`placement`) to
+    receive without a copy."""
+    x = _on_group_device(t, group)
+    dist.recv(x, src=src, group=group)
+    if x is not t:
+        t.copy_(x.to(t.device))
+    return t

@@ -1,5 +1,6 @@
 """Process group, device and DeepSpeed engine set-up. With train/parallel/zero.py (two adjustments to DeepSpeed's ZeRO-1/2
-optimizer, each tested against DeepSpeed's own code), the only modules of omniscratch that import `deepspeed`.
+optimizer, each tested against DeepSpeed's own code) and train/parallel/fp32_weights.py (the fp32 master weights,
+streamed from the ranks that own them; re-exported here), the only modules of omniscratch that import `deepspeed`.
 
 Notable choices:
 - `compute_init()` / `compute_cleanup()` hold all process-group and device set-up: NCCL on GPUs, gloo on CPU.
@@ -50,14 +51,14 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
-from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
+from deepspeed.utils import safe_get_full_grad
 
 from model import OmniModel, init_tensor, init_weights
 from model.components import component_of
 from model.config import ModelConfig
-from train import checkpoint as ckpt
 from train.config import read_deepspeed_json
 from train.parallel import zero
+from train.parallel.fp32_weights import fp32_pieces, named_fp32_tensors, write_fp32_weights  # noqa: F401 (the API)
 
 
 # keys of the DeepSpeed JSON that the run config owns: the JSON says how to shard, the run config what to train
@@ -304,32 +305,6 @@ def master_dtypes(engine) -> dict[str, torch.dtype]:
         master = next(engine.module.parameters()).dtype
     accum = getattr(opt, "gradient_accumulation_dtype", None) or engine.get_data_types()[1]
     return {"module": next(engine.module.parameters()).dtype, "master": master, "grad_accum": accum}
-
-
-def named_fp32_tensors(engine, dtype: torch.dtype = torch.float32):
-    """Yield (name, full fp32 master weight, cast to `dtype`) on every rank, one parameter at a time. Collective:
-    every rank must iterate to the end. With bf16, ZeRO-1/2/3 and the bf16 optimizer keep fp32 masters apart from
-    the module weights, made from the bf16 weights, so casting them back gives those; in fp32 they are the weights."""
-    for name, p in engine.module.named_parameters():
-        full = safe_get_full_fp32_param(p)
-        if full is None:  # no ZeRO, fp32: the module weight is the master
-            full = p.detach()
-        yield name, full.detach().float().cpu().to(dtype)
-
-
-def write_fp32_weights(engine, path: Path) -> None:
-    """The full fp32 master weights into the .safetensors file `path` (collective, every rank): parameters are
-    gathered one at a time and rank 0 streams each into the file, so no rank holds more than one full tensor beyond
-    its own shard (a whole fp32 state dict per rank is 4 bytes x parameters: ~29 GB at 7B)."""
-    writer = None
-    if dist.get_rank() == 0:
-        specs = [(n, tuple(getattr(p, "ds_shape", p.shape)), torch.float32) for n, p in engine.module.named_parameters()]
-        writer = ckpt.WeightsWriter(path, specs)
-    for name, full in named_fp32_tensors(engine):
-        if writer is not None:
-            writer.add(name, full)
-    if writer is not None:
-        writer.close()
 
 
 # The per-rank files `save` writes (DeepSpeed's names: `[bf16_]zero_pp_rank_{r}_mp_rank_00_{model,optim}_states.pt`);
