@@ -331,6 +331,3 @@ def _normalise(obj, row: dict) -> str:
             return f"wrong type: column '{col}' must be {want}, got {type(v).__name__}"
         row[col] = v if col == "audio" else ([v] if isinstance(v, str) else (v or []))
     return ""
-
-
-# ---- rejects -----------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ import numpy as np
 from model.config import ModelConfig
 from tokenizer.bpe import tokenizer_digest
 from train.atomic import atomic_write, main_hidden
+from train.data.encoding import MODALITY, _tokenizer, encode_row
 from train.data.sources import (
     MEDIA_COLUMNS,
     NO_LIMIT,
@@ -162,8 +163,6 @@ def _media_bytes(row: dict, base: Path | None) -> list[tuple[int, bytes]]:
 
 def _do_unit(job: tuple) -> str:
     """Tokenise one unit into `<work>/units/<unit>/` (renamed whole); returns its name."""
-    from train.data.encoding import MODALITY, _tokenizer, encode_row
-
     src, unit, tokenizer_path, cfg, policy, work = job
     tok, fmt_files = _tokenizer(str(tokenizer_path)), source_format(src.path)[1]
     base = Path(src.path) if Path(src.path).is_dir() else Path(src.path).parent

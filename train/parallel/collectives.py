@@ -64,7 +64,6 @@ def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM, group=None, timeout: datet
     return t
 
 
-
 def send(t: torch.Tensor, dst: int, group=None) -> None:
     """Send `t` to rank `dst` (blocking), from where it lives when the group serves that device, else from a copy."""
     dist.send(_on_group_device(t.contiguous(), group), dst=dst, group=group)

@@ -75,10 +75,10 @@ def declare_data(rep: Report, small: FolderBytes, rec: dict) -> None:
     elif manifest.get("licence"):
         rep.declare("data licences", f"{manifest['licence']} (the corpus manifest's own statement)")
 
-def check_lineage(rep: Report, folder: Path, rec: dict, certified: dict, held: ReadOnce | None = None) -> None:
+def check_lineage(rep: Report, folder: Path, rec: dict, certified: dict, held: ReadOnce) -> None:
     """The chain's hash links from init to this checkpoint; each kept checkpoint beside it (its certificate read once,
     by `held`, which replay then shares) agrees with the link that ends at its step."""
-    chain, held = rec["chain"], ReadOnce() if held is None else held
+    chain = rec["chain"]
     expect_parent, expect_start = init_digest(rec["init"]), 0
     for i, link in enumerate(chain):
         where = f"link {i} (steps {link['start_step']}-{link['end_step']})"

@@ -122,13 +122,12 @@ def endpoint_problem(folder: Path, public_key, small: FolderBytes | None = None)
     return None
 
 
-def kept_problems(folder: Path, chosen: list, public_key, held: ReadOnce | None = None) -> dict[Path, str]:
+def kept_problems(folder: Path, chosen: list, public_key, held: ReadOnce) -> dict[Path, str]:
     """Kept checkpoint -> why it cannot be trusted as the trainer's, for each end of a chosen link other than the
     verified checkpoint itself: its signature and files (endpoint_problem), then its resume state bound to its
     weights (witness.py), all checked before any replay runs."""
     from train.provenance.witness import resume_state_problems
 
-    held = ReadOnce() if held is None else held
     kept = sorted({f for _, start, end in chosen for f in (start, end) if f is not None and f != folder})
     bad = {f: p for f in kept if public_key and (p := endpoint_problem(f, public_key, held[f]))}
     bound = resume_state_problems([f for f in kept if f not in bad], held=held)
@@ -209,13 +208,12 @@ def replay_segment(rec: dict, index: int, start: Path | None, end: Path, toleran
                        lambda: read_weights(first) if first is not None else init_weights_of(rec), tolerance)
 
 
-def replay(rep, folder: Path, rec: dict, k: int | str, seed: int, tolerance: float | None = None,
-           allow_derived: bool = False, public_key=None, held: ReadOnce | None = None) -> None:
+def replay(rep, folder: Path, rec: dict, held: ReadOnce, k: int | str, seed: int, tolerance: float | None = None,
+           allow_derived: bool = False, public_key=None) -> None:
     """Replay k chosen links (k="all": every link) and add one `replay` row per link, a `coverage` row and
     `rep.coverage`. Coverage short of what was asked for is a failure. `held`: the small files of `folder` and the
     kept checkpoints, each read once (verify's, whose bytes it hashed)."""
     chain = rec["chain"]
-    held = ReadOnce() if held is None else held
     cands, missing = replayable(folder, rec, held)
     asked = len(chain) if k == "all" else int(k)
     chosen = choose(cands, asked, seed)

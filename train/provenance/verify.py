@@ -167,8 +167,7 @@ def _verify(rep, folder, public_key, pool, weights, replay, allowed, reviewed, a
         from train.provenance.replay import replay as replay_segments  # runs the trainer: imported only when asked for
 
         try:
-            replay_segments(rep, folder, rec, **replay, allow_derived=allow_derived, public_key=public_key,
-                            held=kept)
+            replay_segments(rep, folder, rec, kept, **replay, allow_derived=allow_derived, public_key=public_key)
         except Exception as e:  # noqa: BLE001 - a replay that cannot run on these inputs has failed, named
             rep.add("replay", "-", False, f"could not be run: {type(e).__name__}: {e}")
     qualify(rep)
